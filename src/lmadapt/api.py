@@ -1,0 +1,265 @@
+"""The public Python API: train, evaluate, predict. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import yaml
+
+from lmadapt.config import RunConfig, build_run_config, load_config, to_dict
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.evaluate.report import evaluation_section, training_curves, write_report
+from lmadapt.inference import batched_logits, use_bf16
+from lmadapt.io import atomic_dir, write_json, write_yaml
+from lmadapt.methods import build_method, count_parameters
+from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
+from lmadapt.tasks import Evaluation, build_task
+from lmadapt.train.loop import Trainer, peak_rss_mb, seed_everything
+
+
+@dataclass
+class Prepared:
+    """Validated, tokenized data and the task that read it."""
+
+    task: Any
+    tokenizer: Any
+    spec: ModelSpec
+    train: list[Any]
+    dev: list[Any]
+    test: list[Any]
+    features: dict[str, list[dict[str, Any]]]
+
+
+def _set_threads(n: int | None) -> None:
+    torch.set_num_threads(n or max(1, (os.cpu_count() or 1)))
+
+
+def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
+    """Read and validate every data file, then tokenize. Nothing is written."""
+    task = build_task(config.task, task_state)
+    d = config.data
+    if not d.train:
+        raise ConfigError("data.train", "is required")
+    train = task.read(d.train, d.format)
+    dev = task.read(d.dev, d.format) if d.dev else []
+    test = task.read(d.test, d.format) if d.test else []
+    if d.max_train_samples:
+        train = train[: d.max_train_samples]
+    if d.max_eval_samples:
+        dev, test = dev[: d.max_eval_samples], test[: d.max_eval_samples]
+    task.fit(train)
+    task.check(dev)
+    task.check(test)
+    spec = resolve_model(config.model)
+    if task.kind not in spec.tasks:
+        raise ConfigError(
+            "model", f"{spec.name} ({spec.kind}) does not suit task '{task.kind}'; "
+            f"it suits: {', '.join(spec.tasks)}"
+        )
+    tokenizer = load_tokenizer(spec, config.trust_remote_code)
+    features = {
+        name: task.encode(rows, tokenizer) for name, rows in (("train", train), ("dev", dev), ("test", test))
+    }
+    return Prepared(task, tokenizer, spec, train, dev, test, features)
+
+
+def _check_output_dir(config: RunConfig) -> Path:
+    out = Path(config.output_dir)
+    if out.exists() and not config.overwrite:
+        raise ConfigError("output_dir", f"{out} already exists; pass overwrite=true to replace it")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError("output_dir", f"{probe} is not writable")
+    return out
+
+
+def train(config: RunConfig | str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune per `config` and write a run directory; returns the run's metrics.json content."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    out = _check_output_dir(config)
+    _set_threads(config.train.threads)
+    seed_everything(config.train.seed)
+    data = prepare(config)
+    task, spec = data.task, data.spec
+    method = build_method(config.method)
+    seed_everything(config.train.seed)  # head init does not depend on how much data was read
+    model = method.apply(task.build_model(spec, config.trust_remote_code), task)
+    trainable, total = count_parameters(model)
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_yaml(out / "config.yaml", config.to_dict())
+    write_json(out / "run.json", _run_info(config, spec, task))
+
+    lr = config.train.lr or config.method.lr
+    trainer = Trainer(
+        model, task, data.features["train"], task.collator(data.tokenizer), config.train, lr, out,
+        dev_features=data.features["dev"], dev_examples=data.dev,
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+
+    with atomic_dir(out / "model") as tmp:
+        method.save(model, tmp)
+        data.tokenizer.save_pretrained(tmp)
+
+    evals: dict[str, Evaluation] = {}
+    collate = task.collator(data.tokenizer)
+    for split in ("dev", "test"):
+        if data.features[split]:
+            evals[split] = _evaluate_features(
+                model, task, data.features[split], getattr(data, split), collate, config
+            )
+    metrics = {
+        "run_dir": str(out),
+        "task": task.kind,
+        "method": config.method.name,
+        "model": spec.name,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_samples": len(data.train),
+        "steps": result.state.step,
+        "epochs_completed": result.state.epoch,
+        "best_step": result.state.best_step,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(result.state.train_seconds, 2),
+        "wall_seconds": round(wall, 2),
+        "samples_per_second": round(result.samples_per_second, 2),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "bf16": trainer.bf16,
+        "threads": torch.get_num_threads(),
+        **{split: ev.metrics for split, ev in evals.items()},
+    }
+    write_json(out / "metrics.json", metrics)
+    plot_dir = out / "plots"
+    images = training_curves(result.state.history, trainer.metric, plot_dir)
+    for split, ev in evals.items():
+        images += task.plots(ev, plot_dir, f"{split}_")
+    summary = {
+        "model": f"{spec.name} (`{spec.path}`)",
+        "task": f"{task.kind} ({getattr(config.task, 'problem', '')})",
+        "method": config.method.name,
+        "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+        "training": f"{result.state.step} steps, {len(data.train):,} examples, "
+        f"{result.state.train_seconds:.1f}s, {result.samples_per_second:.1f} samples/s, "
+        f"{result.tokens_per_second:.0f} tokens/s",
+        "best checkpoint": f"step {result.state.best_step} by dev {trainer.metric}"
+        + (" (stopped early)" if result.stopped_early else ""),
+        "peak RSS": f"{peak_rss_mb():.0f} MB",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}",
+    }
+    sections = [
+        evaluation_section(f"{split.capitalize()} set (best checkpoint)", ev, task)
+        for split, ev in evals.items()
+    ]
+    write_report(out, summary, sections, images)
+    return metrics
+
+
+def _run_info(config: RunConfig, spec: ModelSpec, task: Any) -> dict[str, Any]:
+    return {
+        "lmadapt_run": 1,
+        "model": {"name": spec.name, "path": spec.path, "gguf_file": spec.gguf_file,
+                  "kind": spec.kind},
+        "method": config.method.name,
+        "task": task.state(),
+    }
+
+
+def _evaluate_features(
+    model: torch.nn.Module, task: Any, features: list, examples: list, collate: Any,
+    config: RunConfig,
+) -> Evaluation:
+    logits, loss = batched_logits(
+        model, features, collate, config.train.eval_batch_size, use_bf16(config.train.precision),
+        loss_fn=task.loss, per_token=getattr(task, "per_token", False),
+    )
+    ev = task.evaluate(logits, examples)
+    if loss is not None:
+        ev.metrics["loss"] = loss
+    return ev
+
+
+# ---------------------------------------------------------------------- saved runs
+
+
+@dataclass
+class LoadedRun:
+    config: RunConfig
+    task: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a trained model from its run directory (safetensors only, no pickle)."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "run.json", "model"):
+        if not (run_dir / name).exists():
+            raise LmadaptError(f"{run_dir} is not a finished lmadapt run (no {name})")
+    config = build_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    info = json.loads((run_dir / "run.json").read_text())
+    try:
+        spec = resolve_model(config.model)
+    except LmadaptError:
+        m = info["model"]
+        spec = ModelSpec(m["name"], m["path"], m["kind"], (), m.get("gguf_file"))
+    task = build_task(config.task, info["task"])
+    method = build_method(config.method)
+    _set_threads(config.train.threads)
+    model = method.load(task, spec, run_dir / "model", config.trust_remote_code)
+    model.eval()
+    tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind, ()))
+    return LoadedRun(config, task, model, tokenizer, spec)
+
+
+def evaluate(run_dir: str | Path, data_path: str | Path, fmt: str = "auto") -> tuple[Evaluation, str]:
+    """Score a saved run on a labelled file; returns the evaluation and its markdown section."""
+    run = load_run(run_dir)
+    examples = run.task.read(str(data_path), fmt)
+    run.task.check(examples)
+    feats = run.task.encode(examples, run.tokenizer)
+    ev = _evaluate_features(run.model, run.task, feats, examples,
+                            run.task.collator(run.tokenizer), run.config)
+    return ev, evaluation_section(f"Evaluation on `{data_path}`", ev, run.task)
+
+
+def predict(
+    run_dir: str | Path | LoadedRun, texts: list[str] | None = None, file: str | Path | None = None,
+    fmt: str = "auto",
+) -> list[dict[str, Any]]:
+    """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file."""
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    if file is not None:
+        examples = run.task.read(str(file), fmt, labelled=False)
+    else:
+        if not texts:
+            raise LmadaptError("predict needs at least one text or --file")
+        examples = run.task.examples_from_texts(list(texts))
+    feats = run.task.encode(examples, run.tokenizer)
+    logits, _ = batched_logits(
+        run.model, feats, run.task.collator(run.tokenizer), run.config.train.eval_batch_size,
+        use_bf16(run.config.train.precision), per_token=getattr(run.task, "per_token", False),
+    )
+    return run.task.decode(logits, examples)
+
+
+__all__ = ["LoadedRun", "evaluate", "load_run", "predict", "prepare", "train", "to_dict"]

@@ -1,0 +1,73 @@
+"""Batching: dynamic padding and length-grouped (shuffled-bucket) batch order."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, bucket_batches: int = 50
+) -> list[list[int]]:
+    """Shuffle, sort by length inside mega-buckets of `bucket_batches` batches, shuffle batches.
+
+    Batches hold similar lengths (little padding) while their order stays random, the scheme of
+    HF's LengthGroupedSampler; deterministic for a given seed.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def sequential_batches(
+    lengths: Sequence[int], batch_size: int, sort: bool = True
+) -> list[list[int]]:
+    """Evaluation order: sorted by length (less padding); callers restore the original order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(
+        range(len(lengths))
+    )
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class Collator:
+    """Pad features to the longest in the batch (dynamic padding).
+
+    `input_ids` and every key in `token_keys` are per-token lists padded to width T; other keys
+    (sequence-level labels) are stacked as they are.
+    """
+
+    def __init__(self, pad_id: int, token_keys: dict[str, int] | None = None):
+        self.pad_values = {"input_ids": pad_id, "token_type_ids": 0, **(token_keys or {})}
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, torch.Tensor] = {}
+        mask = torch.zeros((len(features), width), dtype=torch.long)  # (B, T)
+        for i, f in enumerate(features):
+            mask[i, : len(f["input_ids"])] = 1
+        batch["attention_mask"] = mask
+        for key in features[0]:
+            if key in self.pad_values:
+                out = torch.full((len(features), width), self.pad_values[key], dtype=torch.long)
+                for i, f in enumerate(features):
+                    out[i, : len(f[key])] = torch.tensor(f[key], dtype=torch.long)
+                batch[key] = out
+            else:
+                batch[key] = torch.tensor([f[key] for f in features])
+        return batch

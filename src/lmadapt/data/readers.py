@@ -1,0 +1,155 @@
+"""File formats -> records. Every record keeps its line number so errors can point at it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmadapt.errors import DataError
+
+FORMATS = ("csv", "tsv", "jsonl", "json")
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str
+    line: int
+    fields: dict[str, Any]
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(self.file, message, line=self.line, field=field)
+
+
+def detect_format(path: str | Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    ext = Path(path).suffix.lower()
+    if ext not in _EXTENSIONS:
+        raise DataError(
+            str(path), f"cannot tell the format from extension '{ext}'; set data.format "
+            f"to one of {', '.join(FORMATS)}"
+        )
+    return _EXTENSIONS[ext]
+
+
+def read_text(path: str | Path) -> str:
+    """Read UTF-8 text (BOM allowed); a bad byte is reported with its line number."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(str(path), "file not found")
+    if not p.is_file():
+        raise DataError(str(path), "not a regular file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            str(path), f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", line
+        ) from None
+    if not text.strip():
+        raise DataError(str(path), "file is empty")
+    return text
+
+
+def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
+    """Read csv/tsv (header row), jsonl (one object a line) or json (a list of objects)."""
+    fmt = detect_format(path, fmt)
+    text = read_text(path)
+    records = _READERS[fmt](str(path), text)
+    if not records:
+        raise DataError(str(path), "no data rows (only a header or blank lines)")
+    return records
+
+
+def _read_delimited(file: str, text: str, delimiter: str) -> list[Record]:
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(file, "binary data (NUL byte) in a text file", line)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(file, "file is empty") from None
+    header = [h.strip() for h in header]
+    if len(header) < 2 and delimiter == ",":
+        hint = " (tab-separated? use a .tsv extension or data.format=tsv)" if "\t" in header[0] else ""
+        raise DataError(file, f"header has a single column {header!r}{hint}", 1)
+    if len(set(header)) != len(header) or any(not h for h in header):
+        raise DataError(file, f"header has empty or repeated column names: {header}", 1)
+    records = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    file,
+                    f"expected {len(header)} fields ({', '.join(header)}), found {len(row)}"
+                    " (wrong delimiter or unquoted separator?)",
+                    line,
+                )
+            records.append(Record(file, line, dict(zip(header, row))))
+    except csv.Error as e:
+        raise DataError(file, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}",
+                        reader.line_num) from None
+    return records
+
+
+def _read_jsonl(file: str, text: str) -> list[Record]:
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(file, f"invalid JSON ({e.msg} at column {e.colno})", i) from None
+        if not isinstance(obj, dict):
+            raise DataError(file, f"expected a JSON object, got {type(obj).__name__}", i)
+        records.append(Record(file, i, obj))
+    return records
+
+
+def _read_json(file: str, text: str) -> list[Record]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(file, f"invalid JSON ({e.msg} at column {e.colno})", e.lineno) from None
+    if not isinstance(data, list):
+        raise DataError(file, f"expected a JSON list of objects, got {type(data).__name__}", 1)
+    # json.loads keeps no positions; index i is reported as "line" i+1 of the list (1-based item).
+    records = []
+    for i, obj in enumerate(data, start=1):
+        if not isinstance(obj, dict):
+            raise DataError(file, f"item {i}: expected a JSON object, got {type(obj).__name__}")
+        records.append(Record(file, i, obj))
+    return records
+
+
+_READERS = {
+    "csv": lambda f, t: _read_delimited(f, t, ","),
+    "tsv": lambda f, t: _read_delimited(f, t, "\t"),
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+}
+
+
+def get_text(record: Record, column: str) -> str:
+    """A required, non-empty text field."""
+    if column not in record.fields:
+        raise record.error(
+            f"missing column; columns present: {', '.join(map(str, record.fields))}", column
+        )
+    value = record.fields[column]
+    if not isinstance(value, str):
+        raise record.error(f"expected text, got {type(value).__name__} {value!r}", column)
+    if not value.strip():
+        raise record.error("empty text", column)
+    return value.strip()

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (scikit-learn / scipy / seqeval), markdown reports, PNG plots."""

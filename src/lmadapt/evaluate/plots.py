@@ -1,0 +1,60 @@
+"""PNG plots (matplotlib, headless Agg backend), each written atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lmadapt.io import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def confusion_matrix(cm: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> None:
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > top / 2 else "black", fontsize=8)
+    ax.set_title(title or "confusion matrix")
+    _save(fig, path)
+
+
+def curves(series: dict[str, tuple[list[float], list[float]]], path: Path, title: str,
+           xlabel: str = "step") -> None:
+    """One line per named (x, y) series."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def bars(names: Sequence[str], values: Sequence[float], path: Path, title: str,
+         ylabel: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names)), 3.4))
+    ax.bar(range(len(names)), values, color="#4c72b0")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _save(fig, path)

@@ -1,0 +1,106 @@
+"""Method protocol and the two ways an adapted model is saved: whole model, or a peft adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lmadapt.models import ModelSpec
+
+PEFT_TASK_TYPES = {
+    "classification": "SEQ_CLS",
+    "token_classification": "TOKEN_CLS",
+    "generation": "CAUSAL_LM",
+}
+
+
+@dataclass
+class MethodConfig:
+    name: str
+    lr: float = 5e-5
+    """Default peak learning rate for this method (train.lr overrides it)."""
+
+
+class Method(Protocol):
+    cfg: MethodConfig
+    mergeable: bool
+
+    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+        """Freeze / wrap `model` so that only this method's parameters train."""
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        """Write the artifact: a transformers model dir, or a peft adapter dir."""
+
+    def load(
+        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+    ) -> torch.nn.Module:
+        """Rebuild the trained model from a saved artifact."""
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def unfreeze_modules(model: torch.nn.Module, names: list[str]) -> None:
+    """Make every parameter under a module whose last name part is in `names` trainable."""
+    for mod_name, module in model.named_modules():
+        if mod_name.split(".")[-1] in names:
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+
+class WholeModelMethod:
+    """Methods that change the model's own weights and save it as a transformers model dir."""
+
+    mergeable = False
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def load(
+        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+    ) -> torch.nn.Module:
+        spec = ModelSpec(base.name, str(artifact), base.kind, base.tasks)
+        return task.build_model(spec, trust_remote_code)
+
+
+class PeftMethod:
+    """Methods implemented by peft: subclasses build the peft config, peft does the rest."""
+
+    mergeable = False
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+        raise NotImplementedError
+
+    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(model, task, PEFT_TASK_TYPES[task.kind]))
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def load(
+        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+    ) -> torch.nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(task.build_model(base, trust_remote_code), artifact)

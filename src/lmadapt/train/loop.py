@@ -1,0 +1,280 @@
+"""The one training loop. Read it top to bottom in `Trainer.fit`.
+
+Everything task- or strategy-specific plugs in from outside: the task gives the loss and the
+metrics; hooks add loss terms (continual-learning penalties, distillation) or react to events
+(replay, logging). Early stopping and best-checkpoint keeping are part of the loop's state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmadapt.config import TrainConfig
+from lmadapt.data.batching import length_grouped_batches, shuffled_batches
+from lmadapt.inference import autocast, batched_logits, model_inputs, use_bf16
+from lmadapt.train.checkpoint import load_trainable, save_trainable
+
+
+class Hook:
+    """Extension point of the loop; override what you need (all no-ops by default)."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def loss_term(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any
+    ) -> torch.Tensor | None:
+        """An extra term added to the task loss for this batch (e.g. an EWC penalty)."""
+        return None
+
+    def on_step_end(self, trainer: Trainer) -> None: ...
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    samples: int = 0
+    tokens: int = 0
+    """Non-padding tokens seen."""
+    train_seconds: float = 0.0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    should_stop: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    best_metrics: dict[str, float] | None
+    stopped_early: bool
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.state.samples / max(self.state.train_seconds, 1e-9)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.state.tokens / max(self.state.train_seconds, 1e-9)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only; no decay on biases and norms (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: Any,
+        train_features: list[dict[str, Any]],
+        collator: Any,
+        cfg: TrainConfig,
+        lr: float,
+        run_dir: Path,
+        dev_features: list[dict[str, Any]] | None = None,
+        dev_examples: list[Any] | None = None,
+        hooks: list[Hook] | None = None,
+    ):
+        self.model, self.task, self.cfg, self.lr = model, task, cfg, lr
+        self.train_features, self.collator = train_features, collator
+        self.dev_features, self.dev_examples = dev_features, dev_examples
+        self.run_dir = Path(run_dir)
+        self.hooks = hooks or []
+        self.state = TrainState()
+        self.bf16 = use_bf16(cfg.precision)
+        self.metric = cfg.metric or task.default_metric
+        self.mode = task.metric_mode if cfg.metric_mode == "auto" else cfg.metric_mode
+        self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
+        self.lengths = [len(f["input_ids"]) for f in train_features]
+
+    # ------------------------------------------------------------------ schedule
+    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
+        seed = self.cfg.seed + epoch
+        if self.cfg.group_by_length:
+            return length_grouped_batches(self.lengths, self.cfg.batch_size, seed)
+        return shuffled_batches(len(self.lengths), self.cfg.batch_size, seed)
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        per_epoch = math.ceil(math.ceil(len(self.lengths) / self.cfg.batch_size) / self.cfg.grad_accum)
+        return max(1, math.ceil(self.cfg.epochs * per_epoch))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg, model, state = self.cfg, self.model, self.state
+        total = self.total_steps()
+        optimizer = build_optimizer(model, self.lr, cfg.weight_decay)
+        scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.tb = _tensorboard(self.run_dir / "tb")
+        for h in self.hooks:
+            h.on_train_start(self)
+        model.train()
+        bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        running, running_n = 0.0, 0
+        try:
+            while state.step < total and not state.should_stop:
+                batches = self.batches_for_epoch(state.epoch)
+                t0 = time.perf_counter()
+                for i, idx in enumerate(batches):
+                    batch = self.collator([self.train_features[j] for j in idx])
+                    with autocast(self.bf16):
+                        outputs = model(**model_inputs(batch))
+                    loss = self.task.loss(outputs.logits, batch)
+                    for h in self.hooks:
+                        extra = h.loss_term(model, batch, outputs)
+                        if extra is not None:
+                            loss = loss + extra
+                    (loss / cfg.grad_accum).backward()
+                    running += float(loss.detach())
+                    running_n += 1
+                    state.samples += len(idx)
+                    state.tokens += int(batch["attention_mask"].sum())
+                    if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
+                        continue
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    bar.update(1)
+                    for h in self.hooks:
+                        h.on_step_end(self)
+                    if state.step % cfg.log_every == 0 or state.step == total:
+                        state.train_seconds += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        self.log({"loss": running / running_n, "lr": scheduler.get_last_lr()[0]})
+                        bar.set_postfix(loss=f"{running / running_n:.4f}")
+                        running, running_n = 0.0, 0
+                    if cfg.eval_every and state.step % cfg.eval_every == 0:
+                        state.train_seconds += time.perf_counter() - t0
+                        self.evaluate()
+                        t0 = time.perf_counter()
+                    if state.step >= total or state.should_stop:
+                        break
+                state.train_seconds += time.perf_counter() - t0
+                state.epoch += 1
+                if not cfg.eval_every:
+                    self.evaluate()
+            if cfg.eval_every and state.step % cfg.eval_every:
+                self.evaluate()  # the final weights are always evaluated
+        finally:
+            bar.close()
+            self.log_file.close()
+            if self.tb:
+                self.tb.close()
+        if self.best_path.exists():
+            load_trainable(model, self.best_path)
+        for h in self.hooks:
+            h.on_train_end(self)
+        best = next(
+            (r["dev"] for r in state.history if r.get("step") == state.best_step and "dev" in r),
+            None,
+        )
+        return TrainResult(state, best, stopped_early=state.should_stop)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float] | None:
+        if not self.dev_features:
+            return None
+        logits, loss = batched_logits(
+            self.model, self.dev_features, self.collator, self.cfg.eval_batch_size, self.bf16,
+            loss_fn=self.task.loss, per_token=getattr(self.task, "per_token", False),
+        )
+        metrics = dict(self.task.evaluate(logits, self.dev_examples).metrics)
+        if loss is not None:
+            metrics["loss"] = loss
+        if self.metric not in metrics:
+            raise KeyError(f"train.metric '{self.metric}' not among dev metrics {list(metrics)}")
+        self.log({"dev": metrics})
+        value = metrics[self.metric]
+        state = self.state
+        improved = state.best_metric is None or (
+            value > state.best_metric + self.cfg.early_stopping.min_delta
+            if self.mode == "max"
+            else value < state.best_metric - self.cfg.early_stopping.min_delta
+        )
+        if improved:
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            save_trainable(self.model, self.best_path)
+        else:
+            state.bad_evals += 1
+            patience = self.cfg.early_stopping.patience
+            if patience is not None and state.bad_evals >= patience:
+                state.should_stop = True
+        for h in self.hooks:
+            h.on_evaluate(self, metrics)
+        return metrics
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"step": self.state.step, "epoch": self.state.epoch, **record}
+        self.state.history.append(record)
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if self.tb:
+            for key, value in record.items():
+                if isinstance(value, dict):
+                    for k, v in value.items():
+                        self.tb.add_scalar(f"{key}/{k}", v, self.state.step)
+                elif key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{key}", value, self.state.step)
+
+
+def _tensorboard(path: Path) -> Any:
+    if os.environ.get("LMADAPT_TENSORBOARD", "1") == "0":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
