@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny randomly initialised models built in code, tiny data files.
+
+No network: HF_HUB_OFFLINE is forced; the tokenizer comes from the embedded MiniLM package.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LMADAPT_TENSORBOARD", "1")
+
+POS = ["good", "great", "lovely", "superb", "fine", "wonderful", "nice", "brilliant"]
+NEG = ["bad", "awful", "poor", "dull", "terrible", "boring", "weak", "lousy"]
+NOUNS = ["film", "movie", "plot", "cast", "story", "script", "ending", "music"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """A trivially learnable two-class set: the adjective decides the label."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        adj = rng.choice(POS if label == "pos" else NEG)
+        rows.append((f"the {rng.choice(NOUNS)} was {adj}", label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    from lmadapt.models import resolve_model
+
+    return resolve_model("minilm").path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_dir) -> str:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def sentiment_files(tmp_path) -> dict[str, Path]:
+    return {
+        "train": write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=1)),
+        "dev": write_csv(tmp_path / "dev.csv", sentiment_rows(24, seed=2)),
+    }
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_bert, sentiment_files):
+    """A factory for a small classification config dict; override any section."""
+
+    def make(**over):
+        cfg = {
+            "model": tiny_bert,
+            "task": {"type": "classification"},
+            "method": {"name": "lora"},
+            "data": {"train": str(sentiment_files["train"]), "dev": str(sentiment_files["dev"])},
+            "train": {"epochs": 2, "batch_size": 8, "eval_every": 4, "log_every": 2,
+                      "precision": "fp32", "threads": 1},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        return cfg
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        yield
