@@ -58,8 +58,12 @@ def tiny_bert(tmp_path_factory, minilm_dir) -> str:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-bert")
     cfg = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     BertModel(cfg).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
@@ -84,8 +88,14 @@ def run_config(tmp_path, tiny_bert, sentiment_files):
             "task": {"type": "classification"},
             "method": {"name": "lora"},
             "data": {"train": str(sentiment_files["train"]), "dev": str(sentiment_files["dev"])},
-            "train": {"epochs": 2, "batch_size": 8, "eval_every": 4, "log_every": 2,
-                      "precision": "fp32", "threads": 1},
+            "train": {
+                "epochs": 2,
+                "batch_size": 8,
+                "eval_every": 4,
+                "log_every": 2,
+                "precision": "fp32",
+                "threads": 1,
+            },
             "output_dir": str(tmp_path / "run"),
         }
         for key, value in over.items():

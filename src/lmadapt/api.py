@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 import yaml
 
 from lmadapt.config import RunConfig, build_run_config, load_config, to_dict
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.report import evaluation_section, training_curves, write_report
-from lmadapt.inference import batched_logits, use_bf16
+from lmadapt.inference import batched_logits
 from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
@@ -62,12 +61,14 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
     spec = resolve_model(config.model)
     if task.kind not in spec.tasks:
         raise ConfigError(
-            "model", f"{spec.name} ({spec.kind}) does not suit task '{task.kind}'; "
-            f"it suits: {', '.join(spec.tasks)}"
+            "model",
+            f"{spec.name} ({spec.kind}) does not suit task '{task.kind}'; "
+            f"it suits: {', '.join(spec.tasks)}",
         )
     tokenizer = load_tokenizer(spec, config.trust_remote_code)
     features = {
-        name: task.encode(rows, tokenizer) for name, rows in (("train", train), ("dev", dev), ("test", test))
+        name: task.encode(rows, tokenizer)
+        for name, rows in (("train", train), ("dev", dev), ("test", test))
     }
     return Prepared(task, tokenizer, spec, train, dev, test, features)
 
@@ -107,9 +108,19 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
 
     lr = config.train.lr or config.method.lr
     trainer = Trainer(
-        model, task, data.features["train"], task.collator(data.tokenizer), config.train, lr, out,
-        dev_features=data.features["dev"], dev_examples=data.dev,
+        model,
+        task,
+        data.features["train"],
+        task.collator(data.tokenizer),
+        config.train,
+        lr,
+        out,
+        dev_features=data.features["dev"],
+        dev_examples=data.dev,
     )
+    method_hooks = getattr(method, "hooks", None)  # optional: schedules, extra loss terms
+    if method_hooks:
+        trainer.hooks += method_hooks(model, trainer.total_steps())
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
@@ -176,20 +187,32 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
 def _run_info(config: RunConfig, spec: ModelSpec, task: Any) -> dict[str, Any]:
     return {
         "lmadapt_run": 1,
-        "model": {"name": spec.name, "path": spec.path, "gguf_file": spec.gguf_file,
-                  "kind": spec.kind},
+        "model": {
+            "name": spec.name,
+            "path": spec.path,
+            "gguf_file": spec.gguf_file,
+            "kind": spec.kind,
+        },
         "method": config.method.name,
         "task": task.state(),
     }
 
 
 def _evaluate_features(
-    model: torch.nn.Module, task: Any, features: list, examples: list, collate: Any,
+    model: torch.nn.Module,
+    task: Any,
+    features: list,
+    examples: list,
+    collate: Any,
     config: RunConfig,
 ) -> Evaluation:
     logits, loss = batched_logits(
-        model, features, collate, config.train.eval_batch_size, use_bf16(config.train.precision),
-        loss_fn=task.loss, per_token=getattr(task, "per_token", False),
+        model,
+        features,
+        collate,
+        config.train.eval_batch_size,
+        loss_fn=task.loss,
+        per_token=getattr(task, "per_token", False),
     )
     ev = task.evaluate(logits, examples)
     if loss is not None:
@@ -231,19 +254,24 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return LoadedRun(config, task, model, tokenizer, spec)
 
 
-def evaluate(run_dir: str | Path, data_path: str | Path, fmt: str = "auto") -> tuple[Evaluation, str]:
+def evaluate(
+    run_dir: str | Path, data_path: str | Path, fmt: str = "auto"
+) -> tuple[Evaluation, str]:
     """Score a saved run on a labelled file; returns the evaluation and its markdown section."""
     run = load_run(run_dir)
     examples = run.task.read(str(data_path), fmt)
     run.task.check(examples)
     feats = run.task.encode(examples, run.tokenizer)
-    ev = _evaluate_features(run.model, run.task, feats, examples,
-                            run.task.collator(run.tokenizer), run.config)
+    ev = _evaluate_features(
+        run.model, run.task, feats, examples, run.task.collator(run.tokenizer), run.config
+    )
     return ev, evaluation_section(f"Evaluation on `{data_path}`", ev, run.task)
 
 
 def predict(
-    run_dir: str | Path | LoadedRun, texts: list[str] | None = None, file: str | Path | None = None,
+    run_dir: str | Path | LoadedRun,
+    texts: list[str] | None = None,
+    file: str | Path | None = None,
     fmt: str = "auto",
 ) -> list[dict[str, Any]]:
     """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file."""
@@ -256,8 +284,11 @@ def predict(
         examples = run.task.examples_from_texts(list(texts))
     feats = run.task.encode(examples, run.tokenizer)
     logits, _ = batched_logits(
-        run.model, feats, run.task.collator(run.tokenizer), run.config.train.eval_batch_size,
-        use_bf16(run.config.train.precision), per_token=getattr(run.task, "per_token", False),
+        run.model,
+        feats,
+        run.task.collator(run.tokenizer),
+        run.config.train.eval_batch_size,
+        per_token=getattr(run.task, "per_token", False),
     )
     return run.task.decode(logits, examples)
 

@@ -26,7 +26,7 @@ class DataConfig:
     train: str | None = None
     """Training file (csv, tsv or jsonl)."""
     dev: str | None = None
-    """Development file: evaluated during training, drives early stopping and the best checkpoint."""
+    """Dev file: evaluated during training; drives early stopping and the best checkpoint."""
     test: str | None = None
     """Optional test file, evaluated once with the best model at the end."""
     format: Literal["auto", "csv", "tsv", "jsonl"] = "auto"

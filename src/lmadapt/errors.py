@@ -17,9 +17,7 @@ class ConfigError(LmadaptError):
 
 
 class DataError(LmadaptError):
-    def __init__(
-        self, file: str, message: str, line: int | None = None, field: str | None = None
-    ):
+    def __init__(self, file: str, message: str, line: int | None = None, field: str | None = None):
         self.file, self.line, self.field = file, line, field
         parts = [f"file {file}"]
         if line is not None:

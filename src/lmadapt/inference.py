@@ -50,6 +50,9 @@ def batched_logits(
 ) -> tuple[list[np.ndarray], float | None]:
     """Logits for every feature, in input order, and the mean loss when labels are present.
 
+    fp32 by default, also after bf16 training: saved artifacts then give the same numbers here as
+    in plain transformers/peft.
+
     Sequence-level logits come back as (C,) arrays; with `per_token`, (T_i, C) arrays trimmed to
     each example's own length.
     """

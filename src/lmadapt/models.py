@@ -141,8 +141,14 @@ def list_models() -> list[dict[str, Any]]:
         try:
             spec = entry.impl()
             rows.append(
-                {"name": entry.name, "kind": spec.kind, "tasks": list(spec.tasks),
-                 "available": True, "path": spec.path, "about": entry.summary}
+                {
+                    "name": entry.name,
+                    "kind": spec.kind,
+                    "tasks": list(spec.tasks),
+                    "available": True,
+                    "path": spec.path,
+                    "about": entry.summary,
+                }
             )
         except LmadaptError as e:
             rows.append({"name": entry.name, "available": False, "about": str(e)})

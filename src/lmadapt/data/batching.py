@@ -39,8 +39,10 @@ def sequential_batches(
     lengths: Sequence[int], batch_size: int, sort: bool = True
 ) -> list[list[int]]:
     """Evaluation order: sorted by length (less padding); callers restore the original order."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(
-        range(len(lengths))
+    order = (
+        sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        if sort
+        else list(range(len(lengths)))
     )
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

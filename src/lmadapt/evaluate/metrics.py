@@ -23,8 +23,12 @@ def _per_class(pred: np.ndarray, gold: np.ndarray, labels: list[str]) -> dict[st
         gold, pred, labels=idx if gold.ndim == 1 else None, zero_division=0
     )
     return {
-        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-               "support": int(s[i])}
+        name: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
         for i, name in enumerate(labels)
     }
 
@@ -77,7 +81,9 @@ def classification_report_markdown(ev: Evaluation) -> str:
             [name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
             for name, v in per_class.items()
         ]
-        parts.append("### Per class\n\n" + _table(["label", "precision", "recall", "f1", "support"], rows))
+        parts.append(
+            "### Per class\n\n" + _table(["label", "precision", "recall", "f1", "support"], rows)
+        )
     cm = ev.details.get("confusion_matrix")
     if cm is not None:
         labels = ev.details["labels"]

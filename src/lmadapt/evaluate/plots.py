@@ -31,14 +31,22 @@ def confusion_matrix(cm: np.ndarray, labels: Sequence[str], path: Path, title: s
     top = cm.max() if cm.size else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > top / 2 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > top / 2 else "black",
+                fontsize=8,
+            )
     ax.set_title(title or "confusion matrix")
     _save(fig, path)
 
 
-def curves(series: dict[str, tuple[list[float], list[float]]], path: Path, title: str,
-           xlabel: str = "step") -> None:
+def curves(
+    series: dict[str, tuple[list[float], list[float]]], path: Path, title: str, xlabel: str = "step"
+) -> None:
     """One line per named (x, y) series."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (xs, ys) in series.items():
@@ -50,8 +58,9 @@ def curves(series: dict[str, tuple[list[float], list[float]]], path: Path, title
     _save(fig, path)
 
 
-def bars(names: Sequence[str], values: Sequence[float], path: Path, title: str,
-         ylabel: str = "") -> None:
+def bars(
+    names: Sequence[str], values: Sequence[float], path: Path, title: str, ylabel: str = ""
+) -> None:
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names)), 3.4))
     ax.bar(range(len(names)), values, color="#4c72b0")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")

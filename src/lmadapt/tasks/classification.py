@@ -72,7 +72,9 @@ class ClassificationTask:
             cfg.text_pair_column = state.get("text_pair_column", cfg.text_pair_column)
         self.regression = cfg.problem == "regression"
         self.multi = cfg.problem == "multi_label"
-        self.default_metric = "mse" if self.regression else ("micro_f1" if self.multi else "accuracy")
+        self.default_metric = (
+            "mse" if self.regression else ("micro_f1" if self.multi else "accuracy")
+        )
         self.metric_mode = "min" if self.regression else "max"
 
     # ------------------------------------------------------------------ data
@@ -136,7 +138,8 @@ class ClassificationTask:
         names = {n for ex in train for n in (ex.label if self.multi else [ex.label])}
         if len(names) < 2 and not self.multi:
             raise DataError(
-                train[0].file, f"needs at least 2 distinct labels, found {sorted(names)}",
+                train[0].file,
+                f"needs at least 2 distinct labels, found {sorted(names)}",
                 field=self.cfg.label_column,
             )
         if not names:

@@ -12,7 +12,9 @@ from lmadapt.io import atomic_path
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # clone(): tied weights share storage, which safetensors refuses to write twice.
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def save_trainable(model: torch.nn.Module, path: Path) -> None:

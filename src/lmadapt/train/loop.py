@@ -146,7 +146,9 @@ class Trainer:
     def total_steps(self) -> int:
         if self.cfg.max_steps:
             return self.cfg.max_steps
-        per_epoch = math.ceil(math.ceil(len(self.lengths) / self.cfg.batch_size) / self.cfg.grad_accum)
+        per_epoch = math.ceil(
+            math.ceil(len(self.lengths) / self.cfg.batch_size) / self.cfg.grad_accum
+        )
         return max(1, math.ceil(self.cfg.epochs * per_epoch))
 
     # ------------------------------------------------------------------ the loop
@@ -230,8 +232,12 @@ class Trainer:
         if not self.dev_features:
             return None
         logits, loss = batched_logits(
-            self.model, self.dev_features, self.collator, self.cfg.eval_batch_size, self.bf16,
-            loss_fn=self.task.loss, per_token=getattr(self.task, "per_token", False),
+            self.model,
+            self.dev_features,
+            self.collator,
+            self.cfg.eval_batch_size,
+            loss_fn=self.task.loss,
+            per_token=getattr(self.task, "per_token", False),
         )
         metrics = dict(self.task.evaluate(logits, self.dev_examples).metrics)
         if loss is not None:

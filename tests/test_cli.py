@@ -1,0 +1,58 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmadapt.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_documented_command_exists():
+    documented = set(re.findall(r"^lmadapt (\w+)", (ROOT / "README.md").read_text(), re.M))
+    assert documented, "README documents no command"
+    assert documented <= set(COMMANDS), documented - set(COMMANDS)
+
+
+def test_train_eval_predict_round_trip(run_config, tmp_path, sentiment_files, capsys):
+    import yaml
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_config()))
+    assert main(["train", str(cfg_path), "train.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "# lmadapt run" in out and "Confusion matrix" in out
+    run = str(tmp_path / "run")
+    assert main(["eval", run, str(sentiment_files["dev"]), "--json"]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
+    assert main(["predict", run, "the film was good", "the plot was bad"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and '"probabilities"' in lines[0]
+    assert main(["predict", run, "--file", str(sentiment_files["dev"])]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 24
+
+
+def test_predict_on_missing_run_exits_2(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nope"), "x"]) == 2
+    assert "not a finished lmadapt run" in capsys.readouterr().err
+
+
+def test_models_and_methods_list(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "minilm" in out and "smollm2-135m-instruct" in out
+    assert main(["methods", "--no-count"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("full", "bitfit", "lora"))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_console_script_runs(args):
+    r = subprocess.run(
+        [sys.executable, "-c", "from lmadapt.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "usage" in r.stdout

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmadapt.config import apply_overrides, build_run_config, load_config
+from lmadapt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED) >= 4
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads(path):
+    raw = yaml.safe_load(path.read_text())
+    if "task" not in raw and "stream" in raw:  # non-run configs (e.g. continual) check themselves
+        pytest.skip("not a run config")
+    cfg = load_config(path)
+    assert cfg.method.name and cfg.task.type and cfg.data.train
+
+
+def _cfg(**over):
+    base = {"task": {"type": "classification"}, "data": {"train": "x.csv"}}
+    base.update(over)
+    return base
+
+
+def test_lr_as_yaml_string_is_a_float():
+    cfg = build_run_config(_cfg(train={"lr": "5e-4"}))
+    assert cfg.train.lr == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"bogus": 1}}, "train.bogus"),
+        ({"method": {"name": "lora", "r": 0}}, "method.r"),
+        ({"method": {"name": "nope"}}, "method.name"),
+        ({"task": {"type": "classification", "problem": "ranking"}}, "task.problem"),
+        ({"data": {"train": "x.csv", "max_train_samples": -1}}, "data.max_train_samples"),
+        ({"train": {"early_stopping": {"patience": 0}}}, "train.early_stopping.patience"),
+    ],
+)
+def test_errors_name_the_field(over, field):
+    with pytest.raises(ConfigError) as e:
+        build_run_config(_cfg(**over))
+    assert e.value.field == field
+    assert f"'{field}'" in str(e.value)
+
+
+def test_missing_data_section():
+    with pytest.raises(ConfigError, match="'data'"):
+        build_run_config({"task": {"type": "classification"}})
+
+
+def test_overrides_are_dotted_and_typed():
+    data = apply_overrides(_cfg(), ["train.lr=1e-4", "method=bitfit", "train.epochs=2"])
+    cfg = build_run_config(data)
+    assert cfg.method.name == "bitfit" and cfg.train.epochs == 2.0 and cfg.train.lr == 1e-4
+    data = apply_overrides(_cfg(method="lora"), ["method.r=4"])
+    assert build_run_config(data).method.r == 4
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("task: {type: classification}\ndata: {train: a.csv}\ntrain: {epochs: x}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "train.epochs" in str(e.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p.write_text("task: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
