@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import yaml
 
-from lmadapt.config import RunConfig, build_run_config, load_config, to_dict
+from lmadapt.config import RunConfig, build_run_config, load_config
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.report import evaluation_section, training_curves, write_report
-from lmadapt.inference import batched_logits
+from lmadapt.inference import evaluate_model, predict_examples
 from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
@@ -91,6 +91,34 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
     out = _check_output_dir(config)
+    return _run(config, out, resume=False)
+
+
+def resume(run_dir: str | Path) -> dict[str, Any]:
+    """Continue an interrupted run from its newest checkpoint, exactly where it stopped."""
+    out = Path(run_dir)
+    if not (out / "config.yaml").is_file():
+        raise LmadaptError(f"{out}: not an lmadapt run directory (no config.yaml)")
+    if (out / "metrics.json").is_file():
+        raise LmadaptError(f"{out}: this run already finished (metrics.json exists)")
+    config = build_run_config(yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")))
+    return _run(config, out, resume=True)
+
+
+def _check_disk(out: Path, model: torch.nn.Module, keep: int) -> None:
+    """Refuse to start when the checkpoints and the artifact clearly cannot fit on the disk."""
+    trainable, total = count_parameters(model)
+    need = 4 * (total + trainable * (1 + 3 * keep))  # fp32: artifact, best, keep x (w, m, v)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ConfigError(
+            "output_dir",
+            f"{out} has {free / 2**20:.0f} MB free; this run needs about "
+            f"{need / 2**20:.0f} MB for checkpoints and the model",
+        )
+
+
+def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
     _set_threads(config.train.threads)
     seed_everything(config.train.seed)
     data = prepare(config)
@@ -100,11 +128,13 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     model = method.apply(task.build_model(spec, config.trust_remote_code), task)
     trainable, total = count_parameters(model)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    write_yaml(out / "config.yaml", config.to_dict())
-    write_json(out / "run.json", _run_info(config, spec, task))
+    if not resume:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        write_yaml(out / "config.yaml", config.to_dict())
+        write_json(out / "run.json", _run_info(config, spec, task))
+    _check_disk(out, model, config.train.keep_checkpoints)
 
     lr = config.train.lr or config.method.lr
     trainer = Trainer(
@@ -122,7 +152,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     if method_hooks:
         trainer.hooks += method_hooks(model, trainer.total_steps())
     t0 = time.perf_counter()
-    result = trainer.fit()
+    result = trainer.fit(resume=resume)
     wall = time.perf_counter() - t0
 
     with atomic_dir(out / "model") as tmp:
@@ -131,10 +161,11 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
 
     evals: dict[str, Evaluation] = {}
     collate = task.collator(data.tokenizer)
+    bs = config.train.eval_batch_size
     for split in ("dev", "test"):
         if data.features[split]:
-            evals[split] = _evaluate_features(
-                model, task, data.features[split], getattr(data, split), collate, config
+            evals[split] = evaluate_model(
+                model, task, data.features[split], getattr(data, split), collate, bs
             )
     metrics = {
         "run_dir": str(out),
@@ -148,6 +179,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         "epochs_completed": result.state.epoch,
         "best_step": result.state.best_step,
         "stopped_early": result.stopped_early,
+        "resumed": resume,
         "train_seconds": round(result.state.train_seconds, 2),
         "wall_seconds": round(wall, 2),
         "samples_per_second": round(result.samples_per_second, 2),
@@ -157,7 +189,6 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         "threads": torch.get_num_threads(),
         **{split: ev.metrics for split, ev in evals.items()},
     }
-    write_json(out / "metrics.json", metrics)
     plot_dir = out / "plots"
     images = training_curves(result.state.history, trainer.metric, plot_dir)
     for split, ev in evals.items():
@@ -169,7 +200,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
         "training": f"{result.state.step} steps, {len(data.train):,} examples, "
         f"{result.state.train_seconds:.1f}s, {result.samples_per_second:.1f} samples/s, "
-        f"{result.tokens_per_second:.0f} tokens/s",
+        f"{result.tokens_per_second:.0f} tokens/s" + (" (resumed)" if resume else ""),
         "best checkpoint": f"step {result.state.best_step} by dev {trainer.metric}"
         + (" (stopped early)" if result.stopped_early else ""),
         "peak RSS": f"{peak_rss_mb():.0f} MB",
@@ -181,6 +212,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         for split, ev in evals.items()
     ]
     write_report(out, summary, sections, images)
+    write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
     return metrics
 
 
@@ -196,28 +228,6 @@ def _run_info(config: RunConfig, spec: ModelSpec, task: Any) -> dict[str, Any]:
         "method": config.method.name,
         "task": task.state(),
     }
-
-
-def _evaluate_features(
-    model: torch.nn.Module,
-    task: Any,
-    features: list,
-    examples: list,
-    collate: Any,
-    config: RunConfig,
-) -> Evaluation:
-    logits, loss = batched_logits(
-        model,
-        features,
-        collate,
-        config.train.eval_batch_size,
-        loss_fn=task.loss,
-        per_token=getattr(task, "per_token", False),
-    )
-    ev = task.evaluate(logits, examples)
-    if loss is not None:
-        ev.metrics["loss"] = loss
-    return ev
 
 
 # ---------------------------------------------------------------------- saved runs
@@ -262,8 +272,13 @@ def evaluate(
     examples = run.task.read(str(data_path), fmt)
     run.task.check(examples)
     feats = run.task.encode(examples, run.tokenizer)
-    ev = _evaluate_features(
-        run.model, run.task, feats, examples, run.task.collator(run.tokenizer), run.config
+    ev = evaluate_model(
+        run.model,
+        run.task,
+        feats,
+        examples,
+        run.task.collator(run.tokenizer),
+        run.config.train.eval_batch_size,
     )
     return ev, evaluation_section(f"Evaluation on `{data_path}`", ev, run.task)
 
@@ -283,14 +298,14 @@ def predict(
             raise LmadaptError("predict needs at least one text or --file")
         examples = run.task.examples_from_texts(list(texts))
     feats = run.task.encode(examples, run.tokenizer)
-    logits, _ = batched_logits(
+    return predict_examples(
         run.model,
+        run.task,
         feats,
+        examples,
         run.task.collator(run.tokenizer),
         run.config.train.eval_batch_size,
-        per_token=getattr(run.task, "per_token", False),
     )
-    return run.task.decode(logits, examples)
 
 
-__all__ = ["LoadedRun", "evaluate", "load_run", "predict", "prepare", "train", "to_dict"]
+__all__ = ["LoadedRun", "evaluate", "load_run", "predict", "prepare", "resume", "train"]

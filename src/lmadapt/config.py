@@ -29,7 +29,7 @@ class DataConfig:
     """Dev file: evaluated during training; drives early stopping and the best checkpoint."""
     test: str | None = None
     """Optional test file, evaluated once with the best model at the end."""
-    format: Literal["auto", "csv", "tsv", "jsonl"] = "auto"
+    format: Literal["auto", "csv", "tsv", "jsonl", "conll"] = "auto"
     max_train_samples: int | None = None
     """Keep only the first N training rows (after validation)."""
     max_eval_samples: int | None = None
@@ -77,11 +77,15 @@ class TrainConfig:
     group_by_length: bool = True
     """Length-grouped batches (shuffled buckets) to cut padding."""
     log_every: int = 20
+    checkpoint_every: int | None = None
+    """Save a resumable checkpoint every N optimizer steps; None = at every evaluation."""
+    keep_checkpoints: int = 2
+    """How many resumable checkpoints to keep (oldest deleted first)."""
     threads: int | None = None
     """torch intra-op threads; None = all physical cores."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0:
@@ -92,8 +96,10 @@ class TrainConfig:
             raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.eval_every is not None and self.eval_every < 1:
-            raise ConfigError("train.eval_every", f"must be >= 1, got {self.eval_every}")
+        for name in ("eval_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"train.{name}", f"must be >= 1, got {v}")
 
 
 @dataclass

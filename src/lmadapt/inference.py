@@ -76,3 +76,51 @@ def batched_logits(
     finally:
         model.train(was_training)
     return out, (total_loss / n_loss if n_loss else None)  # type: ignore[return-value]
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    task: Any,
+    features: list[dict[str, Any]],
+    examples: list[Any],
+    collator: Any,
+    batch_size: int,
+) -> Any:
+    """Score `model` on labelled features with the task's metrics (+ mean loss).
+
+    Tasks whose evaluation is not a function of logits (generation decodes text) provide their
+    own `evaluate_model`; the rest share this logits path.
+    """
+    custom = getattr(task, "evaluate_model", None)
+    if custom is not None:
+        return custom(model, features, examples, collator, batch_size)
+    logits, loss = batched_logits(
+        model,
+        features,
+        collator,
+        batch_size,
+        loss_fn=task.loss,
+        per_token=getattr(task, "per_token", False),
+    )
+    ev = task.evaluate(logits, examples)
+    if loss is not None:
+        ev.metrics["loss"] = loss
+    return ev
+
+
+def predict_examples(
+    model: torch.nn.Module,
+    task: Any,
+    features: list[dict[str, Any]],
+    examples: list[Any],
+    collator: Any,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """Task-level predictions (labels, entities, ...) for unlabelled features."""
+    custom = getattr(task, "predict_model", None)
+    if custom is not None:
+        return custom(model, features, examples, collator, batch_size)
+    logits, _ = batched_logits(
+        model, features, collator, batch_size, per_token=getattr(task, "per_token", False)
+    )
+    return task.decode(logits, examples)

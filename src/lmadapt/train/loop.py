@@ -7,6 +7,7 @@ metrics; hooks add loss terms (continual-learning penalties, distillation) or re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,8 +24,22 @@ from tqdm.auto import tqdm
 
 from lmadapt.config import TrainConfig
 from lmadapt.data.batching import length_grouped_batches, shuffled_batches
-from lmadapt.inference import autocast, batched_logits, model_inputs, use_bf16
-from lmadapt.train.checkpoint import load_trainable, save_trainable
+from lmadapt.errors import LmadaptError
+from lmadapt.inference import autocast, evaluate_model, model_inputs, use_bf16
+from lmadapt.io import write_text
+from lmadapt.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    save_trainable,
+)
+
+
+class TrainingInterrupted(LmadaptError):
+    """Ctrl-C during training: a checkpoint was saved and the run can be resumed."""
+
+    exit_code = 130
 
 
 class Hook:
@@ -47,13 +62,19 @@ class Hook:
 
 @dataclass
 class TrainState:
+    """Everything the loop knows; saved in each checkpoint so a resumed run continues exactly."""
+
     step: int = 0
     """Optimizer steps taken."""
     epoch: int = 0
+    next_batch: int = 0
+    """Index of the next batch of `epoch` to train on (data-loader position)."""
     samples: int = 0
     tokens: int = 0
     """Non-padding tokens seen."""
     train_seconds: float = 0.0
+    running_loss: float = 0.0
+    running_n: int = 0
     best_metric: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
@@ -152,24 +173,28 @@ class Trainer:
         return max(1, math.ceil(self.cfg.epochs * per_epoch))
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> TrainResult:
-        cfg, model, state = self.cfg, self.model, self.state
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg, model = self.cfg, self.model
         total = self.total_steps()
         optimizer = build_optimizer(model, self.lr, cfg.weight_decay)
         scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        if resume:
+            self._restore()
+        state = self.state
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.tb = _tensorboard(self.run_dir / "tb")
         for h in self.hooks:
             h.on_train_start(self)
         model.train()
-        bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-        running, running_n = 0.0, 0
+        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", mininterval=1.0)
+        self._clock = time.perf_counter()
         try:
             while state.step < total and not state.should_stop:
                 batches = self.batches_for_epoch(state.epoch)
-                t0 = time.perf_counter()
-                for i, idx in enumerate(batches):
+                for i in range(state.next_batch, len(batches)):
+                    idx = batches[i]
                     batch = self.collator([self.train_features[j] for j in idx])
                     with autocast(self.bf16):
                         outputs = model(**model_inputs(batch))
@@ -179,40 +204,53 @@ class Trainer:
                         if extra is not None:
                             loss = loss + extra
                     (loss / cfg.grad_accum).backward()
-                    running += float(loss.detach())
-                    running_n += 1
+                    state.running_loss += float(loss.detach())
+                    state.running_n += 1
                     state.samples += len(idx)
                     state.tokens += int(batch["attention_mask"].sum())
                     if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
-                        continue
+                        continue  # accumulate gradients over grad_accum batches
                     if cfg.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
+                    state.next_batch = i + 1
                     bar.update(1)
                     for h in self.hooks:
                         h.on_step_end(self)
                     if state.step % cfg.log_every == 0 or state.step == total:
-                        state.train_seconds += time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        self.log({"loss": running / running_n, "lr": scheduler.get_last_lr()[0]})
-                        bar.set_postfix(loss=f"{running / running_n:.4f}")
-                        running, running_n = 0.0, 0
-                    if cfg.eval_every and state.step % cfg.eval_every == 0:
-                        state.train_seconds += time.perf_counter() - t0
+                        mean = state.running_loss / state.running_n
+                        self.log({"loss": mean, "lr": scheduler.get_last_lr()[0]})
+                        bar.set_postfix(loss=f"{mean:.4f}")
+                        state.running_loss, state.running_n = 0.0, 0
+                    evaluated = bool(cfg.eval_every) and state.step % cfg.eval_every == 0
+                    if evaluated:
                         self.evaluate()
-                        t0 = time.perf_counter()
+                    if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
+                        evaluated and not cfg.checkpoint_every
+                    ):
+                        self.checkpoint()
                     if state.step >= total or state.should_stop:
                         break
-                state.train_seconds += time.perf_counter() - t0
-                state.epoch += 1
-                if not cfg.eval_every:
-                    self.evaluate()
-            if cfg.eval_every and state.step % cfg.eval_every:
+                else:
+                    state.epoch, state.next_batch = state.epoch + 1, 0
+                    if not cfg.eval_every:
+                        self.evaluate()
+                        if not cfg.checkpoint_every:
+                            self.checkpoint()
+            if self._last_eval_step() != state.step:
                 self.evaluate()  # the final weights are always evaluated
+        except KeyboardInterrupt:
+            optimizer.zero_grad(set_to_none=True)
+            path = self.checkpoint()
+            raise TrainingInterrupted(
+                f"interrupted at step {state.step}; checkpoint {path} saved. "
+                f"Resume with: lmadapt train --resume {self.run_dir}"
+            ) from None
         finally:
+            self._tick()
             bar.close()
             self.log_file.close()
             if self.tb:
@@ -227,21 +265,55 @@ class Trainer:
         )
         return TrainResult(state, best, stopped_early=state.should_stop)
 
+    def _tick(self) -> None:
+        """Add the time since the last tick to train_seconds (eval and checkpoints excluded)."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - self._clock
+        self._clock = now
+
+    def _last_eval_step(self) -> int | None:
+        return next((r["step"] for r in reversed(self.state.history) if "dev" in r), None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> Path:
+        self._tick()
+        path = save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.state.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            dataclasses.asdict(self.state),
+            self.cfg.keep_checkpoints,
+        )
+        self._clock = time.perf_counter()
+        return path
+
+    def _restore(self) -> None:
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            raise LmadaptError(f"{self.run_dir}: no checkpoint to resume from")
+        saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.state = TrainState(**saved)
+        # the log is rewritten to what the checkpoint knew: later lines belong to lost work
+        write_text(
+            self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history)
+        )
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float] | None:
         if not self.dev_features:
             return None
-        logits, loss = batched_logits(
+        self._tick()
+        ev = evaluate_model(
             self.model,
+            self.task,
             self.dev_features,
+            self.dev_examples,
             self.collator,
             self.cfg.eval_batch_size,
-            loss_fn=self.task.loss,
-            per_token=getattr(self.task, "per_token", False),
         )
-        metrics = dict(self.task.evaluate(logits, self.dev_examples).metrics)
-        if loss is not None:
-            metrics["loss"] = loss
+        metrics = dict(ev.metrics)
         if self.metric not in metrics:
             raise KeyError(f"train.metric '{self.metric}' not among dev metrics {list(metrics)}")
         self.log({"dev": metrics})
@@ -262,6 +334,7 @@ class Trainer:
                 state.should_stop = True
         for h in self.hooks:
             h.on_evaluate(self, metrics)
+        self._clock = time.perf_counter()
         return metrics
 
     def log(self, record: dict[str, Any]) -> None:

@@ -1,0 +1,112 @@
+"""Crash safety: a run killed with SIGKILL resumes to the same result as an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from lmadapt.api import resume, train
+from lmadapt.config import build_run_config
+from lmadapt.errors import LmadaptError
+from tests.conftest import sentiment_rows, write_csv
+
+
+def _config(run_config, tmp_path, name):
+    data = write_csv(tmp_path / "big.csv", sentiment_rows(400, seed=5))
+    return run_config(
+        data={"train": str(data)},
+        train={
+            "epochs": 4,
+            "batch_size": 8,
+            "eval_every": 25,
+            "checkpoint_every": 10,
+            "log_every": 5,
+            "threads": 1,
+            "precision": "fp32",
+        },
+        output_dir=str(tmp_path / name),
+    )
+
+
+def test_sigkill_then_resume_matches_uninterrupted(run_config, tmp_path):
+    reference = train(build_run_config(_config(run_config, tmp_path, "ref")))
+
+    cfg = _config(run_config, tmp_path, "killed")
+    cfg_path = tmp_path / "killed.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from lmadapt.cli import main; sys.exit(main())",
+            "train",
+            str(cfg_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = Path(cfg["output_dir"]) / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(ckpt.glob("step-*/state.json")):
+            time.sleep(0.3)  # die somewhere between checkpoints, not on one
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (Path(cfg["output_dir"]) / "metrics.json").exists()
+
+    resumed = resume(cfg["output_dir"])
+    assert resumed["resumed"] and resumed["steps"] == reference["steps"]
+    assert resumed["dev"] == reference["dev"]
+    a = load_file(f"{reference['run_dir']}/model/adapter_model.safetensors")
+    b = load_file(f"{resumed['run_dir']}/model/adapter_model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    evals = [
+        json.loads(x)["step"]
+        for x in (Path(cfg["output_dir"]) / "log.jsonl").read_text().splitlines()
+        if '"dev"' in x
+    ]
+    assert evals == sorted(set(evals)), "log has duplicated evaluations after resume"
+
+
+def test_keeps_only_the_newest_checkpoints(run_config, tmp_path):
+    cfg = _config(run_config, tmp_path, "keep")
+    cfg["train"].update(epochs=1, keep_checkpoints=2)
+    train(build_run_config(cfg))
+    kept = sorted(p.name for p in (Path(cfg["output_dir"]) / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000040", "step-00000050"]
+    assert not list(Path(cfg["output_dir"]).rglob("*.tmp"))
+
+
+def test_resume_refuses_finished_or_foreign_dirs(run_config, tmp_path):
+    m = train(build_run_config(run_config(train={"max_steps": 2})))
+    with pytest.raises(LmadaptError, match="already finished"):
+        resume(m["run_dir"])
+    with pytest.raises(LmadaptError, match="not an lmadapt run"):
+        resume(tmp_path)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(run_config, tmp_path, monkeypatch):
+    from lmadapt.train import loop
+
+    cfg = _config(run_config, tmp_path, "ctrlc")
+    original_log = loop.Trainer.log
+
+    def log_then_interrupt(self, record):
+        original_log(self, record)
+        if self.state.step == 15 and "loss" in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "log", log_then_interrupt)
+    with pytest.raises(loop.TrainingInterrupted, match="--resume"):
+        train(build_run_config(cfg))
+    monkeypatch.setattr(loop.Trainer, "log", original_log)
+    assert (Path(cfg["output_dir"]) / "checkpoints" / "step-00000015").is_dir()
+    assert resume(cfg["output_dir"])["steps"] == 200
