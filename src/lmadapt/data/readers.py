@@ -27,6 +27,8 @@ class Record:
 
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
     if fmt != "auto":
+        if fmt not in FORMATS:
+            raise DataError(str(path), f"unknown format {fmt!r}; one of: {', '.join(FORMATS)}")
         return fmt
     ext = Path(path).suffix.lower()
     if ext not in _EXTENSIONS:
@@ -72,16 +74,22 @@ def _read_delimited(file: str, text: str, delimiter: str) -> list[Record]:
         line = text[: text.index("\x00")].count("\n") + 1
         raise DataError(file, "binary data (NUL byte) in a text file", line)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    kind = "TSV" if delimiter == "\t" else "CSV"
     try:
-        header = next(reader)
-    except StopIteration:
-        raise DataError(file, "file is empty") from None
+        # The header is the first non-blank row; csv.Error (e.g. a huge field) is a data error.
+        header = next((row for row in reader if any(c.strip() for c in row)), None)
+    except csv.Error as e:
+        raise DataError(file, f"malformed {kind} header: {e}", reader.line_num) from None
+    if header is None:
+        raise DataError(file, "file is empty")
+    header_line = reader.line_num
     header = [h.strip() for h in header]
     if len(header) < 2 and delimiter == ",":
-        hint = " (tab-separated? use a .tsv extension or data.format=tsv)" if "\t" in header[0] else ""
-        raise DataError(file, f"header has a single column {header!r}{hint}", 1)
+        tsv = "\t" in header[0]
+        hint = " (tab-separated? use a .tsv extension or data.format=tsv)" if tsv else ""
+        raise DataError(file, f"header has a single column {header!r}{hint}", header_line)
     if len(set(header)) != len(header) or any(not h for h in header):
-        raise DataError(file, f"header has empty or repeated column names: {header}", 1)
+        raise DataError(file, f"header has empty or repeated column names: {header}", header_line)
     records = []
     try:
         for row in reader:
@@ -97,20 +105,28 @@ def _read_delimited(file: str, text: str, delimiter: str) -> list[Record]:
                 )
             records.append(Record(file, line, dict(zip(header, row))))
     except csv.Error as e:
-        raise DataError(file, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}",
-                        reader.line_num) from None
+        raise DataError(file, f"malformed {kind}: {e}", reader.line_num) from None
     return records
+
+
+def _loads(file: str, text: str, line: int | None) -> Any:
+    """json.loads whose every failure is a DataError: syntax, >4300-digit ints, deep nesting."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = line if line is not None else e.lineno
+        raise DataError(file, f"invalid JSON ({e.msg} at column {e.colno})", where) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(file, f"unreadable JSON value ({e})", line) from None
 
 
 def _read_jsonl(file: str, text: str) -> list[Record]:
     records = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # split on \n only: str.splitlines() also breaks at U+2028 etc., which JSON strings may hold.
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(file, f"invalid JSON ({e.msg} at column {e.colno})", i) from None
+        obj = _loads(file, line, i)
         if not isinstance(obj, dict):
             raise DataError(file, f"expected a JSON object, got {type(obj).__name__}", i)
         records.append(Record(file, i, obj))
@@ -118,10 +134,7 @@ def _read_jsonl(file: str, text: str) -> list[Record]:
 
 
 def _read_json(file: str, text: str) -> list[Record]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(file, f"invalid JSON ({e.msg} at column {e.colno})", e.lineno) from None
+    data = _loads(file, text, None)
     if not isinstance(data, list):
         raise DataError(file, f"expected a JSON list of objects, got {type(data).__name__}", 1)
     # json.loads keeps no positions; index i is reported as "line" i+1 of the list (1-based item).
@@ -152,4 +165,10 @@ def get_text(record: Record, column: str) -> str:
         raise record.error(f"expected text, got {type(value).__name__} {value!r}", column)
     if not value.strip():
         raise record.error("empty text", column)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates
+            message = "text holds an unpaired surrogate (bad \\u escape)"
+            raise record.error(message, column) from None
     return value.strip()

@@ -1,0 +1,1 @@
+"""HTTP serving of finished runs: `lmadapt serve RUN_DIR ...` (needs the `serve` extra)."""

@@ -1,0 +1,118 @@
+"""Dynamic micro-batching: concurrent requests share one forward pass.
+
+A CPU forward over 16 short texts costs far less than 16 forwards over one, so a single worker
+thread per model collects whatever requests arrive within `max_wait_ms` (up to `max_batch`
+items), runs them together, and hands each request its own slice of the results. Requests carry
+a key (the run name): jobs with different keys in one collection run as separate batches, so a
+batch never mixes adapters.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+ProcessFn = Callable[[str, list[Any]], list[Any]]
+"""(key, items) -> one result per item, in order."""
+
+
+class QueueFullError(Exception):
+    """The batcher's queue is at capacity: the caller should shed load (HTTP 503)."""
+
+
+@dataclass
+class _Job:
+    key: str
+    items: list[Any]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+
+
+class MicroBatcher:
+    """One background worker thread that runs `process(key, items)` on collected jobs."""
+
+    def __init__(
+        self,
+        process: ProcessFn,
+        max_batch: int,
+        max_wait_ms: float,
+        max_queue: int = 1024,
+        name: str = "lmadapt-batcher",
+    ):
+        self.process = process
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.stats = BatchStats()
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, items: list[Any]) -> Future:
+        """Queue one request; the future resolves to its results (or its exception)."""
+        job = _Job(key, list(items))
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFullError("server busy: request queue is full, retry later") from None
+        return job.future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued jobs, then stop the worker."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, n = [job], len(job.items)
+            deadline = time.monotonic() + self.max_wait
+            while n < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                n += len(nxt.items)
+            self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        # A cancelled future (client went away) drops its job before any work is done.
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        by_key: dict[str, list[_Job]] = {}
+        for j in live:
+            by_key.setdefault(j.key, []).append(j)
+        for key, group in by_key.items():
+            items = [x for j in group for x in j.items]
+            try:
+                results = self.process(key, items)
+                if len(results) != len(items):
+                    raise RuntimeError(f"batch returned {len(results)} results for {len(items)}")
+            except Exception as e:  # every waiting request must hear of it
+                for j in group:
+                    j.future.set_exception(e)
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(items)
+            self.stats.largest = max(self.stats.largest, len(items))
+            start = 0
+            for j in group:
+                j.future.set_result(results[start : start + len(j.items)])
+                start += len(j.items)

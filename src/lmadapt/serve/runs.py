@@ -1,0 +1,153 @@
+"""Finished runs held in memory for serving, with one base model shared by sibling adapters.
+
+Runs saved as peft adapters over the same base model (same weights, task kind and head size)
+form one `ModelGroup`: the base is loaded once, each further run is attached with
+`PeftModel.load_adapter`, and every forward pass first selects its run's adapter under the
+group's lock. Any other run is a group of one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lmadapt.config import RunConfig, build_run_config
+from lmadapt.errors import LmadaptError
+from lmadapt.inference import predict_examples
+from lmadapt.methods import build_method
+from lmadapt.methods.base import PeftMethod
+from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
+from lmadapt.tasks import build_task
+
+
+@dataclass
+class ServedRun:
+    """One run as the server sees it: its name, task and tokenizer; the model is its group's."""
+
+    name: str
+    run_dir: Path
+    config: RunConfig
+    task: Any
+    tokenizer: Any
+    spec: ModelSpec
+    method: Any
+
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+    def info(self) -> dict[str, Any]:
+        labels = getattr(self.task, "labels", None)
+        return {
+            "task": self.kind,
+            "method": self.config.method.name,
+            "base_model": self.spec.name,
+            **({"labels": list(labels)} if labels else {}),
+        }
+
+
+def read_run(run_dir: str | Path) -> ServedRun:
+    """A run's config, task and tokenizer, without loading its model (so groups can share one).
+
+    Mirrors the first half of `lmadapt.api.load_run`.
+    """
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "run.json", "model"):
+        if not (run_dir / name).exists():
+            raise LmadaptError(f"{run_dir} is not a finished lmadapt run (no {name})")
+    config = build_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    info = json.loads((run_dir / "run.json").read_text())
+    try:
+        spec = resolve_model(config.model)
+    except LmadaptError:
+        m = info["model"]
+        spec = ModelSpec(m["name"], m["path"], m["kind"], (), m.get("gguf_file"))
+    task = build_task(config.task, info["task"])
+    tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind, ()))
+    name = run_dir.resolve().name
+    return ServedRun(name, run_dir, config, task, tokenizer, spec, build_method(config.method))
+
+
+def share_key(run: ServedRun) -> tuple | None:
+    """Runs with equal keys can share one base model; None = this run needs its own model."""
+    if not isinstance(run.method, PeftMethod):
+        return None
+    head = len(getattr(run.task, "labels", ()) or ())
+    # One PeftModel holds one tuner type (LoRA, IA3, prefix...), hence the method name.
+    return (
+        run.spec.path,
+        run.spec.gguf_file,
+        run.config.trust_remote_code,
+        run.kind,
+        head,
+        run.config.method.name,
+    )
+
+
+@dataclass
+class ModelGroup:
+    """One model in memory serving one or more runs (adapters); forward passes are serialised."""
+
+    model: torch.nn.Module
+    runs: dict[str, ServedRun]
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Run name -> peft adapter name, when the model is a PeftModel shared by several runs."""
+    batch_size: int = 32
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def predict(self, name: str, texts: list[str]) -> list[dict[str, Any]]:
+        """The same computation as `lmadapt.api.predict` on texts, with `name`'s adapter active."""
+        run = self.runs[name]
+        examples = run.task.examples_from_texts(texts)
+        feats = run.task.encode(examples, run.tokenizer)
+        with self.lock:
+            if self.adapters:
+                self.model.set_adapter(self.adapters[name], inference_mode=True)
+            return predict_examples(
+                self.model,
+                run.task,
+                feats,
+                examples,
+                run.task.collator(run.tokenizer),
+                self.batch_size,
+            )
+
+
+def load_groups(run_dirs: list[str | Path], batch_size: int) -> list[ModelGroup]:
+    """Load every run, one base model per share key; run names (dir basenames) must be unique."""
+    runs = [read_run(d) for d in run_dirs]
+    seen: dict[str, Path] = {}
+    for run in runs:
+        if run.name in seen:
+            raise LmadaptError(
+                f"two runs are named '{run.name}' ({seen[run.name]} and {run.run_dir}); "
+                "serve needs unique directory names"
+            )
+        seen[run.name] = run.run_dir
+    by_key: dict[Any, list[ServedRun]] = {}
+    for run in runs:
+        by_key.setdefault(share_key(run) or ("own", run.name), []).append(run)
+    groups = []
+    for members in by_key.values():
+        first = members[0]
+        model = first.method.load(
+            first.task, first.spec, first.run_dir / "model", first.config.trust_remote_code
+        )
+        adapters: dict[str, str] = {}
+        if len(members) > 1:
+            adapters[first.name] = model.active_adapter
+            # peft names the first adapter "default"; numbered names cannot collide with it.
+            for i, run in enumerate(members[1:], start=1):
+                adapters[run.name] = f"run{i}"
+                model.load_adapter(str(run.run_dir / "model"), adapter_name=f"run{i}")
+        model.eval()
+        groups.append(
+            ModelGroup(model, {r.name: r for r in members}, adapters, batch_size=batch_size)
+        )
+    return groups
