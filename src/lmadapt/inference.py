@@ -34,8 +34,19 @@ def autocast(enabled: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+LOSS_ONLY_KEYS = ("labels", "loss_weights")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The forward arguments: the batch without what only the loss reads.
+
+    A batch with `position_ids` is packed (several examples per row, positions restarting at
+    each); it goes without its padding mask so that transformers masks attention per example.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in LOSS_ONLY_KEYS}
+    if "position_ids" in inputs:
+        inputs.pop("attention_mask", None)
+    return inputs
 
 
 @torch.no_grad()
@@ -71,8 +82,10 @@ def batched_logits(
                 total_loss += float(loss_fn(logits, batch)) * len(idx)
                 n_loss += len(idx)
             arr = logits.numpy()
+            # Prompt/p-tuning prepend virtual tokens to the logits: per token, keep the real ones.
+            skip = arr.shape[1] - batch["input_ids"].shape[1] if per_token else 0
             for row, i in enumerate(idx):
-                out[i] = arr[row, : lengths[i]] if per_token else arr[row]
+                out[i] = arr[row, skip : skip + lengths[i]] if per_token else arr[row]
     finally:
         model.train(was_training)
     return out, (total_loss / n_loss if n_loss else None)  # type: ignore[return-value]

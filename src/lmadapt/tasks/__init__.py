@@ -4,7 +4,7 @@ from lmadapt.registry import Registry
 
 TASKS: Registry = Registry("task")
 
-from lmadapt.tasks import classification  # noqa: E402,F401  (registers itself)
+from lmadapt.tasks import classification, token_classification  # noqa: E402,F401  (register)
 from lmadapt.tasks.base import Evaluation, Task  # noqa: E402
 
 __all__ = ["TASKS", "Evaluation", "Task", "build_task"]

@@ -1,0 +1,575 @@
+"""Token classification (named entities and other spans): one IOB2 tag per word.
+
+Examples are words, not subwords: labels sit on each word's first subword (the rest are ignored
+by the loss unless `label_all_subwords`), sentences longer than `max_length` are split into
+overlapping windows, and window predictions are merged back so that every word gets exactly one
+prediction, from the window where it is furthest from an edge. Metrics are entity-level (seqeval).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmadapt.data import Collator
+from lmadapt.data.conll import TagError, detect_scheme, is_conll, read_conll, to_iob2
+from lmadapt.data.readers import Record, read_records
+from lmadapt.errors import ConfigError, DataError
+from lmadapt.evaluate import metrics as M
+from lmadapt.evaluate import plots
+from lmadapt.tasks import TASKS
+from lmadapt.tasks.base import Evaluation
+
+IGNORE = -100
+"""Label of positions the loss skips (special tokens, non-first subwords, padding)."""
+
+# Abbreviations (U.S.), words with inner - . & (1996-08-22, AT&T), clitics ('s), single symbols.
+_WORD = re.compile(r"(?:[^\W\d_]\.){2,}|\w+(?:[-.&]\w+)*|['’]\w+|[^\w\s]")
+
+
+@dataclass
+class TokenClassificationConfig:
+    type: str = "token_classification"
+    scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"
+    """Tag scheme of the data files, converted to IOB2 on reading. auto: bioes when E-/S- tags
+    occur, iob1 when some entity starts with I-, else iob2 (where I-X after O is an error)."""
+    strict: bool = False
+    """Entity metrics in seqeval's strict IOB2 mode (an I-X that does not continue a B-X entity
+    opens none); default is conlleval's lenient counting."""
+    label_all_subwords: bool = False
+    """Train on every subword (continuations of B-X get I-X) instead of the first one only."""
+    max_length: int = 128
+    """Subword tokens per window, special tokens included; longer sentences are split."""
+    stride: int = 32
+    """Subword tokens of overlap between consecutive windows of one long sentence."""
+    token_column: int = 0
+    """CoNLL: column of the token (0-based; negative counts from the end)."""
+    tag_column: int = -1
+    """CoNLL: column of the tag; the last one by default."""
+    tokens_field: str = "tokens"
+    """JSONL: list of words (pre-tokenised input) ..."""
+    tags_field: str = "tags"
+    """... and its list of tags, one per word."""
+    text_field: str = "text"
+    """JSONL: raw text (split into words by the task) ..."""
+    spans_field: str = "spans"
+    """... and its entities as [{start, end, label}] character offsets (end exclusive)."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
+        if not 0 <= self.stride <= self.max_length // 2:
+            raise ConfigError(
+                "task.stride",
+                f"must be in [0, max_length / 2 = {self.max_length // 2}], got {self.stride}",
+            )
+
+
+@dataclass
+class Window:
+    """One model input cut from an example: which (token position, word index) it predicts."""
+
+    owned: list[tuple[int, int]]
+
+
+@dataclass
+class Example:
+    words: list[str]
+    text: str
+    """The words' source text: the raw text, or the words joined by single spaces."""
+    offsets: list[tuple[int, int]]
+    """Character [start, end) of each word in `text`."""
+    tags: list[str] | None = None
+    """IOB2 tags, one per word; None when unlabelled."""
+    file: str = ""
+    line: int = 0
+    lines: list[int] | None = None
+    """CoNLL: the line of each word, for errors that point at one token."""
+    windows: list[Window] = field(default_factory=list, repr=False)
+    """Set by `encode`: the features this example became, in order."""
+
+    def word_line(self, i: int) -> int:
+        return self.lines[i] if self.lines else self.line
+
+
+def split_words(text: str, cuts: list[int] | None = None) -> list[tuple[int, int]]:
+    """Character spans of the words of raw text; a word is also split at every offset in `cuts`.
+
+    Cutting at entity boundaries guarantees that character spans map to whole words.
+    """
+    cuts = sorted(set(cuts or []))  # adjacent spans share a boundary
+    out = []
+    for m in _WORD.finditer(text):
+        start, end = m.span()
+        inner = cuts[bisect.bisect_right(cuts, start) : bisect.bisect_left(cuts, end)]
+        out += list(zip([start, *inner], [*inner, end]))
+    return out
+
+
+def entities(tags: list[str], strict: bool = False) -> list[tuple[str, int, int]]:
+    """(type, start, end) word spans, end exclusive, as seqeval counts them.
+
+    Lenient (conlleval): an I-X that does not continue an X entity opens one. Strict IOB2: such
+    an I-X is not part of any entity.
+    """
+    out: list[tuple[str, int, int]] = []
+    kind, start = None, 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, t = ("O", None) if tag == "O" else (tag[0], tag[2:])
+        if prefix == "I" and t == kind:
+            continue
+        if kind is not None:
+            out.append((kind, start, i))
+        kind, start = (t, i) if prefix == "B" or (prefix == "I" and not strict) else (None, i)
+    return out
+
+
+def word_windows(counts: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
+    """Cut words with `counts` subwords each into [start, end) windows of <= `budget` subwords.
+
+    Windows end on word boundaries and the next one starts up to `stride` subwords back, so every
+    word appears whole in some window (a single word longer than the budget gets its own window,
+    truncated by the tokenizer: its first subword, which carries the label, survives).
+    """
+    n, out, start = len(counts), [], 0
+    while True:
+        end, used = start, 0
+        while end < n and (end == start or used + counts[end] <= budget):
+            used += counts[end]
+            end += 1
+        out.append((start, end))
+        if end >= n:
+            return out
+        # Step back while the overlap fits the stride and the next window still reaches `end`.
+        nxt, overlap, room = end, 0, min(stride, budget - counts[end])
+        while nxt - 1 > start and overlap + counts[nxt - 1] <= room:
+            nxt -= 1
+            overlap += counts[nxt]
+        start = nxt
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@TASKS.register("token_classification", TokenClassificationConfig)
+class TokenClassificationTask:
+    """Per-word tagging (NER) with a linear head on every token; entity-level F1."""
+
+    kind = "token_classification"
+    per_token = True
+    default_metric = "f1"
+    metric_mode = "max"
+
+    def __init__(self, cfg: TokenClassificationConfig, state: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.labels: list[str] = list(state["labels"]) if state else []
+
+    @property
+    def types(self) -> list[str]:
+        return sorted({t[2:] for t in self.labels if t != "O"})
+
+    # ------------------------------------------------------------------ data
+    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Example]:
+        """CoNLL columns (.conll/.txt), or JSONL with tokens + tags or text + spans."""
+        cfg = self.cfg
+        if is_conll(path, fmt):
+            records = read_conll(path, cfg.token_column, cfg.tag_column, labelled)
+            raw = [
+                self._from_tokens(r, "tokens", "tags", labelled, r.fields["lines"]) for r in records
+            ]
+        else:
+            raw = [self._from_record(r, labelled) for r in read_records(path, fmt)]
+        examples = [ex for ex, _ in raw]
+        if labelled:
+            # Tags from spans are IOB2 already; tags given per token are in the file's scheme.
+            given = [ex for ex, converted in raw if not converted]
+            scheme = cfg.scheme
+            if scheme == "auto":
+                scheme = detect_scheme([ex.tags or [] for ex in given])
+            for ex in given:
+                try:
+                    ex.tags = to_iob2(ex.tags or [], scheme)
+                except TagError as e:
+                    where = "" if ex.lines else f"token {e.index} ({ex.words[e.index]!r}): "
+                    raise DataError(
+                        ex.file,
+                        f"{where}{e} [scheme {scheme}]",
+                        ex.word_line(e.index),
+                        None if ex.lines else cfg.tags_field,
+                    ) from None
+        return examples
+
+    def _from_record(self, r: Record, labelled: bool) -> tuple[Example, bool]:
+        cfg = self.cfg
+        if cfg.tokens_field in r.fields:
+            return self._from_tokens(r, cfg.tokens_field, cfg.tags_field, labelled)
+        if cfg.text_field in r.fields:
+            return self._from_text(r, labelled), True
+        raise r.error(
+            f"needs '{cfg.tokens_field}' (with '{cfg.tags_field}') or '{cfg.text_field}' "
+            f"(with '{cfg.spans_field}'); fields present: {', '.join(map(str, r.fields))}"
+        )
+
+    def _from_tokens(
+        self,
+        r: Record,
+        tokens_key: str,
+        tags_key: str,
+        labelled: bool,
+        lines: list[int] | None = None,
+    ) -> tuple[Example, bool]:
+        words = r.fields[tokens_key]
+        if not isinstance(words, list) or not words:
+            raise r.error(f"expected a non-empty list of words, got {words!r}", tokens_key)
+        for i, w in enumerate(words):
+            if not isinstance(w, str) or not w.strip():
+                raise r.error(f"word {i} is {w!r}; expected non-blank text", tokens_key)
+        tags = None
+        if labelled:
+            if tags_key not in r.fields:
+                raise r.error(f"missing; fields present: {', '.join(map(str, r.fields))}", tags_key)
+            tags = r.fields[tags_key]
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise r.error(f"expected a list of tag strings, got {tags!r}", tags_key)
+            if len(tags) != len(words):
+                raise r.error(f"{len(tags)} tags for {len(words)} words", tags_key)
+        offsets, pos = [], 0
+        for w in words:
+            offsets.append((pos, pos + len(w)))
+            pos += len(w) + 1
+        return Example(list(words), " ".join(words), offsets, tags, r.file, r.line, lines), False
+
+    def _from_text(self, r: Record, labelled: bool) -> Example:
+        key = self.cfg.text_field
+        text = r.fields[key]
+        if not isinstance(text, str) or not text.strip():
+            raise r.error(f"expected non-blank text, got {text!r}", key)
+        spans = self._spans(r, text) if labelled else []
+        offsets = split_words(text, [c for s, e, _ in spans for c in (s, e)])
+        tags = ["O"] * len(offsets)
+        starts = [s for s, _ in offsets]
+        for start, end, label in spans:
+            first = i = bisect.bisect_left(starts, start)
+            while i < len(offsets) and offsets[i][1] <= end:  # words never cross a boundary
+                tags[i] = f"{'B' if i == first else 'I'}-{label}"
+                i += 1
+        words = [text[s:e] for s, e in offsets]
+        return Example(words, text, offsets, tags if labelled else None, r.file, r.line)
+
+    def _spans(self, r: Record, text: str) -> list[tuple[int, int, str]]:
+        key = self.cfg.spans_field
+        if key not in r.fields:
+            raise r.error(f"missing; fields present: {', '.join(map(str, r.fields))}", key)
+        raw = r.fields[key]
+        if not isinstance(raw, list):
+            raise r.error(f"expected a list of {{start, end, label}}, got {raw!r}", key)
+        spans = []
+        for i, s in enumerate(raw):
+            if not (isinstance(s, dict) and {"start", "end", "label"} <= set(s)) or not all(
+                isinstance(s[k], int) and not isinstance(s[k], bool) for k in ("start", "end")
+            ):
+                raise r.error(f"span {i}: expected {{start: int, end: int, label}}, got {s!r}", key)
+            start, end, label = s["start"], s["end"], s["label"]
+            if not 0 <= start < end <= len(text) or not text[start:end].strip():
+                raise r.error(
+                    f"span {i}: [{start}, {end}) is empty, blank or outside the text "
+                    f"({len(text)} characters)",
+                    key,
+                )
+            if not isinstance(label, str) or not re.fullmatch(r"\S+", label):
+                raise r.error(f"span {i}: label must be a non-blank word, got {label!r}", key)
+            spans.append((start, end, label))
+        spans.sort()
+        for (s1, e1, _), (s2, e2, _) in zip(spans, spans[1:]):
+            if s2 < e1:
+                raise r.error(f"spans [{s1}, {e1}) and [{s2}, {e2}) overlap", key)
+        return spans
+
+    def fit(self, train: list[Example]) -> None:
+        """Tag set = O plus B-/I- of every entity type in the training data."""
+        kinds = {t[2:] for ex in train for t in ex.tags or [] if t != "O"}
+        if not kinds:
+            raise DataError(train[0].file, "no entities in the training data (every tag is O)")
+        self.labels = ["O"] + [f"{p}-{k}" for k in sorted(kinds) for p in "BI"]
+
+    def check(self, examples: list[Example]) -> None:
+        known = set(self.types)
+        for ex in examples:
+            for i, tag in enumerate(ex.tags or []):
+                if tag != "O" and tag[2:] not in known:
+                    raise DataError(
+                        ex.file,
+                        f"entity type {tag[2:]!r} does not occur in the training data "
+                        f"(known: {', '.join(self.types)})",
+                        ex.word_line(i),
+                    )
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": self.labels}
+
+    def examples_from_texts(self, texts: list[str]) -> list[Example]:
+        out = []
+        for i, text in enumerate(texts, start=1):
+            offsets = split_words(text)
+            if not offsets:
+                raise DataError("<input>", f"text {i} has no words: {text!r}", i)
+            out.append(Example([text[s:e] for s, e in offsets], text, offsets, None, "<input>", i))
+        return out
+
+    # ------------------------------------------------------------------ features
+    def encode(self, examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
+        """One feature per window; also records each example's windows for merging."""
+        if not examples:
+            return []
+        cfg = self.cfg
+        enc = tokenizer([ex.words for ex in examples], is_split_into_words=True)
+        budget = cfg.max_length - tokenizer.num_special_tokens_to_add(pair=False)
+        per_example: list[list[dict[str, Any]]] = [[] for _ in examples]
+        long_windows = []  # (example index, start, end, own_start, own_end)
+        for i, ex in enumerate(examples):
+            ex.windows = []
+            if len(enc["input_ids"][i]) <= cfg.max_length:
+                per_example[i].append(self._feature(ex, enc, i, 0, 0, len(ex.words)))
+                continue
+            counts = [0] * len(ex.words)
+            for w in enc.word_ids(i):
+                if w is not None:
+                    counts[w] += 1
+            spans = word_windows(counts, budget, cfg.stride)
+            # Overlapping words belong to the window where they are furthest from an edge.
+            bounds = [0] + [(a + e + 1) // 2 for (_, e), (a, _) in zip(spans, spans[1:])]
+            bounds.append(len(ex.words))
+            long_windows += [(i, a, e, bounds[k], bounds[k + 1]) for k, (a, e) in enumerate(spans)]
+        if long_windows:
+            wenc = tokenizer(
+                [examples[i].words[a:e] for i, a, e, _, _ in long_windows],
+                is_split_into_words=True,
+                truncation=True,
+                max_length=cfg.max_length,
+            )
+            for j, (i, a, _, own_start, own_end) in enumerate(long_windows):
+                per_example[i].append(self._feature(examples[i], wenc, j, a, own_start, own_end))
+        return [f for feats in per_example for f in feats]
+
+    def _feature(
+        self, ex: Example, enc: Any, row: int, offset: int, own_start: int, own_end: int
+    ) -> dict[str, Any]:
+        """Feature for row `row` of `enc`, whose word 0 is word `offset` of the example."""
+        index = {t: k for k, t in enumerate(self.labels)}
+        word_ids = enc.word_ids(row)
+        labels, owned = [], []
+        for pos, w in enumerate(word_ids):
+            first = w is not None and (pos == 0 or word_ids[pos - 1] != w)
+            if first and own_start <= w + offset < own_end:
+                owned.append((pos, w + offset))
+            label = IGNORE
+            if ex.tags is not None and w is not None:
+                tag = ex.tags[w + offset]
+                if first:
+                    label = index[tag]
+                elif self.cfg.label_all_subwords:
+                    label = index["I" + tag[1:] if tag.startswith("B-") else tag]
+            labels.append(label)
+        ex.windows.append(Window(owned))
+        feat: dict[str, Any] = {"input_ids": enc["input_ids"][row]}
+        if "token_type_ids" in enc:
+            feat["token_type_ids"] = enc["token_type_ids"][row]
+        if ex.tags is not None:
+            feat["labels"] = labels
+        return feat
+
+    def collator(self, tokenizer: Any) -> Collator:
+        return Collator(tokenizer.pad_token_id, {"labels": IGNORE})
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+        from transformers import AutoModelForTokenClassification
+
+        from lmadapt.models import load_model
+
+        return load_model(
+            spec,
+            AutoModelForTokenClassification,
+            trust_remote_code,
+            num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={n: i for i, n in enumerate(self.labels)},
+        )
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """The per-token linear classifier (`classifier` in BERT-likes, `score` in some LMs)."""
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        return [h for h in ("classifier", "score") if h in names]
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        # Prompt/p-tuning prepend virtual tokens, which have no labels.
+        logits = logits[:, logits.shape[1] - labels.shape[1] :]
+        labels = labels.reshape(-1)
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        if not bool((labels != IGNORE).any()):  # cross_entropy would return NaN
+            return flat.sum() * 0.0
+        return F.cross_entropy(flat, labels, ignore_index=IGNORE)
+
+    # ------------------------------------------------------------------ outputs
+    def word_logits(self, logits: list[np.ndarray], examples: list[Example]) -> list[np.ndarray]:
+        """(n_words, C) per example from the (T, C) window logits, in example order.
+
+        Words without any subword (e.g. a lone zero-width character) get a certain O.
+        """
+        if sum(len(ex.windows) for ex in examples) != len(logits):
+            raise ValueError(
+                f"{len(logits)} logit arrays for {sum(len(ex.windows) for ex in examples)} "
+                "windows: the examples were not encoded by this task"
+            )
+        out, k = [], 0
+        for ex in examples:
+            rows = np.full((len(ex.words), len(self.labels)), -np.inf, dtype=np.float32)
+            rows[:, 0] = 0.0  # label 0 is O
+            for window in ex.windows:
+                for pos, w in window.owned:
+                    rows[w] = logits[k][pos]
+                k += 1
+            out.append(rows)
+        return out
+
+    def predicted_tags(self, logits: list[np.ndarray], examples: list[Example]) -> list[list[str]]:
+        return [[self.labels[i] for i in w.argmax(-1)] for w in self.word_logits(logits, examples)]
+
+    def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
+        pred = self.predicted_tags(logits, examples)
+        gold = [ex.tags or [] for ex in examples]
+        return sequence_metrics(gold, pred, self.labels, self.cfg.strict)
+
+    def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
+        """Entities with type, text, character offsets into `text`, and a confidence score.
+
+        The score is the mean over the entity's words of the top softmax probability.
+        """
+        out = []
+        for ex, rows in zip(examples, self.word_logits(logits, examples)):
+            probs = _softmax(rows)
+            tags = [self.labels[i] for i in probs.argmax(-1)]
+            top = probs.max(-1)
+            found = []
+            for kind, s, e in entities(tags, self.cfg.strict):
+                start, end = ex.offsets[s][0], ex.offsets[e - 1][1]
+                found.append(
+                    {
+                        "type": kind,
+                        "text": ex.text[start:end],
+                        "start": start,
+                        "end": end,
+                        "score": round(float(top[s:e].mean()), 6),
+                    }
+                )
+            out.append({"text": ex.text, "entities": found, "tokens": ex.words, "tags": tags})
+        return out
+
+    def report(self, evaluation: Evaluation) -> str:
+        d = evaluation.details
+        mode = "strict IOB2" if self.cfg.strict else "conlleval (lenient)"
+        rows = [
+            [k, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
+            for k, v in d["per_type"].items()
+        ]
+        m = evaluation.metrics
+        rows.append(
+            [
+                "**micro**",
+                f"{m['precision']:.4f}",
+                f"{m['recall']:.4f}",
+                f"{m['f1']:.4f}",
+                sum(v["support"] for v in d["per_type"].values()),
+            ]
+        )
+        rows.append(["**macro**", "", "", f"{m['macro_f1']:.4f}", ""])
+        parts = [
+            f"### Entities per type (seqeval, {mode} mode)\n\n"
+            + M._table(["type", "precision", "recall", "f1", "support"], rows),
+            "### Tag confusion matrix, per word (rows: gold, columns: predicted)\n\n"
+            + M._table(
+                ["gold \\ pred", *d["labels"]],
+                [[f"**{g}**", *row] for g, row in zip(d["labels"], d["confusion_matrix"])],
+            ),
+        ]
+        return "\n\n".join(parts)
+
+    def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
+        d = evaluation.details
+        f1_path = out_dir / f"{prefix}entity_f1.png"
+        plots.bars(
+            list(d["per_type"]),
+            [v["f1"] for v in d["per_type"].values()],
+            f1_path,
+            title=f"{prefix}entity F1 per type",
+            ylabel="F1",
+        )
+        cm_path = out_dir / f"{prefix}tag_confusion_matrix.png"
+        plots.confusion_matrix(
+            np.array(d["confusion_matrix"]),
+            d["labels"],
+            cm_path,
+            title=f"{prefix}tag confusion matrix",
+        )
+        return [f1_path, cm_path]
+
+
+def sequence_metrics(
+    gold: list[list[str]], pred: list[list[str]], labels: list[str], strict: bool = False
+) -> Evaluation:
+    """Entity precision/recall/F1 (seqeval micro, macro, per type) and word-level accuracy."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    types = sorted({t[2:] for t in labels if t != "O"})
+    per_type = {k: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for k in types}
+    micro = {"precision": 0.0, "recall": 0.0, "f1-score": 0.0}
+    macro = 0.0
+    if any(t != "O" for seq in gold + pred for t in seq):  # seqeval divides by zero otherwise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rep = classification_report(
+                gold,
+                pred,
+                output_dict=True,
+                zero_division=0,
+                mode="strict" if strict else None,
+                scheme=IOB2 if strict else None,
+            )
+        micro, macro = rep["micro avg"], rep["macro avg"]["f1-score"]
+        for k, v in rep.items():
+            if not k.endswith(" avg"):
+                per_type[k] = {
+                    "precision": float(v["precision"]),
+                    "recall": float(v["recall"]),
+                    "f1": float(v["f1-score"]),
+                    "support": int(v["support"]),
+                }
+    flat_gold = [t for seq in gold for t in seq]
+    flat_pred = [t for seq in pred for t in seq]
+    index = {t: i for i, t in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=int)
+    for g, p in zip(flat_gold, flat_pred):
+        cm[index[g], index[p]] += 1
+    metrics = {
+        "f1": float(micro["f1-score"]),
+        "precision": float(micro["precision"]),
+        "recall": float(micro["recall"]),
+        "macro_f1": float(macro),
+        "accuracy": float(np.mean([g == p for g, p in zip(flat_gold, flat_pred)]))
+        if flat_gold
+        else 0.0,
+    }
+    details = {"per_type": per_type, "labels": labels, "confusion_matrix": cm.tolist()}
+    return Evaluation(metrics, details)
