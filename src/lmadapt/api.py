@@ -195,7 +195,8 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
         images += task.plots(ev, plot_dir, f"{split}_")
     summary = {
         "model": f"{spec.name} (`{spec.path}`)",
-        "task": f"{task.kind} ({getattr(config.task, 'problem', '')})",
+        "task": task.kind
+        + (f" ({config.task.problem})" if getattr(config.task, "problem", None) else ""),
         "method": config.method.name,
         "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
         "training": f"{result.state.step} steps, {len(data.train):,} examples, "
