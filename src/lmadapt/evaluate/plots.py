@@ -67,3 +67,32 @@ def bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     _save(fig, path)
+
+
+def heatmap(
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: Path,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+) -> None:
+    """Annotated heatmap of a real matrix; NaN cells (e.g. tasks not seen yet) stay blank."""
+    rows, cols = matrix.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * cols, 1.0 + 0.6 * rows))
+    masked = np.ma.masked_invalid(matrix)
+    image = ax.imshow(masked, cmap="viridis", vmin=np.nanmin(matrix), vmax=np.nanmax(matrix))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(cols), col_labels, rotation=30, ha="right")
+    ax.set_yticks(range(rows), row_labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    mid = (np.nanmin(matrix) + np.nanmax(matrix)) / 2
+    for i in range(rows):
+        for j in range(cols):
+            if not np.isnan(matrix[i, j]):
+                color = "black" if matrix[i, j] > mid else "white"
+                ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", color=color)
+    ax.set_title(title)
+    _save(fig, path)

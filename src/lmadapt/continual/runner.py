@@ -1,0 +1,388 @@
+"""Train a stream of tasks with one strategy and measure what is remembered.
+
+After each step i every task j seen so far is scored on its dev set: R[i][j] (the task's default
+metric: accuracy for classification, entity F1 for NER). From R: average accuracy, backward
+transfer and forgetting (see `metrics.py`). Writes `continual.json`, `report.md` and a heatmap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmadapt.config import to_dict
+from lmadapt.continual.config import ContinualConfig, StreamEntry, load_continual_config
+from lmadapt.continual.metrics import (
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    forgetting,
+)
+from lmadapt.continual.model import MultiTaskModel
+from lmadapt.continual.strategies import Strategy, build_strategy
+from lmadapt.errors import ConfigError
+from lmadapt.evaluate import plots
+from lmadapt.evaluate.metrics import _table
+from lmadapt.inference import batched_logits
+from lmadapt.io import write_json, write_text, write_yaml
+from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
+from lmadapt.tasks import Evaluation, build_task
+from lmadapt.train.loop import Trainer, peak_rss_mb, seed_everything
+
+
+@dataclass
+class TaskSlot:
+    """One task of the stream: its task object, head, evaluation data and current training data."""
+
+    name: str
+    task: Any
+    collator: Any
+    dev: list[Any]
+    dev_features: list[dict[str, Any]]
+    test: list[Any] = field(default_factory=list)
+    test_features: list[dict[str, Any]] = field(default_factory=list)
+    train: list[Any] = field(default_factory=list)
+    train_features: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return self.task.default_metric
+
+
+class Learner:
+    """The shared multi-head model, the tasks seen so far, and which one is active."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tokenizer: Any,
+        spec: ModelSpec,
+        strategy: Strategy,
+        seed: int,
+        eval_batch_size: int,
+        trust_remote_code: bool = False,
+    ):
+        self.model, self.tokenizer, self.spec, self.strategy = model, tokenizer, spec, strategy
+        self.seed, self.eval_batch_size = seed, eval_batch_size
+        self.trust_remote_code = trust_remote_code
+        self.slots: dict[str, TaskSlot] = {}
+        self.seen: list[str] = []
+        """Task names in order of first appearance (the columns of R)."""
+
+    def activate(self, name: str) -> None:
+        self.model.active = name
+        self.strategy.on_activate(self, name)
+
+    def load(self, entry: StreamEntry, index: int) -> TaskSlot:
+        """Read and encode an entry's data; a new task also gets its head."""
+        d = entry.data
+        if entry.name in self.slots:
+            slot = self.slots[entry.name]
+            train = slot.task.read(d.train, d.format)
+            slot.task.check(train)
+        else:
+            task = build_task(entry.task)
+            train = task.read(d.train, d.format)
+            dev = task.read(d.dev, d.format)[: d.max_eval_samples]
+            test = task.read(d.test, d.format)[: d.max_eval_samples] if d.test else []
+            task.fit(train[: d.max_train_samples])
+            task.check(dev)
+            task.check(test)
+            if task.kind not in self.spec.tasks:
+                raise ConfigError(
+                    f"stream[{index}].task.type",
+                    f"{self.spec.name} does not suit '{task.kind}'; it suits "
+                    f"{', '.join(self.spec.tasks)}",
+                )
+            seed_everything(self.seed)  # head init independent of the stream so far
+            self.model.add_task(entry.name, task.build_model(self.spec, self.trust_remote_code))
+            slot = TaskSlot(
+                entry.name,
+                task,
+                task.collator(self.tokenizer),
+                dev,
+                task.encode(dev, self.tokenizer),
+                test,
+                task.encode(test, self.tokenizer),
+            )
+            self.slots[entry.name] = slot
+            self.seen.append(entry.name)
+        slot.train = train[: d.max_train_samples]
+        slot.train_features = slot.task.encode(slot.train, self.tokenizer)
+        return slot
+
+    def evaluate(self, name: str, split: str = "dev") -> tuple[Evaluation, list[np.ndarray]]:
+        """The task's metrics through its own head (and adapter), with the raw logits."""
+        slot = self.slots[name]
+        self.activate(name)
+        logits, loss = batched_logits(
+            self.model,
+            getattr(slot, f"{split}_features"),
+            slot.collator,
+            self.eval_batch_size,
+            loss_fn=slot.task.loss,
+            per_token=getattr(slot.task, "per_token", False),
+        )
+        ev = slot.task.evaluate(logits, getattr(slot, split))
+        if loss is not None:
+            ev.metrics["loss"] = loss
+        return ev, logits
+
+
+def _output_dir(config: ContinualConfig) -> Path:
+    out = Path(config.output_dir)
+    if out.exists():
+        if not config.overwrite:
+            raise ConfigError(
+                "output_dir", f"{out} already exists; pass overwrite=true to replace it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def _config_dict(config: ContinualConfig) -> dict[str, Any]:
+    """The config as YAML that `lmadapt continual` reads back (repeated entries without task)."""
+    stream = []
+    for e in config.stream:
+        row: dict[str, Any] = {"name": e.name}
+        if e.first:
+            row["task"] = to_dict(e.task)
+        row["data"] = to_dict(e.data)
+        row["train"] = to_dict(e.train)
+        stream.append(row)
+    return {
+        "model": config.model,
+        "strategy": to_dict(config.strategy),
+        "output_dir": config.output_dir,
+        "trust_remote_code": config.trust_remote_code,
+        "stream": stream,
+    }
+
+
+def run_continual(
+    config: ContinualConfig | str | Path, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Train the stream with the configured strategy; returns `continual.json`'s content."""
+    from transformers import AutoModel
+
+    if not isinstance(config, ContinualConfig):
+        config = load_continual_config(config, overrides)
+    out = _output_dir(config)
+    write_yaml(out / "config.yaml", _config_dict(config))
+    first = config.stream[0].train
+    torch.set_num_threads(first.threads or max(1, os.cpu_count() or 1))
+    seed_everything(config.seed)
+    spec = resolve_model(config.model)
+    tokenizer = load_tokenizer(spec, config.trust_remote_code)
+    backbone = load_model(spec, AutoModel, config.trust_remote_code)
+    strategy = build_strategy(config.strategy)
+    learner = Learner(
+        MultiTaskModel(backbone),
+        tokenizer,
+        spec,
+        strategy,
+        config.seed,
+        first.eval_batch_size,
+        config.trust_remote_code,
+    )
+
+    t_start = time.perf_counter()
+    rows: list[dict[str, float]] = []
+    steps: list[dict[str, Any]] = []
+    trained_at: dict[str, int] = {}
+    frozen: dict[str, list[np.ndarray]] = {}
+    for i, entry in enumerate(config.stream):
+        slot = learner.load(entry, i)
+        learner.activate(entry.name)
+        strategy.before_task(learner, slot)
+        run_dir = out / "steps" / f"{i:02d}-{entry.name}"
+        run_dir.mkdir(parents=True)
+        seed_everything(entry.train.seed + i)
+        trainer = Trainer(
+            learner.model,
+            slot.task,
+            slot.train_features,
+            slot.collator,
+            entry.train,
+            entry.train.lr or config.strategy.lr,
+            run_dir,
+            dev_features=slot.dev_features,
+            dev_examples=slot.dev,
+            hooks=[strategy],
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the best is loaded already
+        strategy.after_task(learner, slot)
+        seconds = time.perf_counter() - t0
+        trained_at[entry.name] = i
+        row = {}
+        for name in learner.seen:
+            ev, logits = learner.evaluate(name)
+            row[name] = ev.metrics[learner.slots[name].metric]
+            if strategy.frozen_past and name != entry.name and name in frozen:
+                same = all(np.array_equal(a, b) for a, b in zip(frozen[name], logits))
+                if not same:
+                    raise RuntimeError(
+                        f"strategy {config.strategy.name}: predictions of earlier task "
+                        f"'{name}' changed while training '{entry.name}'"
+                    )
+            if name == entry.name:
+                frozen[name] = logits
+        rows.append(row)
+        steps.append(
+            {
+                "step": i,
+                "task": entry.name,
+                "train_file": entry.data.train,
+                "train_samples": len(slot.train),
+                "optimizer_steps": result.state.step,
+                "best_step": result.state.best_step,
+                "seconds": round(seconds, 2),
+                "dev": row,
+            }
+        )
+
+    names = learner.seen
+    R = np.array([[row.get(n, np.nan) for n in names] for row in rows], dtype=float)
+    at = [trained_at[n] for n in names]
+    forget = forgetting(R, at)
+    test = {n: learner.evaluate(n, "test")[0].metrics for n in names if learner.slots[n].test}
+    summary = {
+        "strategy": config.strategy.name,
+        "strategy_config": to_dict(config.strategy),
+        "model": spec.name,
+        "tasks": names,
+        "metrics": {n: learner.slots[n].metric for n in names},
+        "matrix": [[None if np.isnan(v) else round(float(v), 6) for v in r] for r in R],
+        "average_accuracy": round(average_accuracy(R), 6),
+        "bwt": round(backward_transfer(R, at), 6),
+        "forgetting": {n: None if f is None else round(f, 6) for n, f in zip(names, forget)},
+        "average_forgetting": round(average_forgetting(R, at), 6),
+        "steps": steps,
+        "test": test,
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "output_dir": str(out),
+    }
+    plots.heatmap(
+        R,
+        [f"{s['step']}: {s['task']}" for s in steps],
+        [f"{n} ({learner.slots[n].metric})" for n in names],
+        out / "plots" / "accuracy_matrix.png",
+        title=f"R[i][j], strategy {config.strategy.name}",
+        xlabel="evaluated task j",
+        ylabel="after training step i",
+    )
+    _write_report(out, summary)
+    write_json(out / "continual.json", summary)
+    return summary
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def _write_report(out: Path, s: dict[str, Any]) -> None:
+    names = s["tasks"]
+    matrix = _table(
+        ["after step \\ task", *[f"{n} ({s['metrics'][n]})" for n in names]],
+        [
+            [f"{st['step']}: {st['task']}", *[_fmt(v) for v in r]]
+            for st, r in zip(s["steps"], s["matrix"])
+        ],
+    )
+    summary = _table(
+        ["measure", "value"],
+        [
+            ["average accuracy (ACC)", _fmt(s["average_accuracy"])],
+            ["backward transfer (BWT)", _fmt(s["bwt"])],
+            ["average forgetting", _fmt(s["average_forgetting"])],
+            *[[f"forgetting: {n}", _fmt(f)] for n, f in s["forgetting"].items()],
+        ],
+    )
+    timing = _table(
+        ["step", "task", "train rows", "optimizer steps", "seconds"],
+        [
+            [st["step"], st["task"], st["train_samples"], st["optimizer_steps"], st["seconds"]]
+            for st in s["steps"]
+        ],
+    )
+    lines = [
+        f"# Continual learning: strategy `{s['strategy']}`",
+        "",
+        f"- **model**: {s['model']}, one head per task (task-incremental)",
+        f"- **strategy**: {s['strategy_config']}",
+        f"- **wall time**: {s['wall_seconds']:.1f}s, peak RSS {s['peak_rss_mb']:.0f} MB",
+        "",
+        "## Accuracy matrix R[i][j] (dev metric of task j after training step i)",
+        "",
+        matrix,
+        "",
+        "## Summary",
+        "",
+        "ACC = mean of the last row; BWT = mean over earlier tasks of R[last][j] - R[t_j][j] "
+        "(Lopez-Paz & Ranzato 2017); forgetting = max earlier R[l][j] - R[last][j] "
+        "(Chaudhry et al. 2018).",
+        "",
+        summary,
+        "",
+        "## Steps",
+        "",
+        timing,
+        "",
+        "![accuracy matrix](plots/accuracy_matrix.png)",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        f"lmadapt continual {out / 'config.yaml'} overwrite=true",
+        "```",
+        "",
+    ]
+    write_text(out / "report.md", "\n".join(lines))
+
+
+def run_continual_many(
+    config: str | Path, strategies: list[str], overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """One run per strategy on the same stream and seed, under `output_dir/<strategy>`, plus a
+    side-by-side `summary.md` / `summary.json` in `output_dir`."""
+    base = Path(load_continual_config(config, overrides).output_dir)
+    results = {}
+    for name in strategies:
+        over = [*(overrides or []), f"strategy={name}", f"output_dir={base / name}"]
+        results[name] = run_continual(config, over)
+    rows = [
+        [
+            name,
+            _fmt(r["average_accuracy"]),
+            _fmt(r["bwt"]),
+            _fmt(r["average_forgetting"]),
+            *[_fmt(v) for v in r["matrix"][-1]],
+            f"{r['wall_seconds']:.0f}",
+        ]
+        for name, r in results.items()
+    ]
+    tasks = next(iter(results.values()))["tasks"] if results else []
+    table = _table(
+        ["strategy", "ACC", "BWT", "forgetting", *[f"final {t}" for t in tasks], "seconds"], rows
+    )
+    write_text(base / "summary.md", f"# Continual learning: strategies side by side\n\n{table}\n")
+    summary = {
+        "output_dir": str(base),
+        "runs": {
+            n: {k: r[k] for k in ("average_accuracy", "bwt", "average_forgetting", "matrix")}
+            for n, r in results.items()
+        },
+    }
+    write_json(base / "summary.json", summary)
+    return summary

@@ -1,0 +1,51 @@
+"""L2 toward the previous task's weights: λ/2 Σ (θ - θ*)², the unweighted form of EWC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmadapt.continual.strategies import STRATEGIES
+from lmadapt.continual.strategies.base import (
+    QuadraticAnchor,
+    Strategy,
+    StrategyConfig,
+    trainable_named,
+)
+from lmadapt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmadapt.continual.runner import Learner, TaskSlot
+
+
+@dataclass
+class L2Config(StrategyConfig):
+    name: str = "l2"
+    strength: float = 0.05
+    """λ: weight of the squared distance to the weights after the previous task."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strength < 0:
+            raise ConfigError("strategy.strength", f"must be >= 0, got {self.strength}")
+
+
+@STRATEGIES.register("l2", L2Config)
+class L2(Strategy):
+    """Penalty λ/2·Σ(θ-θ*)² toward the weights left by the previous task."""
+
+    def __init__(self, cfg: L2Config):
+        super().__init__(cfg)
+        self.anchor = QuadraticAnchor()
+
+    def after_task(self, learner: Learner, slot: TaskSlot) -> None:
+        self.anchor.set(trainable_named(learner.model))
+
+    def penalty(self) -> torch.Tensor | None:
+        total = self.anchor()
+        return None if total is None else 0.5 * self.cfg.strength * total
+
+    def loss_term(self, model: torch.nn.Module, batch: Any, outputs: Any) -> torch.Tensor | None:
+        return self.penalty()

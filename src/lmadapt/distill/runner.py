@@ -1,0 +1,267 @@
+"""`lmadapt distill`: teacher distributions once, student trained in the one loop, then a report
+comparing teacher and student (metric, parameters, inference sentences/s, speed-up).
+
+The output directory is also a normal run directory of the student (`lmadapt eval/predict`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from lmadapt.config import RunConfig, apply_overrides, build_run_config, from_dict, to_dict
+from lmadapt.continual.model import model_kwargs
+from lmadapt.distill.loss import DistillationTask
+from lmadapt.distill.student import keep_first_layers
+from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
+from lmadapt.errors import ConfigError
+from lmadapt.evaluate.metrics import _table
+from lmadapt.evaluate.report import evaluation_section, training_curves, write_report
+from lmadapt.inference import batched_logits
+from lmadapt.io import atomic_dir, write_json, write_yaml
+from lmadapt.methods import build_method, count_parameters
+from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.tasks import build_task
+from lmadapt.train.loop import Trainer, seed_everything
+
+
+@dataclass
+class _Options:
+    teacher: Any
+    alpha: float = 0.5
+    """Weight of the gold-label cross-entropy; 1 - alpha goes to the teacher's soft targets."""
+    temperature: float = 2.0
+    student_layers: int | None = None
+    """Keep only the student's first k transformer blocks."""
+    use_gold_labels: bool = True
+    """False: train on the teacher's distributions only (train labels are not read)."""
+    unlabeled: str | None = None
+    """Extra unlabelled file (same text column): teacher soft targets only."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if self.student_layers is not None and self.student_layers < 1:
+            raise ConfigError("student_layers", f"must be >= 1, got {self.student_layers}")
+
+
+@dataclass
+class DistillConfig:
+    student: RunConfig
+    """The student's run: model, task, method, data, train, output_dir."""
+    options: _Options
+
+
+def build_distill_config(data: dict[str, Any]) -> DistillConfig:
+    from lmadapt.config import parse_section
+
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"expected a mapping, got {data!r}")
+    data = dict(data)
+    raw = {k: data.pop(k) for k in list(data) if k in _Options.__dataclass_fields__}
+    if "teacher" not in raw:
+        raise ConfigError("teacher", "is required: {type: run, run_dir: ...} or {type: prompt}")
+    raw["teacher"] = parse_section(TEACHERS, "type", raw["teacher"], "teacher")
+    options = from_dict(_Options, raw)
+    return DistillConfig(build_run_config(data), options)
+
+
+def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<file>", "config file not found", source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        config = build_distill_config(apply_overrides(raw, overrides or []))
+    except yaml.YAMLError as e:
+        raise ConfigError("<yaml>", f"not valid YAML: {e}", source=str(path)) from None
+    except ConfigError as e:
+        if e.source is None:
+            raise ConfigError(e.field, e.message, source=str(path)) from None
+        raise
+    d, o = config.student.data, config.options
+    for obj, name in [(d, "train"), (d, "dev"), (d, "test"), (o, "unlabeled")]:
+        value = getattr(obj, name)
+        if value and not Path(value).exists() and (path.parent / value).exists():
+            setattr(obj, name, str(path.parent / value))
+    return config
+
+
+class InputsOnly(torch.nn.Module):
+    """Feeds the model its inputs only: batches also carry cached teacher log-probabilities."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**model_kwargs(inputs))
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def run_distill(
+    config: DistillConfig | str | Path, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Distil the configured teacher into the student; returns the run's metrics.json content."""
+    if not isinstance(config, DistillConfig):
+        config = load_distill_config(config, overrides)
+    run, opt = config.student, config.options
+    out = Path(run.output_dir)
+    if out.exists():
+        if not run.overwrite:
+            raise ConfigError("output_dir", f"{out} already exists; pass overwrite=true")
+        shutil.rmtree(out)
+    torch.set_num_threads(run.train.threads or max(1, os.cpu_count() or 1))
+    seed_everything(run.train.seed)
+    teacher: Teacher = build_teacher(opt.teacher)
+
+    # ---- data: the student's task, with the teacher's label set
+    task = build_task(run.task, {"labels": teacher.labels})
+    if task.kind != "classification" or run.task.problem != "single_label":
+        raise ConfigError("task", "distillation supports single-label classification students")
+    d = run.data
+    if not d.train or not d.dev:
+        raise ConfigError("data.dev" if d.train else "data.train", "is required")
+    train = task.read(d.train, d.format, labelled=opt.use_gold_labels)[: d.max_train_samples]
+    dev = task.read(d.dev, d.format)[: d.max_eval_samples]
+    test = task.read(d.test, d.format)[: d.max_eval_samples] if d.test else []
+    extra = task.read(opt.unlabeled, d.format, labelled=False) if opt.unlabeled else []
+    for split in (train if opt.use_gold_labels else [], dev, test):
+        task.check(split)
+
+    # ---- teacher: one call for every training row, cached in the features
+    rows = train + extra
+    probs = teacher.label_distribution(rows)
+    if probs.shape != (len(rows), len(teacher.labels)):
+        raise RuntimeError(f"teacher returned shape {probs.shape} for {len(rows)} examples")
+    spec = resolve_model(run.model)
+    tokenizer = load_tokenizer(spec, run.trust_remote_code)
+    feats = task.encode(rows, tokenizer)
+    log_probs = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)  # softmax(log p / T) = p_T
+    for f, lp in zip(feats, log_probs):
+        f.setdefault("labels", -100)
+        f["teacher_logits"] = lp.tolist()
+    collate = task.collator(tokenizer)
+    dev_feats = task.encode(dev, tokenizer)
+
+    # ---- student
+    seed_everything(run.train.seed)
+    model = task.build_model(spec, run.trust_remote_code)
+    out.mkdir(parents=True)
+    if opt.student_layers:
+        keep_first_layers(model, opt.student_layers)
+        base = out / "student_base"
+        model.save_pretrained(base, safe_serialization=True)
+        tokenizer.save_pretrained(base)
+        run.model = str(base)  # the run dir then reloads the truncated base (peft methods too)
+        spec = resolve_model(run.model)
+    method = build_method(run.method)
+    model = method.apply(model, task)
+    trainable, total = count_parameters(model)
+    write_yaml(out / "config.yaml", run.to_dict())
+    write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})
+    write_json(
+        out / "run.json",
+        {
+            "lmadapt_run": 1,
+            "model": {"name": spec.name, "path": spec.path, "gguf_file": None, "kind": spec.kind},
+            "method": run.method.name,
+            "task": task.state(),
+        },
+    )
+    trainer = Trainer(
+        InputsOnly(model),
+        DistillationTask(task, opt.alpha, opt.temperature),
+        feats,
+        collate,
+        run.train,
+        run.train.lr or run.method.lr,
+        out,
+        dev_features=dev_feats,
+        dev_examples=dev,
+    )
+    result = trainer.fit()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    with atomic_dir(out / "model") as tmp:
+        method.save(model, tmp)
+        tokenizer.save_pretrained(tmp)
+
+    # ---- teacher vs student on dev: metric and inference speed (tokenisation included)
+    def student_logits(examples: list[Any]) -> list[np.ndarray]:
+        fs = task.encode(examples, tokenizer)
+        return batched_logits(model, fs, collate, run.train.eval_batch_size)[0]
+
+    s_logits, s_sec = _timed(student_logits, dev)
+    t_probs, t_sec = _timed(teacher.label_distribution, dev)
+    s_ev = task.evaluate(s_logits, dev)
+    t_ev = task.evaluate(list(np.log(np.clip(t_probs, 1e-12, 1.0))), dev)
+    metric = task.default_metric
+    s_rate, t_rate = len(dev) / s_sec, len(dev) / t_sec
+    test_ev = task.evaluate(student_logits(test), test) if test else None
+    metrics = {
+        "run_dir": str(out),
+        "teacher": teacher.name,
+        "alpha": opt.alpha,
+        "temperature": opt.temperature,
+        "student_layers": opt.student_layers,
+        "use_gold_labels": opt.use_gold_labels,
+        "train_samples": len(train),
+        "unlabeled_samples": len(extra),
+        "steps": result.state.step,
+        "train_seconds": round(result.state.train_seconds, 2),
+        "metric": metric,
+        "teacher_dev": t_ev.metrics,
+        "dev": s_ev.metrics,
+        **({"test": test_ev.metrics} if test_ev else {}),
+        "teacher_params": teacher.num_parameters,
+        "student_params": total,
+        "student_trainable_params": trainable,
+        "teacher_sentences_per_second": round(t_rate, 1),
+        "student_sentences_per_second": round(s_rate, 1),
+        "speedup": round(s_rate / t_rate, 2),
+    }
+    comparison = _table(
+        ["", f"dev {metric}", "parameters", "sentences/s (dev, 2 decimals)"],
+        [
+            [
+                "teacher",
+                f"{t_ev.metrics[metric]:.4f}",
+                f"{teacher.num_parameters:,}",
+                f"{t_rate:.2f}",
+            ],
+            ["student", f"{s_ev.metrics[metric]:.4f}", f"{total:,}", f"{s_rate:.2f}"],
+        ],
+    )
+    summary = {
+        "teacher": teacher.name,
+        "student": f"{run.model} ({opt.student_layers or 'all'} layers), method "
+        f"{run.method.name}, {trainable:,} of {total:,} parameters trained",
+        "loss": f"{opt.alpha}·CE + {1 - opt.alpha:g}·T²·KL, T = {opt.temperature} "
+        f"(Hinton et al. 2015); gold labels {'used' if opt.use_gold_labels else 'not used'}",
+        "training": f"{result.state.step} steps, {len(rows):,} rows "
+        f"({len(extra):,} unlabelled), {result.state.train_seconds:.1f}s",
+        "speed-up": f"{s_rate / t_rate:.2f}x sentences/s over the teacher",
+    }
+    images = training_curves(result.state.history, trainer.metric, out / "plots")
+    sections = ["## Teacher vs student\n\n" + comparison]
+    sections.append(evaluation_section("Student on dev", s_ev, task))
+    if test_ev:
+        sections.append(evaluation_section("Student on test", test_ev, task))
+    write_report(out, summary, sections, images)
+    write_json(out / "metrics.json", metrics)
+    return metrics

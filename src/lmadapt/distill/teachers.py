@@ -1,0 +1,105 @@
+"""Teachers: anything that gives a label distribution per example.
+
+A teacher is a small protocol, so a fine-tuned run, a prompted LLM or a test double plug in the
+same way. Its distributions are computed once per data split and cached in the features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from lmadapt.errors import ConfigError
+from lmadapt.registry import Registry
+
+TEACHERS: Registry = Registry("teacher")
+
+
+class Teacher(Protocol):
+    labels: list[str]
+    """Label names, in the order of the distribution's columns."""
+    num_parameters: int
+    name: str
+
+    def label_distribution(self, examples: list[Any]) -> np.ndarray:
+        """(N, C) probabilities over `labels`, one row per example."""
+
+
+@dataclass
+class RunTeacherConfig:
+    type: str = "run"
+    run_dir: str = ""
+    """A finished `lmadapt train` run directory with a single-label classification head."""
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("teacher.run_dir", "is required")
+        if self.batch_size < 1:
+            raise ConfigError("teacher.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@TEACHERS.register("run", RunTeacherConfig)
+class RunTeacher:
+    """A fine-tuned lmadapt run: softmax of its classifier's logits."""
+
+    def __init__(self, cfg: RunTeacherConfig):
+        from lmadapt.api import load_run
+        from lmadapt.methods import count_parameters
+
+        self.cfg = cfg
+        self.run = load_run(cfg.run_dir)
+        task = self.run.task
+        if task.kind != "classification" or task.cfg.problem != "single_label":
+            raise ConfigError(
+                "teacher.run_dir",
+                f"{cfg.run_dir} is a {task.kind} run ({getattr(task.cfg, 'problem', '')}); "
+                "distillation needs a single-label classification teacher",
+            )
+        self.labels = list(task.labels)
+        self.num_parameters = count_parameters(self.run.model)[1]
+        self.name = f"run {cfg.run_dir} ({self.run.spec.name}, {self.run.config.method.name})"
+
+    def label_distribution(self, examples: list[Any]) -> np.ndarray:
+        from lmadapt.inference import batched_logits
+
+        task, tok = self.run.task, self.run.tokenizer
+        logits, _ = batched_logits(
+            self.run.model, task.encode(examples, tok), task.collator(tok), self.cfg.batch_size
+        )
+        z = np.stack(logits).astype(np.float64)  # (N, C)
+        z = np.exp(z - z.max(-1, keepdims=True))
+        return z / z.sum(-1, keepdims=True)
+
+
+@dataclass
+class PromptTeacherConfig:
+    type: str = "prompt"
+    config: str = ""
+    """An `lmadapt prompt` config (verbalizer mode): the LLM's zero/few-shot label scores."""
+
+    def __post_init__(self) -> None:
+        if not self.config:
+            raise ConfigError("teacher.config", "is required (an `lmadapt prompt` config file)")
+
+
+@TEACHERS.register("prompt", PromptTeacherConfig)
+class PromptTeacher:
+    """A prompted LLM's verbalizer label distribution: not wired up yet.
+
+    lmadapt.prompting has no entry point yet that returns per-example label probabilities for a
+    prompt config; once it does, this class calls it in `label_distribution` (the protocol above).
+    """
+
+    def __init__(self, cfg: PromptTeacherConfig):
+        raise ConfigError(
+            "teacher.type",
+            "the prompt teacher is not available yet: lmadapt.prompting exposes no per-example "
+            "label distribution for a prompt config; use teacher.type=run",
+        )
+
+
+def build_teacher(config: Any) -> Teacher:
+    return TEACHERS.get(config.type).impl(config)

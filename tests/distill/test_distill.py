@@ -1,0 +1,161 @@
+"""Distillation: loss formula, cached teacher (called once per split), truncated student."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmadapt.api import load_run, predict, train
+from lmadapt.config import build_run_config
+from lmadapt.distill import run_distill
+from lmadapt.distill import runner as distill_runner
+from lmadapt.distill.loss import DistillationTask, soft_kl
+from lmadapt.distill.runner import build_distill_config
+from lmadapt.distill.teachers import build_teacher
+from lmadapt.errors import ConfigError
+from tests.conftest import sentiment_rows, write_csv
+
+
+class _Task:
+    def loss(self, logits, batch):
+        return F.cross_entropy(logits, batch["labels"])
+
+
+def test_loss_is_hinton_mixture_and_unlabelled_rows_get_teacher_only():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    labels = torch.tensor([0, 2, -100, 1])
+    batch = {"labels": labels, "teacher_logits": t}
+    d = DistillationTask(_Task(), alpha=0.3, temperature=2.0)
+    ce = F.cross_entropy(s, labels.clamp(min=0), reduction="none")
+    kl = 4.0 * F.kl_div(F.log_softmax(s / 2, -1), F.softmax(t / 2, -1), reduction="none").sum(-1)
+    alpha = torch.tensor([0.3, 0.3, 0.0, 0.3])
+    expected = (alpha * ce + (1 - alpha) * kl).mean()
+    assert float(d.loss(s, batch)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(soft_kl(t, t, 2.0).abs().max()) < 1e-6
+    # dev batches have no teacher logits: the task's own loss
+    assert float(d.loss(s, {"labels": labels.clamp(min=0)})) == pytest.approx(
+        float(ce.mean()), rel=1e-5
+    )
+
+
+@pytest.fixture
+def teacher_run(tmp_path, run_config):
+    cfg = run_config(
+        method={"name": "full"},
+        train={"epochs": 4, "lr": 3e-3, "eval_every": None},
+        output_dir=str(tmp_path / "teacher"),
+    )
+    train(build_run_config(cfg))
+    return tmp_path / "teacher"
+
+
+def _distill_cfg(tmp_path, tiny_bert, teacher_run, sentiment_files, **over):
+    cfg = {
+        "teacher": {"type": "run", "run_dir": str(teacher_run)},
+        "model": tiny_bert,
+        "task": {"type": "classification"},
+        "method": {"name": "full"},
+        "student_layers": 1,
+        "alpha": 0.5,
+        "data": {"train": str(sentiment_files["train"]), "dev": str(sentiment_files["dev"])},
+        "train": {"epochs": 3, "batch_size": 8, "lr": 3e-3, "precision": "fp32", "threads": 1},
+        "output_dir": str(tmp_path / "student"),
+    }
+    cfg.update(over)
+    return build_distill_config(cfg)
+
+
+def _counting(monkeypatch):
+    calls: list[int] = []
+
+    def build(cfg):
+        teacher = build_teacher(cfg)
+        inner = teacher.label_distribution
+
+        def counted(examples):
+            calls.append(len(examples))
+            return inner(examples)
+
+        teacher.label_distribution = counted
+        return teacher
+
+    monkeypatch.setattr(distill_runner, "build_teacher", build)
+    return calls
+
+
+def test_cached_teacher_and_truncated_student(
+    tmp_path, tiny_bert, teacher_run, sentiment_files, monkeypatch
+):
+    calls = _counting(monkeypatch)
+    m = run_distill(_distill_cfg(tmp_path, tiny_bert, teacher_run, sentiment_files))
+    # three epochs, yet the teacher saw the training rows once (plus dev once, for the report)
+    assert calls == [64, 24]
+    assert m["steps"] == 24 and m["student_params"] < m["teacher_params"]
+    assert m["speedup"] > 0 and 0 <= m["dev"]["accuracy"] <= 1
+    out = tmp_path / "student"
+    assert "Teacher vs student" in (out / "report.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["student_layers"] == 1
+    run = load_run(out)  # the output is a normal run directory of the student
+    assert run.model.config.num_hidden_layers == 1
+    assert len(predict(run, ["the film was great"])) == 1
+
+
+def test_unlabelled_rows_and_no_gold_labels_with_lora(
+    tmp_path, tiny_bert, teacher_run, sentiment_files, monkeypatch
+):
+    calls = _counting(monkeypatch)
+    extra = write_csv(tmp_path / "extra.csv", [(t, "") for t, _ in sentiment_rows(16, seed=9)])
+    cfg = _distill_cfg(
+        tmp_path,
+        tiny_bert,
+        teacher_run,
+        sentiment_files,
+        method={"name": "lora", "r": 2},
+        student_layers=None,
+        use_gold_labels=False,
+        unlabeled=str(extra),
+    )
+    m = run_distill(cfg)
+    assert calls == [80, 24] and m["unlabeled_samples"] == 16
+    assert m["student_trainable_params"] < m["student_params"]
+    assert load_run(tmp_path / "student").config.method.name == "lora"
+
+
+def test_config_errors(tmp_path, tiny_bert, teacher_run, sentiment_files):
+    with pytest.raises(ConfigError, match="'alpha'"):
+        _distill_cfg(tmp_path, tiny_bert, teacher_run, sentiment_files, alpha=1.5)
+    with pytest.raises(ConfigError, match="'teacher'"):
+        build_distill_config({"task": "classification", "data": {"train": "x.csv"}})
+    cfg = _distill_cfg(tmp_path, tiny_bert, teacher_run, sentiment_files, student_layers=5)
+    with pytest.raises(ConfigError, match="student_layers"):
+        run_distill(cfg)
+    cfg = _distill_cfg(
+        tmp_path,
+        tiny_bert,
+        teacher_run,
+        sentiment_files,
+        teacher={"type": "prompt", "config": "p.yaml"},
+        output_dir=str(tmp_path / "p"),
+    )
+    with pytest.raises(ConfigError, match="teacher.type"):
+        run_distill(cfg)
+
+
+def test_label_distribution_rows_sum_to_one(teacher_run, sentiment_files):
+    teacher = build_teacher(
+        build_distill_config(
+            {
+                "teacher": {"type": "run", "run_dir": str(teacher_run)},
+                "task": "classification",
+                "data": {"train": "x.csv"},
+            }
+        ).options.teacher
+    )
+    examples = load_run(teacher_run).task.examples_from_texts(["good film", "bad plot"])
+    p = teacher.label_distribution(examples)
+    assert p.shape == (2, 2) and np.allclose(p.sum(-1), 1)
