@@ -1,0 +1,185 @@
+"""AdaLoRA (Zhang et al., 2023, arXiv:2303.10512) through peft: SVD-shaped LoRA, P·Λ·Q, whose
+rank budget is pruned during training by an importance score, from init_r down to target_r.
+
+peft leaves two things to the training loop, done here with trainer hooks: the budget schedule
+(`update_and_allocate` after each optimizer step, with that step's gradients) and the orthogonal
+regulariser on P and Q (peft adds it only to a loss computed from `labels`, which we never pass).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmadapt.config import ConfigError
+from lmadapt.methods import METHODS
+from lmadapt.methods.base import MethodConfig, PeftMethod
+from lmadapt.models import ModelSpec
+from lmadapt.train.loop import Hook
+
+ADAPTER = "default"
+
+
+@dataclass
+class AdaLoraMethodConfig(MethodConfig):
+    name: str = "adalora"
+    lr: float = 1e-3
+    """The paper uses 5e-4 to 1e-3 on GLUE; the singular values start at zero, as LoRA's B."""
+    init_r: int = 12
+    """Starting rank of every adapted matrix (the budget to prune from)."""
+    target_r: int = 8
+    """Average rank left after pruning; the total budget is target_r x number of matrices."""
+    alpha: float = 16.0
+    """Scale: the update is multiplied by alpha / rank."""
+    dropout: float = 0.1
+    target_modules: list[str] | None = None
+    """Module names to adapt; None = peft's default for the architecture (query/value for BERT,
+    q_proj/v_proj for Llama)."""
+    tinit_ratio: float = 0.1
+    """Share of the training steps before pruning starts (the paper's t_i)."""
+    tfinal_ratio: float = 0.3
+    """Share of the training steps at the end with the final ranks frozen (the paper's t_f)."""
+    delta_t: int = 1
+    """Re-allocate the budget every this many steps during the pruning phase."""
+    beta1: float = 0.85
+    """EMA factor of the importance (sensitivity) score."""
+    beta2: float = 0.85
+    """EMA factor of the importance uncertainty."""
+    orth_reg_weight: float = 0.1
+    """Weight of the orthogonality penalty ||PᵀP - I||_F + ||QQᵀ - I||_F (the paper's γ = 0.1)."""
+
+    def __post_init__(self) -> None:
+        if self.target_r < 1:
+            raise ConfigError("method.target_r", f"must be >= 1, got {self.target_r}")
+        if self.init_r < self.target_r:
+            raise ConfigError(
+                "method.init_r", f"must be >= target_r ({self.target_r}), got {self.init_r}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("method.dropout", f"must be in [0, 1), got {self.dropout}")
+        for name in ("tinit_ratio", "tfinal_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"method.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        if self.tinit_ratio + self.tfinal_ratio >= 1:
+            raise ConfigError(
+                "method.tfinal_ratio",
+                f"tinit_ratio + tfinal_ratio must be < 1 (leaving steps to prune in), got "
+                f"{self.tinit_ratio} + {self.tfinal_ratio}",
+            )
+        if self.delta_t < 1:
+            raise ConfigError("method.delta_t", f"must be >= 1, got {self.delta_t}")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"method.{name}", f"must be in (0, 1), got {getattr(self, name)}")
+        if self.orth_reg_weight < 0:
+            raise ConfigError("method.orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight}")
+
+
+@METHODS.register("adalora", AdaLoraMethodConfig)
+class AdaLora(PeftMethod):
+    """AdaLoRA via peft: LoRA whose per-matrix rank is pruned to a budget by importance."""
+
+    mergeable = True
+
+    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+        from peft import AdaLoraConfig
+
+        c = self.cfg
+        return AdaLoraConfig(
+            task_type=task_type,
+            init_r=c.init_r,
+            target_r=c.target_r,
+            lora_alpha=c.alpha,
+            lora_dropout=c.dropout,
+            target_modules=c.target_modules,
+            modules_to_save=task.head_modules(model),
+            deltaT=c.delta_t,
+            beta1=c.beta1,
+            beta2=c.beta2,
+            orth_reg_weight=c.orth_reg_weight,
+            # The step count is only known once the trainer exists; hooks() sets the real one.
+            total_step=1,
+        )
+
+    def load(
+        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+    ) -> torch.nn.Module:
+        with warnings.catch_warnings():
+            # peft's LoRA check reads AdaLoRA's rank_pattern (pruning masks, applied correctly by
+            # AdaLoRA on load) as LoRA rank overrides and warns that they match no module.
+            warnings.filterwarnings("ignore", "The following rank_pattern keys", RuntimeWarning)
+            return super().load(task, base, artifact, trust_remote_code)
+
+    def hooks(self, model: torch.nn.Module, total_steps: int) -> list[Hook]:
+        """Set the budget schedule to the trainer's step count and return the schedule hook."""
+        peft_cfg = model.peft_config[ADAPTER]  # the object peft's rank allocator reads
+        peft_cfg.total_step = total_steps
+        peft_cfg.tinit = int(self.cfg.tinit_ratio * total_steps)
+        peft_cfg.tfinal = int(self.cfg.tfinal_ratio * total_steps)
+        return [AdaLoraSchedule(self.cfg.orth_reg_weight)]
+
+
+class AdaLoraSchedule(Hook):
+    """Budget re-allocation after each step, the orthogonal penalty, and the final rank mask."""
+
+    def __init__(self, orth_reg_weight: float):
+        self.orth_reg_weight = orth_reg_weight
+        self.grads: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.params = {
+            n: p for n, p in trainer.model.named_parameters() if "lora_" in n and p.requires_grad
+        }
+        self.factors = [
+            (n, p) for n, p in self.params.items() if ".lora_A." in n or ".lora_B." in n
+        ]
+        # The loop zeroes gradients before on_step_end, but the importance score needs them:
+        # keep a reference to each accumulated gradient and restore it for the allocation.
+        for name, p in self.params.items():
+            self.handles.append(p.register_post_accumulate_grad_hook(self._keeper(name)))
+
+    def _keeper(self, name: str) -> Any:
+        def keep(p: torch.Tensor) -> None:
+            self.grads[name] = p.grad
+
+        return keep
+
+    def loss_term(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any
+    ) -> torch.Tensor | None:
+        if not self.orth_reg_weight or not self.factors:
+            return None
+        return self.orth_reg_weight * orthogonal_penalty(self.factors)
+
+    def on_step_end(self, trainer: Any) -> None:
+        for name, p in self.params.items():
+            p.grad = self.grads.get(name)
+        trainer.model.base_model.update_and_allocate(trainer.state.step)
+        for p in self.params.values():
+            p.grad = None
+        self.grads.clear()
+
+    def on_train_end(self, trainer: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        # The restored best checkpoint may predate the final allocation; mask it with the ranks
+        # that will be saved, so the evaluated model is the saved one.
+        base = trainer.model.base_model
+        pattern = base.peft_config[ADAPTER].rank_pattern
+        if pattern:
+            base.rankallocator.mask_using_rank_pattern(base.model, pattern)
+
+
+def orthogonal_penalty(factors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean of ||PᵀP - I||_F over P (lora_B) and ||QQᵀ - I||_F over Q (lora_A), as in peft."""
+    total = 0.0
+    for name, p in factors:
+        cov = p @ p.T if ".lora_A." in name else p.T @ p
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        total = total + torch.linalg.matrix_norm(cov - eye)
+    return total / len(factors)

@@ -1,0 +1,201 @@
+"""Bottleneck adapters: Houlsby et al. (2019, arXiv:1902.00751), after the attention output and
+after the feed-forward block, and Pfeiffer et al. (2021, arXiv:2005.00247), after the feed-forward
+block only. Each adapter is h + up(f(down(h))), inserted before the residual add and LayerNorm.
+
+Hand-written because peft has no bottleneck adapters and the `adapters` library (1.3.0) pins
+transformers ~=4.57, while lmadapt runs on transformers 5. The adapters are attached as child
+modules of the projection they follow, and a forward hook passes that projection's output through
+them, so the model's own code and weight names are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmadapt.config import ConfigError, from_dict
+from lmadapt.errors import LmadaptError
+from lmadapt.methods import METHODS
+from lmadapt.methods.base import MethodConfig, unfreeze_modules
+from lmadapt.models import ModelSpec
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+_BERT = (r"\.attention\.output\.dense$", r"\.layer\.\d+\.output\.dense$")
+_LLAMA = (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$")
+SITES: dict[str, tuple[str, str]] = {
+    # model_type -> (attention output projection, feed-forward output projection), as regexes on
+    # module names; both are the last Linear before the residual add.
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), _BERT),
+    "distilbert": (r"\.attention\.out_lin$", r"\.ffn\.lin2$"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), _LLAMA),
+}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    name: str = "adapter"
+    lr: float = 1e-3
+    """Houlsby et al. sweep 1e-4 to 1e-3; the zero-initialised up-projections need the upper end."""
+    variant: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby: adapters after attention and after the FFN; pfeiffer: after the FFN only (half the
+    parameters, about the same accuracy in Pfeiffer et al.)."""
+    reduction_factor: int = 16
+    """Bottleneck width = hidden size // reduction_factor (24 for MiniLM's 384)."""
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    residual: bool = True
+    """Add the adapter's input to its output. Without it the adapter replaces the sub-layer output
+    and the model no longer starts as the pretrained one."""
+    init_std: float = 1e-2
+    """Std of the down-projection init; the up-projection starts at zero, so every adapter starts as
+    the identity (near-identity init, as in Houlsby et al.)."""
+    attn_modules: str | None = None
+    """Regex of the attention output projections; None = per-architecture default (BERT-like:
+    `attention.output.dense`, Llama-like: `self_attn.o_proj`)."""
+    ffn_modules: str | None = None
+    """Regex of the feed-forward output projections; None = per-architecture default (BERT-like:
+    `layer.N.output.dense`, Llama-like: `mlp.down_proj`)."""
+
+    def __post_init__(self) -> None:
+        if self.reduction_factor < 1:
+            raise ConfigError(
+                "method.reduction_factor", f"must be >= 1, got {self.reduction_factor}"
+            )
+        if self.init_std < 0:
+            raise ConfigError("method.init_std", f"must be >= 0, got {self.init_std}")
+        for name in ("attn_modules", "ffn_modules"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ConfigError(f"method.{name}", f"not a valid regex: {e}") from None
+
+
+class Bottleneck(nn.Module):
+    """h -> h + up(f(down(h))): 2·d·b + b + d parameters for width d and bottleneck b."""
+
+    def __init__(self, d: int, bottleneck: int, act: str, residual: bool, init_std: float):
+        super().__init__()
+        self.down = nn.Linear(d, bottleneck)
+        self.act = ACTIVATIONS[act]()
+        self.up = nn.Linear(bottleneck, d)
+        self.residual = residual
+        nn.init.normal_(self.down.weight, std=init_std)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.up(self.act(self.down(h)))
+        return h + z if self.residual else z
+
+
+def _run_adapter(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return module.adapter(output)
+
+
+def adapter_sites(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Names of the Linear modules that get an adapter after them."""
+    model_type = getattr(model.config, "model_type", "")
+    default = SITES.get(model_type)
+    attn = cfg.attn_modules or (default and default[0])
+    ffn = cfg.ffn_modules or (default and default[1])
+    if not ffn or (cfg.variant == "houlsby" and not attn):
+        raise ConfigError(
+            "method.ffn_modules" if not ffn else "method.attn_modules",
+            f"no default adapter placement for model type '{model_type}' "
+            f"(known: {', '.join(sorted(SITES))}); give the module-name regex",
+        )
+    patterns = [re.compile(ffn)] + ([re.compile(attn)] if cfg.variant == "houlsby" else [])
+    sites = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(p.search(n) for p in patterns)
+    ]
+    if not sites:
+        raise ConfigError("method.ffn_modules", f"no Linear module of {model_type} matches")
+    return sites
+
+
+def inject(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Freeze `model`, attach a bottleneck adapter after each site; returns the site names."""
+    model.requires_grad_(False)
+    sites = adapter_sites(model, cfg)
+    for name in sites:
+        linear = model.get_submodule(name)
+        d = linear.out_features
+        adapter = Bottleneck(
+            d, max(1, d // cfg.reduction_factor), cfg.non_linearity, cfg.residual, cfg.init_std
+        ).to(linear.weight.device, linear.weight.dtype)
+        linear.add_module("adapter", adapter)
+        linear.register_forward_hook(_run_adapter)
+    return sites
+
+
+@METHODS.register("adapter", AdapterConfig)
+class Adapter:
+    """Bottleneck adapters (Houlsby / Pfeiffer) after attention and FFN; the head trains."""
+
+    mergeable = False  # the adapter is non-linear, so it cannot be folded into the weights
+
+    def __init__(self, cfg: AdapterConfig):
+        self.cfg = cfg
+
+    def apply(self, model: nn.Module, task: Any) -> nn.Module:
+        inject(model, self.cfg)
+        unfreeze_modules(model, task.head_modules(model))
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Adapter weights and the task head (everything trainable), plus the placement config."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            n: p.detach().clone().contiguous()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+        info = {
+            "lmadapt_adapter": 1,
+            "config": asdict(self.cfg),
+            "sites": adapter_sites(model, self.cfg),
+        }
+        (out_dir / CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    def load(
+        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+    ) -> nn.Module:
+        artifact = Path(artifact)
+        if not (artifact / WEIGHTS).is_file() or not (artifact / CONFIG).is_file():
+            raise LmadaptError(f"{artifact} is not an adapter artifact (no {WEIGHTS} / {CONFIG})")
+        info = json.loads((artifact / CONFIG).read_text(encoding="utf-8"))
+        cfg = from_dict(AdapterConfig, info["config"], "method")
+        model = task.build_model(base, trust_remote_code)
+        sites = inject(model, cfg)
+        if sites != info["sites"]:
+            raise LmadaptError(f"{artifact}: adapter placement does not match the base model")
+        state = load_file(str(artifact / WEIGHTS))
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if ".adapter." in k]
+        if result.unexpected_keys or missing:
+            raise LmadaptError(
+                f"{artifact}: weights do not fit the model "
+                f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})"
+            )
+        return model
