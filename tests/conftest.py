@@ -116,3 +116,72 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         yield
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_LM_CORPUS = [
+    "the cat sat on the mat",
+    "what is two plus two? two plus two is four",
+    "answer the question. #### 4",
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request. ### Instruction: ### Response:",
+    "system user assistant hello world",
+]
+
+
+def build_tiny_llama(out: Path, chat_template: str | None = CHATML_TEMPLATE) -> str:
+    """A 2-layer, 32-wide Llama with random weights and a byte-level BPE tokenizer (~300 tokens)
+    trained here on a few sentences: ChatML special tokens, eos, pad and (optionally) a chat
+    template. Byte-level, so any text round-trips through encode/decode."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(TINY_LM_CORPUS * 3, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """Tiny random Llama + byte-level BPE tokenizer with a ChatML chat template."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_no_template(tmp_path_factory) -> str:
+    """The same tiny Llama whose tokenizer has no chat template (named templates apply)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-plain"), chat_template=None)

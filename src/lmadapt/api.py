@@ -176,7 +176,7 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
         "total_params": total,
         "train_samples": len(data.train),
         "steps": result.state.step,
-        "epochs_completed": result.state.epoch,
+        "epochs": round(result.state.samples / max(1, len(data.train)), 3),
         "best_step": result.state.best_step,
         "stopped_early": result.stopped_early,
         "resumed": resume,
@@ -235,6 +235,18 @@ def _run_info(config: RunConfig, spec: ModelSpec, task: Any) -> dict[str, Any]:
 
 
 @dataclass
+class RunInfo:
+    """A finished run's config, task (with its label set), base model, method and tokenizer."""
+
+    run_dir: Path
+    config: RunConfig
+    task: Any
+    spec: ModelSpec
+    method: Any
+    tokenizer: Any
+
+
+@dataclass
 class LoadedRun:
     config: RunConfig
     task: Any
@@ -243,8 +255,8 @@ class LoadedRun:
     spec: ModelSpec
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a trained model from its run directory (safetensors only, no pickle)."""
+def read_run(run_dir: str | Path) -> RunInfo:
+    """Everything about a run but its weights (serving groups runs by base before loading)."""
     run_dir = Path(run_dir)
     for name in ("config.yaml", "run.json", "model"):
         if not (run_dir / name).exists():
@@ -253,16 +265,23 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     info = json.loads((run_dir / "run.json").read_text())
     try:
         spec = resolve_model(config.model)
-    except LmadaptError:
+    except LmadaptError:  # a model dir named by a path that has moved: use the recorded one
         m = info["model"]
         spec = ModelSpec(m["name"], m["path"], m["kind"], (), m.get("gguf_file"))
     task = build_task(config.task, info["task"])
-    method = build_method(config.method)
-    _set_threads(config.train.threads)
-    model = method.load(task, spec, run_dir / "model", config.trust_remote_code)
-    model.eval()
     tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind, ()))
-    return LoadedRun(config, task, model, tokenizer, spec)
+    return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a trained model from its run directory (safetensors only, no pickle)."""
+    info = read_run(run_dir)
+    _set_threads(info.config.train.threads)
+    model = info.method.load(
+        info.task, info.spec, info.run_dir / "model", info.config.trust_remote_code
+    )
+    model.eval()
+    return LoadedRun(info.config, info.task, model, info.tokenizer, info.spec)
 
 
 def evaluate(

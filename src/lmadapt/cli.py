@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from lmadapt.errors import LmadaptError
 
@@ -24,13 +24,22 @@ def command(name: str, help: str) -> Callable:
 
 @command("train", "fine-tune a model from a YAML config (key=value overrides after it)")
 def _train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
 
     def run(a: argparse.Namespace) -> None:
-        from lmadapt.api import train
+        from lmadapt.api import resume, train
 
-        out = Path(train(a.config, a.overrides)["run_dir"])
+        if a.resume:
+            if a.config or a.overrides:
+                raise LmadaptError("--resume takes the run directory only (its config is reused)")
+            metrics = resume(a.resume)
+        elif a.config:
+            metrics = train(a.config, a.overrides)
+        else:
+            raise LmadaptError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
+        out = Path(metrics["run_dir"])
         print((out / "report.md").read_text(encoding="utf-8"))
         print(f"run directory: {out}")
 
@@ -84,7 +93,8 @@ def _methods(p: argparse.ArgumentParser) -> None:
         for entry in METHODS:
             n, total = counts.get(entry.name, (None, None))
             share = f"{100 * n / total:.2f}%" if n is not None else "-"
-            print(f"{entry.name:<16}{(f'{n:,}' if n is not None else '-'):>14}{share:>9}  {entry.summary}")
+            count = f"{n:,}" if n is not None else "-"
+            print(f"{entry.name:<16}{count:>14}{share:>9}  {entry.summary}")
 
     p.set_defaults(run=run)
 
@@ -97,7 +107,9 @@ def _method_counts(model: str) -> dict[str, tuple[int, int]]:
     from lmadapt.tasks import TASKS, build_task
 
     spec = resolve_model(model)
-    task = build_task(parse_section(TASKS, "type", "classification", "task"), {"labels": ["0", "1"]})
+    task = build_task(
+        parse_section(TASKS, "type", "classification", "task"), {"labels": ["0", "1"]}
+    )
     out = {}
     for entry in METHODS:
         method = build_method(parse_section(METHODS, "name", entry.name, "method"))
@@ -117,6 +129,232 @@ def _models(p: argparse.ArgumentParser) -> None:
             print(f"{row['name']:<24}{status:<9}{row.get('kind', ''):<9}{tasks:<50}{row['about']}")
 
     p.set_defaults(run=run)
+
+
+@command("serve", "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/models, /health")
+def _serve(p: argparse.ArgumentParser) -> None:
+    from lmadapt.serve.settings import ServeSettings
+
+    d = ServeSettings()
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="served by directory name")
+    p.add_argument("--host", default=d.host, help="bind address (no auth: keep it local)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="texts per forward pass")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_ms,
+        help="how long a request waits for others to batch with",
+    )
+    p.add_argument("--max-texts", type=int, default=d.max_texts, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters per text")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="queued requests per model before answering 503",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    def run(a: argparse.Namespace) -> None:
+        try:
+            import uvicorn
+
+            from lmadapt.serve.app import create_app
+        except ImportError as e:
+            raise LmadaptError(
+                f"serve needs the serve extra ({e.name} is missing): pip install 'lmadapt[serve]'"
+            ) from None
+        settings = ServeSettings(
+            host=a.host,
+            port=a.port,
+            max_batch=a.max_batch,
+            max_wait_ms=a.max_wait_ms,
+            max_texts=a.max_texts,
+            max_chars=a.max_chars,
+            max_new_tokens=a.max_new_tokens,
+            max_queue=a.max_queue,
+        )
+        app = create_app(a.run_dirs, settings)
+        names = ", ".join(sorted(app.state.server.runs))
+        print(f"lmadapt: serving {names} on http://{a.host}:{a.port}", file=sys.stderr)
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+
+    p.set_defaults(run=run)
+
+
+@command("compare", "train one config with several methods and tabulate accuracy, size, speed")
+def _compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method names (default: every registered method); "
+        "give it before CONFIG when passing overrides",
+    )
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.compare import compare
+        from lmadapt.methods import METHODS
+
+        methods = a.methods.split(",") if a.methods else METHODS.names()
+        result = compare(a.config, [m.strip() for m in methods if m.strip()], a.overrides)
+        out = Path(result["output_dir"])
+        print((out / "compare.md").read_text(encoding="utf-8"))
+        print(f"comparison written to {out}")
+
+    p.set_defaults(run=run)
+
+
+@command("export", "write a run as a plain transformers model dir, adapter merged in")
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--merge",
+        metavar="OUT_DIR",
+        required=True,
+        help="merge the adapter (lora, adalora, ia3) and write the model here",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="max abs logit difference merged vs unmerged (default 1e-4)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.export import export_merged
+
+        result = export_merged(a.run_dir, a.merge, a.tolerance, a.overwrite)
+        print(
+            f"merged {result['method']} model written to {result['out_dir']} "
+            f"(max abs logit diff {result['max_abs_diff']:.2e}, tolerance {a.tolerance:g})"
+        )
+
+    p.set_defaults(run=run)
+
+
+@command("continual", "train a task stream: naive, ewc, l2, replay, lwf or adapters")
+def _continual(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML continual config (a stream of tasks)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy=ewc")
+    p.add_argument(
+        "--strategies",
+        default=None,
+        help="comma-separated: one run each under output_dir/<strategy> + summary.md",
+    )
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.continual import run_continual, run_continual_many
+
+        if a.strategies:
+            names = [s.strip() for s in a.strategies.split(",") if s.strip()]
+            out = Path(run_continual_many(a.config, names, a.overrides)["output_dir"])
+            print((out / "summary.md").read_text(encoding="utf-8"))
+        else:
+            out = Path(run_continual(a.config, a.overrides)["output_dir"])
+            print((out / "report.md").read_text(encoding="utf-8"))
+        print(f"written to {out}")
+
+    p.set_defaults(run=run)
+
+
+@command("distill", "distil a teacher (run dir or prompted LLM) into a smaller student")
+def _distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML distillation config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. alpha=1.0")
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.distill import run_distill
+
+        out = Path(run_distill(a.config, a.overrides)["run_dir"])
+        print((out / "report.md").read_text(encoding="utf-8"))
+        print(f"run directory: {out}")
+
+    p.set_defaults(run=run)
+
+
+@command("generate", "generate text with a generation run or a bare causal LM (--prompt / --file)")
+def _generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="run directory or model name/path")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--file", help="data file of prompts (alpaca, sharegpt, messages or text)")
+    p.add_argument("--out", help="JSONL output for --file (default: FILE stem + .generated.jsonl)")
+    p.add_argument("--system", help="system prompt for --prompt")
+    _decoding_args(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.generate import generate, generate_file, load_generator
+
+        if not a.prompt and not a.file:
+            raise LmadaptError("generate needs --prompt TEXT or --file FILE")
+        gen = load_generator(a.source)
+        settings = _decoding_settings(a)
+        for text in generate(gen, a.prompt, settings, a.system) if a.prompt else []:
+            print(text)
+        if a.file:
+            out = a.out or str(Path(a.file).with_suffix("")) + ".generated.jsonl"
+            n = generate_file(gen, a.file, out, settings)
+            print(f"{n} generations written to {out}", file=sys.stderr)
+
+    p.set_defaults(run=run)
+
+
+@command("chat", "interactive chat in the terminal with a generation run or a bare causal LM")
+def _chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="run directory or model name/path")
+    p.add_argument("--system", help="system prompt")
+    _decoding_args(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.generate import chat
+
+        chat(a.source, sys.stdin, sys.stdout, _decoding_settings(a), a.system)
+
+    p.set_defaults(run=run)
+
+
+@command("evaluate-model", "score a base model (or a run) on a config's dev/test data, untuned")
+def _evaluate_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config: its data and task settings are used")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_eval_samples=50")
+    p.add_argument("--model", help="model name/path or run directory (default: the config's)")
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.generate import evaluate_base
+
+        print(json.dumps(evaluate_base(a.config, a.overrides, a.model), indent=2))
+
+    p.set_defaults(run=run)
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's task.max_new_tokens")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+
+
+def _decoding_settings(a: argparse.Namespace) -> dict:
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise LmadaptError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.temperature is not None and a.temperature <= 0:
+        raise LmadaptError(f"--temperature must be > 0, got {a.temperature}")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise LmadaptError(f"--top-p must be in (0, 1], got {a.top_p}")
+    return {
+        "max_new_tokens": a.max_new_tokens,
+        "do_sample": a.sample or None,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "stop": a.stop,
+        "seed": a.seed,
+    }
 
 
 def quiet_libraries() -> None:
@@ -153,6 +391,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@command("prompt", "evaluate a frozen model by prompting: templates, verbalizers, k-shot demos")
+def _prompt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML prompt config (see configs/prompts/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. k=8 selection=knn")
+    p.add_argument("--templates", action="store_true", help="list the named templates")
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.prompting import run_prompt
+        from lmadapt.prompting.templates import named_templates
+
+        if a.templates:
+            print("\n".join(named_templates()))
+            return
+        if not a.config:
+            raise LmadaptError("prompt needs a CONFIG.yaml (or --templates)")
+        metrics = run_prompt(a.config, a.overrides)
+        out = Path(metrics["output_dir"])
+        print((out / "report.md").read_text(encoding="utf-8"))
+        print(f"output directory: {out}")
+
+    p.set_defaults(run=run)

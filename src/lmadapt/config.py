@@ -85,7 +85,13 @@ class TrainConfig:
     """torch intra-op threads; None = all physical cores."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "grad_accum",
+            "log_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0:

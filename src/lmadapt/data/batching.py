@@ -66,9 +66,11 @@ class Collator:
         batch["attention_mask"] = mask
         for key in features[0]:
             if key in self.pad_values:
-                out = torch.full((len(features), width), self.pad_values[key], dtype=torch.long)
+                pad = self.pad_values[key]
+                dtype = torch.float if isinstance(pad, float) else torch.long  # float: weights
+                out = torch.full((len(features), width), pad, dtype=dtype)
                 for i, f in enumerate(features):
-                    out[i, : len(f[key])] = torch.tensor(f[key], dtype=torch.long)
+                    out[i, : len(f[key])] = torch.tensor(f[key], dtype=dtype)
                 batch[key] = out
             else:
                 batch[key] = torch.tensor([f[key] for f in features])

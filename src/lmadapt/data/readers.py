@@ -33,8 +33,9 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
     ext = Path(path).suffix.lower()
     if ext not in _EXTENSIONS:
         raise DataError(
-            str(path), f"cannot tell the format from extension '{ext}'; set data.format "
-            f"to one of {', '.join(FORMATS)}"
+            str(path),
+            f"cannot tell the format from extension '{ext}'; set data.format "
+            f"to one of {', '.join(FORMATS)}",
         )
     return _EXTENSIONS[ext]
 

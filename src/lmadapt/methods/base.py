@@ -14,6 +14,7 @@ PEFT_TASK_TYPES = {
     "classification": "SEQ_CLS",
     "token_classification": "TOKEN_CLS",
     "generation": "CAUSAL_LM",
+    "prompting": "CAUSAL_LM",
 }
 
 

@@ -8,22 +8,19 @@ group's lock. Any other run is a group of one.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from lmadapt.config import RunConfig, build_run_config
+from lmadapt import api
+from lmadapt.config import RunConfig
 from lmadapt.errors import LmadaptError
 from lmadapt.inference import predict_examples
-from lmadapt.methods import build_method
 from lmadapt.methods.base import PeftMethod
-from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
-from lmadapt.tasks import build_task
+from lmadapt.models import ModelSpec
 
 
 @dataclass
@@ -53,25 +50,12 @@ class ServedRun:
 
 
 def read_run(run_dir: str | Path) -> ServedRun:
-    """A run's config, task and tokenizer, without loading its model (so groups can share one).
-
-    Mirrors the first half of `lmadapt.api.load_run`.
-    """
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "run.json", "model"):
-        if not (run_dir / name).exists():
-            raise LmadaptError(f"{run_dir} is not a finished lmadapt run (no {name})")
-    config = build_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    info = json.loads((run_dir / "run.json").read_text())
-    try:
-        spec = resolve_model(config.model)
-    except LmadaptError:
-        m = info["model"]
-        spec = ModelSpec(m["name"], m["path"], m["kind"], (), m.get("gguf_file"))
-    task = build_task(config.task, info["task"])
-    tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind, ()))
-    name = run_dir.resolve().name
-    return ServedRun(name, run_dir, config, task, tokenizer, spec, build_method(config.method))
+    """A run's config, task and tokenizer, without loading its model (so groups can share one)."""
+    info = api.read_run(run_dir)
+    name = info.run_dir.resolve().name
+    return ServedRun(
+        name, info.run_dir, info.config, info.task, info.tokenizer, info.spec, info.method
+    )
 
 
 def share_key(run: ServedRun) -> tuple | None:

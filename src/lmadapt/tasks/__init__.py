@@ -1,10 +1,15 @@
-"""Tasks: what the model predicts (head, loss, metrics, decoding). One file each, registered here."""
+"""Tasks: what the model predicts (head, loss, metrics, decoding); one file each."""
 
 from lmadapt.registry import Registry
 
 TASKS: Registry = Registry("task")
 
-from lmadapt.tasks import classification, token_classification  # noqa: E402,F401  (register)
+from lmadapt.tasks import (  # noqa: E402,F401  (each registers itself)
+    classification,
+    generation,
+    prompt_classification,
+    token_classification,
+)
 from lmadapt.tasks.base import Evaluation, Task  # noqa: E402
 
 __all__ = ["TASKS", "Evaluation", "Task", "build_task"]

@@ -1,0 +1,156 @@
+"""`python -m bench`: lmadapt vs HF Trainer + peft, one run after another, each in its own process.
+
+Writes bench/results/train_speed.json and .md: samples/s, useful tokens/s (padding excluded),
+dev accuracy, peak RSS, model-FLOPs utilisation, and the ratio to the peer's best configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.machine import machine_info
+
+RESULTS = Path(__file__).parent / "results"
+NON_EMBEDDING_PARAMS = 10_646_784  # MiniLM-L6 encoder layers (embeddings, pooler excluded)
+BACKWARD_FACTOR = {"full": 6, "bitfit": 4, "lora": 4}
+"""FLOPs per parameter per token: forward 2 + input-grad 2 (+ weight-grad 2 when weights train)."""
+
+
+def scenarios(rows: int, full_rows: int | None) -> list[dict]:
+    out = []
+    for method in ("lora", "bitfit", "full"):
+        out += [
+            {"name": f"{method}/hf", "impl": "hf", "method": method, "rows": rows, "opts": {}},
+            {
+                "name": f"{method}/hf+group_by_length",
+                "impl": "hf",
+                "method": method,
+                "rows": rows,
+                "opts": {"group_by_length": True},
+            },
+            {
+                "name": f"{method}/lmadapt",
+                "impl": "lmadapt",
+                "method": method,
+                "rows": rows,
+                "opts": {},
+            },
+        ]
+    out += [
+        {
+            "name": "lora/lmadapt fp32",
+            "impl": "lmadapt",
+            "method": "lora",
+            "rows": rows,
+            "opts": {"precision": "fp32"},
+        },
+        {
+            "name": "lora/lmadapt no length grouping",
+            "impl": "lmadapt",
+            "method": "lora",
+            "rows": rows,
+            "opts": {"group_by_length": False},
+        },
+    ]
+    if full_rows is not None:
+        out.append(
+            {
+                "name": "lora/lmadapt full SST-2",
+                "impl": "lmadapt",
+                "method": "lora",
+                "rows": full_rows,
+                "opts": {},
+            }
+        )
+    return out
+
+
+def run(s: dict) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.run_one",
+        "--impl",
+        s["impl"],
+        "--method",
+        s["method"],
+        "--rows",
+        str(s["rows"]),
+        "--train-opts",
+        json.dumps(s["opts"]),
+    ]
+    print(f"== {s['name']}: {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"name": s["name"], "error": f"exit {proc.returncode}"}
+    return {"name": s["name"], **json.loads(line[len("RESULT ") :])}
+
+
+def add_mfu(r: dict, machine: dict) -> None:
+    if "error" in r:
+        return
+    flops = BACKWARD_FACTOR[r["method"]] * NON_EMBEDDING_PARAMS * r["tokens"] / r["train_seconds"]
+    peak = machine["bf16_gflops" if r["bf16"] else "fp32_gflops"] * 1e9
+    r["model_tflops"] = round(flops / 1e12, 4)
+    r["mfu"] = round(flops / peak, 4)
+
+
+def table(results: list[dict]) -> str:
+    best = {}
+    for r in results:
+        if r.get("impl") == "hf" and "error" not in r and r["rows"] == results[0]["rows"]:
+            best[r["method"]] = max(best.get(r["method"], 0), r["samples_per_second"])
+    head = (
+        "| run | rows | samples/s | tokens/s | x peer best | dev acc | trainable | "
+        "peak RSS MB | MFU |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 7)
+            continue
+        ratio = r["samples_per_second"] / best[r["method"]] if r["method"] in best else float("nan")
+        lines.append(
+            f"| {r['name']} | {r['rows']} | {r['samples_per_second']:.1f} | "
+            f"{r['tokens_per_second']:.0f} | {ratio:.2f} | {r['dev_accuracy']:.4f} | "
+            f"{r['trainable_params']:,} | {r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--rows", type=int, default=4000, help="SST-2 train rows for the slice runs")
+    p.add_argument("--full", action="store_true", help="also LoRA on all 67,349 SST-2 rows")
+    p.add_argument("--only", default="", help="comma-separated substrings of run names")
+    args = p.parse_args()
+    machine = machine_info()
+    print(f"machine: {machine}", flush=True)
+    chosen = [
+        s
+        for s in scenarios(args.rows, 67349 if args.full else None)
+        if not args.only or any(k in s["name"] for k in args.only.split(","))
+    ]
+    results = []
+    for s in chosen:
+        r = run(s)
+        add_mfu(r, machine)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_speed.json").write_text(
+        json.dumps({"machine": machine, "results": results}, indent=2) + "\n"
+    )
+    md = table(results)
+    (RESULTS / "train_speed.md").write_text(f"machine: {machine}\n\n{md}\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

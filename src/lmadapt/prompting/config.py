@@ -1,0 +1,127 @@
+"""Typed prompt-run configuration (`lmadapt prompt CONFIG.yaml key=value ...`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmadapt.config import apply_overrides, from_dict
+from lmadapt.errors import ConfigError
+
+
+@dataclass
+class PromptDataConfig:
+    dev: str
+    """Evaluation file (csv, tsv, jsonl): the queries."""
+    train: str | None = None
+    """Pool of demonstrations; required when k > 0."""
+    format: Literal["auto", "csv", "tsv", "jsonl", "json"] = "auto"
+    text_column: str | None = None
+    """None takes the first present of text, sentence, sentence1, question."""
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    target_column: str = "answer"
+    """Generation mode: the reference answer column."""
+    max_eval_samples: int | None = None
+    """Keep the first N evaluation rows."""
+    demo_pool: int | None = 2000
+    """Candidate demonstrations per seed, sampled from train (None = all of train)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_eval_samples", "demo_pool"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"data.{name}", f"must be > 0, got {v}")
+
+
+@dataclass
+class PromptConfig:
+    """One prompting run: a frozen model, a template, a verbalizer, k demonstrations."""
+
+    data: PromptDataConfig
+    mode: str = "verbalizer"
+    """verbalizer (LM label scoring), embedding (encoder cosine zero-shot), generate (open)."""
+    model: str = "smollm2-135m-instruct"
+    template: Any = "sentiment"
+    """A named template (see `lmadapt prompt --templates`), a YAML path, or an inline mapping."""
+    verbalizer: dict[str, Any] | None = None
+    """label -> word or list of words; None takes the named template's."""
+    label_descriptions: dict[str, Any] | None = None
+    """Embedding mode: label -> description(s); None uses "{verbalizer word}"."""
+    k: int = 0
+    """Demonstrations per prompt."""
+    selection: str = "random"
+    """random, balanced or knn."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    calibration: bool = False
+    """Also report contextual calibration (Zhao et al. 2021) beside the raw scores."""
+    length_normalize: bool = False
+    """Divide each verbalizer's log-prob by its token count."""
+    prefix_reuse: bool = True
+    """Encode the shared prefix once and reuse its KV cache (off only for benchmarking)."""
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    """Generation mode: greedy decoding budget."""
+    embedder: str = "minilm"
+    """Encoder for kNN demonstrations and embedding mode."""
+    threads: int | None = None
+    output_dir: str = "runs/prompt"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from lmadapt.prompting.demos import SELECTORS
+        from lmadapt.prompting.runner import MODES
+
+        if self.mode not in MODES:
+            raise ConfigError("mode", f"unknown {self.mode!r}; one of: {', '.join(MODES.names())}")
+        if self.selection not in SELECTORS:
+            raise ConfigError(
+                "selection", f"unknown {self.selection!r}; one of: {', '.join(SELECTORS.names())}"
+            )
+        if self.k < 0:
+            raise ConfigError("k", f"must be >= 0, got {self.k}")
+        if self.k and not self.data.train:
+            raise ConfigError("data.train", f"is required for k={self.k} demonstrations")
+        if not self.seeds:
+            raise ConfigError("seeds", "needs at least one seed")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether seeds change anything: demonstrations are sampled."""
+        return self.k > 0
+
+
+def load_prompt_config(
+    path: str | Path | dict[str, Any], overrides: list[str] | None = None
+) -> PromptConfig:
+    """Read a prompt YAML (or mapping), apply dotted overrides and check every field."""
+    source = None
+    if isinstance(path, dict):
+        raw = path
+    else:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError("<file>", "config file not found", source=source)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<yaml>", f"not valid YAML: {e}", source=source) from None
+    try:
+        cfg = from_dict(PromptConfig, apply_overrides(raw, overrides or []))
+    except ConfigError as e:
+        if source and e.source is None:
+            raise ConfigError(e.field, e.message, source=source) from None
+        raise
+    if source:  # as for run configs: relative to the working dir, else to the config file
+        base = Path(source).parent
+        for name in ("dev", "train"):
+            value = getattr(cfg.data, name)
+            if value and not Path(value).exists() and (base / value).exists():
+                setattr(cfg.data, name, str(base / value))
+    return cfg

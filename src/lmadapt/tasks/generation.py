@@ -1,0 +1,595 @@
+"""Generation: instruction tuning and continued pre-training of causal LMs, scored by decoding.
+
+Loss: next-token cross-entropy on response tokens only by default; `lm_loss_weight` α also trains
+prompt tokens with weight α (per-token weights, see `loss`). Evaluation decodes (greedy by default)
+and scores the text, so this task brings its own `evaluate_model` / `predict_model` instead of
+the logits path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmadapt.config import ConfigError
+from lmadapt.data import Collator
+from lmadapt.data.chat import CHAT_FORMATS, Conversation, read_conversations
+from lmadapt.data.templates import TEMPLATES, MarkupTemplate, Segment, build_template
+from lmadapt.errors import DataError, LmadaptError
+from lmadapt.evaluate import metrics as M
+from lmadapt.evaluate import plots
+from lmadapt.inference import model_inputs
+from lmadapt.tasks import TASKS
+from lmadapt.tasks.base import Evaluation
+
+IGNORE = -100
+EVAL_TOKENS_PER_BATCH = 4096
+"""Loss evaluation batches hold at most this many tokens: the (B, T, vocab) logits of a 49k-token
+vocabulary are 200 KB per token in fp32."""
+NO_LABEL = "(none)"
+
+
+@dataclass
+class GenerationConfig:
+    type: str = "generation"
+    data_format: str = "auto"
+    """auto (by fields), alpaca (instruction/input/output), sharegpt (conversations),
+    messages (OpenAI-style), text (raw text for continued pre-training)."""
+    template: str = "auto"
+    """auto = the tokenizer's chat template if it has one, else alpaca; or chat, alpaca, chatml,
+    plain."""
+    max_length: int = 1024
+    """Longer examples are cut at the end (tokens); an example left without response is an error."""
+    lm_loss_weight: float = 0.0
+    """α: prompt tokens (everything but responses) train with weight α, responses with 1;
+    0 = response-only loss."""
+    packing: bool = False
+    """Pack each batch's examples into rows of up to max_length tokens, attention kept within
+    each example (positions restart per example). For methods that keep the input as it is
+    (full, LoRA family, IA3, BitFit, adapters), not for prompt-learning methods."""
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    """Greedy decoding by default; sampling uses temperature and top_p."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (the template's end-of-turn marker always stops)."""
+    answer_pattern: str | None = None
+    """Regex whose first group (or whole match) is the answer for exact match, e.g. GSM8K's
+    '####\\s*(-?[\\d,.]+)'; None compares whole responses."""
+    labels: list[str] | None = None
+    """Label-aware evaluation: a generation maps to the first label it mentions."""
+    eval_generate_max_samples: int | None = None
+    """Decode at most this many examples per evaluation (loss uses all); 0 = loss only,
+    None = all. Generation dominates evaluation time on a CPU."""
+    generate_batch_size: int = 16
+    seed: int = 0
+    """Sampling seed."""
+    report_samples: int = 5
+    """Generations shown in report.md."""
+
+    def __post_init__(self) -> None:
+        if self.data_format not in ("auto", *CHAT_FORMATS):
+            known = ", ".join(["auto", *CHAT_FORMATS])
+            raise ConfigError("task.data_format", f"one of {known}; got {self.data_format!r}")
+        if self.template not in ("auto", *TEMPLATES.names()):
+            known = ", ".join(["auto", *TEMPLATES.names()])
+            raise ConfigError("task.template", f"one of {known}; got {self.template!r}")
+        for name, low in (("max_length", 8), ("max_new_tokens", 1), ("generate_batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"task.{name}", f"must be >= {low}, got {getattr(self, name)}")
+        if self.lm_loss_weight < 0:
+            raise ConfigError("task.lm_loss_weight", f"must be >= 0, got {self.lm_loss_weight}")
+        if self.temperature <= 0:
+            raise ConfigError("task.temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("task.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.eval_generate_max_samples is not None and self.eval_generate_max_samples < 0:
+            raise ConfigError("task.eval_generate_max_samples", "must be >= 0")
+        if self.answer_pattern is not None:
+            try:
+                pattern = re.compile(self.answer_pattern)
+            except re.error as e:
+                raise ConfigError("task.answer_pattern", f"not a valid regex: {e}") from None
+            if pattern.groups > 1:
+                raise ConfigError("task.answer_pattern", "must have at most one group")
+        if self.labels is not None and len(set(self.labels)) < 2:
+            raise ConfigError("task.labels", f"needs at least 2 distinct labels, got {self.labels}")
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode; defaults come from the task config, callers override per request."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class Decoded:
+    texts: list[str]
+    new_tokens: int
+    seconds: float
+
+
+class PackingCollator:
+    """Packs a batch's examples into as few rows of `capacity` tokens as fit (first-fit
+    decreasing). `position_ids` restart at 0 for each example, which is what makes transformers
+    mask attention per example; the first token of every example carries no loss, so no
+    example is trained to predict the start of the next one."""
+
+    def __init__(self, pad_id: int, capacity: int):
+        self.capacity = capacity
+        self.inner = Collator(pad_id, {"labels": IGNORE, "loss_weights": 0.0, "position_ids": 0})
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows: list[dict[str, list]] = []
+        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
+            n = len(f["input_ids"])
+            row = next((r for r in rows if len(r["input_ids"]) + n <= self.capacity), None)
+            if row is None:
+                row = {"input_ids": [], "labels": [], "loss_weights": [], "position_ids": []}
+                rows.append(row)
+            for key in ("input_ids", "labels", "loss_weights"):
+                row[key] += f[key]
+            row["position_ids"] += list(range(n))
+        return self.inner(rows)
+
+
+@TASKS.register("generation", GenerationConfig)
+class GenerationTask:
+    """Causal-LM generation: chat/instruction tuning or continued pre-training, no new head."""
+
+    kind = "generation"
+    default_metric = "loss"
+    metric_mode = "min"
+
+    def __init__(self, cfg: GenerationConfig, state: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.template_name: str | None = (state or {}).get("template")
+        self.tokenizer: Any = None
+        self.pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
+        self.label_patterns = [
+            re.compile(rf"(?<!\w){re.escape(label)}(?!\w)", re.IGNORECASE)
+            for label in cfg.labels or []
+        ]
+
+    # ------------------------------------------------------------------ data
+    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Conversation]:
+        return read_conversations(path, fmt, self.cfg.data_format, labelled)
+
+    def fit(self, train: list[Conversation]) -> None:
+        self.check(train)
+
+    def check(self, examples: list[Conversation]) -> None:
+        """With `labels`, every reference must mention one, or it could not be scored."""
+        if not self.cfg.labels:
+            return
+        for ex in examples:
+            if ex.reference is not None and self.label_of(ex.reference) is None:
+                raise DataError(
+                    ex.file,
+                    f"response {ex.reference[:60]!r} mentions none of task.labels "
+                    f"({', '.join(self.cfg.labels)})",
+                    ex.line,
+                    "response",
+                )
+
+    def state(self) -> dict[str, Any]:
+        return {"template": self.template_name, "labels": self.cfg.labels}
+
+    def examples_from_texts(self, texts: list[str]) -> list[Conversation]:
+        return [
+            Conversation([{"role": "user", "content": t}], file="<input>", line=i + 1)
+            for i, t in enumerate(texts)
+        ]
+
+    def template(self, tokenizer: Any) -> Any:
+        """The prompt template; `auto` is resolved once and then kept in the run's state."""
+        self.tokenizer = tokenizer
+        if self.template_name is None:
+            self.template_name = build_template(self.cfg.template, tokenizer).name
+        return build_template(self.template_name, tokenizer)
+
+    def _bos(self, tokenizer: Any, template: Any) -> list[int]:
+        """BOS for templates that do not write it themselves, if the tokenizer normally adds it."""
+        bos = tokenizer.bos_token_id
+        if bos is None or not isinstance(template, MarkupTemplate):
+            return []
+        return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+
+    def segments(self, ex: Conversation, template: Any) -> list[Segment]:
+        if ex.text is not None:
+            return [Segment(ex.text + (self.tokenizer.eos_token or ""), True)]
+        return template.segments(ex.messages, add_generation_prompt=ex.reference is None)
+
+    def encode(self, examples: list[Conversation], tokenizer: Any) -> list[dict[str, Any]]:
+        """input_ids, labels (response tokens, else -100) and loss_weights (1 response, α other).
+
+        Each segment is tokenized on its own so the response mask is exact.
+        """
+        if not examples:
+            return []
+        template = self.template(tokenizer)
+        bos = self._bos(tokenizer, template)
+        per_example = [self.segments(ex, template) for ex in examples]
+        flat = [s.text for segs in per_example for s in segs]
+        ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"]
+        alpha, limit = float(self.cfg.lm_loss_weight), self.cfg.max_length
+        feats, k = [], 0
+        for ex, segs in zip(examples, per_example):
+            ids, train = list(bos), [False] * len(bos)
+            for s in segs:
+                ids += ids_flat[k]
+                train += [s.train] * len(ids_flat[k])
+                k += 1
+            n = len(ids)
+            if ex.reference is None and ex.text is None:  # a prompt: keep its end
+                ids, train = ids[-limit:], train[-limit:]
+            ids, train = ids[:limit], train[:limit]
+            if (ex.reference is not None or ex.text is not None) and not any(train[1:]):
+                raise DataError(
+                    ex.file,
+                    f"no response token within task.max_length={limit} (the example has {n} "
+                    "tokens); raise task.max_length",
+                    ex.line,
+                )
+            labels = [t if on else IGNORE for t, on in zip(ids, train)]
+            weights = [1.0 if on else alpha for on in train]
+            labels[0], weights[0] = IGNORE, 0.0  # never a target (also not across packed rows)
+            feats.append({"input_ids": ids, "labels": labels, "loss_weights": weights})
+        return feats
+
+    def collator(self, tokenizer: Any) -> Collator | PackingCollator:
+        self.tokenizer = tokenizer
+        if self.cfg.packing:
+            return PackingCollator(tokenizer.pad_token_id, self.cfg.max_length)
+        return Collator(tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        from lmadapt.models import load_model
+
+        model = load_model(spec, AutoModelForCausalLM, trust_remote_code)
+        # No KV cache in training forward passes: it is useless there, and transformers only
+        # honours packed position_ids without one. generate() turns it back on.
+        model.config.use_cache = False
+        return model
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        return []  # the LM head is pretrained
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted mean next-token cross-entropy: Σ w·ce / Σ w over shifted tokens.
+
+        With w = 1 on responses and α on prompt tokens this is the per-token form of
+        L = L_response + α·L_prompt (each prompt token counts α of a response token).
+        """
+        return _weighted_ce(_align(logits, batch), batch["input_ids"], batch["loss_weights"])
+
+    # ------------------------------------------------------------------ decoding
+    def settings(self, **overrides: Any) -> GenerationSettings:
+        c = self.cfg
+        base = GenerationSettings(
+            c.max_new_tokens, c.do_sample, c.temperature, c.top_p, list(c.stop), c.seed
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(base, key, value)
+        return base
+
+    def _stops(self, settings: GenerationSettings) -> tuple[list[int], list[str]]:
+        """(end token ids, stop strings): one-token markers stop by id, the rest by text."""
+        tok = self.tokenizer
+        template = build_template(self.template_name or self.cfg.template, tok)
+        strings = [s for s in (*template.stop, *settings.stop) if s]
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        texts = []
+        for s in strings:
+            enc = tok(s, add_special_tokens=False)["input_ids"]
+            if len(enc) == 1 and enc[0] in tok.all_special_ids:
+                ids.add(enc[0])
+            else:
+                texts.append(s)
+        return sorted(ids), texts
+
+    def prompt_ids(self, feature: dict[str, Any], example: Conversation) -> list[int]:
+        """The tokens before the last response (the whole input for an unlabelled prompt;
+        raw text without its end-of-text token, to be continued)."""
+        if example.text is not None:
+            return feature["input_ids"][:-1] or feature["input_ids"]
+        labels = feature["labels"]
+        ends = [i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]
+        return feature["input_ids"][: ends[-1]] if ends else feature["input_ids"]
+
+    @torch.no_grad()
+    def decode_ids(
+        self, model: torch.nn.Module, prompts: list[list[int]], settings: GenerationSettings
+    ) -> Decoded:
+        """Generate a continuation of each prompt (left-padded batches, shortest first)."""
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        tok = self.tokenizer
+        eos_ids, stop_texts = self._stops(settings)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+        gen = HFGenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature if settings.do_sample else None,
+            top_p=settings.top_p if settings.do_sample else None,
+            top_k=None,
+            eos_token_id=eos_ids,
+            pad_token_id=pad,
+            use_cache=True,
+            stop_strings=stop_texts or None,
+        )
+        was_training = model.training
+        model.eval()
+        texts: list[str | None] = [None] * len(prompts)
+        new_tokens, t0 = 0, time.perf_counter()
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        bs = self.cfg.generate_batch_size
+        try:
+            if settings.do_sample:
+                torch.manual_seed(settings.seed)
+            for start in range(0, len(order), bs):
+                idx = order[start : start + bs]
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                    mask[row, width - len(prompts[i]) :] = 1
+                extra = {"tokenizer": tok} if stop_texts else {}
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=gen, **extra
+                )
+                for row, i in enumerate(idx):
+                    seq = out[row, width:].tolist()
+                    end = next((j for j, t in enumerate(seq) if t in eos_ids), len(seq))
+                    new_tokens += end
+                    texts[i] = _cut(tok.decode(seq[:end], skip_special_tokens=True), stop_texts)
+        finally:
+            model.train(was_training)
+        return Decoded(texts, new_tokens, time.perf_counter() - t0)  # type: ignore[arg-type]
+
+    def generate(
+        self,
+        model: torch.nn.Module,
+        conversations: list[Conversation],
+        settings: GenerationSettings | None = None,
+    ) -> list[str]:
+        """Answer each conversation's last user turn (public entry for CLI, chat and serving)."""
+        feats = self.encode(conversations, self.tokenizer)
+        return self.decode_ids(
+            model,
+            [self.prompt_ids(f, c) for f, c in zip(feats, conversations)],
+            settings or self.settings(),
+        ).texts
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def response_loss(self, model: torch.nn.Module, features: list[dict[str, Any]]) -> float:
+        """Mean cross-entropy over response tokens (teacher forcing), fp32, token-weighted."""
+        collate = Collator(self.tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            for idx in _token_batches([len(f["input_ids"]) for f in features]):
+                batch = collate([features[i] for i in idx])
+                logits = model(**model_inputs(batch)).logits
+                weights = (batch["labels"] != IGNORE).float()
+                n = float(weights[:, 1:].sum())
+                if n:
+                    total += (
+                        float(_weighted_ce(_align(logits, batch), batch["input_ids"], weights)) * n
+                    )
+                    count += int(n)
+        finally:
+            model.train(was_training)
+        return total / count if count else float("nan")
+
+    def evaluate_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Conversation],
+        collator: Any,
+        batch_size: int,
+    ) -> Evaluation:
+        """Response loss and perplexity on every example; metrics of decoded responses on the
+        first `eval_generate_max_samples` examples that have a reference."""
+        loss = self.response_loss(model, features)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        scored = [i for i, ex in enumerate(examples) if ex.reference is not None]
+        limit = self.cfg.eval_generate_max_samples
+        scored = scored if limit is None else scored[:limit]
+        if not scored:
+            return Evaluation(metrics)
+        decoded = self.decode_ids(
+            model, [self.prompt_ids(features[i], examples[i]) for i in scored], self.settings()
+        )
+        refs = [examples[i].reference or "" for i in scored]
+        ev = self.score(decoded.texts, refs)
+        ev.metrics = {
+            **metrics,
+            **ev.metrics,
+            "generated": float(len(scored)),
+            "gen_tokens_per_second": decoded.new_tokens / max(decoded.seconds, 1e-9),
+        }
+        ev.details["samples"] = [
+            {"prompt": examples[i].prompt_messages[-1]["content"], "reference": r, "output": o}
+            for i, r, o in list(zip(scored, refs, decoded.texts))[: self.cfg.report_samples]
+        ]
+        return ev
+
+    def extract(self, text: str) -> str | None:
+        m = self.pattern.search(text) if self.pattern else None
+        if m is None:
+            return None
+        return _normalize_answer(m.group(1) if self.pattern.groups else m.group(0))
+
+    def label_of(self, text: str) -> str | None:
+        """The label mentioned first in `text` (case-insensitive, whole words)."""
+        hits = [
+            (m.start(), label)
+            for p, label in zip(self.label_patterns, self.cfg.labels or [])
+            if (m := p.search(text))
+        ]
+        return min(hits)[1] if hits else None
+
+    def score(self, predictions: list[str], references: list[str]) -> Evaluation:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+
+        if self.pattern:
+            gold = [self.extract(r) for r in references]
+            pred = [self.extract(p) for p in predictions]
+            em = [p is not None and p == g for p, g in zip(pred, gold)]
+            extra = {"format_rate": float(np.mean([p is not None for p in pred]))}
+        else:
+            em = [_squash(p) == _squash(r) for p, r in zip(predictions, references)]
+            extra = {}
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+        bleu = sacrebleu.corpus_bleu(predictions, [references]).score
+        metrics = {
+            "exact_match": float(np.mean(em)),
+            **extra,
+            "rougeL": float(np.mean(rouge)),
+            "bleu": float(bleu),
+        }
+        if not self.cfg.labels:
+            return Evaluation(metrics)
+        names = [*self.cfg.labels, NO_LABEL]
+        index = {n: i for i, n in enumerate(names)}
+        pred_ids = np.array([index[self.label_of(p) or NO_LABEL] for p in predictions])
+        gold_ids = np.array([index[self.label_of(r) or NO_LABEL] for r in references])
+        ev = M.single_label_metrics(pred_ids, gold_ids, names)
+        per_class = ev.details["per_class"]
+        metrics["accuracy"] = ev.metrics["accuracy"]
+        # macro F1 over the configured labels; "(none)" (no label mentioned) is never gold
+        metrics["macro_f1"] = float(np.mean([per_class[n]["f1"] for n in self.cfg.labels]))
+        metrics["no_label_rate"] = float(np.mean(pred_ids == index[NO_LABEL]))
+        return Evaluation(metrics, ev.details)
+
+    def predict_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Conversation],
+        collator: Any,
+        batch_size: int,
+    ) -> list[dict[str, Any]]:
+        decoded = self.decode_ids(
+            model, [self.prompt_ids(f, ex) for f, ex in zip(features, examples)], self.settings()
+        )
+        rows = []
+        for ex, out in zip(examples, decoded.texts):
+            prompt = ex.text if ex.text is not None else ex.prompt_messages[-1]["content"]
+            row: dict[str, Any] = {"prompt": prompt, "output": out}
+            if ex.reference is not None:
+                row["reference"] = ex.reference
+            if self.cfg.labels:
+                row["label"] = self.label_of(out)
+            rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------------ report
+    def report(self, evaluation: Evaluation) -> str:
+        parts = []
+        samples = evaluation.details.get("samples")
+        if samples:
+            rows = [
+                [_cell(s["prompt"]), _cell(s["reference"]), _cell(s["output"])] for s in samples
+            ]
+            parts.append(
+                "### Sample generations\n\n" + M._table(["prompt", "reference", "output"], rows)
+            )
+        labels = M.classification_report_markdown(evaluation)
+        if labels:
+            parts.append(labels)
+        return "\n\n".join(parts)
+
+    def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
+        cm = evaluation.details.get("confusion_matrix")
+        if cm is None:
+            return []
+        path = out_dir / f"{prefix}confusion_matrix.png"
+        names = evaluation.details["labels"]
+        plots.confusion_matrix(np.array(cm), names, path, title=f"{prefix}confusion matrix")
+        return [path]
+
+
+def _align(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Drop the positions of virtual tokens that prompt-learning methods put before the input."""
+    extra = logits.shape[1] - batch["input_ids"].shape[1]
+    if extra and "position_ids" in batch:
+        raise LmadaptError(
+            "task.packing does not work with prompt-learning methods (peft drops position_ids)"
+        )
+    return logits[:, extra:] if extra else logits
+
+
+def _weighted_ce(
+    logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Σ w·ce / Σ w of predicting token t+1 at position t; only weighted positions are computed."""
+    w = weights[:, 1:].float()
+    keep = w > 0
+    if not keep.any():
+        return logits.sum() * 0.0  # keeps the graph: a batch of prompts only adds nothing
+    ce = F.cross_entropy(logits[:, :-1][keep].float(), input_ids[:, 1:][keep], reduction="none")
+    return (ce * w[keep]).sum() / w[keep].sum()
+
+
+def _token_batches(lengths: list[int], budget: int = EVAL_TOKENS_PER_BATCH) -> list[list[int]]:
+    """Length-sorted batches of at most `budget` padded tokens (at least one example each)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """Text before the first stop string (generate() stops after it, so it may be included)."""
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut].strip()
+
+
+def _normalize_answer(value: str) -> str:
+    """'1,000.' -> '1000', '5.00' -> '5': numbers compare by value, other text as stripped."""
+    s = value.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        number = float(s)
+    except ValueError:
+        return s
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -1,0 +1,286 @@
+"""Prompt-based fine-tuning (Schick & Schütze 2021, PET, arXiv:2001.07676; Gao et al. 2021, LM-BFF,
+arXiv:2012.15723): classification trained through the LM head, with the same template and
+verbalizer as zero-shot prompting. No new head: the loss is cross-entropy over the label scores
+log p(verbalizer | prompt), so training starts from the zero-shot classifier instead of a random
+head, which is what makes it strong with few examples. Any registered method (lora, prompt tuning,
+full, ...) trains it through the one training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmadapt.config import ConfigError
+from lmadapt.errors import DataError
+from lmadapt.evaluate import metrics as M
+from lmadapt.evaluate import plots
+from lmadapt.prompting.templates import Renderer, load_template, template_verbalizer
+from lmadapt.prompting.verbalizers import Continuations, Verbalizer
+from lmadapt.tasks import TASKS
+from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.classification import ClassificationConfig, ClassificationTask, Example
+
+KIND = "prompting"  # peft wraps it as CAUSAL_LM (methods.base.PEFT_TASK_TYPES)
+
+
+@dataclass
+class PromptClassificationConfig:
+    type: str = "prompt_classification"
+    template: Any = "sentiment"
+    """A named prompt template, a YAML path or an inline mapping (see lmadapt.prompting)."""
+    verbalizer: dict[str, Any] | None = None
+    """label -> word(s); None takes the named template's."""
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 128
+    """Input texts are cut to this many tokens before being put into the template."""
+    length_normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
+        if self.verbalizer is None and not (
+            isinstance(self.template, str) and template_verbalizer(self.template)
+        ):
+            raise ConfigError("task.verbalizer", "is required (the template suggests none)")
+
+
+class PromptCollator:
+    """Left-padded prompt rows; one row per verbalizer when some verbalizer has several tokens.
+
+    Left padding puts every scored position at the end, so `logits_to_keep` (negative indices)
+    asks the model for those logits only, also when a method prepends virtual tokens.
+    """
+
+    def __init__(self, pad_id: int, conts: Continuations):
+        self.pad_id, self.conts = pad_id, conts
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.conts.single_token:
+            rows = [f["input_ids"] for f in features]
+            keep = 1
+        else:
+            rows = [f["input_ids"] + c[:-1] for f in features for c in self.conts.ids]
+            keep = max(len(c) for c in self.conts.ids)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": torch.arange(-keep, 0)}
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features])
+        return batch
+
+
+@TASKS.register("prompt_classification", PromptClassificationConfig)
+class PromptClassificationTask:
+    """Classification through the LM head: CE over verbalizer log-probabilities (PET / LM-BFF)."""
+
+    kind = KIND
+    default_metric = "accuracy"
+    metric_mode = "max"
+
+    def __init__(self, cfg: PromptClassificationConfig, state: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.template = load_template(cfg.template)
+        raw = cfg.verbalizer or template_verbalizer(cfg.template)
+        self.verbalizer = Verbalizer.from_config(raw, "task.verbalizer")
+        self.labels = self.verbalizer.labels
+        self.reader = ClassificationTask(
+            ClassificationConfig(
+                text_column=(state or {}).get("text_column", cfg.text_column),
+                text_pair_column=(state or {}).get("text_pair_column", cfg.text_pair_column),
+                label_column=cfg.label_column,
+            )
+        )
+        self.conts: Continuations | None = None
+
+    # ------------------------------------------------------------------ data
+    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Example]:
+        return self.reader.read(path, fmt, labelled)
+
+    def fit(self, train: list[Example]) -> None:
+        self.check(train)
+
+    def check(self, examples: list[Example]) -> None:
+        for ex in examples:
+            if ex.label is not None and ex.label not in self.labels:
+                raise DataError(
+                    ex.file,
+                    f"label {ex.label!r} has no verbalizer entry (known: {', '.join(self.labels)})",
+                    ex.line,
+                    self.cfg.label_column,
+                )
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "text_column": self.reader.cfg.text_column,
+            "text_pair_column": self.reader.cfg.text_pair_column,
+        }
+
+    def examples_from_texts(self, texts: list[str]) -> list[Example]:
+        return self.reader.examples_from_texts(texts)
+
+    def _prepare(self, tokenizer: Any) -> Renderer:
+        if self.conts is None:
+            self.conts = self.verbalizer.tokenize(tokenizer, self.template.answer)
+        return Renderer(self.template, tokenizer)
+
+    def _cut(self, text: str | None, tokenizer: Any) -> str | None:
+        if text is None:
+            return None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.cfg.max_length:
+            return text
+        return tokenizer.decode(ids[: self.cfg.max_length])
+
+    def encode(self, examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
+        renderer = self._prepare(tokenizer)
+        index = {n: i for i, n in enumerate(self.labels)}
+        feats = []
+        for ex in examples:
+            fields = {
+                "text": self._cut(ex.text, tokenizer),
+                "text_pair": self._cut(ex.text_pair, tokenizer),
+            }
+            prefix, suffix = renderer.render([], fields)
+            ids = tokenizer(prefix, add_special_tokens=not renderer.chat)["input_ids"]
+            ids = ids + tokenizer(suffix, add_special_tokens=False)["input_ids"]
+            f: dict[str, Any] = {"input_ids": ids}
+            if ex.label is not None:
+                f["labels"] = index[ex.label]
+            feats.append(f)
+        return feats
+
+    def collator(self, tokenizer: Any) -> PromptCollator:
+        self._prepare(tokenizer)
+        return PromptCollator(tokenizer.pad_token_id, self.conts)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        from lmadapt.models import load_model
+
+        model = load_model(spec, AutoModelForCausalLM, trust_remote_code)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+        return model
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """None: the LM head is the classifier, so nothing is freshly initialised."""
+        return []
+
+    def label_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(rows, kept positions, vocab) LM logits -> (B, C) label log-scores."""
+        conts = self.conts
+        lp = logits.float().log_softmax(-1)
+        if conts.single_token:
+            per_cont = lp[:, -1, [c[0] for c in conts.ids]]
+        else:
+            width = lp.shape[1]
+            lp = lp.view(-1, len(conts.ids), width, lp.shape[-1])
+            per_cont = torch.stack(
+                [
+                    lp[:, j, torch.arange(width - len(c), width), torch.tensor(c)].sum(-1)
+                    for j, c in enumerate(conts.ids)
+                ],
+                dim=1,
+            )
+        return conts.label_scores(per_cont, self.cfg.length_normalize)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(self.label_scores(logits), batch["labels"])
+
+    @torch.no_grad()
+    def _scores(
+        self, model: torch.nn.Module, features: list[dict[str, Any]], collator: Any, batch_size: int
+    ) -> tuple[list[np.ndarray], float | None]:
+        from lmadapt.inference import model_inputs
+
+        was_training = model.training
+        model.eval()
+        out: list[np.ndarray] = [np.empty(0)] * len(features)
+        order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+        total, n = 0.0, 0
+        try:
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                batch = collator([features[i] for i in idx])
+                scores = self.label_scores(model(**model_inputs(batch)).logits)
+                if "labels" in batch:
+                    total += float(F.cross_entropy(scores, batch["labels"])) * len(idx)
+                    n += len(idx)
+                for row, i in enumerate(idx):
+                    out[i] = scores[row].numpy()
+        finally:
+            model.train(was_training)
+        return out, (total / n if n else None)
+
+    def evaluate_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Example],
+        collator: Any,
+        batch_size: int,
+    ) -> Evaluation:
+        scores, loss = self._scores(model, features, collator, batch_size)
+        ev = self.evaluate(scores, examples)
+        if loss is not None:
+            ev.metrics["loss"] = loss
+        return ev
+
+    def predict_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Example],
+        collator: Any,
+        batch_size: int,
+    ) -> list[dict[str, Any]]:
+        return self.decode(self._scores(model, features, collator, batch_size)[0], examples)
+
+    # ------------------------------------------------------------------ outputs
+    @staticmethod
+    def _probs(scores: list[np.ndarray]) -> np.ndarray:
+        z = np.stack(scores)
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
+        index = {n: i for i, n in enumerate(self.labels)}
+        gold = np.array([index[ex.label] for ex in examples])
+        return M.single_label_metrics(self._probs(logits).argmax(-1), gold, self.labels)
+
+    def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
+        out = []
+        for ex, p in zip(examples, self._probs(logits)):
+            row = {
+                "text": ex.text,
+                "label": self.labels[int(p.argmax())],
+                "probabilities": {n: round(float(v), 6) for n, v in zip(self.labels, p)},
+            }
+            if ex.text_pair:
+                row["text_pair"] = ex.text_pair
+            out.append(row)
+        return out
+
+    def report(self, evaluation: Evaluation) -> str:
+        return M.classification_report_markdown(evaluation)
+
+    def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
+        path = out_dir / f"{prefix}confusion_matrix.png"
+        cm = np.array(evaluation.details["confusion_matrix"])
+        plots.confusion_matrix(cm, self.labels, path, title=f"{prefix}confusion matrix")
+        return [path]

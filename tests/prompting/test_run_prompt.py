@@ -1,0 +1,116 @@
+"""`run_prompt` / `lmadapt prompt` end to end on the tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmadapt.errors import ConfigError, DataError
+from lmadapt.prompting import run_prompt
+from lmadapt.prompting.templates import Renderer, load_template
+
+
+def _cfg(tiny_llama, sst_files, tmp_path, **over):
+    cfg = {
+        "model": tiny_llama,
+        "template": "sentiment",
+        "k": 2,
+        "selection": "balanced",
+        "seeds": [0, 1],
+        "calibration": True,
+        "batch_size": 4,
+        "threads": 1,
+        "data": {"dev": str(sst_files["dev"]), "train": str(sst_files["train"])},
+        "output_dir": str(tmp_path / "out"),
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_run_prompt_writes_report_and_seed_stats(tiny_llama, sst_files, tmp_path):
+    metrics = run_prompt(_cfg(tiny_llama, sst_files, tmp_path))
+    out = tmp_path / "out"
+    assert metrics["seeds"] == [0, 1]
+    assert set(metrics["summary"]) == {"uncalibrated", "calibrated"}
+    assert 0 <= metrics["summary"]["calibrated"]["accuracy"]["mean"] <= 1
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 16 and rows[0]["pred_calibrated"] in ("0", "1")
+    report = (out / "report.md").read_text()
+    assert "±" in report and "Confusion matrix" in report and "calibrated" in report
+    assert json.loads((out / "metrics.json").read_text())["k"] == 2
+
+
+def test_prefix_reuse_does_not_change_predictions(tiny_llama, sst_files, tmp_path):
+    a = run_prompt(_cfg(tiny_llama, sst_files, tmp_path, output_dir=str(tmp_path / "a")))
+    b = run_prompt(
+        _cfg(tiny_llama, sst_files, tmp_path, output_dir=str(tmp_path / "b"), prefix_reuse=False)
+    )
+    assert a["summary"] == b["summary"]
+
+
+def test_cli_prompt_with_overrides(tiny_llama, sst_files, tmp_path):
+    import yaml
+
+    from lmadapt.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tiny_llama, sst_files, tmp_path)))
+    assert main(["prompt", str(path), "k=0", "calibration=false"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["k"] == 0 and metrics["seeds"] == [0] and "calibrated" not in metrics["summary"]
+    assert main(["prompt", str(path), "selection=nearest", "overwrite=true"]) == 2
+
+
+def test_errors_name_the_field_and_line(tiny_llama, sst_files, tmp_path):
+    with pytest.raises(ConfigError, match="verbalizer"):
+        run_prompt(_cfg(tiny_llama, sst_files, tmp_path, template={"input": "{text}"}))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nfine film,1\nodd one,7\n")
+    with pytest.raises(DataError, match="line 3.*'label'"):
+        run_prompt(_cfg(tiny_llama, sst_files, tmp_path, data={"dev": str(bad)}, k=0))
+
+
+def test_chat_rendering_splits_before_the_query(tiny_lm):
+    _, tok = tiny_lm
+    r = Renderer(load_template("sentiment"), tok)
+    prefix, suffix = r.render(["Review: a\nSentiment: positive"], {"text": "the plot"})
+    assert prefix.startswith("<|im_start|>user\nClassify") and prefix.endswith("\n\n")
+    assert suffix == "Review: the plot<|im_end|>\n<|im_start|>assistant\nSentiment:"
+
+
+def test_generate_mode_exact_match(tiny_llama, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    rows = [{"context": "Paris is in France.", "question": "Where is Paris?", "answer": "France"}]
+    qa.write_text("\n".join(json.dumps(r) for r in rows * 3) + "\n")
+    metrics = run_prompt(
+        {
+            "model": tiny_llama,
+            "mode": "generate",
+            "template": "qa",
+            "k": 1,
+            "max_new_tokens": 4,
+            "threads": 1,
+            "data": {"dev": str(qa), "train": str(qa)},
+            "output_dir": str(tmp_path / "gen"),
+        }
+    )
+    assert metrics["n_eval"] == 3 and 0 <= metrics["summary"]["exact_match"]["mean"] <= 1
+    row = json.loads((tmp_path / "gen" / "predictions.jsonl").read_text().splitlines()[0])
+    assert row["gold"] == "France" and "prediction" in row
+
+
+def test_embedding_zero_shot_with_minilm(sst_files, tmp_path, minilm_dir):
+    from lmadapt.prompting.embedding import pooling_mode
+
+    assert pooling_mode(minilm_dir) == "mean"  # MiniLM's 1_Pooling/config.json
+    metrics = run_prompt(
+        {
+            "mode": "embedding",
+            "label_descriptions": {"0": ["bad", "awful"], "1": ["good", "great"]},
+            "threads": 1,
+            "data": {"dev": str(sst_files["dev"])},
+            "output_dir": str(tmp_path / "emb"),
+        }
+    )
+    assert metrics["summary"]["uncalibrated"]["accuracy"]["mean"] >= 0.75
