@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_documented_command_exists():
-    documented = set(re.findall(r"^lmadapt (\w+)", (ROOT / "README.md").read_text(), re.M))
+    documented = set(re.findall(r"^lmadapt ([\w-]+)", (ROOT / "README.md").read_text(), re.M))
     assert documented, "README documents no command"
     assert documented <= set(COMMANDS), documented - set(COMMANDS)
 
