@@ -125,7 +125,9 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
     task, spec = data.task, data.spec
     method = build_method(config.method)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
-    model = method.apply(task.build_model(spec, config.trust_remote_code), task)
+    base = task.build_model(spec, config.trust_remote_code)
+    set_attention(base, config.attention, spec.kind)
+    model = method.apply(base, task)
     trainable, total = count_parameters(model)
 
     if not resume:
@@ -215,6 +217,13 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
     write_report(out, summary, sections, images)
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
     return metrics
+
+
+def set_attention(model: torch.nn.Module, choice: str, kind: str) -> None:
+    """Pick the attention kernel; measured in bench/: eager is faster for encoder fine-tuning."""
+    impl = {"auto": "eager" if kind == "encoder" else None}.get(choice, choice)
+    if impl and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
 
 
 def _run_info(config: RunConfig, spec: ModelSpec, task: Any) -> dict[str, Any]:

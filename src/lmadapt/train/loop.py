@@ -156,6 +156,10 @@ class Trainer:
         self.mode = task.metric_mode if cfg.metric_mode == "auto" else cfg.metric_mode
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
         self.lengths = [len(f["input_ids"]) for f in train_features]
+        if cfg.dropout is not None:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = cfg.dropout
 
     # ------------------------------------------------------------------ schedule
     def batches_for_epoch(self, epoch: int) -> list[list[int]]:
