@@ -39,7 +39,10 @@ def run_lmadapt(args: argparse.Namespace) -> dict:
     from lmadapt.config import build_run_config
 
     out = tempfile.mkdtemp(prefix="bench-lmadapt-")
+    opts = json.loads(args.train_opts)
+    attention = opts.pop("attention", "auto")
     cfg = {
+        "attention": attention,
         "model": "minilm",
         "task": {"type": "classification", "text_column": "sentence"},
         "method": {"name": args.method},
@@ -54,7 +57,7 @@ def run_lmadapt(args: argparse.Namespace) -> dict:
             "lr": LR[args.method],
             "seed": args.seed,
             "log_every": 50,
-            **json.loads(args.train_opts),
+            **opts,
         },
         "output_dir": f"{out}/run",
     }
@@ -117,7 +120,7 @@ def run_hf(args: argparse.Namespace) -> dict:
         num_train_epochs=args.epochs,
         learning_rate=LR[args.method],
         weight_decay=0.01,
-        warmup_ratio=0.06,
+        warmup_steps=0.06,  # a float is a ratio of the total steps in transformers 5
         lr_scheduler_type="linear",
         seed=args.seed,
         use_cpu=True,
