@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/lmadapt train configs/demo.yaml output_dir=runs/demo overwrite=true
-	HF_HUB_OFFLINE=1 $(BIN)/lmadapt predict runs/demo "a warm, funny and beautifully acted film" "a dull, lifeless mess that wastes its cast"
+	HF_HUB_OFFLINE=1 $(BIN)/lmadapt predict runs/demo "The soundtrack was wonderful." "I thought the ending was painfully slow."
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

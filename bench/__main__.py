@@ -21,51 +21,36 @@ BACKWARD_FACTOR = {"full": 6, "bitfit": 4, "lora": 4}
 
 
 def scenarios(rows: int, full_rows: int | None) -> list[dict]:
+    """Peer runs (HF Trainer, random and length-grouped batches), lmadapt's defaults, and
+    lmadapt with dropout off; then one-feature-off ablations of LoRA."""
+
+    def row(name: str, impl: str, method: str, opts: dict | None = None, n: int = rows) -> dict:
+        return {"name": name, "impl": impl, "method": method, "rows": n, "opts": opts or {}}
+
     out = []
-    for method in ("lora", "bitfit", "full"):
+    for m in ("lora", "bitfit", "full"):
         out += [
-            {"name": f"{method}/hf", "impl": "hf", "method": method, "rows": rows, "opts": {}},
-            {
-                "name": f"{method}/hf+group_by_length",
-                "impl": "hf",
-                "method": method,
-                "rows": rows,
-                "opts": {"group_by_length": True},
-            },
-            {
-                "name": f"{method}/lmadapt",
-                "impl": "lmadapt",
-                "method": method,
-                "rows": rows,
-                "opts": {},
-            },
+            row(f"{m}/hf", "hf", m),
+            row(f"{m}/hf+group_by_length", "hf", m, {"group_by_length": True}),
+            row(f"{m}/lmadapt", "lmadapt", m),
+            row(f"{m}/lmadapt dropout=0", "lmadapt", m, {"dropout": 0.0}),
         ]
     out += [
-        {
-            "name": "lora/lmadapt fp32",
-            "impl": "lmadapt",
-            "method": "lora",
-            "rows": rows,
-            "opts": {"precision": "fp32"},
-        },
-        {
-            "name": "lora/lmadapt no length grouping",
-            "impl": "lmadapt",
-            "method": "lora",
-            "rows": rows,
-            "opts": {"group_by_length": False},
-        },
+        row(
+            "lora/lmadapt dropout=0 fp32", "lmadapt", "lora", {"dropout": 0.0, "precision": "fp32"}
+        ),
+        row(
+            "lora/lmadapt dropout=0 no grouping",
+            "lmadapt",
+            "lora",
+            {"dropout": 0.0, "group_by_length": False},
+        ),
+        row(
+            "lora/lmadapt dropout=0 sdpa", "lmadapt", "lora", {"dropout": 0.0, "attention": "sdpa"}
+        ),
     ]
     if full_rows is not None:
-        out.append(
-            {
-                "name": "lora/lmadapt full SST-2",
-                "impl": "lmadapt",
-                "method": "lora",
-                "rows": full_rows,
-                "opts": {},
-            }
-        )
+        out.append(row("lora/lmadapt full SST-2", "lmadapt", "lora", {"dropout": 0.0}, full_rows))
     return out
 
 

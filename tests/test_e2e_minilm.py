@@ -15,8 +15,8 @@ def test_demo_config_on_minilm(tmp_path, capsys, monkeypatch):
             "train",
             "configs/demo.yaml",
             f"output_dir={out}",
-            "train.max_steps=30",
-            "train.eval_every=10",
+            "train.max_steps=60",
+            "train.eval_every=20",
         ]
     )
     assert code == 0
