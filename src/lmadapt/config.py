@@ -324,17 +324,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply overrides, and check every field."""
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML content; every failure is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("<file>", "config file not found", source=str(path))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError("<yaml>", f"not valid YAML: {e}", source=str(path)) from None
     except UnicodeDecodeError as e:
         raise ConfigError("<file>", f"not UTF-8 text: {e}", source=str(path)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides, and check every field."""
+    path = Path(path)
+    raw = read_yaml(path)
     try:
         config = build_run_config(apply_overrides(raw, overrides or []))
     except ConfigError as e:

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmadapt.config import (
     DataConfig,
     TrainConfig,
     apply_overrides,
     from_dict,
     parse_section,
+    read_yaml,
     to_dict,
 )
 from lmadapt.errors import ConfigError
@@ -158,12 +157,7 @@ def build_continual_config(data: dict[str, Any]) -> ContinualConfig:
 def load_continual_config(path: str | Path, overrides: list[str] | None = None) -> ContinualConfig:
     """Read a continual YAML config; overrides like `strategy=replay strategy.buffer_size=50`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("<file>", "config file not found", source=str(path))
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("<yaml>", f"not valid YAML: {e}", source=str(path)) from None
+    raw = read_yaml(path)
     try:
         for item in overrides or []:
             if isinstance(raw, dict) and isinstance(raw.get("strategy"), str):

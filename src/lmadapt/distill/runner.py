@@ -15,9 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from lmadapt.config import RunConfig, apply_overrides, build_run_config, from_dict, to_dict
+from lmadapt.config import (
+    RunConfig,
+    apply_overrides,
+    build_run_config,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
 from lmadapt.continual.model import model_kwargs
 from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
@@ -78,13 +84,9 @@ def build_distill_config(data: dict[str, Any]) -> DistillConfig:
 
 def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("<file>", "config file not found", source=str(path))
+    raw = read_yaml(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         config = build_distill_config(apply_overrides(raw, overrides or []))
-    except yaml.YAMLError as e:
-        raise ConfigError("<yaml>", f"not valid YAML: {e}", source=str(path)) from None
     except ConfigError as e:
         if e.source is None:
             raise ConfigError(e.field, e.message, source=str(path)) from None

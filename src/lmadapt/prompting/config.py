@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from lmadapt.config import apply_overrides, from_dict
+from lmadapt.config import apply_overrides, from_dict, read_yaml
 from lmadapt.errors import ConfigError
 
 
@@ -104,14 +102,8 @@ def load_prompt_config(
     if isinstance(path, dict):
         raw = path
     else:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError("<file>", "config file not found", source=source)
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("<yaml>", f"not valid YAML: {e}", source=source) from None
+        source = str(path)
+        raw = read_yaml(path)
     try:
         cfg = from_dict(PromptConfig, apply_overrides(raw, overrides or []))
     except ConfigError as e:
