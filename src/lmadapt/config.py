@@ -7,9 +7,11 @@ class from the task or method registry, so a new method brings its own typed fie
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -337,21 +339,31 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError("<file>", f"not UTF-8 text: {e}", source=str(path)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply overrides, and check every field."""
-    path = Path(path)
-    raw = read_yaml(path)
+@contextlib.contextmanager
+def config_source(path: str | Path) -> Iterator[None]:
+    """Errors raised inside name the config file they came from."""
     try:
-        config = build_run_config(apply_overrides(raw, overrides or []))
+        yield
     except ConfigError as e:
         if e.source is None:
             raise ConfigError(e.field, e.message, source=str(path)) from None
         raise
-    base = path.parent
-    # Relative data paths in a config file are relative to the working directory when they
-    # exist there (the usual case for shipped configs), else to the config file itself.
-    for name in ("train", "dev", "test"):
-        value = getattr(config.data, name)
+
+
+def resolve_data_paths(config_file: str | Path, obj: Any, names: tuple[str, ...]) -> None:
+    """Relative data paths in a config file are relative to the working directory when they
+    exist there (the usual case for shipped configs), else to the config file itself."""
+    base = Path(config_file).parent
+    for name in names:
+        value = getattr(obj, name)
         if value and not Path(value).exists() and (base / value).exists():
-            setattr(config.data, name, str(base / value))
+            setattr(obj, name, str(base / value))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides, and check every field."""
+    raw = read_yaml(path)
+    with config_source(path):
+        config = build_run_config(apply_overrides(raw, overrides or []))
+    resolve_data_paths(path, config.data, ("train", "dev", "test"))
     return config

@@ -25,9 +25,11 @@ from lmadapt.config import (
     DataConfig,
     TrainConfig,
     apply_overrides,
+    config_source,
     from_dict,
     parse_section,
     read_yaml,
+    resolve_data_paths,
     to_dict,
 )
 from lmadapt.errors import ConfigError
@@ -156,21 +158,13 @@ def build_continual_config(data: dict[str, Any]) -> ContinualConfig:
 
 def load_continual_config(path: str | Path, overrides: list[str] | None = None) -> ContinualConfig:
     """Read a continual YAML config; overrides like `strategy=replay strategy.buffer_size=50`."""
-    path = Path(path)
     raw = read_yaml(path)
-    try:
+    with config_source(path):
         for item in overrides or []:
             if isinstance(raw, dict) and isinstance(raw.get("strategy"), str):
                 raw["strategy"] = {"name": raw["strategy"]}
             raw = apply_overrides(raw, [item])
         config = build_continual_config(raw)
-    except ConfigError as e:
-        if e.source is None:
-            raise ConfigError(e.field, e.message, source=str(path)) from None
-        raise
-    for entry in config.stream:  # relative data paths: working directory first, then the file's
-        for name in ("train", "dev", "test"):
-            value = getattr(entry.data, name)
-            if value and not Path(value).exists() and (path.parent / value).exists():
-                setattr(entry.data, name, str(path.parent / value))
+    for entry in config.stream:
+        resolve_data_paths(path, entry.data, ("train", "dev", "test"))
     return config

@@ -20,8 +20,10 @@ from lmadapt.config import (
     RunConfig,
     apply_overrides,
     build_run_config,
+    config_source,
     from_dict,
     read_yaml,
+    resolve_data_paths,
     to_dict,
 )
 from lmadapt.continual.model import model_kwargs
@@ -83,19 +85,11 @@ def build_distill_config(data: dict[str, Any]) -> DistillConfig:
 
 
 def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
-    path = Path(path)
     raw = read_yaml(path)
-    try:
+    with config_source(path):
         config = build_distill_config(apply_overrides(raw, overrides or []))
-    except ConfigError as e:
-        if e.source is None:
-            raise ConfigError(e.field, e.message, source=str(path)) from None
-        raise
-    d, o = config.student.data, config.options
-    for obj, name in [(d, "train"), (d, "dev"), (d, "test"), (o, "unlabeled")]:
-        value = getattr(obj, name)
-        if value and not Path(value).exists() and (path.parent / value).exists():
-            setattr(obj, name, str(path.parent / value))
+    resolve_data_paths(path, config.student.data, ("train", "dev", "test"))
+    resolve_data_paths(path, config.options, ("unlabeled",))
     return config
 
 

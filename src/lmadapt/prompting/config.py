@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmadapt.config import apply_overrides, from_dict, read_yaml
+from lmadapt.config import (
+    apply_overrides,
+    config_source,
+    from_dict,
+    read_yaml,
+    resolve_data_paths,
+)
 from lmadapt.errors import ConfigError
 
 
@@ -104,16 +111,8 @@ def load_prompt_config(
     else:
         source = str(path)
         raw = read_yaml(path)
-    try:
+    with config_source(source) if source else contextlib.nullcontext():
         cfg = from_dict(PromptConfig, apply_overrides(raw, overrides or []))
-    except ConfigError as e:
-        if source and e.source is None:
-            raise ConfigError(e.field, e.message, source=source) from None
-        raise
-    if source:  # as for run configs: relative to the working dir, else to the config file
-        base = Path(source).parent
-        for name in ("dev", "train"):
-            value = getattr(cfg.data, name)
-            if value and not Path(value).exists() and (base / value).exists():
-                setattr(cfg.data, name, str(base / value))
+    if source:
+        resolve_data_paths(source, cfg.data, ("dev", "train"))
     return cfg
