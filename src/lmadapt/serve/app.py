@@ -4,23 +4,38 @@ Requests name a run by `model` (its directory's basename); names are looked up i
 built at start-up, so no request field ever reaches the filesystem. Every endpoint checks that
 the run's task fits it (a classification run is not an NER model) and that inputs stay within
 the configured limits, answering 4xx with a message that says which limit and by how much.
+
+Generation runs decode with their task's own `decode_ids` (the code behind `lmadapt generate`),
+in the model group's batcher thread; a streamed chat completion hands that thread a transformers
+streamer and relays its text as Server-Sent Events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import itertools
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Hashable
+from concurrent.futures import Future
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
 from lmadapt.serve.batching import MicroBatcher, QueueFullError
-from lmadapt.serve.runs import ModelGroup, ServedRun, load_groups
+from lmadapt.serve.runs import Completion, GenerationJob, ModelGroup, ServedRun, load_groups
 from lmadapt.serve.settings import ServeSettings
+from lmadapt.serve.streaming import StopCutter, TokenStream, sse
+from lmadapt.tasks.generation import GenerationSettings
 
 NER_KINDS = ("token_classification", "ner")
 GENERATION_KINDS = ("generation",)
@@ -45,10 +60,67 @@ class TextsResponse(BaseModel):
     )
 
 
-class GenerateRequest(_Strict):
-    model: str | None = None
-    prompt: str
-    max_new_tokens: int = Field(64, ge=1)
+Stop = Annotated[str, Field(min_length=1, max_length=64)]
+Stops = Annotated[list[Stop], Field(max_length=4)]
+
+
+class Decoding(BaseModel):
+    """Decoding fields of both generation endpoints; an omitted field keeps the run's setting."""
+
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="0 = greedy, > 0 samples; omitted: the run's task setting."
+    )
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (when sampling).")
+    stop: Stops | Stop | None = Field(
+        None,
+        description="Up to 4 stop strings, replacing the run's task.stop: the answer ends "
+        "before the first one (the template's end of turn always stops).",
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Sampling seed; omitted: a fresh one per request."
+    )
+
+
+class GenerateRequest(Decoding):
+    """Prompts answered as single user turns in the run's prompt template (as `lmadapt
+    generate` does)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="Run name; optional when one run is served.")
+    prompt: str | None = None
+    prompts: list[str] | None = Field(None, min_length=1)
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Omitted: the run's task.max_new_tokens, capped at the limit."
+    )
+
+    @model_validator(mode="after")
+    def _one_of_prompt_and_prompts(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of 'prompt' and 'prompts'")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.prompt] if self.prompt is not None else list(self.prompts or [])
+
+
+class GenerationOutput(BaseModel):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    results: list[GenerationOutput] = Field(description="One per prompt, in order.")
+    usage: Usage
 
 
 class ChatMessage(BaseModel):
@@ -56,8 +128,8 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    """OpenAI chat-completions shape; fields lmadapt does not use (temperature...) are ignored."""
+class ChatRequest(Decoding):
+    """OpenAI chat-completions shape; fields lmadapt does not use (n, logprobs...) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -65,6 +137,21 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
 
 
 class ModelCard(BaseModel):
@@ -97,9 +184,10 @@ class Server:
         self.runs: dict[str, ServedRun] = {}
         self.group_of: dict[str, ModelGroup] = {}
         self.batchers: dict[int, MicroBatcher] = {}
+        self._solo = itertools.count()
         for i, g in enumerate(groups):
             self.batchers[id(g)] = MicroBatcher(
-                g.predict,
+                g.generate if g.kind in GENERATION_KINDS else g.predict,
                 settings.max_batch,
                 settings.max_wait_ms,
                 settings.max_queue,
@@ -146,40 +234,132 @@ class Server:
                         422, f"{field}[{i}] holds an unpaired surrogate (bad \\u escape)"
                     ) from None
 
-    def check_new_tokens(self, n: int | None) -> None:
+    def check_new_tokens(self, n: int | None, field: str) -> None:
         if n is not None and n > self.settings.max_new_tokens:
             raise HTTPException(
-                413, f"max_new_tokens={n} exceeds the server limit {self.settings.max_new_tokens}"
+                413, f"{field}={n} exceeds the server limit {self.settings.max_new_tokens}"
             )
 
-    async def texts(self, req: TextsRequest, kinds: tuple[str, ...], what: str) -> TextsResponse:
-        run = self.run_for(req.model)
+    def run_of_kind(self, name: str | None, kinds: tuple[str, ...], endpoint: str) -> ServedRun:
+        run = self.run_for(name)
         if run.kind not in kinds:
             raise HTTPException(
-                400, f"model {run.name!r} is a {run.kind} model; {what} needs a {kinds[0]} model"
+                400,
+                f"model {run.name!r} is a {run.kind} model; {endpoint} needs a {kinds[0]} model",
             )
-        self.check_texts(req.texts)
-        group = self.group_of[run.name]
+        return run
+
+    def submit(self, run: ServedRun, key: Hashable, items: list[Any]) -> Future:
         try:
-            future = self.batchers[id(group)].submit(run.name, req.texts)
+            return self.batchers[id(self.group_of[run.name])].submit(key, items)
         except QueueFullError as e:
             raise HTTPException(503, str(e)) from None
+
+    async def results(self, future: Future) -> list[Any]:
         try:
-            results = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         except LmadaptError as e:
             raise HTTPException(400, str(e)) from None
+
+    async def texts(self, req: TextsRequest, kinds: tuple[str, ...], what: str) -> TextsResponse:
+        run = self.run_of_kind(req.model, kinds, what)
+        self.check_texts(req.texts)
+        results = await self.results(self.submit(run, run.name, req.texts))
         return TextsResponse(model=run.name, results=results)
 
-    def refuse_generation(self, name: str | None, endpoint: str) -> NoReturn:
-        """400 for a non-generation run; 501 for a generation run until a generation task
-        exists to say how it decodes (its `generate` then plugs in here)."""
-        run = self.run_for(name)
-        if run.kind not in GENERATION_KINDS:
-            raise HTTPException(
-                400,
-                f"model {run.name!r} is a {run.kind} model; {endpoint} needs a generation model",
-            )
-        raise HTTPException(501, f"{endpoint}: serving generation models is not implemented yet")
+    # ------------------------------------------------------------------ generation
+
+    def decoding(
+        self, run: ServedRun, req: Decoding, max_new_tokens: int | None
+    ) -> GenerationSettings:
+        """The run's decoding settings with the request's overrides. Temperature 0 is greedy and
+        > 0 samples (OpenAI's convention); an omitted max_new_tokens is the run's, capped."""
+        cap = min(run.task.cfg.max_new_tokens, self.settings.max_new_tokens)
+        settings = run.task.settings(
+            max_new_tokens=max_new_tokens or cap,
+            do_sample=None if req.temperature is None else req.temperature > 0,
+            temperature=req.temperature or None,
+            top_p=req.top_p,
+            stop=[req.stop] if isinstance(req.stop, str) else req.stop,
+            seed=req.seed,
+        )
+        if settings.do_sample and req.seed is None:
+            settings.seed = secrets.randbelow(2**31)  # not the run's fixed seed: a new sample
+        return settings
+
+    def prompt_ids(
+        self,
+        run: ServedRun,
+        conversations: list[Conversation],
+        fields: list[str],
+        max_new_tokens: int,
+    ) -> list[list[int]]:
+        """Templated prompt tokens; 413 for a prompt the task would truncate (it keeps the last
+        task.max_length tokens) or one the model's context cannot hold with its answer."""
+        try:
+            feats = run.task.encode(conversations, run.tokenizer)
+        except (LmadaptError, TemplateError) as e:
+            raise HTTPException(400, f"cannot render the prompt for {run.name!r}: {e}") from None
+        limit, context = run.task.cfg.max_length, self.group_of[run.name].context
+        ids = [run.task.prompt_ids(f, c) for f, c in zip(feats, conversations)]
+        for field, prompt in zip(fields, ids):
+            if len(prompt) >= limit:
+                raise HTTPException(
+                    413,
+                    f"{field} is too long: {limit} tokens or more with the prompt template; "
+                    f"model {run.name!r} takes up to {limit - 1} (its task.max_length is {limit})",
+                )
+            if context and len(prompt) + max_new_tokens > context:
+                raise HTTPException(
+                    413,
+                    f"{field} has {len(prompt)} tokens; with {max_new_tokens} new tokens that "
+                    f"exceeds the {context}-token context of model {run.name!r}",
+                )
+        return ids
+
+    def submit_generation(self, run: ServedRun, jobs: list[GenerationJob]) -> Future:
+        """Greedy jobs with equal settings from concurrent requests decode as one batch; sampled
+        or streamed ones alone (a seed then gives the same text whatever else is queued)."""
+        first = jobs[0]
+        alone = first.settings.do_sample or first.streamer is not None
+        return self.submit(
+            run, (run.name, next(self._solo) if alone else repr(first.settings)), jobs
+        )
+
+    def stream_chat(
+        self, run: ServedRun, ids: list[int], settings: GenerationSettings, head: dict[str, Any]
+    ) -> StreamingResponse:
+        """SSE chunks as tokens are generated: the role, the content pieces (which concatenate
+        to the non-streamed answer), a last chunk with finish_reason, then [DONE]."""
+        stream = TokenStream(run.tokenizer)
+        future = self.submit_generation(run, [GenerationJob(ids, settings, stream)])
+        cutter = StopCutter(run.task.stop_strings(settings))
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for piece in stream:
+                    if text := cutter.feed(piece):
+                        yield chunk({"content": text})
+                if text := cutter.feed("", final=True):
+                    yield chunk({"content": text})
+                try:
+                    (done,) = await asyncio.wrap_future(future)
+                except LmadaptError as e:  # the 200 is already sent: report it in the stream
+                    yield sse({"error": {"message": str(e), "type": "invalid_request_error"}})
+                    return
+                yield chunk({}, done.finish_reason)
+                yield sse("[DONE]")
+            finally:
+                stream.cancel()  # a client that went away stops decoding at the next token
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     def cards(self) -> list[ModelCard]:
         cards = []
@@ -242,20 +422,84 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         return await server.texts(req, NER_KINDS, "/v1/ner")
 
     @app.post("/v1/generate")
-    async def generate(req: GenerateRequest) -> dict[str, Any]:
-        """Text continuation (a generation run). Requests are checked; decoding awaits a task."""
-        server.check_texts([req.prompt], "prompt")
-        server.check_new_tokens(req.max_new_tokens)
-        server.refuse_generation(req.model, "/v1/generate")
+    async def generate(req: GenerateRequest) -> GenerateResponse:
+        """Answers to prompts (a generation run), decoded as `lmadapt generate` decodes them."""
+        many = req.prompts is not None
+        server.check_texts(req.texts, "prompts" if many else "prompt")
+        server.check_new_tokens(req.max_new_tokens, "max_new_tokens")
+        run = server.run_of_kind(req.model, GENERATION_KINDS, "/v1/generate")
+        settings = server.decoding(run, req, req.max_new_tokens)
+        convs = [
+            Conversation([{"role": "user", "content": t}], file="<request>") for t in req.texts
+        ]
+        fields = [f"prompts[{i}]" for i in range(len(convs))] if many else ["prompt"]
+        ids = server.prompt_ids(run, convs, fields, settings.max_new_tokens)
+        jobs = [GenerationJob(p, settings) for p in ids]
+        done = await server.results(server.submit_generation(run, jobs))
+        return GenerateResponse(
+            model=run.name,
+            results=[GenerationOutput(**asdict(c)) for c in done],
+            usage=_usage(done),
+        )
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> dict[str, Any]:
-        """OpenAI-compatible chat completions (a generation run); `stream` selects SSE.
-
-        Requests are checked; decoding awaits a generation task.
-        """
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def chat(req: ChatRequest) -> ChatCompletion | StreamingResponse:
+        """OpenAI-compatible chat completion (a generation run) in the run's chat template;
+        `stream: true` answers with Server-Sent Events (chat.completion.chunk objects)."""
         server.check_texts([m.content for m in req.messages], "messages", allow_empty=True)
-        server.check_new_tokens(req.max_completion_tokens or req.max_tokens)
-        server.refuse_generation(req.model, "/v1/chat/completions")
+        n = req.max_completion_tokens or req.max_tokens
+        server.check_new_tokens(
+            n, "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        )
+        run = server.run_of_kind(req.model, GENERATION_KINDS, "/v1/chat/completions")
+        messages = [m.model_dump() for m in req.messages]
+        _check_turns(messages)
+        settings = server.decoding(run, req, n)
+        conv = Conversation(messages, file="<request>")
+        (ids,) = server.prompt_ids(run, [conv], ["messages"], settings.max_new_tokens)
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": run.name,
+        }
+        if req.stream:
+            return server.stream_chat(run, ids, settings, head)
+        (done,) = await server.results(
+            server.submit_generation(run, [GenerationJob(ids, settings)])
+        )
+        reply = ChatMessage(role="assistant", content=done.text)
+        return ChatCompletion(
+            **head,
+            choices=[ChatChoice(message=reply, finish_reason=done.finish_reason)],
+            usage=_usage([done]),
+        )
 
     return app
+
+
+def _check_turns(messages: list[dict[str, str]]) -> None:
+    """422 unless the conversation has the shape the task's templates render: system first if
+    any, then user and assistant turns alternating, ending with the user turn to answer."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[start:], start=start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise HTTPException(
+                422,
+                f"messages[{i}].role: expected {expected}, got {m['role']} (system first, then "
+                "user and assistant turns alternating)",
+            )
+    if messages[-1]["role"] != "user":
+        raise HTTPException(422, "messages: the last message must be a user turn to answer")
+
+
+def _usage(done: list[Completion]) -> Usage:
+    prompt = sum(c.prompt_tokens for c in done)
+    completion = sum(c.completion_tokens for c in done)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )

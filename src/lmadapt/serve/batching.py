@@ -3,8 +3,8 @@
 A CPU forward over 16 short texts costs far less than 16 forwards over one, so a single worker
 thread per model collects whatever requests arrive within `max_wait_ms` (up to `max_batch`
 items), runs them together, and hands each request its own slice of the results. Requests carry
-a key (the run name): jobs with different keys in one collection run as separate batches, so a
-batch never mixes adapters.
+a key (the run name; for generation, the run and its decoding settings): jobs with different keys
+in one collection run as separate batches, so a batch never mixes adapters or settings.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-ProcessFn = Callable[[str, list[Any]], list[Any]]
+ProcessFn = Callable[[Any, list[Any]], list[Any]]
 """(key, items) -> one result per item, in order."""
 
 
@@ -27,7 +27,7 @@ class QueueFullError(Exception):
 
 @dataclass
 class _Job:
-    key: str
+    key: Hashable
     items: list[Any]
     future: Future = field(default_factory=Future)
 
@@ -58,7 +58,7 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, items: list[Any]) -> Future:
+    def submit(self, key: Hashable, items: list[Any]) -> Future:
         """Queue one request; the future resolves to its results (or its exception)."""
         job = _Job(key, list(items))
         try:
@@ -96,7 +96,7 @@ class MicroBatcher:
     def _run(self, jobs: list[_Job]) -> None:
         # A cancelled future (client went away) drops its job before any work is done.
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-        by_key: dict[str, list[_Job]] = {}
+        by_key: dict[Hashable, list[_Job]] = {}
         for j in live:
             by_key.setdefault(j.key, []).append(j)
         for key, group in by_key.items():

@@ -2,8 +2,8 @@
 
 Runs saved as peft adapters over the same base model (same weights, task kind and head size)
 form one `ModelGroup`: the base is loaded once, each further run is attached with
-`PeftModel.load_adapter`, and every forward pass first selects its run's adapter under the
-group's lock. Any other run is a group of one.
+`PeftModel.load_adapter`, and every forward pass (or generation) first selects its run's adapter
+under the group's lock. Any other run is a group of one.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lmadapt.errors import LmadaptError
 from lmadapt.inference import predict_examples
 from lmadapt.methods.base import PeftMethod
 from lmadapt.models import ModelSpec
+from lmadapt.tasks.generation import GenerationSettings
 
 
 @dataclass
@@ -53,6 +54,8 @@ def read_run(run_dir: str | Path) -> ServedRun:
     """A run's config, task and tokenizer, without loading its model (so groups can share one)."""
     info = api.read_run(run_dir)
     name = info.run_dir.resolve().name
+    if info.task.kind == "generation":
+        info.task.template(info.tokenizer)  # resolved now, so a bad template fails start-up
     return ServedRun(
         name, info.run_dir, info.config, info.task, info.tokenizer, info.spec, info.method
     )
@@ -75,6 +78,25 @@ def share_key(run: ServedRun) -> tuple | None:
 
 
 @dataclass
+class GenerationJob:
+    """One prompt to continue: its templated token ids, how to decode, and an optional
+    transformers streamer that receives the tokens as they come."""
+
+    prompt_ids: list[int]
+    settings: GenerationSettings
+    streamer: Any = None
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """Either "stop" (end of turn or a stop string) or "length" (max_new_tokens ran out)."""
+
+
+@dataclass
 class ModelGroup:
     """One model in memory serving one or more runs (adapters); forward passes are serialised."""
 
@@ -85,14 +107,26 @@ class ModelGroup:
     batch_size: int = 32
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def kind(self) -> str:
+        return next(iter(self.runs.values())).kind
+
+    @property
+    def context(self) -> int | None:
+        """Most positions the model embeds (prompt + new tokens), when its config says."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+
+    def _activate(self, name: str) -> None:
+        if self.adapters:
+            self.model.set_adapter(self.adapters[name], inference_mode=True)
+
     def predict(self, name: str, texts: list[str]) -> list[dict[str, Any]]:
         """The same computation as `lmadapt.api.predict` on texts, with `name`'s adapter active."""
         run = self.runs[name]
         examples = run.task.examples_from_texts(texts)
         feats = run.task.encode(examples, run.tokenizer)
         with self.lock:
-            if self.adapters:
-                self.model.set_adapter(self.adapters[name], inference_mode=True)
+            self._activate(name)
             return predict_examples(
                 self.model,
                 run.task,
@@ -101,6 +135,26 @@ class ModelGroup:
                 run.task.collator(run.tokenizer),
                 self.batch_size,
             )
+
+    def generate(self, key: tuple[str, Any], jobs: list[GenerationJob]) -> list[Completion]:
+        """One `decode_ids` call of the generation task over jobs that share a run (`key[0]`)
+        and decoding settings, with that run's adapter active."""
+        name, first = key[0], jobs[0]
+        run = self.runs[name]
+        with self.lock:
+            self._activate(name)
+            try:
+                out = run.task.decode_ids(
+                    self.model, [j.prompt_ids for j in jobs], first.settings, first.streamer
+                )
+            except BaseException:
+                if first.streamer is not None:
+                    first.streamer.end()  # wakes the reader; the error reaches it via the future
+                raise
+        return [
+            Completion(text, len(j.prompt_ids), n, finish)
+            for j, text, n, finish in zip(jobs, out.texts, out.lengths, out.finish)
+        ]
 
 
 def load_groups(run_dirs: list[str | Path], batch_size: int) -> list[ModelGroup]:

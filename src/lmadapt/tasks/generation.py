@@ -122,6 +122,10 @@ class Decoded:
     texts: list[str]
     new_tokens: int
     seconds: float
+    lengths: list[int]
+    """New tokens per prompt, up to its end token (what a server bills as completion tokens)."""
+    finish: list[str]
+    """Per prompt: "stop" (an end token or stop string) or "length" (max_new_tokens ran out)."""
 
 
 class PackingCollator:
@@ -307,6 +311,10 @@ class GenerationTask:
                 texts.append(s)
         return sorted(ids), texts
 
+    def stop_strings(self, settings: GenerationSettings) -> list[str]:
+        """The stop strings decoded text is cut at, for callers that cut streamed text alike."""
+        return self._stops(settings)[1]
+
     def prompt_ids(self, feature: dict[str, Any], example: Conversation) -> list[int]:
         """The tokens before the last response (the whole input for an unlabelled prompt;
         raw text without its end-of-text token, to be continued)."""
@@ -318,9 +326,16 @@ class GenerationTask:
 
     @torch.no_grad()
     def decode_ids(
-        self, model: torch.nn.Module, prompts: list[list[int]], settings: GenerationSettings
+        self,
+        model: torch.nn.Module,
+        prompts: list[list[int]],
+        settings: GenerationSettings,
+        streamer: Any = None,
     ) -> Decoded:
-        """Generate a continuation of each prompt (left-padded batches, shortest first)."""
+        """Generate a continuation of each prompt (left-padded batches, shortest first).
+
+        A transformers streamer (one prompt only) receives the tokens as they are generated.
+        """
         from transformers import GenerationConfig as HFGenerationConfig
 
         tok = self.tokenizer
@@ -340,6 +355,7 @@ class GenerationTask:
         was_training = model.training
         model.eval()
         texts: list[str | None] = [None] * len(prompts)
+        lengths, finish = [0] * len(prompts), ["length"] * len(prompts)
         new_tokens, t0 = 0, time.perf_counter()
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         bs = self.cfg.generate_batch_size
@@ -356,16 +372,27 @@ class GenerationTask:
                     mask[row, width - len(prompts[i]) :] = 1
                 extra = {"tokenizer": tok} if stop_texts else {}
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=gen, **extra
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=gen,
+                    streamer=streamer,
+                    **extra,
                 )
                 for row, i in enumerate(idx):
                     seq = out[row, width:].tolist()
                     end = next((j for j, t in enumerate(seq) if t in eos_ids), len(seq))
+                    text = tok.decode(seq[:end], skip_special_tokens=True)
+                    stopped = end < len(seq) or any(s in text for s in stop_texts)
+                    if stopped and end == len(seq):  # a stop string: the rest is batch padding
+                        while end and seq[end - 1] == pad:
+                            end -= 1
                     new_tokens += end
-                    texts[i] = _cut(tok.decode(seq[:end], skip_special_tokens=True), stop_texts)
+                    lengths[i], finish[i] = end, "stop" if stopped else "length"
+                    texts[i] = _cut(text, stop_texts)
         finally:
             model.train(was_training)
-        return Decoded(texts, new_tokens, time.perf_counter() - t0)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - t0
+        return Decoded(texts, new_tokens, seconds, lengths, finish)  # type: ignore[arg-type]
 
     def generate(
         self,
