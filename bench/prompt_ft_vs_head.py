@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 "batch_size": 8,
                                 "seed": seed,
                                 "eval_batch_size": 32,
+                                # dev is scored once, after the last epoch: choosing epochs on
+                                # a dev set would not be few-shot any more
+                                "eval_every": 10**9,
                             },
                             "output_dir": str(Path(tmp) / f"run_{name}_{k}_{seed}"),
                         }

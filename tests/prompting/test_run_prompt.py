@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.prompting import run_prompt
-from lmadapt.prompting.templates import Renderer, load_template
+from lmadapt.prompting.templates import TEMPLATE_DIR, Renderer, load_template
 
 
 def _cfg(tiny_llama, sst_files, tmp_path, **over):
@@ -73,9 +74,24 @@ def test_errors_name_the_field_and_line(tiny_llama, sst_files, tmp_path):
 
 def test_chat_rendering_splits_before_the_query(tiny_lm):
     _, tok = tiny_lm
-    r = Renderer(load_template("sentiment"), tok)
-    prefix, suffix = r.render(["Review: a\nSentiment: positive"], {"text": "the plot"})
-    assert prefix.startswith("<|im_start|>user\nClassify") and prefix.endswith("\n\n")
+    inline = Renderer(load_template({"instruction": "Classify.", "demo_style": "inline"}), tok)
+    demo = inline.demo({"text": "a"}, "positive")
+    prefix, suffix = inline.render([demo], {"text": "the plot"})
+    assert prefix == "<|im_start|>user\nClassify.\n\na\npositive\n\n"
+    assert suffix == "the plot<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_rendering_puts_each_demonstration_in_its_own_turns(tiny_lm):
+    _, tok = tiny_lm
+    named = yaml.safe_load((TEMPLATE_DIR / "sentiment.yaml").read_text())
+    del named["verbalizer"]
+    r = Renderer(load_template({**named, "demo_style": "turns"}), tok)
+    prefix, suffix = r.render([r.demo({"text": "a"}, "positive")], {"text": "the plot"})
+    assert prefix == (
+        "<|im_start|>user\nClassify the sentiment of the movie review as positive or negative."
+        "\n\nReview: a<|im_end|>\n<|im_start|>assistant\nSentiment: positive<|im_end|>\n"
+        "<|im_start|>user\n"
+    )
     assert suffix == "Review: the plot<|im_end|>\n<|im_start|>assistant\nSentiment:"
 
 

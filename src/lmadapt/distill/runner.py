@@ -247,8 +247,12 @@ def run_distill(
         "teacher": teacher.name,
         "student": f"{run.model} ({opt.student_layers or 'all'} layers), method "
         f"{run.method.name}, {trainable:,} of {total:,} parameters trained",
-        "loss": f"{opt.alpha}·CE + {1 - opt.alpha:g}·T²·KL, T = {opt.temperature} "
-        f"(Hinton et al. 2015); gold labels {'used' if opt.use_gold_labels else 'not used'}",
+        "loss": (
+            f"{opt.alpha}·CE + {1 - opt.alpha:g}·T²·KL"
+            if opt.use_gold_labels
+            else "T²·KL only (no gold labels)"
+        )
+        + f", T = {opt.temperature} (Hinton et al. 2015)",
         "training": f"{result.state.step} steps, {len(rows):,} rows "
         f"({len(extra):,} unlabelled), {result.state.train_seconds:.1f}s",
         "speed-up": f"{s_rate / t_rate:.2f}x sentences/s over the teacher",

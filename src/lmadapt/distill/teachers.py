@@ -6,7 +6,7 @@ same way. Its distributions are computed once per data split and cached in the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -79,6 +79,8 @@ class PromptTeacherConfig:
     type: str = "prompt"
     config: str = ""
     """An `lmadapt prompt` config (verbalizer mode): the LLM's zero/few-shot label scores."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted overrides for that config, e.g. ["calibration=false", "k=8"]."""
 
     def __post_init__(self) -> None:
         if not self.config:
@@ -87,18 +89,23 @@ class PromptTeacherConfig:
 
 @TEACHERS.register("prompt", PromptTeacherConfig)
 class PromptTeacher:
-    """A prompted LLM's verbalizer label distribution: not wired up yet.
-
-    lmadapt.prompting has no entry point yet that returns per-example label probabilities for a
-    prompt config; once it does, this class calls it in `label_distribution` (the protocol above).
-    """
+    """A prompted LLM: its verbalizer label distribution (calibrated if the config says so)."""
 
     def __init__(self, cfg: PromptTeacherConfig):
-        raise ConfigError(
-            "teacher.type",
-            "the prompt teacher is not available yet: lmadapt.prompting exposes no per-example "
-            "label distribution for a prompt config; use teacher.type=run",
-        )
+        from lmadapt.methods import count_parameters
+        from lmadapt.prompting.config import load_prompt_config
+        from lmadapt.prompting.runner import LabelScorer, load_lm
+
+        pcfg = load_prompt_config(cfg.config, cfg.overrides)
+        self.scorer = LabelScorer(pcfg)
+        self.labels = self.scorer.labels
+        self.num_parameters = count_parameters(load_lm(pcfg.model)[0])[1]
+        shots = f"{pcfg.k}-shot {pcfg.selection}" if pcfg.k else "zero-shot"
+        calibrated = ", calibrated" if pcfg.calibration else ""
+        self.name = f"prompt {cfg.config} ({pcfg.model}, {shots}{calibrated})"
+
+    def label_distribution(self, examples: list[Any]) -> np.ndarray:
+        return self.scorer(examples)
 
 
 def build_teacher(config: Any) -> Teacher:

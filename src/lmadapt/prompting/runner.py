@@ -98,32 +98,60 @@ def resolve_verbalizer(cfg: PromptConfig) -> Verbalizer:
     return Verbalizer.from_config(raw)
 
 
-def read_labelled(cfg: PromptConfig, labels: list[str]) -> tuple[list[Any], list[Any]]:
-    """(dev, train) Examples through the classification task's reader; labels must be known."""
+def read_labelled_file(cfg: PromptConfig, path: str, labels: list[str]) -> list[Any]:
+    """Examples through the classification task's reader; every label must have a verbalizer."""
     from lmadapt.tasks.classification import ClassificationConfig, ClassificationTask
 
-    def read(path: str) -> list[Any]:
-        task = ClassificationTask(
-            ClassificationConfig(
-                text_column=cfg.data.text_column,
-                text_pair_column=cfg.data.text_pair_column,
-                label_column=cfg.data.label_column,
-            )
+    task = ClassificationTask(
+        ClassificationConfig(
+            text_column=cfg.data.text_column,
+            text_pair_column=cfg.data.text_pair_column,
+            label_column=cfg.data.label_column,
         )
-        rows = task.read(path, cfg.data.format)
-        for ex in rows:
-            if ex.label not in labels:
-                raise DataError(
-                    ex.file,
-                    f"label {ex.label!r} has no verbalizer entry (known: {', '.join(labels)})",
-                    ex.line,
-                    cfg.data.label_column,
-                )
-        return rows
+    )
+    rows = task.read(path, cfg.data.format)
+    for ex in rows:
+        if ex.label not in labels:
+            raise DataError(
+                ex.file,
+                f"label {ex.label!r} has no verbalizer entry (known: {', '.join(labels)})",
+                ex.line,
+                cfg.data.label_column,
+            )
+    return rows
 
-    dev = read(cfg.data.dev)[: cfg.data.max_eval_samples]
-    train = read(cfg.data.train) if cfg.data.train and cfg.k else []
+
+def read_labelled(cfg: PromptConfig, labels: list[str]) -> tuple[list[Any], list[Any]]:
+    """(dev, train) Examples; train only when demonstrations are drawn from it."""
+    dev = read_labelled_file(cfg, cfg.data.dev, labels)[: cfg.data.max_eval_samples]
+    train = read_labelled_file(cfg, cfg.data.train, labels) if cfg.data.train and cfg.k else []
     return dev, train
+
+
+class LabelScorer:
+    """Per-example label distributions of a verbalizer prompt config, for other components.
+
+    The distillation teacher uses it: the prompt's first seed picks the demonstrations, and the
+    calibrated distribution is returned when the config turns calibration on.
+    """
+
+    def __init__(self, cfg: PromptConfig):
+        if cfg.mode != "verbalizer":
+            raise ConfigError("mode", f"must be 'verbalizer' for label scores, not {cfg.mode!r}")
+        self.cfg = cfg
+        self.template = load_template(cfg.template)
+        self.verbalizer = resolve_verbalizer(cfg)
+        self.labels = self.verbalizer.labels
+        self.train = (
+            read_labelled_file(cfg, cfg.data.train, self.labels) if cfg.data.train and cfg.k else []
+        )
+
+    def __call__(self, examples: list[Any]) -> np.ndarray:
+        """(N, C) probabilities over `labels`; example labels are not looked at."""
+        s = score_seed(
+            self.cfg, self.template, self.verbalizer, examples, self.train, self.cfg.seeds[0]
+        )
+        return s.calibrated if s.calibrated is not None else s.probs
 
 
 def select_demos(

@@ -21,6 +21,8 @@ from lmadapt.errors import ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 LABEL_SLOT = "{label}"
+Demo = tuple[str, str]
+"""A demonstration: (rendered input, rendered output with the answer)."""
 _SPLIT = "\x00QUERY\x00"
 """Marks where the query starts inside a rendered chat prompt; never occurs in real text."""
 
@@ -42,6 +44,10 @@ class TemplateConfig:
     """Render through the tokenizer's chat template: auto = when the tokenizer has one."""
     separator: str = "\n\n"
     """Between the instruction and each demonstration."""
+    demo_style: Literal["inline", "turns"] = "inline"
+    """Chat models only: all demonstrations inside the query's user message (inline), or each as
+    its own user/assistant turn pair (turns). Neither won clearly for SmolLM2-135M on SST-2
+    8-shot (see the prompting notes), so the one-message layout of the papers stays default."""
 
     def __post_init__(self) -> None:
         if self.output.count(LABEL_SLOT) != 1:
@@ -125,25 +131,32 @@ class Renderer:
         self.chat = has_chat and template.chat != "off"
         self.tokenizer = tokenizer
 
-    def demo(self, fields: dict[str, Any], answer: str) -> str:
-        """One demonstration: the input, then the output with its answer filled in."""
+    def demo(self, fields: dict[str, Any], answer: str) -> Demo:
+        """One demonstration: the input, and the output with its answer filled in."""
         inp = fill(self.t.input, fields, "template.input")
         out = self.t.output.replace(LABEL_SLOT, "\x01")
-        out = fill(out, fields, "template.output").replace("\x01", answer)
-        return f"{inp}\n{out}"
+        return inp, fill(out, fields, "template.output").replace("\x01", answer)
 
-    def render(self, demos: list[str], fields: dict[str, Any]) -> tuple[str, str]:
+    def render(self, demos: list[Demo], fields: dict[str, Any]) -> tuple[str, str]:
         """(prefix, suffix): the prefix is everything before the query's input block."""
         head = (
             [fill(self.t.instruction, fields, "template.instruction")] if self.t.instruction else []
         )
-        blocks = head + demos
-        prefix = "".join(b + self.t.separator for b in blocks)
         query = fill(self.t.input, fields, "template.input")
         cue = fill(self.t.cue.replace(LABEL_SLOT, ""), fields, "template.output")
+        turns = self.chat and self.t.demo_style == "turns"
+        blocks = head + ([] if turns else [f"{i}\n{o}" for i, o in demos])
+        prefix = "".join(b + self.t.separator for b in blocks)
         if not self.chat:
             return prefix, f"{query}\n{cue}"
         messages = [{"role": "system", "content": self.t.system}] if self.t.system else []
+        if turns:
+            for inp, out in demos:
+                messages += [
+                    {"role": "user", "content": prefix + inp},
+                    {"role": "assistant", "content": out},
+                ]
+                prefix = ""  # the instruction opens the first user turn only
         messages.append({"role": "user", "content": prefix + _SPLIT + query})
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
