@@ -14,8 +14,11 @@ def _loader(path: Path):
     """Each kind of shipped config has its own typed loader; pick it by the config's keys."""
     from lmadapt.continual.config import load_continual_config
     from lmadapt.distill.runner import load_distill_config
+    from lmadapt.hpo import load_space
     from lmadapt.prompting.config import load_prompt_config
 
+    if path.parent.name == "hpo":
+        return load_space
     raw = yaml.safe_load(path.read_text()) or {}
     if "stream" in raw:
         return load_continual_config

@@ -22,7 +22,8 @@ from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
 from lmadapt.tasks import Evaluation, build_task
-from lmadapt.train.loop import Trainer, peak_rss_mb, seed_everything
+from lmadapt.train import distributed
+from lmadapt.train.loop import Hook, Trainer, peak_rss_mb, seed_everything
 
 
 @dataclass
@@ -86,12 +87,18 @@ def _check_output_dir(config: RunConfig) -> Path:
     return out
 
 
-def train(config: RunConfig | str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune per `config` and write a run directory; returns the run's metrics.json content."""
+def train(
+    config: RunConfig | str | Path,
+    overrides: list[str] | None = None,
+    hooks: list[Hook] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune per `config` and write a run directory; returns the run's metrics.json content.
+
+    `hooks` join the training loop (e.g. hyperparameter search reporting each evaluation)."""
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
     out = _check_output_dir(config)
-    return _run(config, out, resume=False)
+    return _run(config, out, resume=False, hooks=hooks or [])
 
 
 def resume(run_dir: str | Path) -> dict[str, Any]:
@@ -118,8 +125,12 @@ def _check_disk(out: Path, model: torch.nn.Module, keep: int) -> None:
         )
 
 
-def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
-    _set_threads(config.train.threads)
+def _run(
+    config: RunConfig, out: Path, resume: bool, hooks: list[Hook] | None = None
+) -> dict[str, Any]:
+    """One run; under torchrun every process runs it and process 0 alone writes `out`."""
+    dist = distributed.setup(config.train.distributed)
+    _set_threads(config.train.threads or dist.cpu_threads)
     seed_everything(config.train.seed)
     data = prepare(config)
     task, spec = data.task, data.spec
@@ -130,13 +141,15 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
     model = method.apply(base, task)
     trainable, total = count_parameters(model)
 
-    if not resume:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        write_yaml(out / "config.yaml", config.to_dict())
-        write_json(out / "run.json", _run_info(config, spec, task))
-    _check_disk(out, model, config.train.keep_checkpoints)
+    dist.barrier()  # every process has checked `out` before process 0 replaces it
+    if dist.is_main:
+        if not resume:
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            write_yaml(out / "config.yaml", config.to_dict())
+            write_json(out / "run.json", _run_info(config, spec, task))
+        _check_disk(out, model, config.train.keep_checkpoints)
 
     lr = config.train.lr or config.method.lr
     trainer = Trainer(
@@ -149,13 +162,17 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
         out,
         dev_features=data.features["dev"],
         dev_examples=data.dev,
+        dist=dist,
     )
     method_hooks = getattr(method, "hooks", None)  # optional: schedules, extra loss terms
     if method_hooks:
         trainer.hooks += method_hooks(model, trainer.total_steps())
+    trainer.hooks += hooks or []
     t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
     wall = time.perf_counter() - t0
+    if not dist.is_main:
+        return dist.broadcast(None)  # process 0's metrics
 
     with atomic_dir(out / "model") as tmp:
         method.save(model, tmp)
@@ -189,6 +206,7 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "bf16": trainer.bf16,
         "threads": torch.get_num_threads(),
+        "processes": dist.world_size,
         **{split: ev.metrics for split, ev in evals.items()},
     }
     plot_dir = out / "plots"
@@ -208,7 +226,8 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
         + (" (stopped early)" if result.stopped_early else ""),
         "peak RSS": f"{peak_rss_mb():.0f} MB",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}",
+        f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}"
+        + (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else ""),
     }
     sections = [
         evaluation_section(f"{split.capitalize()} set (best checkpoint)", ev, task)
@@ -216,7 +235,7 @@ def _run(config: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
     ]
     write_report(out, summary, sections, images)
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
-    return metrics
+    return dist.broadcast(metrics)
 
 
 def set_attention(model: torch.nn.Module, choice: str, kind: str) -> None:

@@ -39,6 +39,8 @@ def _train(p: argparse.ArgumentParser) -> None:
             metrics = train(a.config, a.overrides)
         else:
             raise LmadaptError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun only process 0 reports (other nodes may not see its files)
         out = Path(metrics["run_dir"])
         print((out / "report.md").read_text(encoding="utf-8"))
         print(f"run directory: {out}")
@@ -206,6 +208,46 @@ def _compare(p: argparse.ArgumentParser) -> None:
         print(f"comparison written to {out}")
 
     p.set_defaults(run=run)
+
+
+@command("hpo", "search hyperparameters with Optuna (TPE, median pruning); re-run to resume")
+def _hpo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config: the base every trial starts from")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every trial")
+    p.add_argument("--space", required=True, help="YAML search space: dotted key -> distribution")
+    p.add_argument("--trials", type=int, required=True, help="trials the study should hold")
+    p.add_argument(
+        "--study-dir", help="study.db, trials/, best.yaml, report.md (default: output_dir_hpo)"
+    )
+    _overrides_after_options(p)
+
+    def run(a: argparse.Namespace) -> None:
+        import optuna
+
+        from lmadapt.hpo import hpo
+
+        # hpo prints a line per trial, and a failing trial ends the command with its error
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        out = Path(hpo(a.config, a.space, a.trials, a.study_dir, a.overrides)["study_dir"])
+        print((out / "report.md").read_text(encoding="utf-8"))
+        print(f"study directory: {out}")
+
+    p.set_defaults(run=run)
+
+
+def _overrides_after_options(p: argparse.ArgumentParser) -> None:
+    """Accept `CONFIG --opt X key=value`: argparse binds a '*' positional at its first
+    chance (right after CONFIG), so later overrides come back unparsed; collect them."""
+    parse = p.parse_known_args
+
+    def parse_known_args(
+        args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = parse(args, namespace)
+        ns.overrides += [r for r in rest if not r.startswith("-")]
+        return ns, [r for r in rest if r.startswith("-")]
+
+    p.parse_known_args = parse_known_args
 
 
 @command("export", "write a run as a plain transformers model dir, adapter merged in")

@@ -87,7 +87,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many resumable checkpoints to keep (oldest deleted first)."""
     threads: int | None = None
-    """torch intra-op threads; None = all physical cores."""
+    """torch intra-op threads; None = all cores, shared out among the processes of a node."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun, accelerate launch) share a run: ddp replicates the model
+    and averages gradients; fsdp also shards weights, gradients and optimizer state, on CUDA GPUs
+    only. batch_size stays the global batch, split across the processes."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -3,10 +3,15 @@
 Everything task- or strategy-specific plugs in from outside: the task gives the loss and the
 metrics; hooks add loss terms (continual-learning penalties, distillation) or react to events
 (replay, logging). Early stopping and best-checkpoint keeping are part of the loop's state.
+
+Under several processes (`train/distributed.py`) every process walks the same global batches and
+trains on its slice of each; process 0 alone evaluates (or all do, when the weights are sharded),
+logs and writes checkpoints, and broadcasts what decides early stopping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,15 +30,17 @@ from tqdm.auto import tqdm
 from lmadapt.config import TrainConfig
 from lmadapt.data.batching import length_grouped_batches, shuffled_batches
 from lmadapt.errors import LmadaptError
-from lmadapt.inference import autocast, evaluate_model, model_inputs, use_bf16
+from lmadapt.inference import evaluate_model, model_inputs, use_bf16
 from lmadapt.io import write_text
 from lmadapt.train.checkpoint import (
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     load_trainable,
     save_checkpoint,
     save_trainable,
 )
+from lmadapt.train.distributed import SINGLE, STRATEGIES, Distributed, OnDevice
 
 
 class TrainingInterrupted(LmadaptError):
@@ -71,7 +78,7 @@ class TrainState:
     """Index of the next batch of `epoch` to train on (data-loader position)."""
     samples: int = 0
     tokens: int = 0
-    """Non-padding tokens seen."""
+    """Non-padding tokens seen (all processes together, like `samples`)."""
     train_seconds: float = 0.0
     running_loss: float = 0.0
     running_n: int = 0
@@ -131,6 +138,13 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _bf16(precision: str, device: torch.device) -> bool:
+    """Autocast where it pays: the CPU's bf16 units decide on the CPU, the GPU's support on CUDA."""
+    if device.type == "cuda":
+        return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    return use_bf16(precision)
+
+
 class Trainer:
     def __init__(
         self,
@@ -144,14 +158,18 @@ class Trainer:
         dev_features: list[dict[str, Any]] | None = None,
         dev_examples: list[Any] | None = None,
         hooks: list[Hook] | None = None,
+        dist: Distributed = SINGLE,
     ):
         self.model, self.task, self.cfg, self.lr = model, task, cfg, lr
+        self.dist, self.strategy = dist, STRATEGIES[dist.strategy]
+        # process 0 evaluates and saves; sharded weights need every process to take part
+        self.takes_part = dist.is_main or self.strategy.sharded
         self.train_features, self.collator = train_features, collator
         self.dev_features, self.dev_examples = dev_features, dev_examples
         self.run_dir = Path(run_dir)
         self.hooks = hooks or []
         self.state = TrainState()
-        self.bf16 = use_bf16(cfg.precision)
+        self.bf16 = _bf16(cfg.precision, dist.device)
         self.metric = cfg.metric or task.default_metric
         self.mode = task.metric_mode if cfg.metric_mode == "auto" else cfg.metric_mode
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
@@ -178,7 +196,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainResult:
-        cfg, model = self.cfg, self.model
+        cfg, dist, strategy = self.cfg, self.dist, self.strategy
+        plain = self.model
+        self.model, net = strategy.wrap(plain, dist)  # net: what the training step calls
+        model = self.model
         total = self.total_steps()
         optimizer = build_optimizer(model, self.lr, cfg.weight_decay)
         scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
@@ -187,33 +208,52 @@ class Trainer:
             self._restore()
         state = self.state
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self.tb = _tensorboard(self.run_dir / "tb")
+        self.log_file = (
+            open(self.run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            if dist.is_main
+            else None
+        )
+        self.tb = _tensorboard(self.run_dir / "tb") if dist.is_main else None
         for h in self.hooks:
             h.on_train_start(self)
-        model.train()
-        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", mininterval=1.0)
+        net.train()
+        bar = tqdm(
+            total=total,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            mininterval=1.0,
+            disable=not dist.is_main,
+        )
         self._clock = time.perf_counter()
         try:
             while state.step < total and not state.should_stop:
                 batches = self.batches_for_epoch(state.epoch)
                 for i in range(state.next_batch, len(batches)):
                     idx = batches[i]
-                    batch = self.collator([self.train_features[j] for j in idx])
-                    with autocast(self.bf16):
-                        outputs = model(**model_inputs(batch))
-                    loss = self.task.loss(outputs.logits, batch)
-                    for h in self.hooks:
-                        extra = h.loss_term(model, batch, outputs)
-                        if extra is not None:
-                            loss = loss + extra
-                    (loss / cfg.grad_accum).backward()
-                    state.running_loss += float(loss.detach())
+                    rows, share = dist.shard(idx)
+                    batch = self.collator([self.train_features[j] for j in rows])
+                    batch = {k: v.to(dist.device) for k, v in batch.items()}
+                    # accumulate gradients over grad_accum batches, exchanging them on the last
+                    accumulate = (i + 1) % cfg.grad_accum and i + 1 < len(batches)
+                    with strategy.no_sync(net) if accumulate else contextlib.nullcontext():
+                        with self._autocast():
+                            outputs = net(**model_inputs(batch))
+                        loss = self.task.loss(outputs.logits, batch)
+                        for h in self.hooks:
+                            extra = h.loss_term(model, batch, outputs)
+                            if extra is not None:
+                                loss = loss + extra
+                        # the engine averages over processes: weigh each by its share of the batch
+                        (loss * (share * dist.world_size) / cfg.grad_accum).backward()
+                    tokens = float(batch["attention_mask"].sum()) if share else 0.0
+                    batch_loss, tokens = dist.sum([float(loss.detach()) * share, tokens])
+                    state.running_loss += batch_loss
                     state.running_n += 1
                     state.samples += len(idx)
-                    state.tokens += int(batch["attention_mask"].sum())
-                    if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
-                        continue  # accumulate gradients over grad_accum batches
+                    state.tokens += int(tokens)
+                    if accumulate:
+                        continue
                     if cfg.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
@@ -256,9 +296,13 @@ class Trainer:
         finally:
             self._tick()
             bar.close()
-            self.log_file.close()
+            if self.log_file:
+                self.log_file.close()
             if self.tb:
                 self.tb.close()
+        strategy.unwrap(model, plain)
+        self.model = model = plain
+        dist.barrier()  # process 0 has written best.safetensors
         if self.best_path.exists():
             load_trainable(model, self.best_path)
         for h in self.hooks:
@@ -278,20 +322,28 @@ class Trainer:
     def _last_eval_step(self) -> int | None:
         return next((r["step"] for r in reversed(self.state.history) if "dev" in r), None)
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
         self._tick()
-        path = save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.state.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            dataclasses.asdict(self.state),
-            self.cfg.keep_checkpoints,
-        )
+        root = self.run_dir / "checkpoints"
+        if self.takes_part:
+            save_checkpoint(
+                root,
+                self.state.step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                dataclasses.asdict(self.state),
+                self.cfg.keep_checkpoints,
+                write=self.dist.is_main,
+            )
         self._clock = time.perf_counter()
-        return path
+        return checkpoint_dir(root, self.state.step)
 
     def _restore(self) -> None:
         path = latest_checkpoint(self.run_dir / "checkpoints")
@@ -299,25 +351,30 @@ class Trainer:
             raise LmadaptError(f"{self.run_dir}: no checkpoint to resume from")
         saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.state = TrainState(**saved)
-        # the log is rewritten to what the checkpoint knew: later lines belong to lost work
-        write_text(
-            self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history)
-        )
+        if self.dist.is_main:  # the log is rewritten to what the checkpoint knew
+            write_text(
+                self.run_dir / "log.jsonl",
+                "".join(json.dumps(r) + "\n" for r in self.state.history),
+            )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float] | None:
         if not self.dev_features:
             return None
         self._tick()
-        ev = evaluate_model(
-            self.model,
-            self.task,
-            self.dev_features,
-            self.dev_examples,
-            self.collator,
-            self.cfg.eval_batch_size,
-        )
-        metrics = dict(ev.metrics)
+        metrics = None
+        if self.takes_part:
+            on_cpu = self.dist.device.type == "cpu"
+            ev = evaluate_model(
+                self.model if on_cpu else OnDevice(self.model, self.dist.device),
+                self.task,
+                self.dev_features,
+                self.dev_examples,
+                self.collator,
+                self.cfg.eval_batch_size,
+            )
+            metrics = dict(ev.metrics)
+        metrics = self.dist.broadcast(metrics)  # process 0's numbers decide for every process
         if self.metric not in metrics:
             raise KeyError(f"train.metric '{self.metric}' not among dev metrics {list(metrics)}")
         self.log({"dev": metrics})
@@ -330,7 +387,8 @@ class Trainer:
         )
         if improved:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-            save_trainable(self.model, self.best_path)
+            if self.takes_part:
+                save_trainable(self.model, self.best_path, write=self.dist.is_main)
         else:
             state.bad_evals += 1
             patience = self.cfg.early_stopping.patience
@@ -344,6 +402,8 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         record = {"step": self.state.step, "epoch": self.state.epoch, **record}
         self.state.history.append(record)
+        if self.log_file is None:  # not process 0
+            return
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
         if self.tb:
