@@ -91,3 +91,21 @@ def sst_files(tmp_path) -> dict[str, Path]:
         "train": write_csv(tmp_path / "train.csv", rows, ("sentence", "label")),
         "dev": write_csv(tmp_path / "dev.csv", dev, ("sentence", "label")),
     }
+
+
+def prompt_config(tiny_llama, sst_files, tmp_path, **over) -> dict:
+    """A small 2-shot verbalizer prompt config over the sst_files fixture; override any key."""
+    cfg = {
+        "model": tiny_llama,
+        "template": "sentiment",
+        "k": 2,
+        "selection": "balanced",
+        "seeds": [0, 1],
+        "calibration": True,
+        "batch_size": 4,
+        "threads": 1,
+        "data": {"dev": str(sst_files["dev"]), "train": str(sst_files["train"])},
+        "output_dir": str(tmp_path / "out"),
+    }
+    cfg.update(over)
+    return cfg

@@ -13,21 +13,13 @@ from lmadapt.distill.runner import build_distill_config
 from lmadapt.distill.teachers import build_teacher
 from lmadapt.errors import ConfigError
 from lmadapt.prompting import run_prompt
+from tests.prompting.conftest import prompt_config
 
 
 def _prompt_yaml(tmp_path, tiny_llama, sst_files, **over):
-    cfg = {
-        "model": tiny_llama,
-        "template": "sentiment",
-        "k": 2,
-        "selection": "balanced",
-        "calibration": True,
-        "batch_size": 4,
-        "threads": 1,
-        "data": {"dev": str(sst_files["dev"]), "train": str(sst_files["train"])},
-        "output_dir": str(tmp_path / "prompt"),
-        **over,
-    }
+    cfg = prompt_config(
+        tiny_llama, sst_files, tmp_path, seeds=[0], output_dir=str(tmp_path / "prompt"), **over
+    )
     path = tmp_path / "prompt.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -10,23 +10,7 @@ import yaml
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.prompting import run_prompt
 from lmadapt.prompting.templates import TEMPLATE_DIR, Renderer, load_template
-
-
-def _cfg(tiny_llama, sst_files, tmp_path, **over):
-    cfg = {
-        "model": tiny_llama,
-        "template": "sentiment",
-        "k": 2,
-        "selection": "balanced",
-        "seeds": [0, 1],
-        "calibration": True,
-        "batch_size": 4,
-        "threads": 1,
-        "data": {"dev": str(sst_files["dev"]), "train": str(sst_files["train"])},
-        "output_dir": str(tmp_path / "out"),
-    }
-    cfg.update(over)
-    return cfg
+from tests.prompting.conftest import prompt_config as _cfg
 
 
 def test_run_prompt_writes_report_and_seed_stats(tiny_llama, sst_files, tmp_path):
