@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import random
 import tempfile
 from pathlib import Path
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     with open(DATA / "train.tsv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    results: dict[str, dict] = {}
+    # rows already measured (other per-class values) are kept, so one k can be (re)run alone
+    out_json = Path(a.out) / "prompt_ft_vs_head.json"
+    results: dict[str, dict] = json.loads(out_json.read_text()) if out_json.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in a.per_class:
             for name, task in TASKS.items():
@@ -84,15 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"{name} k={k} seed={seed}: dev accuracy {accs[-1]:.4f}", flush=True)
                 sd = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
                 results[f"{name}_{k}"] = {"mean": float(np.mean(accs)), "sd": sd, "runs": accs}
+                write_json(out_json, results)
     table = ["| per class | prompt-based FT | head classifier |", "|---|---|---|"]
-    for k in a.per_class:
+    for k in sorted({int(key.split("_")[1]) for key in results}):
         p, h = results[f"prompt_{k}"], results[f"head_{k}"]
         table.append(f"| {k} | {p['mean']:.4f} ± {p['sd']:.4f} | {h['mean']:.4f} ± {h['sd']:.4f} |")
     md = (
         f"# Prompt-based FT vs head ({a.model}, {a.method}, SST-2 dev accuracy, "
         f"mean ± sd over seeds {a.seeds})\n\n" + "\n".join(table) + "\n"
     )
-    write_json(Path(a.out) / "prompt_ft_vs_head.json", results)
     write_text(Path(a.out) / "prompt_ft_vs_head.md", md)
     print(md)
     return results
