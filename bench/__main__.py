@@ -15,17 +15,36 @@ from pathlib import Path
 from bench.machine import machine_info
 
 RESULTS = Path(__file__).parent / "results"
-NON_EMBEDDING_PARAMS = 10_646_784  # MiniLM-L6 encoder layers (embeddings, pooler excluded)
+# matmul parameters each token passes through
+NON_EMBEDDING_PARAMS = {
+    "sst2": 10_646_784,  # MiniLM-L6 encoder layers (embeddings, pooler excluded)
+    "instruct": 134_553_600,  # SmolLM2-135M: 30 layers 106,168,320 + LM head 576 x 49,152
+}
 BACKWARD_FACTOR = {"full": 6, "bitfit": 4, "lora": 4}
 """FLOPs per parameter per token: forward 2 + input-grad 2 (+ weight-grad 2 when weights train)."""
 
 
-def scenarios(rows: int, full_rows: int | None) -> list[dict]:
+def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict]:
     """Peer runs (HF Trainer, random and length-grouped batches), lmadapt's defaults, and
-    lmadapt with dropout off; then one-feature-off ablations of LoRA."""
+    lmadapt with dropout off; then one-feature-off ablations of LoRA; then instruction tuning
+    of SmolLM2 with LoRA (peer: padding collator, fp32 and bf16)."""
 
-    def row(name: str, impl: str, method: str, opts: dict | None = None, n: int = rows) -> dict:
-        return {"name": name, "impl": impl, "method": method, "rows": n, "opts": opts or {}}
+    def row(
+        name: str,
+        impl: str,
+        method: str,
+        opts: dict | None = None,
+        n: int = rows,
+        task: str = "sst2",
+    ) -> dict:
+        return {
+            "name": name,
+            "impl": impl,
+            "method": method,
+            "rows": n,
+            "opts": opts or {},
+            "task": task,
+        }
 
     out = []
     for m in ("lora", "bitfit", "full"):
@@ -51,6 +70,28 @@ def scenarios(rows: int, full_rows: int | None) -> list[dict]:
     ]
     if full_rows is not None:
         out.append(row("lora/lmadapt full SST-2", "lmadapt", "lora", {"dropout": 0.0}, full_rows))
+    n, t = instruct_rows, "instruct"
+    out += [
+        row("instruct-lora/hf", "hf", "lora", {}, n, t),
+        row(
+            "instruct-lora/hf bf16+group_by_length",
+            "hf",
+            "lora",
+            {"bf16": True, "group_by_length": True},
+            n,
+            t,
+        ),
+        row("instruct-lora/lmadapt", "lmadapt", "lora", {}, n, t),
+        row("instruct-lora/lmadapt dropout=0", "lmadapt", "lora", {"dropout": 0.0}, n, t),
+        row(
+            "instruct-lora/lmadapt dropout=0 no packing",
+            "lmadapt",
+            "lora",
+            {"dropout": 0.0, "packing": False, "group_by_length": True},
+            n,
+            t,
+        ),
+    ]
     return out
 
 
@@ -63,6 +104,8 @@ def run(s: dict) -> dict:
         s["impl"],
         "--method",
         s["method"],
+        "--task",
+        s["task"],
         "--rows",
         str(s["rows"]),
         "--train-opts",
@@ -80,19 +123,21 @@ def run(s: dict) -> dict:
 def add_mfu(r: dict, machine: dict) -> None:
     if "error" in r:
         return
-    flops = BACKWARD_FACTOR[r["method"]] * NON_EMBEDDING_PARAMS * r["tokens"] / r["train_seconds"]
+    params = NON_EMBEDDING_PARAMS[r["task"]]
+    flops = BACKWARD_FACTOR[r["method"]] * params * r["tokens"] / r["train_seconds"]
     peak = machine["bf16_gflops" if r["bf16"] else "fp32_gflops"] * 1e9
     r["model_tflops"] = round(flops / 1e12, 4)
     r["mfu"] = round(flops / peak, 4)
 
 
 def table(results: list[dict]) -> str:
-    best = {}
+    best: dict[tuple[str, str], float] = {}
     for r in results:
-        if r.get("impl") == "hf" and "error" not in r and r["rows"] == results[0]["rows"]:
-            best[r["method"]] = max(best.get(r["method"], 0), r["samples_per_second"])
+        if r.get("impl") == "hf" and "error" not in r:
+            key = r["task"], r["method"]
+            best[key] = max(best.get(key, 0), r["samples_per_second"])
     head = (
-        "| run | rows | samples/s | tokens/s | x peer best | dev acc | trainable | "
+        "| run | rows | samples/s | tokens/s | x peer best | dev metric | trainable | "
         "peak RSS MB | MFU |"
     )
     lines = [head, "|" + "---|" * 9]
@@ -100,10 +145,12 @@ def table(results: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 7)
             continue
-        ratio = r["samples_per_second"] / best[r["method"]] if r["method"] in best else float("nan")
+        peer = best.get((r["task"], r["method"]))
+        ratio = r["samples_per_second"] / peer if peer else float("nan")
+        dev = f"acc {r['dev_accuracy']:.4f}" if "dev_accuracy" in r else f"loss {r['dev_loss']:.4f}"
         lines.append(
             f"| {r['name']} | {r['rows']} | {r['samples_per_second']:.1f} | "
-            f"{r['tokens_per_second']:.0f} | {ratio:.2f} | {r['dev_accuracy']:.4f} | "
+            f"{r['tokens_per_second']:.0f} | {ratio:.2f} | {dev} | "
             f"{r['trainable_params']:,} | {r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% |"
         )
     return "\n".join(lines)
@@ -113,13 +160,14 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--rows", type=int, default=4000, help="SST-2 train rows for the slice runs")
     p.add_argument("--full", action="store_true", help="also LoRA on all 67,349 SST-2 rows")
+    p.add_argument("--instruct-rows", type=int, default=128, help="GSM8K rows, SmolLM2 runs")
     p.add_argument("--only", default="", help="comma-separated substrings of run names")
     args = p.parse_args()
     machine = machine_info()
     print(f"machine: {machine}", flush=True)
     chosen = [
         s
-        for s in scenarios(args.rows, 67349 if args.full else None)
+        for s in scenarios(args.rows, 67349 if args.full else None, args.instruct_rows)
         if not args.only or any(k in s["name"] for k in args.only.split(","))
     ]
     results = []

@@ -1,6 +1,7 @@
 """One benchmark run in its own process (so peak RSS is its own); prints one JSON line.
 
 python -m bench.run_one --impl lmadapt|hf --method lora|bitfit|full --rows 4000 [...]
+python -m bench.run_one --impl lmadapt|hf --task instruct --method lora --rows 128 [...]
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LR = {"lora": 5e-4, "bitfit": 1e-3, "full": 5e-5}
+# instruction tuning: SmolLM2 LoRA as in configs/gsm8k_lora.yaml, GSM8K train rows, dev = the
+# first INSTRUCT_DEV test problems scored by response loss (no generation: speed is the point)
+INSTRUCT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+INSTRUCT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+INSTRUCT_DEV = 64
 
 
 def read_tsv(path: Path, limit: int | None) -> tuple[list[str], list[int]]:
@@ -70,6 +76,146 @@ def run_lmadapt(args: argparse.Namespace) -> dict:
         "trainable_params": m["trainable_params"],
         "bf16": m["bf16"],
         "tokens": round(m["tokens_per_second"] * m["train_seconds"]),
+    }
+
+
+def instruct_config(rows: int, opts: dict) -> dict:
+    """lmadapt's run config for the instruction scenario (its encoding feeds the peer too)."""
+    lora_dropout = opts.pop("lora_dropout", INSTRUCT_LORA["dropout"])
+    return {
+        "model": "smollm2-135m-instruct",
+        "task": {
+            "type": "generation",
+            "max_length": 512,
+            "packing": opts.pop("packing", True),
+            "eval_generate_max_samples": 0,
+        },
+        "method": {
+            "name": "lora",
+            **INSTRUCT_LORA,
+            "dropout": lora_dropout,
+            "target_modules": INSTRUCT_TARGETS,
+        },
+        "data": {
+            "train": str(SHARED / "instruct/gsm8k_train.json"),
+            "dev": str(SHARED / "instruct/gsm8k_test.json"),
+            "max_train_samples": rows,
+            "max_eval_samples": INSTRUCT_DEV,
+        },
+        "train": {"group_by_length": False, "lr": 5e-4, "warmup_ratio": 0.05, **opts},
+    }
+
+
+def run_lmadapt_instruct(args: argparse.Namespace) -> dict:
+    from lmadapt.api import train
+    from lmadapt.config import build_run_config
+
+    cfg = instruct_config(args.rows, json.loads(args.train_opts))
+    cfg["train"].update(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    cfg["output_dir"] = tempfile.mkdtemp(prefix="bench-lmadapt-") + "/run"
+    m = train(build_run_config(cfg))
+    return {
+        "samples_per_second": m["samples_per_second"],
+        "tokens_per_second": m["tokens_per_second"],
+        "train_seconds": m["train_seconds"],
+        "dev_loss": m["dev"]["loss"],
+        "trainable_params": m["trainable_params"],
+        "bf16": m["bf16"],
+        "tokens": round(m["tokens_per_second"] * m["train_seconds"]),
+    }
+
+
+def run_hf_instruct(args: argparse.Namespace) -> dict:
+    """HF Trainer + peft on exactly lmadapt's token ids and response masks, padding collator."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from lmadapt.api import prepare
+    from lmadapt.config import build_run_config
+
+    opts = json.loads(args.train_opts)
+    cfg = instruct_config(args.rows, {})
+    cfg["output_dir"] = tempfile.mkdtemp(prefix="bench-hf-") + "/unused"
+    prep = prepare(build_run_config(cfg))
+    tok = prep.tokenizer
+
+    def strip(features):
+        return [
+            {
+                "input_ids": f["input_ids"],
+                "attention_mask": [1] * len(f["input_ids"]),
+                "labels": f["labels"],
+            }
+            for f in features
+        ]
+
+    train_ds, dev_ds = strip(prep.features["train"]), strip(prep.features["dev"])
+    torch.manual_seed(args.seed)
+    model = prep.task.build_model(prep.spec)
+    # transformers de-quantizes GGUF to fp32 on load but keeps the "quantized" flag, and
+    # Trainer refuses to train such a model; the weights are plain fp32, so drop the flag
+    model.is_quantized, model.hf_quantizer = False, None
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=INSTRUCT_LORA["r"],
+            lora_alpha=INSTRUCT_LORA["alpha"],
+            lora_dropout=INSTRUCT_LORA["dropout"],
+            target_modules=INSTRUCT_TARGETS,
+        ),
+    )
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench-hf-"),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=5e-4,
+        weight_decay=0.01,
+        warmup_steps=0.05,
+        lr_scheduler_type="linear",
+        seed=args.seed,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if opts.get("group_by_length") else "random",
+        bf16=bool(opts.get("bf16")),
+    )
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train_ds,
+        data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100),
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    # dev: token-weighted response cross-entropy, fp32, one example at a time (no padding)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for f in dev_ds:
+            ids = torch.tensor([f["input_ids"]])
+            labels = torch.tensor(f["labels"][1:])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            keep = labels != -100
+            total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            count += int(keep.sum())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens = sum(len(x["input_ids"]) for x in train_ds) * args.epochs
+    return {
+        "samples_per_second": round(len(train_ds) * args.epochs / seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "train_seconds": round(seconds, 2),
+        "dev_loss": total / count,
+        "trainable_params": trainable,
+        "bf16": bool(opts.get("bf16")),
+        "tokens": tokens,
     }
 
 
@@ -167,21 +313,30 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["lmadapt", "hf"], required=True)
     p.add_argument("--method", choices=list(LR), required=True)
+    p.add_argument("--task", choices=["sst2", "instruct"], default="sst2")
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--epochs", type=float, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="default 32, instruct 8")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--train-opts", default="{}", help="JSON: extra train.* settings / HF flags")
     args = p.parse_args()
+    args.batch_size = args.batch_size or (8 if args.task == "instruct" else 32)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    result = (run_lmadapt if args.impl == "lmadapt" else run_hf)(args)
+    runners = {
+        ("sst2", "lmadapt"): run_lmadapt,
+        ("sst2", "hf"): run_hf,
+        ("instruct", "lmadapt"): run_lmadapt_instruct,
+        ("instruct", "hf"): run_hf_instruct,
+    }
+    result = runners[args.task, args.impl](args)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result.update(
         impl=args.impl,
         method=args.method,
+        task=args.task,
         rows=args.rows,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -266,6 +266,40 @@ def test_packing_gives_the_same_loss(tiny_llama, tok, alpha):
     assert abs(float(loss_a) - float(loss_b)) < 1e-5
 
 
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_logits_at_loss_positions_only_give_the_same_loss_and_grads(
+    tiny_llama, tok, alpha, packing
+):
+    convs = [
+        Conversation(
+            [
+                {"role": "user", "content": "a long question " * (3 - i)},
+                {"role": "assistant", "content": "yes " * (i + 1)},
+            ]
+        )
+        for i in range(3)
+    ]
+    task = make_task(lm_loss_weight=alpha, packing=packing, max_length=128)
+    feats = task.encode(convs, tok)
+    model = task.build_model(resolve_model(tiny_llama))
+    batch = task.collator(tok)(feats)
+    kwargs = task.forward_kwargs(model, batch)
+    n_keep = len(kwargs["logits_to_keep"])
+    assert n_keep < batch["input_ids"].shape[1] - 1 or alpha > 0  # prompt positions skipped
+    losses, grads = [], []
+    for extra in ({}, kwargs):
+        model.zero_grad()
+        logits = model(**model_inputs(batch), **extra).logits
+        loss = task.loss(logits, batch)
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert logits.shape[1] == n_keep
+    assert abs(losses[0] - losses[1]) < 1e-5
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 # ---------------------------------------------------------------------- decoding and metrics
 
 

@@ -8,6 +8,7 @@ the logits path.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import time
@@ -277,13 +278,30 @@ class GenerationTask:
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         return []  # the LM head is pretrained
 
+    def forward_kwargs(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Logits only at the positions the loss reads (those predicting a weighted token).
+
+        The LM head and the softmax over the whole vocabulary then skip prompt tokens, which
+        saves their time and most of the logits' memory. `loss` sees fewer positions than
+        tokens and picks the same ones again.
+        """
+        if not _keeps_logits(model):
+            return {}
+        return {"logits_to_keep": _loss_positions(batch["loss_weights"])}
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted mean next-token cross-entropy: Σ w·ce / Σ w over shifted tokens.
 
         With w = 1 on responses and α on prompt tokens this is the per-token form of
         L = L_response + α·L_prompt (each prompt token counts α of a response token).
         """
-        return _weighted_ce(_align(logits, batch), batch["input_ids"], batch["loss_weights"])
+        ids, w = batch["input_ids"], batch["loss_weights"]
+        if logits.shape[1] < ids.shape[1]:  # only the loss positions (forward_kwargs)
+            pos = _loss_positions(w)
+            return _ce(logits, ids[:, pos + 1], w[:, pos + 1])
+        return _weighted_ce(_align(logits, batch), ids, w)
 
     # ------------------------------------------------------------------ decoding
     def settings(self, **overrides: Any) -> GenerationSettings:
@@ -419,13 +437,11 @@ class GenerationTask:
         try:
             for idx in _token_batches([len(f["input_ids"]) for f in features]):
                 batch = collate([features[i] for i in idx])
-                logits = model(**model_inputs(batch)).logits
-                weights = (batch["labels"] != IGNORE).float()
-                n = float(weights[:, 1:].sum())
+                batch["loss_weights"] = (batch["labels"] != IGNORE).float()
+                n = float(batch["loss_weights"][:, 1:].sum())
                 if n:
-                    total += (
-                        float(_weighted_ce(_align(logits, batch), batch["input_ids"], weights)) * n
-                    )
+                    inputs = model_inputs(batch) | self.forward_kwargs(model, batch)
+                    total += float(self.loss(model(**inputs).logits, batch)) * n
                     count += int(n)
         finally:
             model.train(was_training)
@@ -573,15 +589,34 @@ def _align(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return logits[:, extra:] if extra else logits
 
 
+def _loss_positions(weights: torch.Tensor) -> torch.Tensor:
+    """Positions t whose next token t+1 carries loss weight in any row of the batch."""
+    return (weights[:, 1:] > 0).any(0).nonzero().squeeze(1)
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model can return logits at chosen positions (`logits_to_keep`, transformers'
+    causal LMs). Prompt-learning methods put virtual tokens first, which would shift them."""
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _weighted_ce(
     logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Σ w·ce / Σ w of predicting token t+1 at position t; only weighted positions are computed."""
-    w = weights[:, 1:].float()
+    """Σ w·ce / Σ w of predicting token t+1 at position t."""
+    return _ce(logits[:, :-1], input_ids[:, 1:], weights[:, 1:])
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·ce / Σ w over aligned (logits, target) pairs; only weighted pairs are computed."""
+    w = weights.float()
     keep = w > 0
     if not keep.any():
         return logits.sum() * 0.0  # keeps the graph: a batch of prompts only adds nothing
-    ce = F.cross_entropy(logits[:, :-1][keep].float(), input_ids[:, 1:][keep], reduction="none")
+    ce = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
     return (ce * w[keep]).sum() / w[keep].sum()
 
 

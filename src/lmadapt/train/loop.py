@@ -115,9 +115,12 @@ def peak_rss_mb() -> float:
 
 
 def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float
+    model: torch.nn.Module, lr: float, weight_decay: float, impl: str = "fused"
 ) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only; no decay on biases and norms (1-D tensors)."""
+    """AdamW over trainable parameters only; no decay on biases and norms (1-D tensors).
+
+    `impl` picks torch's fused kernel (one pass over each parameter's weights, gradients and
+    moments) or its foreach kernel (several multi-tensor passes); the numbers are the same."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -126,7 +129,10 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
+    fused = impl == "fused"
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=lr, fused=fused or None, foreach=not fused or None
+    )
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
@@ -201,13 +207,15 @@ class Trainer:
         self.model, net = strategy.wrap(plain, dist)  # net: what the training step calls
         model = self.model
         total = self.total_steps()
-        optimizer = build_optimizer(model, self.lr, cfg.weight_decay)
+        optimizer = build_optimizer(model, self.lr, cfg.weight_decay, cfg.optimizer)
         scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
         self.optimizer, self.scheduler = optimizer, scheduler
         if resume:
             self._restore()
         state = self.state
         trainable = [p for p in model.parameters() if p.requires_grad]
+        # a task may ask the model for less (e.g. logits only where its loss reads them)
+        forward_kwargs = getattr(self.task, "forward_kwargs", _no_kwargs)
         self.log_file = (
             open(self.run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             if dist.is_main
@@ -238,7 +246,7 @@ class Trainer:
                     accumulate = (i + 1) % cfg.grad_accum and i + 1 < len(batches)
                     with strategy.no_sync(net) if accumulate else contextlib.nullcontext():
                         with self._autocast():
-                            outputs = net(**model_inputs(batch))
+                            outputs = net(**model_inputs(batch), **forward_kwargs(model, batch))
                         loss = self.task.loss(outputs.logits, batch)
                         for h in self.hooks:
                             extra = h.loss_term(model, batch, outputs)
@@ -413,6 +421,10 @@ class Trainer:
                         self.tb.add_scalar(f"{key}/{k}", v, self.state.step)
                 elif key not in ("step", "epoch"):
                     self.tb.add_scalar(f"train/{key}", value, self.state.step)
+
+
+def _no_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {}
 
 
 def _tensorboard(path: Path) -> Any:
