@@ -36,6 +36,7 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
         opts: dict | None = None,
         n: int = rows,
         task: str = "sst2",
+        batch: int | None = None,
     ) -> dict:
         return {
             "name": name,
@@ -44,6 +45,7 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
             "rows": n,
             "opts": opts or {},
             "task": task,
+            "batch": batch,
         }
 
     out = []
@@ -67,9 +69,19 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
         row(
             "lora/lmadapt dropout=0 sdpa", "lmadapt", "lora", {"dropout": 0.0, "attention": "sdpa"}
         ),
+        row(
+            "full/lmadapt dropout=0 foreach AdamW",
+            "lmadapt",
+            "full",
+            {"dropout": 0.0, "optimizer": "foreach"},
+        ),
     ]
     if full_rows is not None:
-        out.append(row("lora/lmadapt full SST-2", "lmadapt", "lora", {"dropout": 0.0}, full_rows))
+        # all of SST-2 in one epoch: batch 128 (lr 1e-3) amortises the per-step overhead
+        full = {"dropout": 0.0, "lr": 1e-3}
+        out.append(
+            row("lora/lmadapt full SST-2 batch 128", "lmadapt", "lora", full, full_rows, batch=128)
+        )
     n, t = instruct_rows, "instruct"
     out += [
         row("instruct-lora/hf", "hf", "lora", {}, n, t),
@@ -83,6 +95,14 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
         ),
         row("instruct-lora/lmadapt", "lmadapt", "lora", {}, n, t),
         row("instruct-lora/lmadapt dropout=0", "lmadapt", "lora", {"dropout": 0.0}, n, t),
+        row(
+            "instruct-lora/lmadapt dropout=0 logits everywhere",
+            "lmadapt",
+            "lora",
+            {"dropout": 0.0, "loss_positions_only": False},
+            n,
+            t,
+        ),
         row(
             "instruct-lora/lmadapt dropout=0 no packing",
             "lmadapt",
@@ -111,6 +131,8 @@ def run(s: dict) -> dict:
         "--train-opts",
         json.dumps(s["opts"]),
     ]
+    if s["batch"]:
+        cmd += ["--batch-size", str(s["batch"])]
     print(f"== {s['name']}: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -51,7 +51,7 @@ def run_lmadapt(args: argparse.Namespace) -> dict:
         "attention": attention,
         "model": "minilm",
         "task": {"type": "classification", "text_column": "sentence"},
-        "method": {"name": args.method},
+        "method": {"name": args.method, **json.loads(args.method_opts)},
         "data": {
             "train": str(SHARED / "sst2/train.tsv"),
             "dev": str(SHARED / "sst2/dev.tsv"),
@@ -88,6 +88,7 @@ def instruct_config(rows: int, opts: dict) -> dict:
             "type": "generation",
             "max_length": 512,
             "packing": opts.pop("packing", True),
+            "loss_positions_only": opts.pop("loss_positions_only", True),
             "eval_generate_max_samples": 0,
         },
         "method": {
@@ -319,6 +320,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 32, instruct 8")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--train-opts", default="{}", help="JSON: extra train.* settings / HF flags")
+    p.add_argument("--method-opts", default="{}", help="JSON: method.* settings (lmadapt)")
     args = p.parse_args()
     args.batch_size = args.batch_size or (8 if args.task == "instruct" else 32)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -56,6 +56,9 @@ class GenerationConfig:
     """Pack each batch's examples into rows of up to max_length tokens, attention kept within
     each example (positions restart per example). For methods that keep the input as it is
     (full, LoRA family, IA3, BitFit, adapters), not for prompt-learning methods."""
+    loss_positions_only: bool = True
+    """Compute the LM head's logits only where the loss reads them (not on prompt tokens when
+    lm_loss_weight is 0): less time and memory, same loss. For transformers causal LMs."""
     max_new_tokens: int = 256
     do_sample: bool = False
     """Greedy decoding by default; sampling uses temperature and top_p."""
@@ -287,7 +290,7 @@ class GenerationTask:
         saves their time and most of the logits' memory. `loss` sees fewer positions than
         tokens and picks the same ones again.
         """
-        if not _keeps_logits(model):
+        if not (self.cfg.loss_positions_only and _keeps_logits(model)):
             return {}
         return {"logits_to_keep": _loss_positions(batch["loss_weights"])}
 
