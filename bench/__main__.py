@@ -77,8 +77,9 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
         ),
     ]
     if full_rows is not None:
-        # all of SST-2 in one epoch: batch 128 (lr 1e-3) amortises the per-step overhead
-        full = {"dropout": 0.0, "lr": 1e-3}
+        # all of SST-2 in one epoch: batch 128 amortises the per-step overhead (lr 2e-3 beat
+        # 1e-3 there, 0.869 vs 0.864; batch 64 gave 0.861 in 174 s)
+        full = {"dropout": 0.0, "lr": 2e-3}
         out.append(
             row("lora/lmadapt full SST-2 batch 128", "lmadapt", "lora", full, full_rows, batch=128)
         )
