@@ -87,7 +87,7 @@ def instruct_config(rows: int, opts: dict) -> dict:
         "task": {
             "type": "generation",
             "max_length": 512,
-            "packing": opts.pop("packing", True),
+            "packing": opts.pop("packing", False),
             "loss_positions_only": opts.pop("loss_positions_only", True),
             "eval_generate_max_samples": 0,
         },
@@ -103,7 +103,7 @@ def instruct_config(rows: int, opts: dict) -> dict:
             "max_train_samples": rows,
             "max_eval_samples": INSTRUCT_DEV,
         },
-        "train": {"group_by_length": False, "lr": 5e-4, "warmup_ratio": 0.05, **opts},
+        "train": {"lr": 5e-4, "warmup_ratio": 0.05, **opts},
     }
 
 

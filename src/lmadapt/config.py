@@ -82,8 +82,8 @@ class TrainConfig:
     group_by_length: bool = True
     """Length-grouped batches (shuffled buckets) to cut padding."""
     optimizer: Literal["fused", "foreach"] = "fused"
-    """AdamW kernel: fused updates each parameter in one pass (1.3x faster full fine-tuning
-    steps on a 2-core CPU); foreach is torch's multi-tensor fallback."""
+    """AdamW kernel: fused updates each parameter in one pass over weights, gradients and
+    moments, the faster on CPU (see bench/); foreach is torch's multi-tensor kernel."""
     log_every: int = 20
     checkpoint_every: int | None = None
     """Save a resumable checkpoint every N optimizer steps; None = at every evaluation."""
