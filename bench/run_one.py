@@ -40,6 +40,19 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
 
 
+def lmadapt_result(m: dict, metric: str) -> dict:
+    """The bench's fields from lmadapt's metrics.json."""
+    return {
+        "samples_per_second": m["samples_per_second"],
+        "tokens_per_second": m["tokens_per_second"],
+        "train_seconds": m["train_seconds"],
+        f"dev_{metric}": m["dev"][metric],
+        "trainable_params": m["trainable_params"],
+        "bf16": m["bf16"],
+        "tokens": round(m["tokens_per_second"] * m["train_seconds"]),
+    }
+
+
 def run_lmadapt(args: argparse.Namespace) -> dict:
     from lmadapt.api import train
     from lmadapt.config import build_run_config
@@ -67,16 +80,33 @@ def run_lmadapt(args: argparse.Namespace) -> dict:
         },
         "output_dir": f"{out}/run",
     }
-    m = train(build_run_config(cfg))
-    return {
-        "samples_per_second": m["samples_per_second"],
-        "tokens_per_second": m["tokens_per_second"],
-        "train_seconds": m["train_seconds"],
-        "dev_accuracy": m["dev"]["accuracy"],
-        "trainable_params": m["trainable_params"],
-        "bf16": m["bf16"],
-        "tokens": round(m["tokens_per_second"] * m["train_seconds"]),
-    }
+    return lmadapt_result(train(build_run_config(cfg)), "accuracy")
+
+
+def hf_args(args: argparse.Namespace, opts: dict, lr: float, warmup: float, **extra):
+    """The peer's TrainingArguments: lmadapt's schedule (linear, warmup ratio, decay 0.01),
+    no checkpoints or evaluation inside the timed loop."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench-hf-"),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=lr,
+        weight_decay=0.01,
+        warmup_steps=warmup,  # a float is a ratio of the total steps in transformers 5
+        lr_scheduler_type="linear",
+        seed=args.seed,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if opts.get("group_by_length") else "random",
+        bf16=bool(opts.get("bf16")),
+        **extra,
+    )
 
 
 def instruct_config(rows: int, opts: dict) -> dict:
@@ -114,16 +144,7 @@ def run_lmadapt_instruct(args: argparse.Namespace) -> dict:
     cfg = instruct_config(args.rows, json.loads(args.train_opts))
     cfg["train"].update(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     cfg["output_dir"] = tempfile.mkdtemp(prefix="bench-lmadapt-") + "/run"
-    m = train(build_run_config(cfg))
-    return {
-        "samples_per_second": m["samples_per_second"],
-        "tokens_per_second": m["tokens_per_second"],
-        "train_seconds": m["train_seconds"],
-        "dev_loss": m["dev"]["loss"],
-        "trainable_params": m["trainable_params"],
-        "bf16": m["bf16"],
-        "tokens": round(m["tokens_per_second"] * m["train_seconds"]),
-    }
+    return lmadapt_result(train(build_run_config(cfg)), "loss")
 
 
 def run_hf_instruct(args: argparse.Namespace) -> dict:
@@ -131,7 +152,7 @@ def run_hf_instruct(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer
 
     from lmadapt.api import prepare
     from lmadapt.config import build_run_config
@@ -168,25 +189,7 @@ def run_hf_instruct(args: argparse.Namespace) -> dict:
             target_modules=INSTRUCT_TARGETS,
         ),
     )
-    targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="bench-hf-"),
-        per_device_train_batch_size=args.batch_size,
-        num_train_epochs=args.epochs,
-        learning_rate=5e-4,
-        weight_decay=0.01,
-        warmup_steps=0.05,
-        lr_scheduler_type="linear",
-        seed=args.seed,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=10,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        train_sampling_strategy="group_by_length" if opts.get("group_by_length") else "random",
-        bf16=bool(opts.get("bf16")),
-    )
+    targs = hf_args(args, opts, 5e-4, 0.05, logging_steps=10)
     trainer = Trainer(
         model=model,
         args=targs,
@@ -228,7 +231,6 @@ def run_hf(args: argparse.Namespace) -> dict:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainingArguments,
     )
 
     from lmadapt.models import resolve_model
@@ -260,25 +262,8 @@ def run_hf(args: argparse.Namespace) -> dict:
         for n, p in model.named_parameters():
             p.requires_grad_(n.endswith("bias") or n.startswith(("classifier", "bert.pooler")))
     opts = json.loads(args.train_opts)
-    targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="bench-hf-"),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=128,
-        num_train_epochs=args.epochs,
-        learning_rate=LR[args.method],
-        weight_decay=0.01,
-        warmup_steps=0.06,  # a float is a ratio of the total steps in transformers 5
-        lr_scheduler_type="linear",
-        seed=args.seed,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=50,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        train_sampling_strategy="group_by_length" if opts.get("group_by_length") else "random",
-        bf16=bool(opts.get("bf16")),
+    targs = hf_args(
+        args, opts, LR[args.method], 0.06, logging_steps=50, per_device_eval_batch_size=128
     )
 
     def metrics(p):
