@@ -28,10 +28,10 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and cpu_has_bf16())
 
 
-def autocast(enabled: bool) -> contextlib.AbstractContextManager:
+def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 LOSS_ONLY_KEYS = ("labels", "loss_weights")

@@ -8,6 +8,7 @@ the logits path.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -124,12 +125,15 @@ class GenerationSettings:
 @dataclass
 class Decoded:
     texts: list[str]
-    new_tokens: int
     seconds: float
     lengths: list[int]
     """New tokens per prompt, up to its end token (what a server bills as completion tokens)."""
     finish: list[str]
     """Per prompt: "stop" (an end token or stop string) or "length" (max_new_tokens ran out)."""
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(self.lengths)
 
 
 class PackingCollator:
@@ -377,7 +381,7 @@ class GenerationTask:
         model.eval()
         texts: list[str | None] = [None] * len(prompts)
         lengths, finish = [0] * len(prompts), ["length"] * len(prompts)
-        new_tokens, t0 = 0, time.perf_counter()
+        t0 = time.perf_counter()
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         bs = self.cfg.generate_batch_size
         try:
@@ -407,13 +411,12 @@ class GenerationTask:
                     if stopped and end == len(seq):  # a stop string: the rest is batch padding
                         while end and seq[end - 1] == pad:
                             end -= 1
-                    new_tokens += end
                     lengths[i], finish[i] = end, "stop" if stopped else "length"
                     texts[i] = _cut(text, stop_texts)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - t0
-        return Decoded(texts, new_tokens, seconds, lengths, finish)  # type: ignore[arg-type]
+        return Decoded(texts, seconds, lengths, finish)  # type: ignore[arg-type]
 
     def generate(
         self,
@@ -603,7 +606,13 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes(type(base), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    """Asked every training step; the signature is read once per model class."""
+    return name in inspect.signature(cls.forward).parameters
 
 
 def _weighted_ce(

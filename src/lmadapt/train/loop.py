@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lmadapt.config import TrainConfig
 from lmadapt.data.batching import length_grouped_batches, shuffled_batches
 from lmadapt.errors import LmadaptError
-from lmadapt.inference import evaluate_model, model_inputs, use_bf16
+from lmadapt.inference import autocast, evaluate_model, model_inputs, use_bf16
 from lmadapt.io import write_text
 from lmadapt.train.checkpoint import (
     checkpoint_dir,
@@ -245,7 +245,7 @@ class Trainer:
                     # accumulate gradients over grad_accum batches, exchanging them on the last
                     accumulate = (i + 1) % cfg.grad_accum and i + 1 < len(batches)
                     with strategy.no_sync(net) if accumulate else contextlib.nullcontext():
-                        with self._autocast():
+                        with autocast(self.bf16, self.dist.device.type):
                             outputs = net(**model_inputs(batch), **forward_kwargs(model, batch))
                         loss = self.task.loss(outputs.logits, batch)
                         for h in self.hooks:
@@ -329,11 +329,6 @@ class Trainer:
 
     def _last_eval_step(self) -> int | None:
         return next((r["step"] for r in reversed(self.state.history) if "dev" in r), None)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
