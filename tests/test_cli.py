@@ -56,3 +56,25 @@ def test_console_script_runs(args):
         text=True,
     )
     assert r.returncode == 0 and "usage" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (
+            ["continual", "c.yaml", "--strategies", "naive,ewc", "output_dir=x", "seed=3"],
+            "strategies",
+        ),
+        (["compare", "c.yaml", "--methods", "lora,ia3", "output_dir=x", "seed=3"], "methods"),
+        (
+            ["hpo", "c.yaml", "--space", "s.yaml", "--trials", "2", "output_dir=x", "seed=3"],
+            "space",
+        ),
+    ],
+)
+def test_overrides_may_follow_options(argv, option):
+    from lmadapt.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.overrides == ["output_dir=x", "seed=3"]
+    assert getattr(args, option)

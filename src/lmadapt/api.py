@@ -14,16 +14,32 @@ from typing import Any
 import torch
 import yaml
 
-from lmadapt.config import RunConfig, build_run_config, load_config
+from lmadapt.config import RunConfig, build_run_config, config_source, load_config, read_yaml
+from lmadapt.data.validation import BadRow, BadRows
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.evaluate.report import evaluation_section, training_curves, write_report
+from lmadapt.evaluate.report import (
+    bad_rows_metrics,
+    bad_rows_section,
+    evaluation_section,
+    training_curves,
+    write_report,
+)
 from lmadapt.inference import evaluate_model, predict_examples
-from lmadapt.io import atomic_dir, write_json, write_yaml
-from lmadapt.methods import build_method, count_parameters
+from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
+from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
+from lmadapt.rundir import check_output_dir, create_output_dir
 from lmadapt.tasks import Evaluation, build_task
 from lmadapt.train import distributed
-from lmadapt.train.loop import Hook, Trainer, peak_rss_mb, seed_everything
+from lmadapt.train.checkpoint import latest_checkpoint
+from lmadapt.train.loop import (
+    Hook,
+    Trainer,
+    TrainingInterrupted,
+    checkpoint_metric,
+    peak_rss_mb,
+    seed_everything,
+)
 
 
 @dataclass
@@ -37,6 +53,9 @@ class Prepared:
     dev: list[Any]
     test: list[Any]
     features: dict[str, list[dict[str, Any]]]
+    bad_rows: dict[str, list[BadRow]]
+    """Split -> the `lmadapt.data.validation.BadRow`s left out under data.bad_rows=skip (empty
+    lists under error, which refuses any); one entry per split read."""
 
 
 def _set_threads(n: int | None) -> None:
@@ -44,21 +63,30 @@ def _set_threads(n: int | None) -> None:
 
 
 def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
-    """Read and validate every data file, then tokenize. Nothing is written."""
+    """Read and validate every data file, then tokenize. Nothing is written.
+
+    Bad rows follow data.bad_rows: each file is refused with all of its bad rows listed, or
+    they are left out and kept in `Prepared.bad_rows`.
+    """
     task = build_task(config.task, task_state)
     d = config.data
     if not d.train:
         raise ConfigError("data.train", "is required")
-    train = task.read(d.train, d.format)
-    dev = task.read(d.dev, d.format) if d.dev else []
-    test = task.read(d.test, d.format) if d.test else []
+    paths = {"train": d.train, "dev": d.dev, "test": d.test}
+    bad = {s: BadRows(p, d.bad_rows, d.max_bad_fraction) for s, p in paths.items() if p}
+    read = {s: task.read(b.file, d.format, bad=b) for s, b in bad.items()}
+    bad["train"].finish()  # fit must not learn from a refused file
+    train = read["train"]
     if d.max_train_samples:
         train = train[: d.max_train_samples]
+    task.fit(train)
+    # What fit learned (the label set) can show more bad rows in dev and test.
+    dev = task.check(read["dev"], bad["dev"]) if d.dev else []
+    test = task.check(read["test"], bad["test"]) if d.test else []
+    for b in bad.values():
+        b.finish()
     if d.max_eval_samples:
         dev, test = dev[: d.max_eval_samples], test[: d.max_eval_samples]
-    task.fit(train)
-    task.check(dev)
-    task.check(test)
     spec = resolve_model(config.model)
     if task.kind not in spec.tasks:
         raise ConfigError(
@@ -71,20 +99,8 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
         name: task.encode(rows, tokenizer)
         for name, rows in (("train", train), ("dev", dev), ("test", test))
     }
-    return Prepared(task, tokenizer, spec, train, dev, test, features)
-
-
-def _check_output_dir(config: RunConfig) -> Path:
-    out = Path(config.output_dir)
-    if out.exists() and not config.overwrite:
-        raise ConfigError("output_dir", f"{out} already exists; pass overwrite=true to replace it")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError("output_dir", f"{probe} is not writable")
-    return out
+    bad_rows = {s: b.rows for s, b in bad.items()}
+    return Prepared(task, tokenizer, spec, train, dev, test, features, bad_rows)
 
 
 def train(
@@ -97,7 +113,7 @@ def train(
     `hooks` join the training loop (e.g. hyperparameter search reporting each evaluation)."""
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
-    out = _check_output_dir(config)
+    out = check_output_dir(config.output_dir, config.overwrite)
     return _run(config, out, resume=False, hooks=hooks or [])
 
 
@@ -108,21 +124,42 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
         raise LmadaptError(f"{out}: not an lmadapt run directory (no config.yaml)")
     if (out / "metrics.json").is_file():
         raise LmadaptError(f"{out}: this run already finished (metrics.json exists)")
-    config = build_run_config(yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")))
+    with config_source(out / "config.yaml"):
+        config = build_run_config(read_yaml(out / "config.yaml"))
     return _run(config, out, resume=True)
 
 
-def _check_disk(out: Path, model: torch.nn.Module, keep: int) -> None:
-    """Refuse to start when the checkpoints and the artifact clearly cannot fit on the disk."""
+def disk_needed(method: Method, model: torch.nn.Module, keep: int) -> int:
+    """Bytes a run writes at most, all fp32: the artifact (every weight, or only the trained
+    ones), best.safetensors, and keep + 1 resumable checkpoints (weights and both AdamW moments;
+    a new one is written before the oldest goes)."""
     trainable, total = count_parameters(model)
-    need = 4 * (total + trainable * (1 + 3 * keep))  # fp32: artifact, best, keep x (w, m, v)
-    free = shutil.disk_usage(out).free
+    artifact = total if method.saves_whole_model else trainable
+    return 4 * (artifact + trainable * (1 + 3 * (keep + 1)))
+
+
+def _check_disk(out: Path, need: int) -> None:
+    """Refuse to start, writing nothing, when the run clearly cannot fit on the disk."""
+    where = out
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
     if free < need:
         raise ConfigError(
             "output_dir",
-            f"{out} has {free / 2**20:.0f} MB free; this run needs about "
-            f"{need / 2**20:.0f} MB for checkpoints and the model",
+            f"{where} has {free / 2**20:.1f} MB free; this run needs about "
+            f"{need / 2**20:.1f} MB for checkpoints and the model",
         )
+
+
+def _failed_write(e: OSError, out: Path) -> LmadaptError:
+    """A one-line error for a failed write (disk full, permissions) that says what survives."""
+    what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if latest_checkpoint(out / "checkpoints") is not None:
+        hint = f"free space (or fix the cause), then resume with: lmadapt train --resume {out}"
+    else:
+        hint = "no checkpoint had been saved, so the run directory was removed"
+    return LmadaptError(f"could not write the run ({what}); {hint}")
 
 
 def _run(
@@ -134,23 +171,53 @@ def _run(
     seed_everything(config.train.seed)
     data = prepare(config)
     task, spec = data.task, data.spec
+    checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
     method = build_method(config.method)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
     base = task.build_model(spec, config.trust_remote_code)
     set_attention(base, config.attention, spec.kind)
     model = method.apply(base, task)
-    trainable, total = count_parameters(model)
 
     dist.barrier()  # every process has checked `out` before process 0 replaces it
+    created = False
     if dist.is_main:
-        if not resume:
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
+        _check_disk(out, disk_needed(method, model, config.train.keep_checkpoints))
+        if resume:  # what a crash mid-write left behind
+            clean_orphans(out)
+            clean_orphans(out / "checkpoints")
+        else:
+            create_output_dir(out, "train")
+            created = True
+    try:
+        if created:
             write_yaml(out / "config.yaml", config.to_dict())
             write_json(out / "run.json", _run_info(config, spec, task))
-        _check_disk(out, model, config.train.keep_checkpoints)
+        return _train_and_report(config, out, resume, hooks, dist, data, method, model)
+    except TrainingInterrupted:
+        raise
+    except OSError as e:
+        if created and latest_checkpoint(out / "checkpoints") is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise _failed_write(e, out) from None
+    except BaseException:  # nothing half-written: a run with no checkpoint cannot be resumed
+        if created and latest_checkpoint(out / "checkpoints") is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
+
+def _train_and_report(
+    config: RunConfig,
+    out: Path,
+    resume: bool,
+    hooks: list[Hook] | None,
+    dist: distributed.Distributed,
+    data: Prepared,
+    method: Method,
+    model: torch.nn.Module,
+) -> dict[str, Any]:
+    """Train, save the artifact, evaluate on dev/test, write the report and metrics.json."""
+    task, spec = data.task, data.spec
+    trainable, total = count_parameters(model)
     lr = config.train.lr or config.method.lr
     trainer = Trainer(
         model,
@@ -164,10 +231,7 @@ def _run(
         dev_examples=data.dev,
         dist=dist,
     )
-    method_hooks = getattr(method, "hooks", None)  # optional: schedules, extra loss terms
-    if method_hooks:
-        trainer.hooks += method_hooks(model, trainer.total_steps())
-    trainer.hooks += hooks or []
+    trainer.hooks += method.hooks(model, trainer.total_steps()) + (hooks or [])
     t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
     wall = time.perf_counter() - t0
@@ -207,6 +271,7 @@ def _run(
         "bf16": trainer.bf16,
         "threads": torch.get_num_threads(),
         "processes": dist.world_size,
+        **bad_rows_metrics(data.bad_rows),
         **{split: ev.metrics for split, ev in evals.items()},
     }
     plot_dir = out / "plots"
@@ -233,6 +298,9 @@ def _run(
         evaluation_section(f"{split.capitalize()} set (best checkpoint)", ev, task)
         for split, ev in evals.items()
     ]
+    skipped = bad_rows_section(data.bad_rows)
+    if skipped:
+        sections.append(skipped)
     write_report(out, summary, sections, images)
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
     return dist.broadcast(metrics)

@@ -133,14 +133,34 @@ def _models(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("serve", "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/models, /health")
+@command(
+    "serve",
+    "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/generate, /v1/chat/completions, "
+    "/v1/models, /health",
+)
 def _serve(p: argparse.ArgumentParser) -> None:
     from lmadapt.serve.settings import ServeSettings
 
     d = ServeSettings()
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="served by directory name")
-    p.add_argument("--host", default=d.host, help="bind address (no auth: keep it local)")
+    p.add_argument(
+        "--host",
+        default=d.host,
+        help="bind address; one other than loopback needs an API key (or --allow-no-auth)",
+    )
     p.add_argument("--port", type=int, default=d.port)
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every endpoint; default: the "
+        "LMADAPT_API_KEY environment variable (preferred: a command line is visible to other "
+        "local users)",
+    )
+    p.add_argument(
+        "--allow-no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without an API key (anyone who reaches it may call)",
+    )
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="texts per forward pass")
     p.add_argument(
         "--max-wait-ms",
@@ -157,17 +177,17 @@ def _serve(p: argparse.ArgumentParser) -> None:
         default=d.max_queue,
         help="queued requests per model before answering 503",
     )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="largest request body, refused before parsing; default: 6 bytes (a JSON \\uXXXX "
+        "escape) per character of --max-texts x --max-chars, plus 64 KiB",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     def run(a: argparse.Namespace) -> None:
-        try:
-            import uvicorn
-
-            from lmadapt.serve.app import create_app
-        except ImportError as e:
-            raise LmadaptError(
-                f"serve needs the serve extra ({e.name} is missing): pip install 'lmadapt[serve]'"
-            ) from None
+        # an empty variable counts as unset; an empty --api-key is refused
+        key = a.api_key if a.api_key is not None else os.environ.get("LMADAPT_API_KEY") or None
         settings = ServeSettings(
             host=a.host,
             port=a.port,
@@ -177,10 +197,23 @@ def _serve(p: argparse.ArgumentParser) -> None:
             max_chars=a.max_chars,
             max_new_tokens=a.max_new_tokens,
             max_queue=a.max_queue,
+            max_body_bytes=a.max_body_bytes,
+            api_key=key,
+            allow_no_auth=a.allow_no_auth,
         )
+        settings.check_exposure()  # before loading any model: a refusal should come at once
+        try:
+            import uvicorn
+
+            from lmadapt.serve.app import create_app
+        except ImportError as e:
+            raise LmadaptError(
+                f"serve needs the serve extra ({e.name} is missing): pip install 'lmadapt[serve]'"
+            ) from None
         app = create_app(a.run_dirs, settings)
         names = ", ".join(sorted(app.state.server.runs))
-        print(f"lmadapt: serving {names} on http://{a.host}:{a.port}", file=sys.stderr)
+        auth = "API key required" if settings.api_key else "no API key"
+        print(f"lmadapt: serving {names} on http://{a.host}:{a.port} ({auth})", file=sys.stderr)
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
 
     p.set_defaults(run=run)
@@ -193,9 +226,9 @@ def _compare(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated method names (default: every registered method); "
-        "give it before CONFIG when passing overrides",
+        help="comma-separated method names (default: every registered method)",
     )
+    _overrides_after_options(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.compare import compare
@@ -288,6 +321,7 @@ def _continual(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated: one run each under output_dir/<strategy> + summary.md",
     )
+    _overrides_after_options(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.continual import run_continual, run_continual_many
@@ -419,22 +453,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user's error is one line on stderr and exit code 2, never a traceback
+    (Ctrl-C: 130, as shells expect)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    quiet_libraries()
     try:
+        args = build_parser().parse_args(argv)
+        quiet_libraries()
         args.run(args)
     except LmadaptError as e:
         print(f"lmadapt: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave: unreadable, unwritable, disk full
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lmadapt: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lmadapt: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 @command("prompt", "evaluate a frozen model by prompting: templates, verbalizers, k-shot demos")
@@ -458,3 +494,7 @@ def _prompt(p: argparse.ArgumentParser) -> None:
         print(f"output directory: {out}")
 
     p.set_defaults(run=run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

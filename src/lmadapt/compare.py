@@ -19,6 +19,7 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.io import write_json, write_text
 from lmadapt.methods import METHODS
+from lmadapt.rundir import check_output_dir
 from lmadapt.tasks import build_task
 
 
@@ -40,11 +41,7 @@ def _method_configs(
         # not fit other methods. Overrides after it still apply (e.g. train.max_steps).
         run_overrides = [f"method={name}", *overrides, f"output_dir={out / name}"]
         config = load_config(config_path, run_overrides)
-        if Path(config.output_dir).exists() and not config.overwrite:
-            raise ConfigError(
-                "output_dir",
-                f"{config.output_dir} already exists; pass overwrite=true to replace it",
-            )
+        check_output_dir(config.output_dir, config.overwrite)
         runs[name] = (run_overrides, config)
     return runs
 

@@ -35,12 +35,23 @@ class DataConfig:
     max_train_samples: int | None = None
     """Keep only the first N training rows (after validation)."""
     max_eval_samples: int | None = None
+    bad_rows: Literal["error", "skip"] = "error"
+    """Rows with a problem of their own (empty text, bad label, malformed JSON line, bad tags in
+    a CoNLL sentence): error refuses the run and lists them all; skip drops them and records
+    them. Problems of a whole file (missing, not UTF-8, header without a needed column) are
+    always errors."""
+    max_bad_fraction: float = 0.1
+    """With bad_rows=skip, a file with more than this fraction of bad rows is refused anyway."""
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"data.{name}", f"must be > 0, got {v}")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ConfigError(
+                "data.max_bad_fraction", f"must be in [0, 1), got {self.max_bad_fraction}"
+            )
 
 
 @dataclass

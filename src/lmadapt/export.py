@@ -20,6 +20,7 @@ from lmadapt.inference import model_inputs
 from lmadapt.io import atomic_dir, write_json
 from lmadapt.methods import build_method
 from lmadapt.models import ModelSpec
+from lmadapt.rundir import check_output_dir, mark
 
 PROBE_TEXTS = [
     "the film was good",
@@ -53,9 +54,7 @@ def export_merged(
     """
     if tolerance < 0:
         raise LmadaptError(f"tolerance must be >= 0, got {tolerance}")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LmadaptError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_output_dir(out_dir, overwrite, field="--merge")
     run = load_run(run_dir)
     name = run.config.method.name
     if not build_method(run.config.method).mergeable:
@@ -72,6 +71,7 @@ def export_merged(
     diff_merged = max_abs_diff(_logits(merged_model, batch), unmerged)
     _check(diff_merged, tolerance, "merged")
     with atomic_dir(out) as tmp:
+        mark(tmp, "export")
         merged_model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
         spec = ModelSpec(run.spec.name, str(tmp), run.spec.kind, run.spec.tasks)

@@ -25,7 +25,7 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.io import write_text
 from lmadapt.tasks import build_task
-from lmadapt.train.loop import Hook, Trainer, TrainingInterrupted
+from lmadapt.train.loop import Hook, Trainer, TrainingInterrupted, checkpoint_metric
 
 STUDY_NAME = "lmadapt"
 RESERVED = ("output_dir", "overwrite")
@@ -152,8 +152,7 @@ def objective_metric(config: RunConfig) -> tuple[str, str]:
     """The dev metric that selects the best checkpoint, and the study direction, as the
     Trainer decides them: a trial is worth what its best checkpoint is worth."""
     task = build_task(config.task)
-    metric = config.train.metric or task.default_metric
-    mode = task.metric_mode if config.train.metric_mode == "auto" else config.train.metric_mode
+    metric, mode = checkpoint_metric(config.train, task)
     return metric, "maximize" if mode == "max" else "minimize"
 
 

@@ -34,7 +34,7 @@ def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractCont
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
-LOSS_ONLY_KEYS = ("labels", "loss_weights")
+LOSS_ONLY_KEYS = ("labels", "loss_weights", "teacher_logits")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

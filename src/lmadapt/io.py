@@ -49,6 +49,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def clean_orphans(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and directories that the atomic writers above leave behind when a
+    process dies mid-write (`.NAME.*.tmp`, `.NAME.old`); returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    orphans = [
+        p
+        for p in directory.iterdir()
+        if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))
+    ]
+    for p in orphans:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return orphans
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

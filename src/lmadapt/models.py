@@ -33,9 +33,39 @@ class ModelSpec:
         kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if self.gguf_file:
             kw["gguf_file"] = self.gguf_file
-        elif Path(self.path).is_dir():
-            kw["use_safetensors"] = True  # never unpickle weights from a user path
+        else:
+            kw["use_safetensors"] = True  # never unpickle weights, local or from the hub
         return kw
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickled(directory: str | Path, what: str = "model directory") -> None:
+    """Refuse a directory whose weights exist only as pickles: unpickling can run any code, so
+    lmadapt reads weights as safetensors (or GGUF) alone, and says how to convert them."""
+    directory = Path(directory)
+    if not directory.is_dir() or any(
+        p.suffix in (".safetensors", ".gguf") for p in directory.iterdir()
+    ):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LmadaptError(
+            f"{what} {directory} holds weights only as pickle files ({', '.join(pickles)}); "
+            "lmadapt never unpickles weights (loading a pickle can run code). Convert them once, "
+            "in a Python you trust: `from safetensors.torch import save_file; "
+            f"save_file(torch.load('{directory / pickles[0]}', weights_only=True), "
+            f"'{directory / _safetensors_name(pickles[0])}')` "
+            "(or model.save_pretrained(dir) for a whole transformers model)"
+        )
+
+
+def _safetensors_name(pickle_name: str) -> str:
+    """The file name transformers / peft look for in place of a pickled one."""
+    if pickle_name.startswith("adapter_model"):
+        return "adapter_model.safetensors"
+    return "model.safetensors"
 
 
 ENCODER_TASKS = ("classification", "token_classification", "embedding")
@@ -89,6 +119,7 @@ def resolve_model(name: str) -> ModelSpec:
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         cfg_file = path / "config.json"
+        refuse_pickled(path)
         if cfg_file.is_file():
             try:
                 kind = _kind_from_config(json.loads(cfg_file.read_text(encoding="utf-8")))
@@ -132,7 +163,10 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:
 
 def load_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool = False, **kw: Any) -> Any:
     """Load `spec` with a transformers Auto class (e.g. AutoModelForSequenceClassification)."""
-    return auto_cls.from_pretrained(spec.path, **spec.load_kwargs(trust_remote_code), **kw)
+    try:
+        return auto_cls.from_pretrained(spec.path, **spec.load_kwargs(trust_remote_code), **kw)
+    except OSError as e:  # missing or unreadable files, or no safetensors weights on the hub
+        raise LmadaptError(f"model '{spec.name}' could not be loaded: {e}") from None
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -89,7 +89,7 @@ def test_method_trains_only_its_parameters_and_reloads(name, fixed, tmp_path, mo
         group_by_length=False,
     )
     trainer = Trainer(model, task, features, collate, cfg, LR, tmp_path)
-    trainer.hooks += getattr(method, "hooks", lambda m, n: [])(model, trainer.total_steps())
+    trainer.hooks += method.hooks(model, trainer.total_steps())
     trainer.fit()
 
     logits, loss_after = _eval(model, task, batch)
@@ -112,3 +112,24 @@ def test_method_trains_only_its_parameters_and_reloads(name, fixed, tmp_path, mo
     loaded = method.load(task, spec, tmp_path / "model")
     reloaded, _ = _eval(loaded, task, batch)
     torch.testing.assert_close(reloaded, logits, atol=1e-6, rtol=0)
+
+
+def test_prefix_tuning_refused_cleanly_where_the_model_takes_no_prefixes(fixed, monkeypatch):
+    """transformers 5.24 renamed BERT's `past_key_values` to `cache`, and peft then failed with a
+    ValueError at the first forward; lmadapt must refuse at set-up with a config error instead."""
+    from transformers import BertModel
+
+    from lmadapt.errors import ConfigError
+    from lmadapt.methods.prefix_tuning import takes_prefixes
+
+    task, spec, _, _ = fixed
+    method = build_method(parse_section(METHODS, "name", "prefix_tuning", "method"))
+    assert takes_prefixes(task.build_model(spec))  # the locked versions support it
+
+    def renamed(self, input_ids=None, attention_mask=None, cache=None, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(BertModel, "forward", renamed)
+    with pytest.raises(ConfigError, match="p_tuning or prompt_tuning") as e:
+        method.apply(task.build_model(spec), task)
+    assert e.value.field == "method.name"

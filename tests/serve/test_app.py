@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -20,6 +21,7 @@ from lmadapt.config import build_run_config  # noqa: E402
 from lmadapt.errors import LmadaptError  # noqa: E402
 from lmadapt.serve.app import create_app  # noqa: E402
 from lmadapt.serve.batching import MicroBatcher, QueueFullError  # noqa: E402
+from lmadapt.serve.guards import BodyLimit  # noqa: E402
 from lmadapt.serve.settings import ServeSettings  # noqa: E402
 
 TEXTS = ["the film was good", "the plot was awful", "the music was superb and lovely"]
@@ -115,14 +117,47 @@ def test_health_and_models_share_one_base(client):
     health = client.get("/health").json()
     assert health["status"] == "ok"
     assert health["models"] == ["alpha", "beta", "delta", "gamma"]
-    # alpha+beta share one base; gamma has its own weights, delta another head and task
-    assert health["base_models_in_memory"] == 3
+    # alpha+beta are one model; delta (another head and task) uses the same base weights;
+    # gamma (BitFit) saved a whole model of its own
+    assert health["base_models_in_memory"] == 2
     cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
-    assert cards["alpha"]["shares_base_with"] == ["beta"]
+    assert cards["alpha"]["shares_base_with"] == ["beta", "delta"]
+    assert cards["delta"]["shares_base_with"] == ["alpha", "beta"]
     assert cards["gamma"]["shares_base_with"] == []
     assert cards["beta"]["labels"] == ["no", "yes"]
     assert cards["gamma"]["method"] == "bitfit"
     assert cards["delta"]["task"] == "token_classification"
+
+
+def test_runs_of_other_methods_and_tasks_share_the_base_and_answer_as_alone(
+    runs, tiny_bert, tmp_path
+):
+    """The reported mix: LoRA and IA3 classifiers and a LoRA NER run on one base, and a run with
+    weights of its own (BitFit). peft cannot hold LoRA and IA3 in one model, so these are three
+    models, but one copy of the base's weights; every answer equals the run loaded alone."""
+    served = {
+        "alpha": runs["alpha"],
+        "epsilon": _train(tmp_path, tiny_bert, "epsilon", "ia3", ("pos", "neg"), 5),
+        "delta": runs["delta"],
+        "gamma": runs["gamma"],
+    }
+    app = create_app(list(served.values()), SETTINGS)
+    with TestClient(app) as c:
+        assert c.get("/health").json()["base_models_in_memory"] == 2
+        cards = {card["id"]: card for card in c.get("/v1/models").json()["data"]}
+        assert cards["epsilon"]["shares_base_with"] == ["alpha", "delta"]
+        assert cards["gamma"]["shares_base_with"] == []
+        # really one tensor in memory, not just reported as one
+        embeddings = {
+            next(p for n, p in g.model.named_parameters() if "word_embeddings" in n).data_ptr()
+            for g in app.state.server.groups
+        }
+        assert len(app.state.server.groups) == 4 and len(embeddings) == 2
+        for name, run_dir in served.items():
+            path, texts = ("/v1/ner", NER_TEXTS) if name == "delta" else ("/v1/classify", TEXTS)
+            r = c.post(path, json={"model": name, "texts": texts})
+            assert r.status_code == 200, r.text
+            assert r.json()["results"] == predict(load_run(run_dir), texts), name
 
 
 def test_ner_equals_api_predict(client, expected):
@@ -292,9 +327,116 @@ def test_create_app_refuses_duplicate_names_and_non_runs(runs, tmp_path):
         create_app([runs["alpha"], str(twin)])
 
 
-def test_cli_serve_rejects_bad_limits(runs, capsys):
-    assert main(["serve", runs["alpha"], "--max-batch", "0"]) == 2
-    assert "--max-batch" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", ["--max-batch", "--max-body-bytes"])
+def test_cli_serve_rejects_bad_limits(runs, capsys, flag):
+    assert main(["serve", runs["alpha"], flag, "0"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- request body size
+
+
+def test_default_body_limit_admits_the_largest_allowed_request():
+    """Every text at max_chars, JSON-escaped (\\uXXXX, as json.dumps writes non-ASCII)."""
+    settings = ServeSettings()
+    texts = ["é" * settings.max_chars] * settings.max_texts
+    body = json.dumps({"model": "m" * 200, "texts": texts})
+    assert len(body) <= settings.body_limit <= len(body) + 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def small_body_client(runs):
+    """alpha, with bodies capped at 1000 bytes (the other limits would admit more)."""
+    settings = ServeSettings(max_texts=8, max_chars=200, max_body_bytes=1000)
+    with TestClient(create_app([runs["alpha"]], settings)) as c:
+        yield c
+
+
+OVER_1000_BYTES = {"model": "alpha", "texts": ["the film was good " * 10] * 7}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_over_the_limit_is_413(small_body_client, chunked):
+    """A body the other limits admit, but over --max-body-bytes: 413 either from its
+    Content-Length or, for a chunked upload (no Content-Length), from the bytes received."""
+    raw = json.dumps(OVER_1000_BYTES).encode()
+    assert len(raw) > 1000 and len(OVER_1000_BYTES["texts"]) <= 8
+    content = iter([raw[:500], raw[500:]]) if chunked else raw
+    r = small_body_client.post(
+        "/v1/classify", content=content, headers={"content-type": "application/json"}
+    )
+    assert ("content-length" in r.request.headers) != chunked
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"].endswith("the limit is 1000 (--max-body-bytes)")
+    under = {"model": "alpha", "texts": OVER_1000_BYTES["texts"][:2]}
+    assert small_body_client.post("/v1/classify", json=under).status_code == 200
+
+
+def _asgi(middleware_app, chunks: list[bytes], headers: list[tuple[bytes, bytes]]):
+    """Drive an ASGI app with a request body sent in `chunks`; returns the response status and
+    the chunks it read."""
+    pulled: list[bytes] = []
+    sent: list[dict] = []
+
+    async def receive():
+        pulled.append(chunks[len(pulled)])
+        more = len(pulled) < len(chunks)
+        return {"type": "http.request", "body": pulled[-1], "more_body": more}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+    asyncio.run(middleware_app(scope, receive, send))
+    return sent[0]["status"], pulled
+
+
+def test_body_limit_stops_reading_a_chunked_body_past_the_limit():
+    got: list[dict] = []
+
+    async def inner(scope, receive, send):
+        got.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    limited = BodyLimit(inner, limit=1000)
+    status, pulled = _asgi(limited, [b"x" * 100] * 100, [])
+    assert status == 413 and len(pulled) == 11 and not got  # 1100 bytes read of 10000
+    status, pulled = _asgi(limited, [b"x" * 100] * 10, [])
+    assert status == 200 and got == [
+        {"type": "http.request", "body": b"x" * 1000, "more_body": False}
+    ]
+    status, pulled = _asgi(limited, [b"x" * 100] * 100, [(b"content-length", b"10000")])
+    assert status == 413 and not pulled  # refused on the header: nothing read
+
+
+# ---------------------------------------------------------------------- what a refusal quotes
+
+
+def test_validation_error_never_echoes_the_input(client):
+    """FastAPI's default 422 quotes each rejected value back: 60 kB in, 60 kB out."""
+    r = client.post("/v1/classify", json={"model": "alpha", "texts": "Z" * 60_000})
+    assert r.status_code == 422
+    assert len(r.content) < 1000 and "ZZZ" not in r.text
+    assert r.json()["detail"] == [
+        {"loc": ["body", "texts"], "msg": "Input should be a valid list", "type": "list_type"}
+    ]
+
+
+def test_validation_errors_are_bounded(client):
+    r = client.post("/v1/classify", json={"model": "alpha", "texts": list(range(2000))})
+    assert r.status_code == 422
+    assert r.json()["error_count"] == 2000 and len(r.json()["detail"]) == 10
+    assert len(r.content) < 2000
+    # a request's own keys are quoted in `loc`: cut short
+    r = client.post("/v1/classify", json={"model": "alpha", "texts": ["x"], "k" * 50_000: 1})
+    assert r.status_code == 422 and len(r.content) < 1000
+    assert r.json()["detail"][0]["loc"] == ["body", "k" * 61 + "..."]
+
+
+def test_unknown_model_name_is_quoted_short(client):
+    r = client.post("/v1/classify", json={"model": "m" * 50_000, "texts": ["x"]})
+    assert r.status_code == 404 and len(r.content) < 1000
 
 
 # ---------------------------------------------------------------------- the micro-batcher
@@ -321,6 +463,50 @@ def test_batcher_splits_results_and_never_mixes_keys():
     assert all(len({k}) == 1 for k, _ in seen)
     assert sum(len(items) for _, items in seen) == 12
     assert b.stats.largest > 2  # several requests shared a forward pass
+
+
+def test_batcher_never_runs_more_than_max_batch_items():
+    """Requests are split across forward passes rather than overfilling one (35 items ran in
+    one pass with max_batch 32 when whole requests were added to a batch)."""
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def process(key, items):
+        gate.wait(5)
+        sizes.append(len(items))
+        return [x * 10 for x in items]
+
+    b = MicroBatcher(process, max_batch=32, max_wait_ms=200)
+    try:
+        requests = [list(range(i * 100, i * 100 + n)) for i, n in enumerate([5, 30, 3, 40, 1])]
+        futures = [b.submit("k", items) for items in requests]
+        gate.set()
+        for items, f in zip(requests, futures):
+            assert f.result(5) == [x * 10 for x in items]
+    finally:
+        b.close()
+    assert max(sizes) <= 32 and sum(sizes) == 79
+    assert b.stats.largest <= 32 and b.stats.items == 79
+
+
+def test_batcher_answers_requests_done_before_a_failing_batch():
+    def process(key, items):
+        if "bad" in items:
+            raise ValueError("boom")
+        return items
+
+    gate = threading.Event()
+    b = MicroBatcher(lambda k, items: (gate.wait(5), process(k, items))[1], 16, 200)
+    try:
+        first = b.submit("k", list(range(20)))  # done with the second batch (items 16-31)
+        second = b.submit("k", [*range(20), "bad"])  # its last item is in the third
+        gate.set()
+        assert first.result(5) == list(range(20))
+        with pytest.raises(ValueError, match="boom"):
+            second.result(5)
+        assert b.submit("k", []).result(5) == []
+    finally:
+        b.close()
 
 
 def test_batcher_failure_reaches_every_waiting_request_and_worker_survives():
@@ -355,3 +541,120 @@ def test_batcher_sheds_load_when_queue_is_full():
     finally:
         release.set()
         b.close()
+
+
+# ---------------------------------------------------------------------- API key
+
+KEY = "k3y-for-tests"
+CALLS = [
+    ("GET", "/health", None),
+    ("GET", "/v1/models", None),
+    ("GET", "/openapi.json", None),
+    ("POST", "/v1/classify", {"model": "alpha", "texts": TEXTS}),
+    ("POST", "/v1/ner", {"model": "delta", "texts": NER_TEXTS}),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed_client(runs):
+    settings = ServeSettings(max_texts=8, max_chars=200, api_key=KEY)
+    with TestClient(create_app([runs["alpha"], runs["delta"]], settings)) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("method", "path", "body"), CALLS)
+def test_without_a_key_every_endpoint_is_open(client, method, path, body):
+    assert client.request(method, path, json=body).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "body"), CALLS)
+@pytest.mark.parametrize(
+    "auth", [None, "Bearer wrong", f"Bearer {KEY}x", f"Basic {KEY}", KEY, f"Bearer  {KEY}"]
+)
+def test_with_a_key_a_missing_or_wrong_one_is_401(keyed_client, method, path, body, auth):
+    headers = {"authorization": auth} if auth else {}
+    r = keyed_client.request(method, path, json=body, headers=headers)
+    assert r.status_code == 401
+    assert r.json() == {
+        "detail": "missing or wrong API key: send the header 'Authorization: Bearer KEY'"
+    }
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(("method", "path", "body"), CALLS)
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
+def test_with_a_key_the_right_one_is_200(keyed_client, method, path, body, scheme):
+    r = keyed_client.request(method, path, json=body, headers={"authorization": f"{scheme} {KEY}"})
+    assert r.status_code == 200, r.text
+
+
+def test_key_is_checked_before_the_body(keyed_client):
+    """A caller without the key learns nothing, not even the body limit (a 413)."""
+    r = keyed_client.post("/v1/classify", content=b"x" * 10_000_000)
+    assert r.status_code == 401
+
+
+def test_key_stays_out_of_settings_repr():
+    assert KEY not in repr(ServeSettings(api_key=KEY))
+
+
+@pytest.mark.parametrize("key", ["", " padded", "new\nline", "naïve"])
+def test_unusable_keys_are_refused(key):
+    with pytest.raises(LmadaptError, match="--api-key"):
+        ServeSettings(api_key=key)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost", "LocalHost"])
+def test_loopback_hosts_need_no_key(host):
+    ServeSettings(host=host).check_exposure()
+
+
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.1", "example.com", "::ffff:8.8.8.8", ""]
+)
+def test_other_hosts_need_a_key_or_allow_no_auth(host):
+    with pytest.raises(LmadaptError, match="--allow-no-auth") as e:
+        ServeSettings(host=host).check_exposure()
+    assert "\n" not in str(e.value)
+    ServeSettings(host=host, api_key=KEY).check_exposure()
+    ServeSettings(host=host, allow_no_auth=True).check_exposure()
+
+
+@pytest.fixture
+def no_binding(monkeypatch):
+    """uvicorn.run replaced by a recorder: these tests never open a socket."""
+    import uvicorn
+
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append((app, kw)))
+    monkeypatch.delenv("LMADAPT_API_KEY", raising=False)
+    return started
+
+
+def test_cli_refuses_a_public_host_without_a_key(runs, capsys, no_binding):
+    assert main(["serve", runs["alpha"], "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmadapt: error: --host 0.0.0.0 is reachable from other machines")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not no_binding
+
+
+def test_cli_takes_the_key_from_the_environment(runs, capsys, monkeypatch, no_binding):
+    monkeypatch.setenv("LMADAPT_API_KEY", KEY)
+    assert main(["serve", runs["alpha"], "--host", "0.0.0.0", "--port", "8123"]) == 0
+    ((app, kw),) = no_binding
+    assert kw["host"] == "0.0.0.0" and kw["port"] == 8123
+    assert KEY not in capsys.readouterr().err
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 401
+        assert c.get("/health", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_cli_serve_help_lists_every_endpoint(client):
+    from lmadapt.cli import COMMANDS
+
+    help_text = COMMANDS["serve"][0]
+    paths = list(client.get("/openapi.json").json()["paths"])
+    assert len(paths) == 6
+    for path in paths:
+        assert path in help_text

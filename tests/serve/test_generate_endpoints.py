@@ -33,8 +33,11 @@ CHAT = [
 ]
 
 
-def _train_generation(root: Path, tiny_llama: str, name: str, seed: int) -> str:
-    """A LoRA chat run on 8 alpaca rows; a high learning rate so sibling adapters differ."""
+def _train_generation(
+    root: Path, tiny_llama: str, name: str, seed: int, method: str = "lora"
+) -> str:
+    """A chat run (LoRA by default) on 8 alpaca rows; a high learning rate so sibling adapters
+    differ."""
     rows = [
         {"instruction": f"what is {i} plus {i}?", "input": "", "output": f"{name} {2 * i}"}
         for i in range(8)
@@ -44,7 +47,7 @@ def _train_generation(root: Path, tiny_llama: str, name: str, seed: int) -> str:
     cfg = {
         "model": tiny_llama,
         "task": {"type": "generation", "max_length": 48, "max_new_tokens": 8},
-        "method": {"name": "lora"},
+        "method": {"name": method},
         "data": {"train": str(data)},
         "train": {**TRAIN, "lr": 0.05, "seed": seed},
         "output_dir": str(root / name),
@@ -125,6 +128,42 @@ def test_models_list_generation_runs_sharing_one_base(client):
     assert cards["echo"]["shares_base_with"] == ["parrot"]
     assert cards["clf"]["task"] == "classification"
     assert client.get("/health").json()["base_models_in_memory"] == 2
+
+
+def test_other_methods_share_the_base_and_generate_as_alone(runs, tiny_llama, tmp_path, gens):
+    """An IA3 run beside a LoRA one on the same Llama: peft keeps them in two models, over one
+    copy of the base weights; each generates exactly what it generates loaded alone."""
+    ia3 = _train_generation(tmp_path, tiny_llama, "scaled", 3, method="ia3")
+    app = create_app([runs["echo"], ia3, runs["clf"]], SETTINGS)
+    alone = {"echo": gens["echo"], "scaled": load_generator(ia3)}
+    want = {name: generate(g, [PROMPT], {"max_new_tokens": 8}) for name, g in alone.items()}
+    assert want["echo"] != want["scaled"]
+    with TestClient(app) as c:
+        assert c.get("/health").json()["base_models_in_memory"] == 2
+        cards = {card["id"]: card for card in c.get("/v1/models").json()["data"]}
+        assert cards["scaled"]["shares_base_with"] == ["echo"]
+        assert cards["clf"]["shares_base_with"] == []
+        for name in alone:
+            body = {"model": name, "prompt": PROMPT, "max_new_tokens": 8}
+            texts = [r["text"] for r in _post(c, "/v1/generate", body)["results"]]
+            assert texts == want[name], name
+
+
+def test_generation_forward_passes_hold_at_most_max_batch_prompts(runs):
+    """Four prompts with max_batch 2: two decodes of two (the task alone would decode all four
+    in one batch of its generate_batch_size, 16)."""
+    settings = ServeSettings(max_batch=2, max_texts=4, max_chars=400, max_new_tokens=16)
+    app = create_app([runs["echo"]], settings)
+    rows: list[int] = []
+    (group,) = app.state.server.groups
+    group.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(out.shape[0])
+    )
+    prompts = ["hi", PROMPT, "the cat sat", "two plus two"]
+    with TestClient(app) as c:
+        out = _post(c, "/v1/generate", {"model": "echo", "prompts": prompts, "max_new_tokens": 4})
+    assert len(out["results"]) == 4
+    assert rows and max(rows) == 2
 
 
 def test_generate_greedy_equals_the_task_per_adapter(client, gens):
@@ -368,3 +407,35 @@ def test_generation_on_a_classifier_is_400(client, stream):
     assert r.status_code == 400 and "needs a generation model" in r.json()["detail"]
     r = client.post("/v1/classify", json={"model": "echo", "texts": ["hi"]})
     assert r.status_code == 400 and "is a generation model" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------------- API key
+
+KEY = "k3y-for-tests"
+
+
+@pytest.fixture(scope="module")
+def keyed_client(runs):
+    with TestClient(create_app([runs["echo"]], ServeSettings(api_key=KEY))) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/generate", {"prompt": PROMPT, "max_new_tokens": 2}),
+        ("/v1/chat/completions", {"model": "echo", "messages": CHAT, "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"model": "echo", "messages": CHAT, "max_tokens": 2, "stream": True},
+        ),
+    ],
+)
+def test_api_key_guards_generation_endpoints(keyed_client, path, body):
+    for headers in ({}, {"authorization": "Bearer nope"}):
+        r = keyed_client.post(path, json=body, headers=headers)
+        assert r.status_code == 401 and "API key" in r.json()["detail"]
+    r = keyed_client.post(path, json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    if body.get("stream"):
+        assert r.text.endswith("data: [DONE]\n\n")

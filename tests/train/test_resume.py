@@ -1,6 +1,7 @@
 """Crash safety: a run killed with SIGKILL resumes to the same result as an uninterrupted run."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,12 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from lmadapt.api import resume, train
 from lmadapt.config import build_run_config
 from lmadapt.errors import LmadaptError
+from lmadapt.train.loop import Hook, TrainingInterrupted
 from tests.conftest import sentiment_rows, write_csv
 
 
@@ -93,20 +96,51 @@ def test_resume_refuses_finished_or_foreign_dirs(run_config, tmp_path):
         resume(tmp_path)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes(run_config, tmp_path, monkeypatch):
-    from lmadapt.train import loop
+class SigintAt(Hook):
+    """A user's Ctrl-C, as a real SIGINT in the middle of a step (after the forward pass, before
+    the backward), `times` times in a row."""
 
-    cfg = _config(run_config, tmp_path, "ctrlc")
-    original_log = loop.Trainer.log
+    def __init__(self, step: int, times: int = 1):
+        self.step, self.times = step, times
 
-    def log_then_interrupt(self, record):
-        original_log(self, record)
-        if self.state.step == 15 and "loss" in record:
-            raise KeyboardInterrupt
+    def on_train_start(self, trainer):
+        self.trainer = trainer
 
-    monkeypatch.setattr(loop.Trainer, "log", log_then_interrupt)
-    with pytest.raises(loop.TrainingInterrupted, match="--resume"):
-        train(build_run_config(cfg))
-    monkeypatch.setattr(loop.Trainer, "log", original_log)
-    assert (Path(cfg["output_dir"]) / "checkpoints" / "step-00000015").is_dir()
-    assert resume(cfg["output_dir"])["steps"] == 200
+    def loss_term(self, model, batch, outputs):
+        if self.trainer.state.step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+            self.step = -1
+        return None
+
+
+def _adapter(run_dir) -> dict:
+    return load_file(f"{run_dir}/model/adapter_model.safetensors")
+
+
+def test_ctrl_c_mid_step_checkpoints_that_step_and_resumes_exactly(run_config, tmp_path):
+    def cfg(name):
+        c = _config(run_config, tmp_path, name)
+        c["train"].update(max_steps=36, eval_every=12, checkpoint_every=10)
+        return build_run_config(c)
+
+    reference = train(cfg("ref"))
+
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 14.*--resume") as e:
+        train(cfg("once"), hooks=[SigintAt(13)])
+    assert "step-00000014" in str(e.value)
+    resumed = resume(tmp_path / "once")
+    assert resumed["dev"] == reference["dev"]
+    a, b = _adapter(reference["run_dir"]), _adapter(resumed["run_dir"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a second Ctrl-C aborts the step at once: no checkpoint of a half-done step, the last one
+    # (step 10) stays and resumes exactly too
+    with pytest.raises(TrainingInterrupted, match="aborted during step 14.*step-00000010"):
+        train(cfg("twice"), hooks=[SigintAt(13, times=2)])
+    assert sorted(p.name for p in (tmp_path / "twice" / "checkpoints").glob("step-*")) == [
+        "step-00000010"
+    ]
+    again = resume(tmp_path / "twice")
+    c = _adapter(again["run_dir"])
+    assert all(torch.equal(a[k], c[k]) for k in a)

@@ -11,12 +11,7 @@ from typing import Any
 
 import torch
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-"""Batch keys a model takes; the rest (labels, cached teacher logits) are for losses."""
-
-
-def model_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
+from lmadapt.inference import model_inputs
 
 
 class MultiTaskModel(torch.nn.Module):
@@ -44,4 +39,4 @@ class MultiTaskModel(torch.nn.Module):
         name = task or self.active
         if name is None:
             raise RuntimeError("no active task: set model.active or pass task=")
-        return self.task_models[name](**model_kwargs(inputs))
+        return self.task_models[name](**model_inputs(inputs))

@@ -33,6 +33,7 @@ from lmadapt.evaluate.metrics import _table
 from lmadapt.inference import batched_logits
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
+from lmadapt.rundir import check_output_dir, create_output_dir
 from lmadapt.tasks import Evaluation, build_task
 from lmadapt.train.loop import Trainer, peak_rss_mb, seed_everything
 
@@ -137,14 +138,8 @@ class Learner:
 
 
 def _output_dir(config: ContinualConfig) -> Path:
-    out = Path(config.output_dir)
-    if out.exists():
-        if not config.overwrite:
-            raise ConfigError(
-                "output_dir", f"{out} already exists; pass overwrite=true to replace it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = check_output_dir(config.output_dir, config.overwrite)
+    create_output_dir(out, "continual")
     return out
 
 

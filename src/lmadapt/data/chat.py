@@ -2,8 +2,8 @@
 
 Every format becomes a `Conversation` (a list of role/content messages, or raw text for continued
 pre-training), so templates and the loss see one shape. The format is told by the fields of the
-first record; every record is then held to it, and errors name file, line and field
-(`messages[2].role`).
+first record that names one; every record is then held to it, and errors name file, line and
+field (`messages[2].role`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmadapt.data.readers import Record, read_records
+from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -153,24 +154,32 @@ def detect_chat_format(record: Record) -> str:
 
 
 def read_conversations(
-    path: str | Path, fmt: str = "auto", data_format: str = "auto", labelled: bool = True
+    path: str | Path,
+    fmt: str = "auto",
+    data_format: str = "auto",
+    labelled: bool = True,
+    bad: BadRows | None = None,
 ) -> list[Conversation]:
     """Read a json/jsonl file of chat or instruction records into conversations.
 
     `labelled` conversations must end with an assistant turn (the training target / reference);
-    unlabelled ones are prompts and must end with a user turn.
+    unlabelled ones are prompts and must end with a user turn. Bad records go to `bad` (raised
+    together at the end without one).
     """
-    records = read_records(path, fmt)
-    name = detect_chat_format(records[0]) if data_format == "auto" else data_format
-    key, parse = CHAT_FORMATS[name]
-    out = []
-    for r in records:
-        parsed = parse(r, labelled)
-        if isinstance(parsed, str):
-            out.append(Conversation(text=parsed, file=r.file, line=r.line))
-            continue
-        last = parsed[-1]["role"]
-        if labelled and last != "assistant":
-            raise r.error("the conversation must end with an assistant turn (the target)", key)
-        out.append(Conversation(messages=parsed, file=r.file, line=r.line))
-    return out
+    with collect(str(path), bad) as bad:
+        records = read_records(path, fmt, bad)
+        if data_format == "auto":
+            # A bad first record should not hide the format the others are in.
+            named = (r for r in records if any(key in r.fields for key, _ in CHAT_FORMATS.values()))
+            data_format = detect_chat_format(next(named, records[0]))
+        key, parse = CHAT_FORMATS[data_format]
+        return bad.keep(records, lambda r: _conversation(r, key, parse, labelled))
+
+
+def _conversation(r: Record, key: str, parse: Parser, labelled: bool) -> Conversation:
+    parsed = parse(r, labelled)
+    if isinstance(parsed, str):
+        return Conversation(text=parsed, file=r.file, line=r.line)
+    if labelled and parsed[-1]["role"] != "assistant":
+        raise r.error("the conversation must end with an assistant turn (the target)", key)
+    return Conversation(messages=parsed, file=r.file, line=r.line)

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from lmadapt.data.readers import Record, read_text
+from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import DataError
 
 SCHEMES = ("iob1", "iob2", "bioes")
@@ -25,12 +26,17 @@ def is_conll(path: str | Path, fmt: str) -> bool:
 
 
 def read_conll(
-    path: str | Path, token_column: int = 0, tag_column: int = -1, labelled: bool = True
+    path: str | Path,
+    token_column: int = 0,
+    tag_column: int = -1,
+    labelled: bool = True,
+    bad: BadRows | None = None,
 ) -> list[Record]:
     """One record per sentence: blank lines separate sentences, `-DOCSTART-` lines are skipped.
 
     Columns are whitespace-separated; every token line must have the same number of columns,
-    which catches a stray space inside a token before it silently shifts the tag column.
+    which catches a stray space inside a token before it silently shifts the tag column. A
+    sentence with such a line is a bad row, recorded in `bad` (raised at the end without one).
     """
     file = str(path)
     text = read_text(path)
@@ -39,9 +45,11 @@ def read_conll(
     tags: list[str] = []
     lines: list[int] = []
     width: int | None = None
+    broken = False  # the current sentence has a bad line: drop it whole
 
     def flush() -> None:
-        if tokens:
+        nonlocal broken
+        if tokens and not broken:
             fields = {"tokens": list(tokens), "lines": list(lines)}
             if labelled:
                 fields["tags"] = list(tags)
@@ -49,32 +57,34 @@ def read_conll(
         tokens.clear()
         tags.clear()
         lines.clear()
+        broken = False
 
-    for number, raw in enumerate(text.splitlines(), start=1):
-        cols = raw.split()
-        if not cols:
-            flush()
-            continue
-        if cols[0] == DOCSTART:
-            flush()
-            continue
-        if width is None:
-            width = len(cols)
-            _check_columns(file, number, width, token_column, tag_column, labelled)
-        elif len(cols) != width:
-            raise DataError(
-                file,
-                f"expected {width} columns like the first token line, found {len(cols)}",
-                number,
-            )
-        tokens.append(cols[token_column])
-        if labelled:
-            tags.append(cols[tag_column])
-        lines.append(number)
-    flush()
-    if not records:
-        raise DataError(file, "no sentences (only blank or -DOCSTART- lines)")
-    return records
+    with collect(file, bad) as bad:
+        for number, raw in enumerate(text.splitlines(), start=1):
+            cols = raw.split()
+            if not cols or cols[0] == DOCSTART:
+                flush()
+                continue
+            if broken:
+                continue
+            if width is None:
+                width = len(cols)
+                _check_columns(file, number, width, token_column, tag_column, labelled)
+            elif len(cols) != width:
+                message = f"expected {width} columns like the first token line, found {len(cols)}"
+                bad.add(DataError(file, message, number))
+                broken = True
+                continue
+            tokens.append(cols[token_column])
+            if labelled:
+                tags.append(cols[tag_column])
+            lines.append(number)
+        flush()
+        bad.total = len(records) + len(bad.rows)
+        if not records:
+            bad.finish()  # every sentence was bad: refused under any policy
+            raise DataError(file, "no sentences (only blank or -DOCSTART- lines)")
+        return records
 
 
 def _check_columns(

@@ -1,4 +1,8 @@
-"""File formats -> records. Every record keeps its line number so errors can point at it."""
+"""File formats -> records. Every record keeps its line number so errors can point at it.
+
+A row that cannot become a record (wrong field count, invalid JSON line) is a bad row: the
+readers record it in a `BadRows` collector and go on, so one pass reports all of them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmadapt.data.validation import BadRows, FileError, collect
 from lmadapt.errors import DataError
 
 FORMATS = ("csv", "tsv", "jsonl", "json")
@@ -20,9 +25,17 @@ class Record:
     file: str
     line: int
     fields: dict[str, Any]
+    tabular: bool = False
+    """From a csv/tsv file, where every row has the header's columns."""
 
     def error(self, message: str, field: str | None = None) -> DataError:
         return DataError(self.file, message, line=self.line, field=field)
+
+    def missing(self, column: str) -> DataError:
+        """A missing column: in a csv/tsv file the header lacks it, which no row can fix."""
+        message = f"missing column; columns present: {', '.join(map(str, self.fields))}"
+        kind = FileError if self.tabular else DataError
+        return kind(self.file, message, line=self.line, field=column)
 
 
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
@@ -60,17 +73,23 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
-    """Read csv/tsv (header row), jsonl (one object a line) or json (a list of objects)."""
+def read_records(path: str | Path, fmt: str = "auto", bad: BadRows | None = None) -> list[Record]:
+    """Read csv/tsv (header row), jsonl (one object a line) or json (a list of objects).
+
+    Bad rows go to `bad`; without one, they are all raised together at the end.
+    """
     fmt = detect_format(path, fmt)
     text = read_text(path)
-    records = _READERS[fmt](str(path), text)
-    if not records:
-        raise DataError(str(path), "no data rows (only a header or blank lines)")
-    return records
+    with collect(str(path), bad) as bad:
+        records = _READERS[fmt](str(path), text, bad)
+        bad.total = len(records) + len(bad.rows)
+        if not records:
+            bad.finish()  # every row was bad: refused under any policy
+            raise DataError(str(path), "no data rows (only a header or blank lines)")
+        return records
 
 
-def _read_delimited(file: str, text: str, delimiter: str) -> list[Record]:
+def _read_delimited(file: str, text: str, delimiter: str, bad: BadRows) -> list[Record]:
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
         raise DataError(file, "binary data (NUL byte) in a text file", line)
@@ -92,22 +111,27 @@ def _read_delimited(file: str, text: str, delimiter: str) -> list[Record]:
     if len(set(header)) != len(header) or any(not h for h in header):
         raise DataError(file, f"header has empty or repeated column names: {header}", header_line)
     records = []
-    try:
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise DataError(
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as e:  # e.g. a huge field; the reader goes on with the next row
+            bad.add(DataError(file, f"malformed {kind}: {e}", reader.line_num))
+            continue
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            bad.add(
+                DataError(
                     file,
                     f"expected {len(header)} fields ({', '.join(header)}), found {len(row)}"
                     " (wrong delimiter or unquoted separator?)",
-                    line,
+                    reader.line_num,
                 )
-            records.append(Record(file, line, dict(zip(header, row))))
-    except csv.Error as e:
-        raise DataError(file, f"malformed {kind}: {e}", reader.line_num) from None
-    return records
+            )
+            continue
+        records.append(Record(file, reader.line_num, dict(zip(header, row)), tabular=True))
 
 
 def _loads(file: str, text: str, line: int | None) -> Any:
@@ -121,20 +145,21 @@ def _loads(file: str, text: str, line: int | None) -> Any:
         raise DataError(file, f"unreadable JSON value ({e})", line) from None
 
 
-def _read_jsonl(file: str, text: str) -> list[Record]:
+def _read_jsonl(file: str, text: str, bad: BadRows) -> list[Record]:
     records = []
     # split on \n only: str.splitlines() also breaks at U+2028 etc., which JSON strings may hold.
     for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        obj = _loads(file, line, i)
-        if not isinstance(obj, dict):
-            raise DataError(file, f"expected a JSON object, got {type(obj).__name__}", i)
-        records.append(Record(file, i, obj))
+        with bad.row():
+            obj = _loads(file, line, i)
+            if not isinstance(obj, dict):
+                raise DataError(file, f"expected a JSON object, got {type(obj).__name__}", i)
+            records.append(Record(file, i, obj))
     return records
 
 
-def _read_json(file: str, text: str) -> list[Record]:
+def _read_json(file: str, text: str, bad: BadRows) -> list[Record]:
     data = _loads(file, text, None)
     if not isinstance(data, list):
         raise DataError(file, f"expected a JSON list of objects, got {type(data).__name__}", 1)
@@ -142,14 +167,15 @@ def _read_json(file: str, text: str) -> list[Record]:
     records = []
     for i, obj in enumerate(data, start=1):
         if not isinstance(obj, dict):
-            raise DataError(file, f"item {i}: expected a JSON object, got {type(obj).__name__}")
+            bad.add(DataError(file, f"item {i}: expected a JSON object, got {type(obj).__name__}"))
+            continue
         records.append(Record(file, i, obj))
     return records
 
 
 _READERS = {
-    "csv": lambda f, t: _read_delimited(f, t, ","),
-    "tsv": lambda f, t: _read_delimited(f, t, "\t"),
+    "csv": lambda f, t, b: _read_delimited(f, t, ",", b),
+    "tsv": lambda f, t, b: _read_delimited(f, t, "\t", b),
     "jsonl": _read_jsonl,
     "json": _read_json,
 }
@@ -158,9 +184,7 @@ _READERS = {
 def get_text(record: Record, column: str) -> str:
     """A required, non-empty text field."""
     if column not in record.fields:
-        raise record.error(
-            f"missing column; columns present: {', '.join(map(str, record.fields))}", column
-        )
+        raise record.missing(column)
     value = record.fields[column]
     if not isinstance(value, str):
         raise record.error(f"expected text, got {type(value).__name__} {value!r}", column)

@@ -26,17 +26,17 @@ from lmadapt.config import (
     resolve_data_paths,
     to_dict,
 )
-from lmadapt.continual.model import model_kwargs
 from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
 from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import _table
 from lmadapt.evaluate.report import evaluation_section, training_curves, write_report
-from lmadapt.inference import batched_logits
+from lmadapt.inference import batched_logits, model_inputs
 from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.rundir import check_output_dir, create_output_dir
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Trainer, seed_everything
 
@@ -101,7 +101,7 @@ class InputsOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, **inputs: Any) -> Any:
-        return self.model(**model_kwargs(inputs))
+        return self.model(**model_inputs(inputs))
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -117,11 +117,7 @@ def run_distill(
     if not isinstance(config, DistillConfig):
         config = load_distill_config(config, overrides)
     run, opt = config.student, config.options
-    out = Path(run.output_dir)
-    if out.exists():
-        if not run.overwrite:
-            raise ConfigError("output_dir", f"{out} already exists; pass overwrite=true")
-        shutil.rmtree(out)
+    out = check_output_dir(run.output_dir, run.overwrite)
     torch.set_num_threads(run.train.threads or max(1, os.cpu_count() or 1))
     seed_everything(run.train.seed)
     teacher: Teacher = build_teacher(opt.teacher)
@@ -158,7 +154,7 @@ def run_distill(
     # ---- student
     seed_everything(run.train.seed)
     model = task.build_model(spec, run.trust_remote_code)
-    out.mkdir(parents=True)
+    create_output_dir(out, "distill")
     if opt.student_layers:
         keep_first_layers(model, opt.student_layers)
         base = out / "student_base"
@@ -191,6 +187,7 @@ def run_distill(
         dev_features=dev_feats,
         dev_examples=dev,
     )
+    trainer.hooks += method.hooks(model, trainer.total_steps())  # e.g. AdaLoRA's rank budget
     result = trainer.fit()
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     with atomic_dir(out / "model") as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,22 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from lmadapt.tasks.base import Evaluation
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    """Flat scalar metrics (logged, compared, early-stopped on)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Structured extras for the report: per-class scores, confusion matrix, ..."""
+
+
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse", "no_label_rate"})
+"""Metrics where smaller is better; every other metric lmadapt reports is a score to maximise."""
+
+
+def metric_direction(name: str) -> str:
+    """'min' or 'max': the direction belongs to the metric, whatever task reports it."""
+    return "min" if name in LOWER_IS_BETTER else "max"
 
 
 def _per_class(pred: np.ndarray, gold: np.ndarray, labels: list[str]) -> dict[str, dict]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmadapt.data.validation import MAX_LISTED, BadRow
 from lmadapt.evaluate import plots
-from lmadapt.evaluate.metrics import metrics_table
+from lmadapt.evaluate.metrics import Evaluation, metrics_table
 from lmadapt.io import write_text
-from lmadapt.tasks.base import Evaluation
 
 
 def training_curves(history: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
@@ -39,6 +40,36 @@ def evaluation_section(title: str, ev: Evaluation, task: Any) -> str:
     if extra:
         body += ["", extra]
     return "\n".join(body)
+
+
+def bad_rows_metrics(bad_rows: Mapping[str, Sequence[BadRow]]) -> dict[str, dict[str, int]]:
+    """metrics.json entry: rows left out per split, e.g. {"bad_rows_skipped": {"train": 4}}."""
+    return {"bad_rows_skipped": {split: len(rows) for split, rows in bad_rows.items()}}
+
+
+def bad_rows_section(
+    bad_rows: Mapping[str, Sequence[BadRow]], limit: int = MAX_LISTED
+) -> str | None:
+    """report.md section on the rows data.bad_rows=skip left out, so whoever reads the results
+    knows what they were not computed on; None when no row was left out."""
+    if not any(bad_rows.values()):
+        return None
+
+    def cell(value: object) -> str:
+        text = " ".join(str(value).split())  # one table row: no newlines
+        return (text[:197] + "..." if len(text) > 200 else text).replace("|", "\\|")
+
+    lines = ["## Skipped rows", "", "Rows left out by `data.bad_rows: skip`:", ""]
+    lines += ["| split | rows skipped |", "|---|---|"]
+    lines += [f"| {split} | {len(rows)} |" for split, rows in bad_rows.items()]
+    listed = [(split, row) for split, rows in bad_rows.items() for row in rows]
+    lines += ["", "| split | file | line | field | problem |", "|---|---|---|---|---|"]
+    for split, r in listed[:limit]:
+        cells = [split, f"`{r.file}`", "" if r.line is None else r.line, r.field or "", r.message]
+        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
+    if len(listed) > limit:
+        lines += ["", f"... and {len(listed) - limit} more."]
+    return "\n".join(lines)
 
 
 def write_report(

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from lmadapt.config import ConfigError
+from lmadapt.errors import ConfigError
+from lmadapt.hooks import Hook
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, PeftMethod
 from lmadapt.models import ModelSpec
-from lmadapt.train.loop import Hook
 
 ADAPTER = "default"
 
@@ -120,20 +120,21 @@ class AdaLora(PeftMethod):
         peft_cfg.total_step = total_steps
         peft_cfg.tinit = int(self.cfg.tinit_ratio * total_steps)
         peft_cfg.tfinal = int(self.cfg.tfinal_ratio * total_steps)
-        return [AdaLoraSchedule(self.cfg.orth_reg_weight)]
+        return [AdaLoraSchedule(model, self.cfg.orth_reg_weight)]
 
 
 class AdaLoraSchedule(Hook):
     """Budget re-allocation after each step, the orthogonal penalty, and the final rank mask."""
 
-    def __init__(self, orth_reg_weight: float):
+    def __init__(self, model: torch.nn.Module, orth_reg_weight: float):
+        self.model = model  # the peft model itself, however the trainer wraps it
         self.orth_reg_weight = orth_reg_weight
         self.grads: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
 
     def on_train_start(self, trainer: Any) -> None:
         self.params = {
-            n: p for n, p in trainer.model.named_parameters() if "lora_" in n and p.requires_grad
+            n: p for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad
         }
         self.factors = [
             (n, p) for n, p in self.params.items() if ".lora_A." in n or ".lora_B." in n
@@ -159,7 +160,7 @@ class AdaLoraSchedule(Hook):
     def on_step_end(self, trainer: Any) -> None:
         for name, p in self.params.items():
             p.grad = self.grads.get(name)
-        trainer.model.base_model.update_and_allocate(trainer.state.step)
+        self.model.base_model.update_and_allocate(trainer.state.step)
         for p in self.params.values():
             p.grad = None
         self.grads.clear()
@@ -169,7 +170,7 @@ class AdaLoraSchedule(Hook):
             handle.remove()
         # The restored best checkpoint may predate the final allocation; mask it with the ranks
         # that will be saved, so the evaluated model is the saved one.
-        base = trainer.model.base_model
+        base = self.model.base_model
         pattern = base.peft_config[ADAPTER].rank_pattern
         if pattern:
             base.rankallocator.mask_using_rank_pattern(base.model, pattern)

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmadapt.config import ConfigError, from_dict
-from lmadapt.errors import LmadaptError
+from lmadapt.config import from_dict
+from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.methods import METHODS
-from lmadapt.methods.base import MethodConfig, unfreeze_modules
+from lmadapt.methods.base import MethodConfig, NoHooks, unfreeze_modules
 from lmadapt.models import ModelSpec
 
 WEIGHTS = "adapter_model.safetensors"
@@ -148,10 +148,11 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 
 @METHODS.register("adapter", AdapterConfig)
-class Adapter:
+class Adapter(NoHooks):
     """Bottleneck adapters (Houlsby / Pfeiffer) after attention and FFN; the head trains."""
 
     mergeable = False  # the adapter is non-linear, so it cannot be folded into the weights
+    saves_whole_model = False
 
     def __init__(self, cfg: AdapterConfig):
         self.cfg = cfg

@@ -8,7 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
-from lmadapt.models import ModelSpec
+from lmadapt.hooks import Hook
+from lmadapt.models import ModelSpec, refuse_pickled
 
 PEFT_TASK_TYPES = {
     "classification": "SEQ_CLS",
@@ -28,6 +29,8 @@ class MethodConfig:
 class Method(Protocol):
     cfg: MethodConfig
     mergeable: bool
+    saves_whole_model: bool
+    """The artifact holds every weight (else only the trained ones): sizes the disk check."""
 
     def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
         """Freeze / wrap `model` so that only this method's parameters train."""
@@ -39,6 +42,16 @@ class Method(Protocol):
         self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> torch.nn.Module:
         """Rebuild the trained model from a saved artifact."""
+
+    def hooks(self, model: torch.nn.Module, total_steps: int) -> list[Hook]:
+        """What the method adds to the training loop (schedules, loss terms); often nothing."""
+
+
+class NoHooks:
+    """For methods that need nothing from the loop beyond the task loss."""
+
+    def hooks(self, model: torch.nn.Module, total_steps: int) -> list[Hook]:
+        return []
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -62,10 +75,11 @@ def unfreeze_modules(model: torch.nn.Module, names: list[str]) -> None:
                 p.requires_grad_(True)
 
 
-class WholeModelMethod:
+class WholeModelMethod(NoHooks):
     """Methods that change the model's own weights and save it as a transformers model dir."""
 
     mergeable = False
+    saves_whole_model = True
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -76,14 +90,16 @@ class WholeModelMethod:
     def load(
         self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> torch.nn.Module:
+        refuse_pickled(artifact, "saved model")
         spec = ModelSpec(base.name, str(artifact), base.kind, base.tasks)
         return task.build_model(spec, trust_remote_code)
 
 
-class PeftMethod:
+class PeftMethod(NoHooks):
     """Methods implemented by peft: subclasses build the peft config, peft does the rest."""
 
     mergeable = False
+    saves_whole_model = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -104,4 +120,5 @@ class PeftMethod:
     ) -> torch.nn.Module:
         from peft import PeftModel
 
+        refuse_pickled(artifact, "saved adapter")
         return PeftModel.from_pretrained(task.build_model(base, trust_remote_code), artifact)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmadapt.config import ConfigError
+from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
 from lmadapt.methods.prompt_common import VirtualTokensConfig

@@ -3,12 +3,13 @@ prepended in every attention layer, so each layer attends to learned virtual tok
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmadapt.config import ConfigError
+from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
 from lmadapt.methods.prompt_common import VirtualTokensConfig
@@ -42,6 +43,19 @@ class PrefixTuningMethodConfig(VirtualTokensConfig):
 class PrefixTuning(PeftMethod):
     """Prefix tuning via peft: learned key/value prefixes in every layer; the head trains."""
 
+    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+        if not takes_prefixes(model):
+            import transformers
+
+            raise ConfigError(
+                "method.name",
+                f"prefix_tuning needs a model whose forward takes `past_key_values`; "
+                f"{type(model).__name__} in transformers {transformers.__version__} does not, so "
+                "peft cannot insert the prefixes. Use p_tuning or prompt_tuning (virtual tokens "
+                "on the input), or lora",
+            )
+        return super().apply(model, task)
+
     def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
         from peft import PrefixTuningConfig
 
@@ -55,3 +69,14 @@ class PrefixTuning(PeftMethod):
             modules_to_save=task.head_modules(model),
             **extra,
         )
+
+
+def takes_prefixes(model: torch.nn.Module) -> bool:
+    """Whether peft can hand prefixes to `model`: it passes them as `past_key_values` to the task
+    model's forward or, for encoder heads, to the backbone's (upstream renames break this)."""
+    if "past_key_values" in inspect.signature(model.forward).parameters:
+        return True
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return (
+        backbone is not None and "past_key_values" in inspect.signature(backbone.forward).parameters
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmadapt.config import ConfigError
+from lmadapt.errors import ConfigError
 from lmadapt.methods.base import MethodConfig
 
 

@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 import torch
 
-from lmadapt.config import ConfigError
+from lmadapt.errors import ConfigError
+from lmadapt.hooks import Hook
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
 from lmadapt.methods.prompt_common import VirtualTokensConfig
-from lmadapt.train.loop import Hook
 
 ADAPTER = "default"
 PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}

@@ -37,6 +37,7 @@ from lmadapt.prompting.templates import (
 )
 from lmadapt.prompting.verbalizers import Verbalizer
 from lmadapt.registry import Registry
+from lmadapt.rundir import check_output_dir, mark
 
 MODES: Registry = Registry("prompt mode")
 
@@ -480,11 +481,10 @@ def run_prompt(
 ) -> dict[str, Any]:
     """Run a prompting evaluation and write output_dir; returns the metrics.json content."""
     cfg = config if isinstance(config, PromptConfig) else load_prompt_config(config, overrides)
-    out = Path(cfg.output_dir)
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError("output_dir", f"{out} already exists; pass overwrite=true to replace it")
+    out = check_output_dir(cfg.output_dir, cfg.overwrite)
     torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
     with atomic_dir(out) as tmp:
+        mark(tmp, "prompt")
         outcome = MODES.get(cfg.mode).impl(cfg, tmp)
         from lmadapt.config import to_dict
         from lmadapt.io import write_yaml

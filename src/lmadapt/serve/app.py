@@ -3,7 +3,9 @@
 Requests name a run by `model` (its directory's basename); names are looked up in a fixed table
 built at start-up, so no request field ever reaches the filesystem. Every endpoint checks that
 the run's task fits it (a classification run is not an NER model) and that inputs stay within
-the configured limits, answering 4xx with a message that says which limit and by how much.
+the configured limits, answering 4xx with a message that says which limit and by how much
+(never quoting a rejected input back). Middleware refuses oversized bodies before they are
+parsed and, with an API key set, callers without it.
 
 Generation runs decode with their task's own `decode_ids` (the code behind `lmadapt generate`),
 in the model group's batcher thread; a streamed chat completion hands that thread a transformers
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
 from lmadapt.serve.batching import MicroBatcher, QueueFullError
+from lmadapt.serve.guards import ApiKey, BodyLimit, shorten, validation_error
 from lmadapt.serve.runs import Completion, GenerationJob, ModelGroup, ServedRun, load_groups
 from lmadapt.serve.settings import ServeSettings
 from lmadapt.serve.streaming import StopCutter, TokenStream, sse
@@ -163,7 +167,8 @@ class ModelCard(BaseModel):
     base_model: str
     labels: list[str] | None = None
     shares_base_with: list[str] = Field(
-        default_factory=list, description="Other runs served from the same in-memory base model."
+        default_factory=list,
+        description="Other runs that use the same in-memory copy of the base model's weights.",
     )
 
 
@@ -207,7 +212,7 @@ class Server:
                 return next(iter(self.runs.values()))
             raise HTTPException(400, f"field 'model' is required; served models: {names}")
         if name not in self.runs:
-            raise HTTPException(404, f"unknown model {name!r}; served models: {names}")
+            raise HTTPException(404, f"unknown model {shorten(name)!r}; served models: {names}")
         return self.runs[name]
 
     def check_texts(
@@ -364,7 +369,8 @@ class Server:
     def cards(self) -> list[ModelCard]:
         cards = []
         for name, run in self.runs.items():
-            siblings = [n for n in self.group_of[name].runs if n != name]
+            base = self.group_of[name].base
+            siblings = sorted(n for n, g in self.group_of.items() if g.base == base and n != name)
             cards.append(ModelCard(id=name, shares_base_with=siblings, **run.info()))
         return cards
 
@@ -374,7 +380,7 @@ class Server:
         return {
             "status": "ok",
             "models": sorted(self.runs),
-            "base_models_in_memory": len(self.groups),
+            "base_models_in_memory": len({g.base for g in self.groups}),
             "batches": batches,
             "items": items,
             "largest_batch": max((b.stats.largest for b in self.batchers.values()), default=0),
@@ -382,7 +388,7 @@ class Server:
 
 
 def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None) -> FastAPI:
-    """Load the runs (sharing base models between sibling adapters) and build the app."""
+    """Load the runs (adapters over one base model share its weights) and build the app."""
     settings = settings or ServeSettings()
     if not run_dirs:
         raise LmadaptError("serve needs at least one run directory")
@@ -400,6 +406,10 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         lifespan=lifespan,
     )
     app.state.server = server
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(BodyLimit, limit=settings.body_limit)
+    if settings.api_key is not None:  # added last, so it runs first: no body is read unchecked
+        app.add_middleware(ApiKey, key=settings.api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

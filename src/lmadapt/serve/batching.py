@@ -1,10 +1,12 @@
 """Dynamic micro-batching: concurrent requests share one forward pass.
 
 A CPU forward over 16 short texts costs far less than 16 forwards over one, so a single worker
-thread per model collects whatever requests arrive within `max_wait_ms` (up to `max_batch`
-items), runs them together, and hands each request its own slice of the results. Requests carry
-a key (the run name; for generation, the run and its decoding settings): jobs with different keys
-in one collection run as separate batches, so a batch never mixes adapters or settings.
+thread per model collects whatever requests arrive within `max_wait_ms` (until `max_batch` items),
+runs them together, and hands each request its own slice of the results. Requests carry a key
+(the run name; for generation, the run and its decoding settings): jobs with different keys in
+one collection run as separate batches, so a batch never mixes adapters or settings. No batch
+holds more than `max_batch` items: a request larger than what is left of a batch is split, its
+parts run in consecutive batches, and it is answered once all of them are done.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -61,6 +64,9 @@ class MicroBatcher:
     def submit(self, key: Hashable, items: list[Any]) -> Future:
         """Queue one request; the future resolves to its results (or its exception)."""
         job = _Job(key, list(items))
+        if not job.items:  # nothing to run; a batch would never answer it
+            job.future.set_result([])
+            return job.future
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -100,19 +106,27 @@ class MicroBatcher:
         for j in live:
             by_key.setdefault(j.key, []).append(j)
         for key, group in by_key.items():
-            items = [x for j in group for x in j.items]
-            try:
-                results = self.process(key, items)
-                if len(results) != len(items):
-                    raise RuntimeError(f"batch returned {len(results)} results for {len(items)}")
-            except Exception as e:  # every waiting request must hear of it
-                for j in group:
-                    j.future.set_exception(e)
-                continue
-            self.stats.batches += 1
-            self.stats.items += len(items)
-            self.stats.largest = max(self.stats.largest, len(items))
-            start = 0
-            for j in group:
-                j.future.set_result(results[start : start + len(j.items)])
-                start += len(j.items)
+            self._run_key(key, group)
+
+    def _run_key(self, key: Hashable, group: list[_Job]) -> None:
+        """Jobs of one key in batches of at most max_batch items; each job is answered as soon
+        as the batch holding its last item is done, or fails with the first failing batch."""
+        items = [x for j in group for x in j.items]
+        waiting, done = deque(group), []
+        try:
+            for start in range(0, len(items), self.max_batch):
+                batch = items[start : start + self.max_batch]
+                results = self.process(key, batch)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch returned {len(results)} results for {len(batch)}")
+                self.stats.batches += 1
+                self.stats.items += len(batch)
+                self.stats.largest = max(self.stats.largest, len(batch))
+                done.extend(results)
+                while waiting and len(waiting[0].items) <= len(done):
+                    job = waiting.popleft()
+                    job.future.set_result(done[: len(job.items)])
+                    del done[: len(job.items)]
+        except Exception as e:  # every request still waiting must hear of it
+            for job in waiting:
+                job.future.set_exception(e)

@@ -1,9 +1,14 @@
-"""Finished runs held in memory for serving, with one base model shared by sibling adapters.
+"""Finished runs held in memory for serving, with one copy of a base model for its adapters.
 
-Runs saved as peft adapters over the same base model (same weights, task kind and head size)
-form one `ModelGroup`: the base is loaded once, each further run is attached with
+Runs saved as peft adapters of one method over the same base model (same weights, task kind and
+head size) form one `ModelGroup`: the base is loaded once, each further run is attached with
 `PeftModel.load_adapter`, and every forward pass (or generation) first selects its run's adapter
 under the group's lock. Any other run is a group of one.
+
+A peft model holds adapters of a single tuner type, and peft's `PeftMixedModel` takes LoRA-like
+tuners only (not IA3, prompt learning or the bottleneck adapters) and no task head, so runs of
+other methods or tasks over one base are separate models. They still need only one copy of the
+frozen base: `BasePool` makes their equal weight tensors one tensor (see there).
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from lmadapt import api
 from lmadapt.config import RunConfig
 from lmadapt.errors import LmadaptError
 from lmadapt.inference import predict_examples
-from lmadapt.methods.base import PeftMethod
+from lmadapt.methods.base import PeftMethod, WholeModelMethod
 from lmadapt.models import ModelSpec
 from lmadapt.tasks.generation import GenerationSettings
 
@@ -59,6 +65,14 @@ def read_run(run_dir: str | Path) -> ServedRun:
     return ServedRun(
         name, info.run_dir, info.config, info.task, info.tokenizer, info.spec, info.method
     )
+
+
+def base_key(run: ServedRun) -> tuple | None:
+    """Runs with equal keys load the same frozen base weights; None = the run saved a whole
+    model of its own (full fine-tuning, BitFit), which shares nothing."""
+    if isinstance(run.method, WholeModelMethod):
+        return None
+    return (run.spec.path, run.spec.gguf_file, run.config.trust_remote_code)
 
 
 def share_key(run: ServedRun) -> tuple | None:
@@ -106,6 +120,8 @@ class ModelGroup:
     """Run name -> peft adapter name, when the model is a PeftModel shared by several runs."""
     batch_size: int = 32
     lock: threading.Lock = field(default_factory=threading.Lock)
+    base: int = 0
+    """Groups with equal `base` hold one copy of their base model's weights (see BasePool)."""
 
     @property
     def kind(self) -> str:
@@ -157,8 +173,38 @@ class ModelGroup:
         ]
 
 
+class BasePool:
+    """One copy of each base model's weights across the groups loaded on it.
+
+    Every parameter of a group's model is looked up by its name in the transformers model (peft's
+    wrapping taken out); one equal in shape, dtype and values to a parameter already held for
+    the same base replaces it, and the copy is freed. Values are unchanged, so every run answers
+    exactly as when loaded alone; adapters and trained heads differ and stay the group's own.
+    Serving never writes weights, so groups may read shared tensors from their own threads.
+    """
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[tuple, str], tuple[torch.nn.Parameter, ModelGroup]] = {}
+
+    def adopt(self, group: ModelGroup, key: tuple) -> None:
+        """Share `group`'s base tensors with the groups adopted before it on `key`; its `base`
+        becomes that of the first group it shares a tensor with."""
+        own = group.base
+        model = group.model.get_base_model() if isinstance(group.model, PeftModel) else group.model
+        for module_name, module in list(model.named_modules()):
+            for leaf, p in list(module.named_parameters(recurse=False)):
+                name = f"{module_name}.{leaf}".replace(".base_layer.", ".")
+                q, owner = self.held.setdefault((key, name), (p, group))
+                if q is p or q.shape != p.shape or q.dtype != p.dtype or not torch.equal(q, p):
+                    continue
+                setattr(module, leaf, q)
+                if group.base == own:
+                    group.base = owner.base
+
+
 def load_groups(run_dirs: list[str | Path], batch_size: int) -> list[ModelGroup]:
-    """Load every run, one base model per share key; run names (dir basenames) must be unique."""
+    """Load every run, one model per share key and one copy of each base (BasePool); run names
+    (directory basenames) must be unique."""
     runs = [read_run(d) for d in run_dirs]
     seen: dict[str, Path] = {}
     for run in runs:
@@ -171,7 +217,7 @@ def load_groups(run_dirs: list[str | Path], batch_size: int) -> list[ModelGroup]
     by_key: dict[Any, list[ServedRun]] = {}
     for run in runs:
         by_key.setdefault(share_key(run) or ("own", run.name), []).append(run)
-    groups = []
+    groups, pool = [], BasePool()
     for members in by_key.values():
         first = members[0]
         model = first.method.load(
@@ -185,7 +231,11 @@ def load_groups(run_dirs: list[str | Path], batch_size: int) -> list[ModelGroup]
                 adapters[run.name] = f"run{i}"
                 model.load_adapter(str(run.run_dir / "model"), adapter_name=f"run{i}")
         model.eval()
-        groups.append(
-            ModelGroup(model, {r.name: r for r in members}, adapters, batch_size=batch_size)
+        group = ModelGroup(
+            model, {r.name: r for r in members}, adapters, batch_size, base=len(groups)
         )
+        key = base_key(first)
+        if key is not None:  # now, so that at most one extra copy of a base is ever in memory
+            pool.adopt(group, key)
+        groups.append(group)
     return groups

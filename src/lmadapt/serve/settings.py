@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 
-from lmadapt.errors import ConfigError
+from lmadapt.errors import ConfigError, LmadaptError
+
+BODY_BYTES_PER_CHAR = 6
+"""A JSON-escaped character (\\uXXXX) takes 6 bytes: the default body limit must admit
+max_texts texts of max_chars such characters."""
+BODY_OVERHEAD = 64 * 1024
+"""Room for the rest of a request (field names, model name, decoding settings)."""
 
 
 @dataclass
@@ -25,11 +32,59 @@ class ServeSettings:
     """Largest max_new_tokens a generation request may ask for."""
     max_queue: int = 1024
     """Requests waiting per model beyond which the server answers 503."""
+    max_body_bytes: int | None = None
+    """Largest request body, refused (413) before it is parsed; None: enough for max_texts texts
+    of max_chars JSON-escaped characters plus 64 KiB (3.9 MB with the defaults)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Key every request must send as `Authorization: Bearer KEY`; None: no check. Kept out of
+    repr so that logging the settings never logs the key."""
+    allow_no_auth: bool = False
+    """Serve on a non-loopback host without an API key (see `check_exposure`)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_texts", "max_chars", "max_new_tokens", "max_queue"):
-            if getattr(self, name) < 1:
+        for name in (
+            "max_batch",
+            "max_texts",
+            "max_chars",
+            "max_new_tokens",
+            "max_queue",
+            "max_body_bytes",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 flag = "--" + name.replace("_", "-")
-                raise ConfigError(flag, f"must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(flag, f"must be >= 1, got {value}")
         if self.max_wait_ms < 0:
             raise ConfigError("--max-wait-ms", f"must be >= 0, got {self.max_wait_ms}")
+        key = self.api_key
+        if key is not None and not (
+            key and key == key.strip() and key.isascii() and key.isprintable()
+        ):
+            # what an HTTP header carries intact; the key itself stays out of the message
+            raise ConfigError("--api-key", "must be printable ASCII without surrounding spaces")
+
+    @property
+    def body_limit(self) -> int:
+        """max_body_bytes, or the default derived from max_texts and max_chars."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return BODY_BYTES_PER_CHAR * self.max_texts * self.max_chars + BODY_OVERHEAD
+
+    def check_exposure(self) -> None:
+        """Refuse to bind anything but a loopback address without an API key: the endpoints
+        would then answer (and spend CPU for) whoever can reach the port."""
+        if self.api_key is None and not self.allow_no_auth and not is_loopback(self.host):
+            raise LmadaptError(
+                f"--host {self.host} is reachable from other machines: set an API key "
+                "(LMADAPT_API_KEY or --api-key) or pass --allow-no-auth"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost; any other name or address may be reachable from outside."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -2,37 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-
-@dataclass
-class Evaluation:
-    metrics: dict[str, float]
-    """Flat scalar metrics (logged, compared, early-stopped on)."""
-    details: dict[str, Any] = field(default_factory=dict)
-    """Structured extras for the report: per-class scores, confusion matrix, ..."""
+from lmadapt.data.validation import BadRows
+from lmadapt.evaluate.metrics import Evaluation
 
 
 class Task(Protocol):
     kind: str
     """Task name, also used by methods to pick a peft task type."""
     default_metric: str
-    metric_mode: str
-    """'max' or 'min' for default_metric."""
+    metric_names: tuple[str, ...]
+    """Every scalar its dev evaluation reports (what `train.metric` may name)."""
 
-    def read(self, path: str, fmt: str) -> list[Any]:
-        """Read and validate one file into examples (errors name file, line and field)."""
+    def read(
+        self, path: str, fmt: str, labelled: bool = True, bad: BadRows | None = None
+    ) -> list[Any]:
+        """Read and validate one file into examples (errors name file, line and field).
+
+        Rows with a problem are left out and recorded in `bad`, whose owner decides whether
+        the file is refused; without `bad`, every bad row is raised in one DataError.
+        """
 
     def fit(self, train: list[Any]) -> None:
         """Learn what the task needs from the training examples (e.g. the label set)."""
 
-    def check(self, examples: list[Any]) -> None:
-        """Validate non-training examples against what was learned (e.g. unseen labels)."""
+    def check(self, examples: list[Any], bad: BadRows | None = None) -> list[Any]:
+        """Validate non-training examples against what was learned (e.g. unseen labels);
+        returns the ones that pass, the others going to `bad` as in `read`."""
 
     def state(self) -> dict[str, Any]:
         """JSON-serialisable state saved with the run (labels, problem type)."""

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmadapt.config import ConfigError
 from lmadapt.data import Collator
 from lmadapt.data.readers import Record, get_text, read_records
-from lmadapt.errors import DataError
+from lmadapt.data.validation import BadRows, collect
+from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.tasks import TASKS
@@ -75,7 +75,13 @@ class ClassificationTask:
         self.default_metric = (
             "mse" if self.regression else ("micro_f1" if self.multi else "accuracy")
         )
-        self.metric_mode = "min" if self.regression else "max"
+        self.metric_names: tuple[str, ...] = (
+            ("mse", "pearson", "spearman", "loss")
+            if self.regression
+            else ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "loss")
+            if self.multi
+            else ("accuracy", "macro_f1", "loss")
+        )
 
     # ------------------------------------------------------------------ data
     def _columns(self, record: Record) -> tuple[str, str | None]:
@@ -92,9 +98,7 @@ class ClassificationTask:
     def _label(self, record: Record) -> Any:
         col = self.cfg.label_column
         if col not in record.fields:
-            raise record.error(
-                f"missing column; columns present: {', '.join(map(str, record.fields))}", col
-            )
+            raise record.missing(col)
         value = record.fields[col]
         if self.regression:
             try:
@@ -115,21 +119,23 @@ class ClassificationTask:
             raise record.error("empty label", col)
         return name
 
-    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Example]:
-        records = read_records(path, fmt)
-        text_col, pair_col = self._columns(records[0])
-        out = []
-        for r in records:
-            out.append(
-                Example(
+    def read(
+        self, path: str, fmt: str = "auto", labelled: bool = True, bad: BadRows | None = None
+    ) -> list[Example]:
+        """Examples of the rows that pass; bad rows go to `bad` (raised at the end without one)."""
+        with collect(path, bad) as bad:
+            records = read_records(path, fmt, bad)
+            text_col, pair_col = self._columns(records[0])
+            return bad.keep(
+                records,
+                lambda r: Example(
                     text=get_text(r, text_col),
                     text_pair=get_text(r, pair_col) if pair_col else None,
                     label=self._label(r) if labelled else None,
                     file=r.file,
                     line=r.line,
-                )
+                ),
             )
-        return out
 
     def fit(self, train: list[Example]) -> None:
         if self.regression:
@@ -147,20 +153,25 @@ class ClassificationTask:
         numeric = all(n.lstrip("-").isdigit() for n in names)
         self.labels = sorted(names, key=int) if numeric else sorted(names)
 
-    def check(self, examples: list[Example]) -> None:
-        if self.regression:
-            return
+    def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
+        """The examples whose labels occur in the training data; the others are bad rows."""
+        if self.regression or not examples:
+            return examples
         known = set(self.labels)
-        for ex in examples:
-            for name in ex.label if self.multi else [ex.label]:
-                if name not in known:
-                    raise DataError(
-                        ex.file,
-                        f"label {name!r} does not occur in the training data "
-                        f"(known: {', '.join(self.labels)})",
-                        ex.line,
-                        self.cfg.label_column,
-                    )
+        with collect(examples[0].file, bad) as bad:
+            return bad.keep(examples, lambda ex: self._known(ex, known))
+
+    def _known(self, ex: Example, known: set[str]) -> Example:
+        for name in ex.label if self.multi else [ex.label]:
+            if name not in known:
+                raise DataError(
+                    ex.file,
+                    f"label {name!r} does not occur in the training data "
+                    f"(known: {', '.join(self.labels)})",
+                    ex.line,
+                    self.cfg.label_column,
+                )
+        return ex
 
     def state(self) -> dict[str, Any]:
         return {

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmadapt.config import ConfigError
 from lmadapt.data import Collator
 from lmadapt.data.chat import CHAT_FORMATS, Conversation, read_conversations
 from lmadapt.data.templates import TEMPLATES, MarkupTemplate, Segment, build_template
-from lmadapt.errors import DataError, LmadaptError
+from lmadapt.data.validation import BadRows, collect
+from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.inference import model_inputs
@@ -166,7 +166,6 @@ class GenerationTask:
 
     kind = "generation"
     default_metric = "loss"
-    metric_mode = "min"
 
     def __init__(self, cfg: GenerationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -179,25 +178,35 @@ class GenerationTask:
         ]
 
     # ------------------------------------------------------------------ data
-    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Conversation]:
-        return read_conversations(path, fmt, self.cfg.data_format, labelled)
+    def read(
+        self, path: str, fmt: str = "auto", labelled: bool = True, bad: BadRows | None = None
+    ) -> list[Conversation]:
+        """Conversations, already checked against task.labels (which needs no training data),
+        so a bad reference is a bad row like any other; bad rows go to `bad`."""
+        with collect(path, bad) as bad:
+            convs = read_conversations(path, fmt, self.cfg.data_format, labelled, bad)
+            return self.check(convs, bad)
 
     def fit(self, train: list[Conversation]) -> None:
         self.check(train)
 
-    def check(self, examples: list[Conversation]) -> None:
+    def check(self, examples: list[Conversation], bad: BadRows | None = None) -> list[Conversation]:
         """With `labels`, every reference must mention one, or it could not be scored."""
-        if not self.cfg.labels:
-            return
-        for ex in examples:
-            if ex.reference is not None and self.label_of(ex.reference) is None:
-                raise DataError(
-                    ex.file,
-                    f"response {ex.reference[:60]!r} mentions none of task.labels "
-                    f"({', '.join(self.cfg.labels)})",
-                    ex.line,
-                    "response",
-                )
+        if not self.cfg.labels or not examples:
+            return examples
+        with collect(examples[0].file, bad) as bad:
+            return bad.keep(examples, self._scorable)
+
+    def _scorable(self, ex: Conversation) -> Conversation:
+        if ex.reference is not None and self.label_of(ex.reference) is None:
+            raise DataError(
+                ex.file,
+                f"response {ex.reference[:60]!r} mentions none of task.labels "
+                f"({', '.join(self.cfg.labels or [])})",
+                ex.line,
+                "response",
+            )
+        return ex
 
     def state(self) -> dict[str, Any]:
         return {"template": self.template_name, "labels": self.cfg.labels}
@@ -486,6 +495,16 @@ class GenerationTask:
             for i, r, o in list(zip(scored, refs, decoded.texts))[: self.cfg.report_samples]
         ]
         return ev
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What `evaluate_model` can report; the decoded-text metrics need dev references."""
+        names = ["loss", "perplexity"]
+        if self.cfg.eval_generate_max_samples != 0:
+            names += ["exact_match", "rougeL", "bleu", "generated", "gen_tokens_per_second"]
+            names += ["format_rate"] if self.pattern else []
+            names += ["accuracy", "macro_f1", "no_label_rate"] if self.cfg.labels else []
+        return tuple(names)
 
     def extract(self, text: str) -> str | None:
         m = self.pattern.search(text) if self.pattern else None

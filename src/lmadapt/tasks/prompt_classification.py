@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmadapt.config import ConfigError
-from lmadapt.errors import DataError
+from lmadapt.data.validation import BadRows, collect
+from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.prompting.templates import Renderer, load_template, template_verbalizer
@@ -87,7 +87,7 @@ class PromptClassificationTask:
 
     kind = KIND
     default_metric = "accuracy"
-    metric_mode = "max"
+    metric_names = ("accuracy", "macro_f1", "loss")
 
     def __init__(self, cfg: PromptClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -105,21 +105,33 @@ class PromptClassificationTask:
         self.conts: Continuations | None = None
 
     # ------------------------------------------------------------------ data
-    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Example]:
-        return self.reader.read(path, fmt, labelled)
+    def read(
+        self, path: str, fmt: str = "auto", labelled: bool = True, bad: BadRows | None = None
+    ) -> list[Example]:
+        """Examples, already checked against the verbalizer (which needs no training data), so
+        a label without an entry is a bad row like any other; bad rows go to `bad`."""
+        with collect(path, bad) as bad:
+            return self.check(self.reader.read(path, fmt, labelled, bad), bad)
 
     def fit(self, train: list[Example]) -> None:
         self.check(train)
 
-    def check(self, examples: list[Example]) -> None:
-        for ex in examples:
-            if ex.label is not None and ex.label not in self.labels:
-                raise DataError(
-                    ex.file,
-                    f"label {ex.label!r} has no verbalizer entry (known: {', '.join(self.labels)})",
-                    ex.line,
-                    self.cfg.label_column,
-                )
+    def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
+        """The examples whose label has a verbalizer entry; the others are bad rows."""
+        if not examples:
+            return examples
+        with collect(examples[0].file, bad) as bad:
+            return bad.keep(examples, self._verbalized)
+
+    def _verbalized(self, ex: Example) -> Example:
+        if ex.label is not None and ex.label not in self.labels:
+            raise DataError(
+                ex.file,
+                f"label {ex.label!r} has no verbalizer entry (known: {', '.join(self.labels)})",
+                ex.line,
+                self.cfg.label_column,
+            )
+        return ex
 
     def state(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lmadapt.data import Collator
 from lmadapt.data.conll import TagError, detect_scheme, is_conll, read_conll, to_iob2
 from lmadapt.data.readers import Record, read_records
+from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
@@ -168,7 +169,7 @@ class TokenClassificationTask:
     kind = "token_classification"
     per_token = True
     default_metric = "f1"
-    metric_mode = "max"
+    metric_names = ("f1", "precision", "recall", "macro_f1", "accuracy", "loss")
 
     def __init__(self, cfg: TokenClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -179,35 +180,46 @@ class TokenClassificationTask:
         return sorted({t[2:] for t in self.labels if t != "O"})
 
     # ------------------------------------------------------------------ data
-    def read(self, path: str, fmt: str = "auto", labelled: bool = True) -> list[Example]:
-        """CoNLL columns (.conll/.txt), or JSONL with tokens + tags or text + spans."""
+    def read(
+        self, path: str, fmt: str = "auto", labelled: bool = True, bad: BadRows | None = None
+    ) -> list[Example]:
+        """CoNLL columns (.conll/.txt), or JSONL with tokens + tags or text + spans.
+
+        Bad sentences go to `bad` (raised together at the end without one).
+        """
         cfg = self.cfg
-        if is_conll(path, fmt):
-            records = read_conll(path, cfg.token_column, cfg.tag_column, labelled)
-            raw = [
-                self._from_tokens(r, "tokens", "tags", labelled, r.fields["lines"]) for r in records
-            ]
-        else:
-            raw = [self._from_record(r, labelled) for r in read_records(path, fmt)]
-        examples = [ex for ex, _ in raw]
-        if labelled:
-            # Tags from spans are IOB2 already; tags given per token are in the file's scheme.
-            given = [ex for ex, converted in raw if not converted]
+        with collect(path, bad) as bad:
+            if is_conll(path, fmt):
+                records = read_conll(path, cfg.token_column, cfg.tag_column, labelled, bad)
+                raw = bad.keep(
+                    records,
+                    lambda r: self._from_tokens(r, "tokens", "tags", labelled, r.fields["lines"]),
+                )
+            else:
+                records = read_records(path, fmt, bad)
+                raw = bad.keep(records, lambda r: self._from_record(r, labelled))
+            if not labelled:
+                return [ex for ex, _ in raw]
             scheme = cfg.scheme
             if scheme == "auto":
-                scheme = detect_scheme([ex.tags or [] for ex in given])
-            for ex in given:
-                try:
-                    ex.tags = to_iob2(ex.tags or [], scheme)
-                except TagError as e:
-                    where = "" if ex.lines else f"token {e.index} ({ex.words[e.index]!r}): "
-                    raise DataError(
-                        ex.file,
-                        f"{where}{e} [scheme {scheme}]",
-                        ex.word_line(e.index),
-                        None if ex.lines else cfg.tags_field,
-                    ) from None
-        return examples
+                scheme = detect_scheme([ex.tags or [] for ex, converted in raw if not converted])
+            return bad.keep(raw, lambda item: self._to_iob2(*item, scheme))
+
+    def _to_iob2(self, ex: Example, converted: bool, scheme: str) -> Example:
+        """Tags given per token are in the file's scheme; tags from spans are IOB2 already."""
+        if converted:
+            return ex
+        try:
+            ex.tags = to_iob2(ex.tags or [], scheme)
+        except TagError as e:
+            where = "" if ex.lines else f"token {e.index} ({ex.words[e.index]!r}): "
+            raise DataError(
+                ex.file,
+                f"{where}{e} [scheme {scheme}]",
+                ex.word_line(e.index),
+                None if ex.lines else self.cfg.tags_field,
+            ) from None
+        return ex
 
     def _from_record(self, r: Record, labelled: bool) -> tuple[Example, bool]:
         cfg = self.cfg
@@ -302,17 +314,24 @@ class TokenClassificationTask:
             raise DataError(train[0].file, "no entities in the training data (every tag is O)")
         self.labels = ["O"] + [f"{p}-{k}" for k in sorted(kinds) for p in "BI"]
 
-    def check(self, examples: list[Example]) -> None:
+    def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
+        """The sentences whose entity types occur in the training data; the others are bad."""
+        if not examples:
+            return examples
         known = set(self.types)
-        for ex in examples:
-            for i, tag in enumerate(ex.tags or []):
-                if tag != "O" and tag[2:] not in known:
-                    raise DataError(
-                        ex.file,
-                        f"entity type {tag[2:]!r} does not occur in the training data "
-                        f"(known: {', '.join(self.types)})",
-                        ex.word_line(i),
-                    )
+        with collect(examples[0].file, bad) as bad:
+            return bad.keep(examples, lambda ex: self._known(ex, known))
+
+    def _known(self, ex: Example, known: set[str]) -> Example:
+        for i, tag in enumerate(ex.tags or []):
+            if tag != "O" and tag[2:] not in known:
+                raise DataError(
+                    ex.file,
+                    f"entity type {tag[2:]!r} does not occur in the training data "
+                    f"(known: {', '.join(self.types)})",
+                    ex.word_line(i),
+                )
+        return ex
 
     def state(self) -> dict[str, Any]:
         return {"labels": self.labels}

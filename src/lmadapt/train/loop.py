@@ -18,6 +18,9 @@ import math
 import os
 import random
 import resource
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,9 @@ from tqdm.auto import tqdm
 
 from lmadapt.config import TrainConfig
 from lmadapt.data.batching import length_grouped_batches, shuffled_batches
-from lmadapt.errors import LmadaptError
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.evaluate.metrics import metric_direction
+from lmadapt.hooks import Hook
 from lmadapt.inference import autocast, evaluate_model, model_inputs, use_bf16
 from lmadapt.io import write_text
 from lmadapt.train.checkpoint import (
@@ -47,24 +52,6 @@ class TrainingInterrupted(LmadaptError):
     """Ctrl-C during training: a checkpoint was saved and the run can be resumed."""
 
     exit_code = 130
-
-
-class Hook:
-    """Extension point of the loop; override what you need (all no-ops by default)."""
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-
-    def loss_term(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any
-    ) -> torch.Tensor | None:
-        """An extra term added to the task loss for this batch (e.g. an EWC penalty)."""
-        return None
-
-    def on_step_end(self, trainer: Trainer) -> None: ...
-
-    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-
-    def on_train_end(self, trainer: Trainer) -> None: ...
 
 
 @dataclass
@@ -102,6 +89,50 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.state.tokens / max(self.state.train_seconds, 1e-9)
+
+
+def checkpoint_metric(cfg: TrainConfig, task: Any) -> tuple[str, str]:
+    """The dev metric that picks the best checkpoint, and its direction ('max' or 'min').
+
+    Checked against what the task reports, so a misspelt name fails before anything is written;
+    with `metric_mode: auto` the direction comes from the metric (a loss is minimised)."""
+    metric = cfg.metric or task.default_metric
+    if metric not in task.metric_names:
+        raise ConfigError(
+            "train.metric",
+            f"{metric!r} is not a dev metric of task '{task.kind}'; "
+            f"one of: {', '.join(task.metric_names)}",
+        )
+    mode = metric_direction(metric) if cfg.metric_mode == "auto" else cfg.metric_mode
+    return metric, mode
+
+
+class DeferredInterrupt:
+    """Ctrl-C during training: the first finishes the current optimizer step and checkpoints
+    there, so that a resume is exact; a second aborts at once (the last checkpoint stays).
+
+    Only the main thread can own SIGINT; elsewhere (e.g. a server's worker) nothing changes."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nlmadapt: stopping after this step to save a checkpoint (Ctrl-C again aborts)",
+            file=sys.stderr,
+        )
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -176,8 +207,7 @@ class Trainer:
         self.hooks = hooks or []
         self.state = TrainState()
         self.bf16 = _bf16(cfg.precision, dist.device)
-        self.metric = cfg.metric or task.default_metric
-        self.mode = task.metric_mode if cfg.metric_mode == "auto" else cfg.metric_mode
+        self.metric, self.mode = checkpoint_metric(cfg, task)
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
         self.lengths = [len(f["input_ids"]) for f in train_features]
         if cfg.dropout is not None:
@@ -234,7 +264,9 @@ class Trainer:
             disable=not dist.is_main,
         )
         self._clock = time.perf_counter()
+        interrupt = DeferredInterrupt()
         try:
+            interrupt.install()
             while state.step < total and not state.should_stop:
                 batches = self.batches_for_epoch(state.epoch)
                 for i in range(state.next_batch, len(batches)):
@@ -284,6 +316,12 @@ class Trainer:
                         evaluated and not cfg.checkpoint_every
                     ):
                         self.checkpoint()
+                    if interrupt.requested:
+                        path = self.checkpoint()
+                        raise TrainingInterrupted(
+                            f"interrupted at step {state.step}; checkpoint {path} saved. "
+                            f"Resume with: lmadapt train --resume {self.run_dir}"
+                        )
                     if state.step >= total or state.should_stop:
                         break
                 else:
@@ -294,14 +332,19 @@ class Trainer:
                             self.checkpoint()
             if self._last_eval_step() != state.step:
                 self.evaluate()  # the final weights are always evaluated
-        except KeyboardInterrupt:
-            optimizer.zero_grad(set_to_none=True)
-            path = self.checkpoint()
+        except KeyboardInterrupt:  # a second Ctrl-C, mid-step: this step cannot be saved
+            last = latest_checkpoint(self.run_dir / "checkpoints")
             raise TrainingInterrupted(
-                f"interrupted at step {state.step}; checkpoint {path} saved. "
-                f"Resume with: lmadapt train --resume {self.run_dir}"
+                f"aborted during step {state.step + 1}; "
+                + (
+                    f"resume from checkpoint {last.name} with: lmadapt train --resume "
+                    f"{self.run_dir}"
+                    if last
+                    else "no checkpoint was saved yet"
+                )
             ) from None
         finally:
+            interrupt.restore()
             self._tick()
             bar.close()
             if self.log_file:
@@ -378,8 +421,10 @@ class Trainer:
             )
             metrics = dict(ev.metrics)
         metrics = self.dist.broadcast(metrics)  # process 0's numbers decide for every process
-        if self.metric not in metrics:
-            raise KeyError(f"train.metric '{self.metric}' not among dev metrics {list(metrics)}")
+        if self.metric not in metrics:  # e.g. text metrics asked of a dev set with no references
+            raise LmadaptError(
+                f"train.metric '{self.metric}' is not among this dev set's metrics {list(metrics)}"
+            )
         self.log({"dev": metrics})
         value = metrics[self.metric]
         state = self.state

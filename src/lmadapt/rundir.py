@@ -1,0 +1,68 @@
+"""Output directories: checked before anything is written, and replaced only when lmadapt made them.
+
+Every directory lmadapt creates for a run (train, continual, distill, prompt, export) carries a
+marker file. `overwrite=true` deletes an existing directory only when it holds that marker (or
+is empty): never a directory the user made, whatever its name, and never the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lmadapt.errors import ConfigError
+
+MARKER = ".lmadapt-run"
+
+
+def check_output_dir(path: str | Path, overwrite: bool, field: str = "output_dir") -> Path:
+    """Raise a ConfigError (naming `field`) unless `path` can be written; writes nothing."""
+    out = Path(path)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise ConfigError(field, f"{out} exists and is not a directory")
+        if not overwrite:
+            raise ConfigError(field, f"{out} already exists; pass overwrite=true to replace it")
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise ConfigError(field, f"{out} holds the working directory; refusing to replace it")
+        if not made_by_lmadapt(out):
+            raise ConfigError(
+                "overwrite",
+                f"{out} was not created by lmadapt (it has no {MARKER} marker), so overwrite "
+                "will not delete it; choose another output_dir or remove it yourself",
+            )
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(field, f"{probe} is a file, so {out} cannot be created under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(field, f"{probe} is not writable")
+    return out
+
+
+def made_by_lmadapt(out: Path) -> bool:
+    """Whether `out` may be deleted by overwrite: it has the marker, is empty, or is a run
+    directory from before the marker (its run.json says so)."""
+    if (out / MARKER).is_file() or not any(out.iterdir()):
+        return True
+    try:
+        return "lmadapt_run" in json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def mark(out: Path, command: str) -> None:
+    """Claim `out` as lmadapt's (written first, so even an interrupted run can be replaced)."""
+    (out / MARKER).write_text(json.dumps({"lmadapt": command}) + "\n", encoding="utf-8")
+
+
+def create_output_dir(out: Path, command: str) -> None:
+    """Replace `out` (already checked by `check_output_dir`) with a fresh, marked directory."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    mark(out, command)

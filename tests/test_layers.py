@@ -1,0 +1,100 @@
+"""Layering a reader can trust: no import cycles among lmadapt's modules (a submodule registering
+itself with its own package is the one allowed upward import), and the lower floors load without
+the training loop."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in (SRC / "lmadapt").rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules `name` imports when it loads (module level, outside TYPE_CHECKING), each with the
+    packages Python initialises on the way, less the packages that contain `name`."""
+    found: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            for child in ("body", "orelse", "finalbody"):
+                visit(getattr(node, child, []) if not isinstance(node, ast.FunctionDef) else [])
+            for handler in getattr(node, "handlers", []):
+                visit(handler.body)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    out = set()
+    for module in found:
+        parts = module.split(".")
+        out.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
+    return {m for m in out & known if m != name and not name.startswith(m + ".")}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while (w := stack.pop()) != v:
+                comp.append(w)
+            if comp:
+                found.append(sorted([v, *comp]))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return found
+
+
+def test_no_import_cycles():
+    mods = _modules()
+    graph = {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_checker_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["lmadapt.errors", "lmadapt.config", "lmadapt.methods", "lmadapt.tasks", "lmadapt.data"],
+)
+def test_lower_floors_load_without_the_training_loop(module):
+    code = f"import sys, {module}; print('lmadapt.train.loop' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
