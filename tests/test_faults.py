@@ -54,7 +54,12 @@ def setup(tmp_path_factory, tiny_bert):
 
 
 def _lmadapt(fault: str | None, n: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TQDM_DISABLE": "1", "LMADAPT_TENSORBOARD": "0", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "LMADAPT_TENSORBOARD": "0",
+        "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+    }
     cmd = [sys.executable, "-m", "lmadapt", *args]
     if fault is not None:
         cmd = [sys.executable, "-m", "tests.faults_child", fault, str(n), "--", *args]

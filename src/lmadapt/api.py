@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
@@ -24,12 +23,13 @@ from lmadapt.evaluate.report import (
     training_curves,
     write_report,
 )
-from lmadapt.inference import evaluate_model, predict_examples
 from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
 from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir, create_output_dir
+from lmadapt.session import peak_rss_mb, seed_everything, set_threads, start
 from lmadapt.tasks import Evaluation, build_task
+from lmadapt.tasks.base import check_model_suits
 from lmadapt.train import distributed
 from lmadapt.train.checkpoint import latest_checkpoint
 from lmadapt.train.loop import (
@@ -37,8 +37,6 @@ from lmadapt.train.loop import (
     Trainer,
     TrainingInterrupted,
     checkpoint_metric,
-    peak_rss_mb,
-    seed_everything,
 )
 
 
@@ -56,10 +54,6 @@ class Prepared:
     bad_rows: dict[str, list[BadRow]]
     """Split -> the `lmadapt.data.validation.BadRow`s left out under data.bad_rows=skip (empty
     lists under error, which refuses any); one entry per split read."""
-
-
-def _set_threads(n: int | None) -> None:
-    torch.set_num_threads(n or max(1, (os.cpu_count() or 1)))
 
 
 def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
@@ -88,12 +82,7 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
     if d.max_eval_samples:
         dev, test = dev[: d.max_eval_samples], test[: d.max_eval_samples]
     spec = resolve_model(config.model)
-    if task.kind not in spec.tasks:
-        raise ConfigError(
-            "model",
-            f"{spec.name} ({spec.kind}) does not suit task '{task.kind}'; "
-            f"it suits: {', '.join(spec.tasks)}",
-        )
+    check_model_suits(task, spec)
     tokenizer = load_tokenizer(spec, config.trust_remote_code)
     features = {
         name: task.encode(rows, tokenizer)
@@ -167,8 +156,7 @@ def _run(
 ) -> dict[str, Any]:
     """One run; under torchrun every process runs it and process 0 alone writes `out`."""
     dist = distributed.setup(config.train.distributed)
-    _set_threads(config.train.threads or dist.cpu_threads)
-    seed_everything(config.train.seed)
+    start(config.train.threads or dist.cpu_threads, config.train.seed)
     data = prepare(config)
     task, spec = data.task, data.spec
     checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
@@ -247,8 +235,8 @@ def _train_and_report(
     bs = config.train.eval_batch_size
     for split in ("dev", "test"):
         if data.features[split]:
-            evals[split] = evaluate_model(
-                model, task, data.features[split], getattr(data, split), collate, bs
+            evals[split] = task.evaluate_model(
+                model, data.features[split], getattr(data, split), collate, bs
             )
     metrics = {
         "run_dir": str(out),
@@ -363,16 +351,16 @@ def read_run(run_dir: str | Path) -> RunInfo:
         spec = resolve_model(config.model)
     except LmadaptError:  # a model dir named by a path that has moved: use the recorded one
         m = info["model"]
-        spec = ModelSpec(m["name"], m["path"], m["kind"], (), m.get("gguf_file"))
+        spec = ModelSpec(m["name"], m["path"], m["kind"], m.get("gguf_file"))
     task = build_task(config.task, info["task"])
-    tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind, ()))
+    tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind))
     return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild a trained model from its run directory (safetensors only, no pickle)."""
     info = read_run(run_dir)
-    _set_threads(info.config.train.threads)
+    set_threads(info.config.train.threads)
     model = info.method.load(
         info.task, info.spec, info.run_dir / "model", info.config.trust_remote_code
     )
@@ -388,9 +376,8 @@ def evaluate(
     examples = run.task.read(str(data_path), fmt)
     run.task.check(examples)
     feats = run.task.encode(examples, run.tokenizer)
-    ev = evaluate_model(
+    ev = run.task.evaluate_model(
         run.model,
-        run.task,
         feats,
         examples,
         run.task.collator(run.tokenizer),
@@ -414,9 +401,8 @@ def predict(
             raise LmadaptError("predict needs at least one text or --file")
         examples = run.task.examples_from_texts(list(texts))
     feats = run.task.encode(examples, run.tokenizer)
-    return predict_examples(
+    return run.task.predict_model(
         run.model,
-        run.task,
         feats,
         examples,
         run.task.collator(run.tokenizer),

@@ -124,10 +124,11 @@ def _method_counts(model: str) -> dict[str, tuple[int, int]]:
 def _models(p: argparse.ArgumentParser) -> None:
     def run(a: argparse.Namespace) -> None:
         from lmadapt.models import list_models
+        from lmadapt.tasks import TASKS
 
         for row in list_models():
             status = "ok" if row["available"] else "missing"
-            tasks = ", ".join(row.get("tasks", []))
+            tasks = ", ".join(e.name for e in TASKS if row.get("kind") in e.impl.model_kinds)
             print(f"{row['name']:<24}{status:<9}{row.get('kind', ''):<9}{tasks:<50}{row['about']}")
 
     p.set_defaults(run=run)

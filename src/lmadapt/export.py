@@ -74,7 +74,7 @@ def export_merged(
         mark(tmp, "export")
         merged_model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
-        spec = ModelSpec(run.spec.name, str(tmp), run.spec.kind, run.spec.tasks)
+        spec = ModelSpec(run.spec.name, str(tmp), run.spec.kind)
         reloaded = task.build_model(spec, run.config.trust_remote_code)
         diff_reloaded = max_abs_diff(_logits(reloaded, batch), unmerged)
         _check(diff_reloaded, tolerance, "merged and reloaded")

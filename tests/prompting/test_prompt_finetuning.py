@@ -50,6 +50,6 @@ def test_prompt_finetuning_loss_goes_down(tiny_llama, sst_files, tmp_path, metho
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert metrics["task"] == "prompting" and "accuracy" in metrics["dev"]
+    assert metrics["task"] == "prompt_classification" and "accuracy" in metrics["dev"]
     rows = predict(metrics["run_dir"], ["the film was great"])
     assert rows[0]["label"] in ("0", "1") and set(rows[0]["probabilities"]) == {"0", "1"}

@@ -261,6 +261,7 @@ def test_wrong_task_kind_is_400(client, path, body, needs):
     r = client.post(path, json=body)
     assert r.status_code == 400
     kind = "token_classification" if body["model"] == "delta" else "classification"
+    needs = "classification or prompt_classification" if needs == "classification" else needs
     assert (
         r.json()["detail"]
         == f"model {body['model']!r} is a {kind} model; {path} needs a {needs} model"

@@ -17,10 +17,10 @@ from lmadapt.api import train  # noqa: E402
 from lmadapt.config import build_run_config  # noqa: E402
 from lmadapt.data.chat import Conversation  # noqa: E402
 from lmadapt.generate import Generator, generate, load_generator  # noqa: E402
+from lmadapt.inference import cut_at_stops  # noqa: E402
 from lmadapt.serve.app import create_app  # noqa: E402
 from lmadapt.serve.settings import ServeSettings  # noqa: E402
 from lmadapt.serve.streaming import StopCutter  # noqa: E402
-from lmadapt.tasks.generation import _cut  # noqa: E402
 
 TRAIN = {"epochs": 1, "batch_size": 4, "precision": "fp32", "threads": 1}
 SETTINGS = ServeSettings(max_wait_ms=5, max_texts=4, max_chars=400, max_new_tokens=16)
@@ -288,7 +288,7 @@ def test_chat_stream_concatenates_to_the_plain_answer(client, case):
     ],
 )
 def test_stop_cutter_equals_the_task_cut_for_any_split(text, stops):
-    want = _cut(text, stops)
+    want = cut_at_stops(text, stops)
     for size in (1, 2, 3, len(text)):
         cutter = StopCutter(stops)
         pieces = [text[i : i + size] for i in range(0, len(text), size)]

@@ -123,10 +123,16 @@ def _entry(raw: Any, i: int, train: dict[str, Any], seen: dict[str, int], entrie
         raise ConfigError(f"{path}.task", f"is required on the first entry of '{name}'")
     if not data.dev:
         raise ConfigError(f"{path}.data.dev", "is required: the accuracy matrix is measured on it")
+    task = _within(path, parse_section, TASKS, "type", raw["task"], "task")
+    if not TASKS.get(task.type).impl.shares_backbone:
+        heads = ", ".join(e.name for e in TASKS if e.impl.shares_backbone)
+        raise ConfigError(
+            f"{path}.task.type",
+            f"'{task.type}' has no task head over a shared backbone, which the continual "
+            f"learner's multi-head model needs; one of: {heads}",
+        )
     seen[name] = i
-    return StreamEntry(
-        name, _within(path, parse_section, TASKS, "type", raw["task"], "task"), data, entry_train
-    )
+    return StreamEntry(name, task, data, entry_train)
 
 
 def build_continual_config(data: dict[str, Any]) -> ContinualConfig:

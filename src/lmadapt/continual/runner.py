@@ -7,7 +7,6 @@ transfer and forgetting (see `metrics.py`). Writes `continual.json`, `report.md`
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from lmadapt.config import to_dict
 from lmadapt.continual.config import ContinualConfig, StreamEntry, load_continual_config
@@ -27,15 +25,15 @@ from lmadapt.continual.metrics import (
 )
 from lmadapt.continual.model import MultiTaskModel
 from lmadapt.continual.strategies import Strategy, build_strategy
-from lmadapt.errors import ConfigError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.metrics import _table
-from lmadapt.inference import batched_logits
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir, create_output_dir
+from lmadapt.session import peak_rss_mb, seed_everything, start
 from lmadapt.tasks import Evaluation, build_task
-from lmadapt.train.loop import Trainer, peak_rss_mb, seed_everything
+from lmadapt.tasks.base import check_model_suits
+from lmadapt.train.loop import Trainer
 
 
 @dataclass
@@ -96,12 +94,7 @@ class Learner:
             task.fit(train[: d.max_train_samples])
             task.check(dev)
             task.check(test)
-            if task.kind not in self.spec.tasks:
-                raise ConfigError(
-                    f"stream[{index}].task.type",
-                    f"{self.spec.name} does not suit '{task.kind}'; it suits "
-                    f"{', '.join(self.spec.tasks)}",
-                )
+            check_model_suits(task, self.spec, f"stream[{index}].task.type")
             seed_everything(self.seed)  # head init independent of the stream so far
             self.model.add_task(entry.name, task.build_model(self.spec, self.trust_remote_code))
             slot = TaskSlot(
@@ -119,22 +112,22 @@ class Learner:
         slot.train_features = slot.task.encode(slot.train, self.tokenizer)
         return slot
 
-    def evaluate(self, name: str, split: str = "dev") -> tuple[Evaluation, list[np.ndarray]]:
-        """The task's metrics through its own head (and adapter), with the raw logits."""
+    def evaluate(self, name: str, split: str = "dev") -> Evaluation:
+        """The task's metrics through its own head (and adapter), as `lmadapt eval` has them."""
         slot = self.slots[name]
         self.activate(name)
-        logits, loss = batched_logits(
-            self.model,
-            getattr(slot, f"{split}_features"),
-            slot.collator,
-            self.eval_batch_size,
-            loss_fn=slot.task.loss,
-            per_token=getattr(slot.task, "per_token", False),
+        features, examples = getattr(slot, f"{split}_features"), getattr(slot, split)
+        return slot.task.evaluate_model(
+            self.model, features, examples, slot.collator, self.eval_batch_size
         )
-        ev = slot.task.evaluate(logits, getattr(slot, split))
-        if loss is not None:
-            ev.metrics["loss"] = loss
-        return ev, logits
+
+    def outputs(self, name: str) -> list[np.ndarray]:
+        """Task `name`'s dev outputs through its own head, to check that they stay put."""
+        slot = self.slots[name]
+        self.activate(name)
+        return slot.task.batch_outputs(
+            self.model, slot.dev_features, slot.collator, self.eval_batch_size
+        )[0]
 
 
 def _output_dir(config: ContinualConfig) -> Path:
@@ -173,8 +166,7 @@ def run_continual(
     out = _output_dir(config)
     write_yaml(out / "config.yaml", _config_dict(config))
     first = config.stream[0].train
-    torch.set_num_threads(first.threads or max(1, os.cpu_count() or 1))
-    seed_everything(config.seed)
+    start(first.threads, config.seed)
     spec = resolve_model(config.model)
     tokenizer = load_tokenizer(spec, config.trust_remote_code)
     backbone = load_model(spec, AutoModel, config.trust_remote_code)
@@ -221,17 +213,19 @@ def run_continual(
         trained_at[entry.name] = i
         row = {}
         for name in learner.seen:
-            ev, logits = learner.evaluate(name)
-            row[name] = ev.metrics[learner.slots[name].metric]
-            if strategy.frozen_past and name != entry.name and name in frozen:
-                same = all(np.array_equal(a, b) for a, b in zip(frozen[name], logits))
+            row[name] = learner.evaluate(name).metrics[learner.slots[name].metric]
+            if not strategy.frozen_past:
+                continue
+            outputs = learner.outputs(name)
+            if name != entry.name and name in frozen:
+                same = all(np.array_equal(a, b) for a, b in zip(frozen[name], outputs))
                 if not same:
                     raise RuntimeError(
                         f"strategy {config.strategy.name}: predictions of earlier task "
                         f"'{name}' changed while training '{entry.name}'"
                     )
             if name == entry.name:
-                frozen[name] = logits
+                frozen[name] = outputs
         rows.append(row)
         steps.append(
             {
@@ -250,7 +244,7 @@ def run_continual(
     R = np.array([[row.get(n, np.nan) for n in names] for row in rows], dtype=float)
     at = [trained_at[n] for n in names]
     forget = forgetting(R, at)
-    test = {n: learner.evaluate(n, "test")[0].metrics for n in names if learner.slots[n].test}
+    test = {n: learner.evaluate(n, "test").metrics for n in names if learner.slots[n].test}
     summary = {
         "strategy": config.strategy.name,
         "strategy_config": to_dict(config.strategy),

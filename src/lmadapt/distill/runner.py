@@ -6,7 +6,6 @@ The output directory is also a normal run directory of the student (`lmadapt eva
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir, create_output_dir
+from lmadapt.session import seed_everything, start
 from lmadapt.tasks import build_task
-from lmadapt.train.loop import Trainer, seed_everything
+from lmadapt.train.loop import Trainer
 
 
 @dataclass
@@ -118,8 +118,7 @@ def run_distill(
         config = load_distill_config(config, overrides)
     run, opt = config.student, config.options
     out = check_output_dir(run.output_dir, run.overwrite)
-    torch.set_num_threads(run.train.threads or max(1, os.cpu_count() or 1))
-    seed_everything(run.train.seed)
+    start(run.train.threads, run.train.seed)
     teacher: Teacher = build_teacher(opt.teacher)
 
     # ---- data: the student's task, with the teacher's label set

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from scipy.special import softmax
 
 from lmadapt.errors import ConfigError
 from lmadapt.registry import Registry
@@ -69,9 +70,7 @@ class RunTeacher:
         logits, _ = batched_logits(
             self.run.model, task.encode(examples, tok), task.collator(tok), self.cfg.batch_size
         )
-        z = np.stack(logits).astype(np.float64)  # (N, C)
-        z = np.exp(z - z.max(-1, keepdims=True))
-        return z / z.sum(-1, keepdims=True)
+        return softmax(np.stack(logits).astype(np.float64), axis=-1)  # (N, C)
 
 
 @dataclass

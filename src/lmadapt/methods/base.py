@@ -11,13 +11,6 @@ import torch
 from lmadapt.hooks import Hook
 from lmadapt.models import ModelSpec, refuse_pickled
 
-PEFT_TASK_TYPES = {
-    "classification": "SEQ_CLS",
-    "token_classification": "TOKEN_CLS",
-    "generation": "CAUSAL_LM",
-    "prompting": "CAUSAL_LM",
-}
-
 
 @dataclass
 class MethodConfig:
@@ -91,7 +84,7 @@ class WholeModelMethod(NoHooks):
         self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> torch.nn.Module:
         refuse_pickled(artifact, "saved model")
-        spec = ModelSpec(base.name, str(artifact), base.kind, base.tasks)
+        spec = ModelSpec(base.name, str(artifact), base.kind)
         return task.build_model(spec, trust_remote_code)
 
 
@@ -110,7 +103,7 @@ class PeftMethod(NoHooks):
     def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(model, task, PEFT_TASK_TYPES[task.kind]))
+        return get_peft_model(model, self.peft_config(model, task, task.peft_task_type))
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)

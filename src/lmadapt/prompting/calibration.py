@@ -9,19 +9,14 @@ W = diag(p_cf)^-1 and b = 0, i.e. q ∝ p / p_cf — a content-free input then s
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import softmax
 
 CONTENT_FREE = ("N/A", "[MASK]", "")
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    z = scores - scores.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
 def content_free_prior(cf_scores: np.ndarray) -> np.ndarray:
     """Mean label distribution over the content-free inputs (rows of (M, C) log-scores)."""
-    p = softmax(cf_scores).mean(0)
+    p = softmax(cf_scores, axis=-1).mean(0)
     return p / p.sum()
 
 

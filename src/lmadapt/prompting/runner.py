@@ -8,9 +8,6 @@ metrics.json, report.md (+ plots/), like a training run.
 from __future__ import annotations
 
 import functools
-import os
-import re
-import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +15,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import softmax
 
 from lmadapt.data.readers import read_records
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.metrics import classification_report_markdown, single_label_metrics
+from lmadapt.evaluate.text import exact_match
+from lmadapt.inference import GenerationSettings, generate_ids
 from lmadapt.io import atomic_dir, write_json, write_text
-from lmadapt.prompting.calibration import CONTENT_FREE, calibrate, content_free_prior, softmax
+from lmadapt.prompting.calibration import CONTENT_FREE, calibrate, content_free_prior
 from lmadapt.prompting.config import PromptConfig, load_prompt_config
 from lmadapt.prompting.demos import SELECTORS, sample_pool
 from lmadapt.prompting.scoring import Group, PrefixScorer, without_reuse
@@ -38,6 +38,7 @@ from lmadapt.prompting.templates import (
 from lmadapt.prompting.verbalizers import Verbalizer
 from lmadapt.registry import Registry
 from lmadapt.rundir import check_output_dir, mark
+from lmadapt.session import set_threads
 
 MODES: Registry = Registry("prompt mode")
 
@@ -244,7 +245,7 @@ def score_seed(
         own = np.array(owners[key])
         block = scores[row : row + len(own)]
         row += len(own)
-        p = softmax(block[own >= 0])
+        p = softmax(block[own >= 0], axis=-1)
         probs[own[own >= 0]] = p
         if cal is not None:
             cal[own[own >= 0]] = calibrate(p, content_free_prior(block[own < 0]))
@@ -351,17 +352,11 @@ def embedding_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
     t0 = time.perf_counter()
     sims = zero_shot_scores(embedder, texts, [described.words[n] for n in described.labels])
     seconds = time.perf_counter() - t0
-    scores = SeedScores(cfg.seeds[0], softmax(sims * 100.0), None, seconds, "")
+    scores = SeedScores(cfg.seeds[0], softmax(sims * 100.0, axis=-1), None, seconds, "")
     return classification_outcome(cfg, described.labels, dev, [scores], out_dir)
 
 
 # ---------------------------------------------------------------------- generation
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, articles or extra spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 @dataclass
@@ -407,7 +402,7 @@ def generate_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
             model, tok, prompts, cfg.max_new_tokens, cfg.batch_size, not renderer.chat
         )
         seconds = time.perf_counter() - t0
-        em = [normalize_answer(a) == normalize_answer(ex.label) for a, ex in zip(answers, dev)]
+        em = [exact_match([a], [ex.label]) == 1.0 for a, ex in zip(answers, dev)]
         per_seed.append(
             {
                 "seed": seed,
@@ -442,7 +437,6 @@ def generate_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
     return Outcome(metrics, rows, [section])
 
 
-@torch.no_grad()
 def greedy_generate(
     model: torch.nn.Module,
     tok: Any,
@@ -451,26 +445,13 @@ def greedy_generate(
     batch_size: int,
     add_special_tokens: bool = True,
 ) -> list[str]:
-    """Greedy continuations, cut at the first line break (answers are one line)."""
-    side = tok.padding_side
-    tok.padding_side = "left"
-    out = []
-    try:
-        for s in range(0, len(prompts), batch_size):
-            enc = tok(
-                prompts[s : s + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=add_special_tokens,
-            )
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-            )
-            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            out += [t.strip().split("\n")[0].strip() for t in texts]
-    finally:
-        tok.padding_side = side
-    return out
+    """Greedy continuations through the one decoder, cut at the first line break (answers are
+    one line)."""
+    ids = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    greedy = GenerationSettings(max_new_tokens=max_new_tokens)
+    texts = generate_ids(model, tok, ids, greedy, eos, [], batch_size).texts
+    return [t.strip().split("\n")[0].strip() for t in texts]
 
 
 # ---------------------------------------------------------------------- entry point
@@ -482,7 +463,7 @@ def run_prompt(
     """Run a prompting evaluation and write output_dir; returns the metrics.json content."""
     cfg = config if isinstance(config, PromptConfig) else load_prompt_config(config, overrides)
     out = check_output_dir(cfg.output_dir, cfg.overwrite)
-    torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
+    set_threads(cfg.threads)
     with atomic_dir(out) as tmp:
         mark(tmp, "prompt")
         outcome = MODES.get(cfg.mode).impl(cfg, tmp)

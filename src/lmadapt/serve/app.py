@@ -34,16 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
+from lmadapt.inference import GenerationSettings
 from lmadapt.serve.batching import MicroBatcher, QueueFullError
 from lmadapt.serve.guards import ApiKey, BodyLimit, shorten, validation_error
 from lmadapt.serve.runs import Completion, GenerationJob, ModelGroup, ServedRun, load_groups
 from lmadapt.serve.settings import ServeSettings
 from lmadapt.serve.streaming import StopCutter, TokenStream, sse
-from lmadapt.tasks.generation import GenerationSettings
-
-NER_KINDS = ("token_classification", "ner")
-GENERATION_KINDS = ("generation",)
-
+from lmadapt.tasks import TASKS
 
 # ---------------------------------------------------------------------- request/response schemas
 
@@ -192,7 +189,7 @@ class Server:
         self._solo = itertools.count()
         for i, g in enumerate(groups):
             self.batchers[id(g)] = MicroBatcher(
-                g.generate if g.kind in GENERATION_KINDS else g.predict,
+                g.generate if g.endpoint == "generate" else g.predict,
                 settings.max_batch,
                 settings.max_wait_ms,
                 settings.max_queue,
@@ -245,12 +242,13 @@ class Server:
                 413, f"{field}={n} exceeds the server limit {self.settings.max_new_tokens}"
             )
 
-    def run_of_kind(self, name: str | None, kinds: tuple[str, ...], endpoint: str) -> ServedRun:
+    def run_for_endpoint(self, name: str | None, endpoint: str, path: str) -> ServedRun:
+        """The named run, if its task answers at `endpoint` (the task decides, not a table)."""
         run = self.run_for(name)
-        if run.kind not in kinds:
+        if run.task.endpoint != endpoint:
+            served = " or ".join(e.name for e in TASKS if e.impl.endpoint == endpoint)
             raise HTTPException(
-                400,
-                f"model {run.name!r} is a {run.kind} model; {endpoint} needs a {kinds[0]} model",
+                400, f"model {run.name!r} is a {run.kind} model; {path} needs a {served} model"
             )
         return run
 
@@ -266,8 +264,8 @@ class Server:
         except LmadaptError as e:
             raise HTTPException(400, str(e)) from None
 
-    async def texts(self, req: TextsRequest, kinds: tuple[str, ...], what: str) -> TextsResponse:
-        run = self.run_of_kind(req.model, kinds, what)
+    async def texts(self, req: TextsRequest, endpoint: str) -> TextsResponse:
+        run = self.run_for_endpoint(req.model, endpoint, f"/v1/{endpoint}")
         self.check_texts(req.texts)
         results = await self.results(self.submit(run, run.name, req.texts))
         return TextsResponse(model=run.name, results=results)
@@ -424,12 +422,12 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
     @app.post("/v1/classify")
     async def classify(req: TextsRequest) -> TextsResponse:
         """Label and class probabilities for each text (a classification run)."""
-        return await server.texts(req, ("classification",), "/v1/classify")
+        return await server.texts(req, "classify")
 
     @app.post("/v1/ner")
     async def ner(req: TextsRequest) -> TextsResponse:
         """Entities for each text (a token-classification run), as the task decodes them."""
-        return await server.texts(req, NER_KINDS, "/v1/ner")
+        return await server.texts(req, "ner")
 
     @app.post("/v1/generate")
     async def generate(req: GenerateRequest) -> GenerateResponse:
@@ -437,7 +435,7 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         many = req.prompts is not None
         server.check_texts(req.texts, "prompts" if many else "prompt")
         server.check_new_tokens(req.max_new_tokens, "max_new_tokens")
-        run = server.run_of_kind(req.model, GENERATION_KINDS, "/v1/generate")
+        run = server.run_for_endpoint(req.model, "generate", "/v1/generate")
         settings = server.decoding(run, req, req.max_new_tokens)
         convs = [
             Conversation([{"role": "user", "content": t}], file="<request>") for t in req.texts
@@ -465,7 +463,7 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         server.check_new_tokens(
             n, "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         )
-        run = server.run_of_kind(req.model, GENERATION_KINDS, "/v1/chat/completions")
+        run = server.run_for_endpoint(req.model, "generate", "/v1/chat/completions")
         messages = [m.model_dump() for m in req.messages]
         _check_turns(messages)
         settings = server.decoding(run, req, n)

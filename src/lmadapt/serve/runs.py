@@ -24,10 +24,9 @@ from peft import PeftModel
 from lmadapt import api
 from lmadapt.config import RunConfig
 from lmadapt.errors import LmadaptError
-from lmadapt.inference import predict_examples
+from lmadapt.inference import GenerationSettings
 from lmadapt.methods.base import PeftMethod, WholeModelMethod
 from lmadapt.models import ModelSpec
-from lmadapt.tasks.generation import GenerationSettings
 
 
 @dataclass
@@ -60,7 +59,7 @@ def read_run(run_dir: str | Path) -> ServedRun:
     """A run's config, task and tokenizer, without loading its model (so groups can share one)."""
     info = api.read_run(run_dir)
     name = info.run_dir.resolve().name
-    if info.task.kind == "generation":
+    if info.task.endpoint == "generate":
         info.task.template(info.tokenizer)  # resolved now, so a bad template fails start-up
     return ServedRun(
         name, info.run_dir, info.config, info.task, info.tokenizer, info.spec, info.method
@@ -124,8 +123,8 @@ class ModelGroup:
     """Groups with equal `base` hold one copy of their base model's weights (see BasePool)."""
 
     @property
-    def kind(self) -> str:
-        return next(iter(self.runs.values())).kind
+    def endpoint(self) -> str:
+        return next(iter(self.runs.values())).task.endpoint
 
     @property
     def context(self) -> int | None:
@@ -143,9 +142,8 @@ class ModelGroup:
         feats = run.task.encode(examples, run.tokenizer)
         with self.lock:
             self._activate(name)
-            return predict_examples(
+            return run.task.predict_model(
                 self.model,
-                run.task,
                 feats,
                 examples,
                 run.task.collator(run.tokenizer),

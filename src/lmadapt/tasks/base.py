@@ -1,20 +1,38 @@
-"""What every task provides to the trainer, evaluation and prediction."""
+"""What every task provides to the trainer, evaluation, prediction and serving.
+
+A task owns every decision about itself (which models suit it, how peft wraps it, how it is
+evaluated, decoded and served): callers ask the task and keep no table of task names.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from lmadapt.data.validation import BadRows
+from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import Evaluation
+from lmadapt.inference import batched_logits
+from lmadapt.models import ModelSpec
+
+Endpoint = Literal["classify", "ner", "generate"]
 
 
 class Task(Protocol):
     kind: str
-    """Task name, also used by methods to pick a peft task type."""
+    """The name the task is registered under (`task.type`)."""
+    peft_task_type: str
+    """How peft wraps a model for it (SEQ_CLS, TOKEN_CLS, CAUSAL_LM)."""
+    model_kinds: tuple[str, ...]
+    """Which kinds of model suit it ('encoder', 'causal')."""
+    endpoint: Endpoint
+    """The serving endpoint that answers with its predictions (/v1/<endpoint>)."""
+    shares_backbone: bool
+    """Whether its model is a head over a backbone that other tasks can share (continual
+    learning's multi-head model needs this)."""
     default_metric: str
     metric_names: tuple[str, ...]
     """Every scalar its dev evaluation reports (what `train.metric` may name)."""
@@ -49,9 +67,30 @@ class Task(Protocol):
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    def evaluate(self, logits: np.ndarray, examples: list[Any]) -> Evaluation: ...
+    def forward_kwargs(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """Extra forward arguments in training (e.g. logits only where the loss reads them)."""
 
-    def decode(self, logits: np.ndarray, examples: list[Any]) -> list[dict[str, Any]]: ...
+    def evaluate_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> Evaluation:
+        """Score `model` on labelled examples: the task's metrics plus the mean loss."""
+
+    def predict_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> list[dict[str, Any]]:
+        """Task-level predictions (labels, entities, text) for unlabelled examples."""
 
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
@@ -60,3 +99,73 @@ class Task(Protocol):
 
     def examples_from_texts(self, texts: list[str]) -> list[Any]:
         """Unlabelled examples for prediction."""
+
+
+def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None:
+    """Refuse a model whose kind the task cannot use, naming the config field."""
+    if spec.kind not in task.model_kinds:
+        raise ConfigError(
+            field,
+            f"{spec.name} is a {spec.kind} model; task '{task.kind}' needs a "
+            f"{' or '.join(task.model_kinds)} model",
+        )
+
+
+class LogitsTask:
+    """Shared by tasks whose evaluation and predictions are a function of one batched forward
+    pass's logits: they provide `evaluate` and `decode` over those logits."""
+
+    per_token = False
+    """Whether logits are per token, (T, C), rather than per sequence, (C,)."""
+    shares_backbone = True
+
+    def forward_kwargs(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        return {}
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """What evaluation and prediction keep of a batch's logits: all of them by default."""
+        return logits
+
+    def outputs_loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss from `outputs`; the same as `loss` when outputs are the logits."""
+        return self.loss(outputs, batch)
+
+    def batch_outputs(
+        self, model: torch.nn.Module, features: list[dict[str, Any]], collator: Any, bs: int
+    ) -> tuple[list[np.ndarray], float | None]:
+        """`outputs` of every feature, in input order, and the mean loss where labelled."""
+        return batched_logits(
+            model,
+            features,
+            collator,
+            bs,
+            loss_fn=self.outputs_loss,
+            per_token=self.per_token,
+            transform=self.outputs,
+        )
+
+    def evaluate_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> Evaluation:
+        logits, loss = self.batch_outputs(model, features, collator, batch_size)
+        ev = self.evaluate(logits, examples)
+        if loss is not None:
+            ev.metrics["loss"] = loss
+        return ev
+
+    def predict_model(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> list[dict[str, Any]]:
+        return self.decode(self.batch_outputs(model, features, collator, batch_size)[0], examples)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import expit, softmax
 
 from lmadapt.data import Collator
 from lmadapt.data.readers import Record, get_text, read_records
@@ -17,7 +18,7 @@ from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import Evaluation, LogitsTask
 
 TEXT_DEFAULTS = ("text", "sentence", "sentence1", "question")
 PAIR_DEFAULTS = {"sentence1": "sentence2", "question": "passage", "premise": "hypothesis"}
@@ -59,10 +60,13 @@ class Example:
 
 
 @TASKS.register("classification", ClassificationConfig)
-class ClassificationTask:
+class ClassificationTask(LogitsTask):
     """Sequence classification with a linear head on the pooled representation."""
 
     kind = "classification"
+    peft_task_type = "SEQ_CLS"
+    model_kinds = ("encoder", "causal")
+    endpoint = "classify"
 
     def __init__(self, cfg: ClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -256,11 +260,7 @@ class ClassificationTask:
 
     # ------------------------------------------------------------------ outputs
     def _probs(self, logits: np.ndarray) -> np.ndarray:
-        if self.multi:
-            return 1 / (1 + np.exp(-logits))
-        z = logits - logits.max(-1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(-1, keepdims=True)
+        return expit(logits) if self.multi else softmax(logits, axis=-1)
 
     def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
         logits = np.stack(logits)  # (N, C)

@@ -12,7 +12,6 @@ import functools
 import inspect
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
-from lmadapt.inference import model_inputs
+from lmadapt.evaluate.text import exact_match, overlap_metrics
+from lmadapt.inference import Decoded, GenerationSettings, generate_ids, model_inputs
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation
 
@@ -110,32 +110,6 @@ class GenerationConfig:
             raise ConfigError("task.labels", f"needs at least 2 distinct labels, got {self.labels}")
 
 
-@dataclass
-class GenerationSettings:
-    """How to decode; defaults come from the task config, callers override per request."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int = 0
-
-
-@dataclass
-class Decoded:
-    texts: list[str]
-    seconds: float
-    lengths: list[int]
-    """New tokens per prompt, up to its end token (what a server bills as completion tokens)."""
-    finish: list[str]
-    """Per prompt: "stop" (an end token or stop string) or "length" (max_new_tokens ran out)."""
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(self.lengths)
-
-
 class PackingCollator:
     """Packs a batch's examples into as few rows of `capacity` tokens as fit (first-fit
     decreasing). `position_ids` restart at 0 for each example, which is what makes transformers
@@ -165,6 +139,10 @@ class GenerationTask:
     """Causal-LM generation: chat/instruction tuning or continued pre-training, no new head."""
 
     kind = "generation"
+    peft_task_type = "CAUSAL_LM"
+    model_kinds = ("causal",)
+    endpoint = "generate"
+    shares_backbone = False  # the LM head is the pretrained one, not a task head
     default_metric = "loss"
 
     def __init__(self, cfg: GenerationConfig, state: dict[str, Any] | None = None):
@@ -358,7 +336,6 @@ class GenerationTask:
         ends = [i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]
         return feature["input_ids"][: ends[-1]] if ends else feature["input_ids"]
 
-    @torch.no_grad()
     def decode_ids(
         self,
         model: torch.nn.Module,
@@ -366,66 +343,19 @@ class GenerationTask:
         settings: GenerationSettings,
         streamer: Any = None,
     ) -> Decoded:
-        """Generate a continuation of each prompt (left-padded batches, shortest first).
-
-        A transformers streamer (one prompt only) receives the tokens as they are generated.
-        """
-        from transformers import GenerationConfig as HFGenerationConfig
-
-        tok = self.tokenizer
+        """Continue each prompt with the one decoder, stopping at this task's end tokens and
+        stop strings (the template's and the settings')."""
         eos_ids, stop_texts = self._stops(settings)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
-        gen = HFGenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature if settings.do_sample else None,
-            top_p=settings.top_p if settings.do_sample else None,
-            top_k=None,
-            eos_token_id=eos_ids,
-            pad_token_id=pad,
-            use_cache=True,
-            stop_strings=stop_texts or None,
+        return generate_ids(
+            model,
+            self.tokenizer,
+            prompts,
+            settings,
+            eos_ids,
+            stop_texts,
+            self.cfg.generate_batch_size,
+            streamer,
         )
-        was_training = model.training
-        model.eval()
-        texts: list[str | None] = [None] * len(prompts)
-        lengths, finish = [0] * len(prompts), ["length"] * len(prompts)
-        t0 = time.perf_counter()
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        bs = self.cfg.generate_batch_size
-        try:
-            if settings.do_sample:
-                torch.manual_seed(settings.seed)
-            for start in range(0, len(order), bs):
-                idx = order[start : start + bs]
-                width = max(len(prompts[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                    mask[row, width - len(prompts[i]) :] = 1
-                extra = {"tokenizer": tok} if stop_texts else {}
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    generation_config=gen,
-                    streamer=streamer,
-                    **extra,
-                )
-                for row, i in enumerate(idx):
-                    seq = out[row, width:].tolist()
-                    end = next((j for j, t in enumerate(seq) if t in eos_ids), len(seq))
-                    text = tok.decode(seq[:end], skip_special_tokens=True)
-                    stopped = end < len(seq) or any(s in text for s in stop_texts)
-                    if stopped and end == len(seq):  # a stop string: the rest is batch padding
-                        while end and seq[end - 1] == pad:
-                            end -= 1
-                    lengths[i], finish[i] = end, "stop" if stopped else "length"
-                    texts[i] = _cut(text, stop_texts)
-        finally:
-            model.train(was_training)
-        seconds = time.perf_counter() - t0
-        return Decoded(texts, seconds, lengths, finish)  # type: ignore[arg-type]
 
     def generate(
         self,
@@ -510,7 +440,7 @@ class GenerationTask:
         m = self.pattern.search(text) if self.pattern else None
         if m is None:
             return None
-        return _normalize_answer(m.group(1) if self.pattern.groups else m.group(0))
+        return m.group(1) if self.pattern.groups else m.group(0)
 
     def label_of(self, text: str) -> str | None:
         """The label mentioned first in `text` (case-insensitive, whole words)."""
@@ -522,25 +452,18 @@ class GenerationTask:
         return min(hits)[1] if hits else None
 
     def score(self, predictions: list[str], references: list[str]) -> Evaluation:
-        import sacrebleu
-        from rouge_score import rouge_scorer
-
-        if self.pattern:
-            gold = [self.extract(r) for r in references]
-            pred = [self.extract(p) for p in predictions]
-            em = [p is not None and p == g for p, g in zip(pred, gold)]
+        if self.pattern:  # the answers the pattern extracts, or None where it finds none
+            pred, gold = (
+                [self.extract(p) for p in predictions],
+                [self.extract(r) for r in references],
+            )
             extra = {"format_rate": float(np.mean([p is not None for p in pred]))}
         else:
-            em = [_squash(p) == _squash(r) for p, r in zip(predictions, references)]
-            extra = {}
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-        rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-        bleu = sacrebleu.corpus_bleu(predictions, [references]).score
+            pred, gold, extra = list(predictions), list(references), {}
         metrics = {
-            "exact_match": float(np.mean(em)),
+            "exact_match": exact_match(pred, gold),
             **extra,
-            "rougeL": float(np.mean(rouge)),
-            "bleu": float(bleu),
+            **overlap_metrics(predictions, references),
         }
         if not self.cfg.labels:
             return Evaluation(metrics)
@@ -661,26 +584,6 @@ def _token_batches(lengths: list[int], budget: int = EVAL_TOKENS_PER_BATCH) -> l
         else:
             batches.append([i])
     return batches
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    """Text before the first stop string (generate() stops after it, so it may be included)."""
-    cut = min((text.find(s) for s in stops if s in text), default=len(text))
-    return text[:cut].strip()
-
-
-def _normalize_answer(value: str) -> str:
-    """'1,000.' -> '1000', '5.00' -> '5': numbers compare by value, other text as stripped."""
-    s = value.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        number = float(s)
-    except ValueError:
-        return s
-    return str(int(number)) if number.is_integer() else repr(number)
-
-
-def _squash(text: str) -> str:
-    return " ".join(text.split()).lower()
 
 
 def _cell(text: str, limit: int = 160) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
@@ -23,10 +24,8 @@ from lmadapt.evaluate import plots
 from lmadapt.prompting.templates import Renderer, load_template, template_verbalizer
 from lmadapt.prompting.verbalizers import Continuations, Verbalizer
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import Evaluation, LogitsTask
 from lmadapt.tasks.classification import ClassificationConfig, ClassificationTask, Example
-
-KIND = "prompting"  # peft wraps it as CAUSAL_LM (methods.base.PEFT_TASK_TYPES)
 
 
 @dataclass
@@ -82,10 +81,14 @@ class PromptCollator:
 
 
 @TASKS.register("prompt_classification", PromptClassificationConfig)
-class PromptClassificationTask:
+class PromptClassificationTask(LogitsTask):
     """Classification through the LM head: CE over verbalizer log-probabilities (PET / LM-BFF)."""
 
-    kind = KIND
+    kind = "prompt_classification"
+    peft_task_type = "CAUSAL_LM"
+    model_kinds = ("causal",)
+    endpoint = "classify"  # its predictions are labels with probabilities, like a head's
+    shares_backbone = False  # it scores through the pretrained LM head
     default_metric = "accuracy"
     metric_names = ("accuracy", "macro_f1", "loss")
 
@@ -212,63 +215,18 @@ class PromptClassificationTask:
         return conts.label_scores(per_cont, self.cfg.length_normalize)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(self.label_scores(logits), batch["labels"])
+        return self.outputs_loss(self.label_scores(logits), batch)
 
-    @torch.no_grad()
-    def _scores(
-        self, model: torch.nn.Module, features: list[dict[str, Any]], collator: Any, batch_size: int
-    ) -> tuple[list[np.ndarray], float | None]:
-        from lmadapt.inference import model_inputs
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.label_scores(logits)  # (B, C): evaluation keeps label scores, not the vocab
 
-        was_training = model.training
-        model.eval()
-        out: list[np.ndarray] = [np.empty(0)] * len(features)
-        order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
-        total, n = 0.0, 0
-        try:
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                batch = collator([features[i] for i in idx])
-                scores = self.label_scores(model(**model_inputs(batch)).logits)
-                if "labels" in batch:
-                    total += float(F.cross_entropy(scores, batch["labels"])) * len(idx)
-                    n += len(idx)
-                for row, i in enumerate(idx):
-                    out[i] = scores[row].numpy()
-        finally:
-            model.train(was_training)
-        return out, (total / n if n else None)
-
-    def evaluate_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Example],
-        collator: Any,
-        batch_size: int,
-    ) -> Evaluation:
-        scores, loss = self._scores(model, features, collator, batch_size)
-        ev = self.evaluate(scores, examples)
-        if loss is not None:
-            ev.metrics["loss"] = loss
-        return ev
-
-    def predict_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Example],
-        collator: Any,
-        batch_size: int,
-    ) -> list[dict[str, Any]]:
-        return self.decode(self._scores(model, features, collator, batch_size)[0], examples)
+    def outputs_loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(outputs, batch["labels"])
 
     # ------------------------------------------------------------------ outputs
     @staticmethod
     def _probs(scores: list[np.ndarray]) -> np.ndarray:
-        z = np.stack(scores)
-        e = np.exp(z - z.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
+        return softmax(np.stack(scores), axis=-1)
 
     def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
         index = {n: i for i, n in enumerate(self.labels)}

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 
 from lmadapt.data import Collator
 from lmadapt.data.conll import TagError, detect_scheme, is_conll, read_conll, to_iob2
@@ -27,7 +28,7 @@ from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import Evaluation, LogitsTask
 
 IGNORE = -100
 """Label of positions the loss skips (special tokens, non-first subwords, padding)."""
@@ -157,16 +158,14 @@ def word_windows(counts: list[int], budget: int, stride: int) -> list[tuple[int,
         start = nxt
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 @TASKS.register("token_classification", TokenClassificationConfig)
-class TokenClassificationTask:
+class TokenClassificationTask(LogitsTask):
     """Per-word tagging (NER) with a linear head on every token; entity-level F1."""
 
     kind = "token_classification"
+    peft_task_type = "TOKEN_CLS"
+    model_kinds = ("encoder",)
+    endpoint = "ner"
     per_token = True
     default_metric = "f1"
     metric_names = ("f1", "precision", "recall", "macro_f1", "accuracy", "loss")
@@ -477,7 +476,7 @@ class TokenClassificationTask:
         """
         out = []
         for ex, rows in zip(examples, self.word_logits(logits, examples)):
-            probs = _softmax(rows)
+            probs = softmax(rows, axis=-1)
             tags = [self.labels[i] for i in probs.argmax(-1)]
             top = probs.max(-1)
             found = []

@@ -16,8 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import random
-import resource
 import signal
 import sys
 import threading
@@ -26,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,7 +32,7 @@ from lmadapt.data.batching import length_grouped_batches, shuffled_batches
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.metrics import metric_direction
 from lmadapt.hooks import Hook
-from lmadapt.inference import autocast, evaluate_model, model_inputs, use_bf16
+from lmadapt.inference import autocast, model_inputs, use_bf16
 from lmadapt.io import write_text
 from lmadapt.train.checkpoint import (
     checkpoint_dir,
@@ -133,16 +130,6 @@ class DeferredInterrupt:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def build_optimizer(
@@ -245,7 +232,7 @@ class Trainer:
         state = self.state
         trainable = [p for p in model.parameters() if p.requires_grad]
         # a task may ask the model for less (e.g. logits only where its loss reads them)
-        forward_kwargs = getattr(self.task, "forward_kwargs", _no_kwargs)
+        forward_kwargs = self.task.forward_kwargs
         self.log_file = (
             open(self.run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             if dist.is_main
@@ -411,9 +398,8 @@ class Trainer:
         metrics = None
         if self.takes_part:
             on_cpu = self.dist.device.type == "cpu"
-            ev = evaluate_model(
+            ev = self.task.evaluate_model(
                 self.model if on_cpu else OnDevice(self.model, self.dist.device),
-                self.task,
                 self.dev_features,
                 self.dev_examples,
                 self.collator,
@@ -461,10 +447,6 @@ class Trainer:
                         self.tb.add_scalar(f"{key}/{k}", v, self.state.step)
                 elif key not in ("step", "epoch"):
                     self.tb.add_scalar(f"train/{key}", value, self.state.step)
-
-
-def _no_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    return {}
 
 
 def _tensorboard(path: Path) -> Any:

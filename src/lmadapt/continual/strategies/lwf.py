@@ -61,7 +61,7 @@ class Lwf(Strategy):
                 slot.train_features,
                 slot.collator,
                 learner.eval_batch_size,
-                per_token=getattr(learner.slots[name].task, "per_token", False),
+                per_token=learner.slots[name].task.per_token,
             )
             keys = [_key(f["input_ids"]) for f in slot.train_features]
             self.targets[name] = dict(zip(keys, logits))
