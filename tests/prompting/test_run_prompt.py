@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import statistics
 
 import pytest
 import yaml
 
 from lmadapt.errors import ConfigError, DataError
+from lmadapt.evaluate.text import normalize_answer
 from lmadapt.prompting import run_prompt
 from lmadapt.prompting.templates import TEMPLATE_DIR, Renderer, load_template
 from tests.prompting.conftest import prompt_config as _cfg
@@ -18,9 +21,26 @@ def test_run_prompt_writes_report_and_seed_stats(tiny_llama, sst_files, tmp_path
     out = tmp_path / "out"
     assert metrics["seeds"] == [0, 1]
     assert set(metrics["summary"]) == {"uncalibrated", "calibrated"}
-    assert 0 <= metrics["summary"]["calibrated"]["accuracy"]["mean"] <= 1
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 16 and rows[0]["pred_calibrated"] in ("0", "1")
+    assert len(rows) == 2 * 16
+    gold = [label for _, label in csv.reader(sst_files["dev"].open())][1:]
+    # the metrics are those of the written predictions, seed by seed, then mean ± sd
+    for variant in ("uncalibrated", "calibrated"):
+        accuracy = []
+        for seed in (0, 1):
+            mine = [r for r in rows if r["seed"] == seed]
+            assert [r["gold"] for r in mine] == gold
+            for r in mine:
+                probs = r[f"probabilities_{variant}"]
+                assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+                assert r[f"pred_{variant}"] == max(probs, key=probs.get)
+            accuracy.append(sum(r[f"pred_{variant}"] == r["gold"] for r in mine) / len(mine))
+        assert [s[variant]["accuracy"] for s in metrics["per_seed"]] == pytest.approx(accuracy)
+        summary = metrics["summary"][variant]["accuracy"]
+        assert summary["mean"] == pytest.approx(statistics.mean(accuracy))
+        assert summary["sd"] == pytest.approx(statistics.stdev(accuracy))
+    # calibration changes the distribution it is applied to
+    assert any(r["probabilities_calibrated"] != r["probabilities_uncalibrated"] for r in rows)
     report = (out / "report.md").read_text()
     assert "±" in report and "Confusion matrix" in report and "calibrated" in report
     assert json.loads((out / "metrics.json").read_text())["k"] == 2
@@ -95,9 +115,14 @@ def test_generate_mode_exact_match(tiny_llama, tmp_path):
             "output_dir": str(tmp_path / "gen"),
         }
     )
-    assert metrics["n_eval"] == 3 and 0 <= metrics["summary"]["exact_match"]["mean"] <= 1
-    row = json.loads((tmp_path / "gen" / "predictions.jsonl").read_text().splitlines()[0])
-    assert row["gold"] == "France" and "prediction" in row
+    assert metrics["n_eval"] == 3
+    out = [json.loads(x) for x in (tmp_path / "gen" / "predictions.jsonl").read_text().splitlines()]
+    assert len(out) == 3 and all(r["gold"] == "France" for r in out)
+    # exact match compares SQuAD-normalised answers, and the metric is the rows' mean
+    assert normalize_answer(" The FRANCE. ") == normalize_answer("france") == "france"
+    matches = [normalize_answer(r["prediction"]) == "france" for r in out]
+    assert [r["exact_match"] for r in out] == matches
+    assert metrics["summary"]["exact_match"]["mean"] == pytest.approx(sum(matches) / 3)
 
 
 def test_embedding_zero_shot_with_minilm(sst_files, tmp_path, minilm_dir):

@@ -311,7 +311,14 @@ def test_score_exact_match_format_rate_rouge_bleu():
     )
     assert ev.metrics["exact_match"] == 0.25
     assert ev.metrics["format_rate"] == 0.5
-    assert 0 <= ev.metrics["rougeL"] <= 1 and 0 <= ev.metrics["bleu"] <= 100
+    # ROUGE-L F1 on lower-cased alphanumeric tokens: only "the answer is 5" vs "5" shares one
+    # (P 1/4, R 1, F 0.4); the other three share none -> mean 0.1
+    assert ev.metrics["rougeL"] == pytest.approx(0.1)
+    # one sentence, equal lengths (no brevity penalty): LCS 5 of 6 tokens; BLEU is the geometric
+    # mean of the 1..4-gram precisions 5/6, 3/5, 2/4, 1/3
+    cat = make_task().score(["the cat sat on the mat"], ["the cat sat on a mat"])
+    assert cat.metrics["rougeL"] == pytest.approx(5 / 6)
+    assert cat.metrics["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
     same = make_task().score(["A  b"], ["a b"])
     assert same.metrics["exact_match"] == 1.0 and "format_rate" not in same.metrics
 
@@ -464,11 +471,22 @@ def test_every_method_trains_and_generates(tiny_llama, tok, name):
     batch = task.collator(tok)(feats * 2)
     loss = task.loss(model(**model_inputs(batch)).logits, batch)
     loss.backward()
-    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
-    (text,) = task.generate(
-        model, [Conversation([{"role": "user", "content": "hi"}])], task.settings(max_new_tokens=3)
-    )
-    assert isinstance(text, str)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    prompt = Conversation([{"role": "user", "content": "hi"}])
+    (text,) = task.generate(model, [prompt], task.settings(max_new_tokens=3))
+    # the wrapped model's own greedy continuation (prompt and prefix tuning's virtual tokens
+    # change it from the base model's), one full forward pass per token
+    ids = task.prompt_ids(task.encode([prompt], tok)[0], prompt)
+    stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    new: list[int] = []
+    model.eval()
+    with torch.no_grad():
+        while len(new) < 3:
+            token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token in stops:
+                break
+            new.append(token)
+    assert text == tok.decode(new, skip_special_tokens=True).strip()
 
 
 # ---------------------------------------------------------------------- the real model

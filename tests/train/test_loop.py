@@ -1,11 +1,13 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from lmadapt.api import train
 from lmadapt.config import build_run_config
 from lmadapt.data.batching import length_grouped_batches
+from lmadapt.hooks import Hook
 
 
 def test_length_grouped_batches_cover_every_index_once():
@@ -48,12 +50,64 @@ def test_early_stopping_and_best_checkpoint(run_config, tmp_path):
     assert (tmp_path / "run/tb").is_dir() and any((tmp_path / "run/tb").iterdir())
 
 
-def test_max_steps_and_grad_accum(run_config):
+def test_max_steps_with_grad_accum(run_config, tmp_path):
     m = train(
         build_run_config(run_config(train={"max_steps": 3, "grad_accum": 2, "eval_every": 3}))
     )
     assert m["steps"] == 3 and m["train_samples"] == 64
-    assert m["samples_per_second"] > 0
+    assert m["epochs"] == 3 * 2 * 8 / 64  # each optimizer step consumed two batches of 8
+    log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 3]  # log_every 2, and the last step
+
+
+class _ClassifierGrads(Hook):
+    """Records the classifier weight's .grad after every backward pass (accumulated so far)."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_train_start(self, trainer):
+        weight = dict(trainer.model.named_parameters())["classifier.weight"]
+        weight.register_post_accumulate_grad_hook(lambda p: self.grads.append(p.grad.clone()))
+
+
+def test_grad_accum_equals_one_k_times_larger_batch(run_config, tmp_path):
+    """grad_accum=2 with batches of 8 trains the same weights as batches of 16.
+
+    The shuffled order does not depend on the batch size (group_by_length off), so batches 2i and
+    2i+1 of 8 are batch i of 16, and half the sum of two batch means of 8 is the mean over the 16;
+    dropout 0 and fp32 make the passes deterministic. AdamW is blind to a constant scale of the
+    gradient, so the accumulated gradients themselves are compared too.
+    """
+
+    def run(name, batch_size, grad_accum):
+        grads = _ClassifierGrads()
+        train_cfg = {
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "epochs": 1,
+            "lr": 1e-3,
+            "eval_every": None,
+            "group_by_length": False,
+            "dropout": 0.0,
+        }
+        cfg = run_config(method={"name": "full"}, train=train_cfg, output_dir=str(tmp_path / name))
+        m = train(build_run_config(cfg), hooks=[grads])
+        return m, load_file(str(tmp_path / name / "model/model.safetensors")), grads.grads
+
+    accum, w_accum, g_accum = run("accum", 8, 2)
+    big, w_big, g_big = run("big", 16, 1)
+    small, w_small, _ = run("small", 8, 1)
+    assert accum["steps"] == big["steps"] == 4 and small["steps"] == 8
+    assert len(g_accum) == 8 and len(g_big) == 4
+    for a, b in zip(g_accum[1::2], g_big):  # the gradient the optimizer steps on
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # measured: max |accum - big| 2e-8 on these gradients, 4e-7 on the trained weights, where
+    # batches of 8 without accumulation end 6e-3 away
+    assert set(w_accum) == set(w_big)
+    for k in w_accum:
+        torch.testing.assert_close(w_accum[k], w_big[k], rtol=1e-5, atol=1e-5)
+    assert max(float((w_accum[k] - w_small[k]).abs().max()) for k in w_accum) > 1e-3
 
 
 def test_loss_goes_down(run_config, tmp_path):
