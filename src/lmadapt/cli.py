@@ -418,13 +418,11 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decoding_settings(a: argparse.Namespace) -> dict:
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise LmadaptError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if a.temperature is not None and a.temperature <= 0:
-        raise LmadaptError(f"--temperature must be > 0, got {a.temperature}")
-    if a.top_p is not None and not 0 < a.top_p <= 1:
-        raise LmadaptError(f"--top-p must be in (0, 1], got {a.top_p}")
-    return {
+    """Decoding flags as overrides of a run's settings, checked before any model loads."""
+    from lmadapt.errors import ConfigError
+    from lmadapt.inference import GenerationSettings
+
+    flags = {
         "max_new_tokens": a.max_new_tokens,
         "do_sample": a.sample or None,
         "temperature": a.temperature,
@@ -432,6 +430,11 @@ def _decoding_settings(a: argparse.Namespace) -> dict:
         "stop": a.stop,
         "seed": a.seed,
     }
+    try:
+        GenerationSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ConfigError as e:
+        raise LmadaptError(f"--{e.field.replace('_', '-')} {e.message}") from None
+    return flags
 
 
 def quiet_libraries() -> None:

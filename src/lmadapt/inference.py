@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lmadapt.data import sequential_batches
+from lmadapt.errors import ConfigError
 
 
 @functools.cache
@@ -107,6 +108,15 @@ class GenerationSettings:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """The one place decoding values are checked (task config, CLI flags, requests)."""
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from lmadapt.continual.metrics import (
 from lmadapt.continual.model import MultiTaskModel
 from lmadapt.continual.strategies import Strategy, build_strategy
 from lmadapt.evaluate import plots
-from lmadapt.evaluate.metrics import _table
+from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir, create_output_dir
@@ -282,14 +282,14 @@ def _fmt(v: float | None) -> str:
 
 def _write_report(out: Path, s: dict[str, Any]) -> None:
     names = s["tasks"]
-    matrix = _table(
+    matrix = markdown_table(
         ["after step \\ task", *[f"{n} ({s['metrics'][n]})" for n in names]],
         [
             [f"{st['step']}: {st['task']}", *[_fmt(v) for v in r]]
             for st, r in zip(s["steps"], s["matrix"])
         ],
     )
-    summary = _table(
+    summary = markdown_table(
         ["measure", "value"],
         [
             ["average accuracy (ACC)", _fmt(s["average_accuracy"])],
@@ -298,7 +298,7 @@ def _write_report(out: Path, s: dict[str, Any]) -> None:
             *[[f"forgetting: {n}", _fmt(f)] for n, f in s["forgetting"].items()],
         ],
     )
-    timing = _table(
+    timing = markdown_table(
         ["step", "task", "train rows", "optimizer steps", "seconds"],
         [
             [st["step"], st["task"], st["train_samples"], st["optimizer_steps"], st["seconds"]]
@@ -362,7 +362,7 @@ def run_continual_many(
         for name, r in results.items()
     ]
     tasks = next(iter(results.values()))["tasks"] if results else []
-    table = _table(
+    table = markdown_table(
         ["strategy", "ACC", "BWT", "forgetting", *[f"final {t}" for t in tasks], "seconds"], rows
     )
     write_text(base / "summary.md", f"# Continual learning: strategies side by side\n\n{table}\n")

@@ -75,3 +75,39 @@ class Collator:
             else:
                 batch[key] = torch.tensor([f[key] for f in features])
         return batch
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Length-sorted batches of at most `budget` padded tokens (at least one example each)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class PackingCollator:
+    """Packs a batch's examples into as few rows of `capacity` tokens as fit (first-fit
+    decreasing). `position_ids` restart at 0 for each example, which is what makes transformers
+    mask attention per example; the first token of every example carries no loss, so no
+    example is trained to predict the start of the next one."""
+
+    def __init__(self, pad_id: int, capacity: int):
+        self.capacity = capacity
+        self.inner = Collator(pad_id, {"labels": -100, "loss_weights": 0.0, "position_ids": 0})
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows: list[dict[str, list]] = []
+        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
+            n = len(f["input_ids"])
+            row = next((r for r in rows if len(r["input_ids"]) + n <= self.capacity), None)
+            if row is None:
+                row = {"input_ids": [], "labels": [], "loss_weights": [], "position_ids": []}
+                rows.append(row)
+            for key in ("input_ids", "labels", "loss_weights"):
+                row[key] += f[key]
+            row["position_ids"] += list(range(n))
+        return self.inner(rows)

@@ -29,8 +29,12 @@ from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
 from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
 from lmadapt.errors import ConfigError
-from lmadapt.evaluate.metrics import _table
-from lmadapt.evaluate.report import evaluation_section, training_curves, write_report
+from lmadapt.evaluate.report import (
+    evaluation_section,
+    markdown_table,
+    training_curves,
+    write_report,
+)
 from lmadapt.inference import batched_logits, model_inputs
 from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
@@ -227,7 +231,7 @@ def run_distill(
         "student_sentences_per_second": round(s_rate, 1),
         "speedup": round(s_rate / t_rate, 2),
     }
-    comparison = _table(
+    comparison = markdown_table(
         ["", f"dev {metric}", "parameters", "sentences/s (dev, 2 decimals)"],
         [
             [

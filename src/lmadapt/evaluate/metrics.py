@@ -81,35 +81,3 @@ def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     else:  # correlation is undefined for constant inputs
         out["pearson"] = out["spearman"] = float("nan")
     return out
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def classification_report_markdown(ev: Evaluation) -> str:
-    parts = []
-    per_class = ev.details.get("per_class")
-    if per_class:
-        rows = [
-            [name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
-            for name, v in per_class.items()
-        ]
-        parts.append(
-            "### Per class\n\n" + _table(["label", "precision", "recall", "f1", "support"], rows)
-        )
-    cm = ev.details.get("confusion_matrix")
-    if cm is not None:
-        labels = ev.details["labels"]
-        rows = [[f"**{g}**", *row] for g, row in zip(labels, cm)]
-        parts.append(
-            "### Confusion matrix (rows: gold, columns: predicted)\n\n"
-            + _table(["gold \\ pred", *labels], rows)
-        )
-    return "\n\n".join(parts)
-
-
-def metrics_table(metrics: dict[str, float]) -> str:
-    return _table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()])

@@ -8,8 +8,49 @@ from typing import Any
 
 from lmadapt.data.validation import MAX_LISTED, BadRow
 from lmadapt.evaluate import plots
-from lmadapt.evaluate.metrics import Evaluation, metrics_table
+from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.io import write_text
+
+
+def cell(value: object, limit: int = 200) -> str:
+    """Free text as one markdown table cell: on one line, at most `limit` characters."""
+    text = " ".join(str(value).split())
+    return (text if len(text) <= limit else text[: limit - 1] + "…").replace("|", "\\|")
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; cells are written as they are (see `cell` for free text)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def classification_report_markdown(ev: Evaluation) -> str:
+    """Per-class scores and the confusion matrix, where the evaluation has them."""
+    parts = []
+    per_class = ev.details.get("per_class")
+    if per_class:
+        rows = [
+            [name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
+            for name, v in per_class.items()
+        ]
+        parts.append(
+            "### Per class\n\n"
+            + markdown_table(["label", "precision", "recall", "f1", "support"], rows)
+        )
+    cm = ev.details.get("confusion_matrix")
+    if cm is not None:
+        labels = ev.details["labels"]
+        rows = [[f"**{g}**", *row] for g, row in zip(labels, cm)]
+        parts.append(
+            "### Confusion matrix (rows: gold, columns: predicted)\n\n"
+            + markdown_table(["gold \\ pred", *labels], rows)
+        )
+    return "\n\n".join(parts)
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    return markdown_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()])
 
 
 def training_curves(history: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
@@ -55,18 +96,14 @@ def bad_rows_section(
     if not any(bad_rows.values()):
         return None
 
-    def cell(value: object) -> str:
-        text = " ".join(str(value).split())  # one table row: no newlines
-        return (text[:197] + "..." if len(text) > 200 else text).replace("|", "\\|")
-
-    lines = ["## Skipped rows", "", "Rows left out by `data.bad_rows: skip`:", ""]
-    lines += ["| split | rows skipped |", "|---|---|"]
-    lines += [f"| {split} | {len(rows)} |" for split, rows in bad_rows.items()]
     listed = [(split, row) for split, rows in bad_rows.items() for row in rows]
-    lines += ["", "| split | file | line | field | problem |", "|---|---|---|---|---|"]
-    for split, r in listed[:limit]:
-        cells = [split, f"`{r.file}`", "" if r.line is None else r.line, r.field or "", r.message]
-        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
+    counts = markdown_table(["split", "rows skipped"], [[s, len(r)] for s, r in bad_rows.items()])
+    rows = [
+        [cell(c) for c in (split, f"`{r.file}`", r.line or "", r.field or "", r.message)]
+        for split, r in listed[:limit]
+    ]
+    lines = ["## Skipped rows", "", "Rows left out by `data.bad_rows: skip`:", "", counts, ""]
+    lines.append(markdown_table(["split", "file", "line", "field", "problem"], rows))
     if len(listed) > limit:
         lines += ["", f"... and {len(listed) - limit} more."]
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from scipy.special import softmax
 from lmadapt.data.readers import read_records
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import plots
-from lmadapt.evaluate.metrics import classification_report_markdown, single_label_metrics
+from lmadapt.evaluate.metrics import single_label_metrics
+from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.text import exact_match
 from lmadapt.inference import GenerationSettings, generate_ids
 from lmadapt.io import atomic_dir, write_json, write_text

@@ -17,6 +17,7 @@ from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
 
@@ -294,7 +295,7 @@ class ClassificationTask(LogitsTask):
         return out
 
     def report(self, evaluation: Evaluation) -> str:
-        return M.classification_report_markdown(evaluation)
+        return classification_report_markdown(evaluation)
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
         cm = evaluation.details.get("confusion_matrix")

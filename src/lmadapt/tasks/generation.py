@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from lmadapt.data import Collator
+from lmadapt.data.batching import PackingCollator, token_budget_batches
 from lmadapt.data.chat import CHAT_FORMATS, Conversation, read_conversations
 from lmadapt.data.templates import TEMPLATES, MarkupTemplate, Segment, build_template
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.report import cell, classification_report_markdown, markdown_table
 from lmadapt.evaluate.text import exact_match, overlap_metrics
 from lmadapt.inference import Decoded, GenerationSettings, generate_ids, model_inputs
 from lmadapt.tasks import TASKS
@@ -81,6 +83,19 @@ class GenerationConfig:
     report_samples: int = 5
     """Generations shown in report.md."""
 
+    def settings(self, **overrides: Any) -> GenerationSettings:
+        """These decoding settings with `overrides` (None = keep), checked."""
+        values = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return GenerationSettings(**values)
+
     def __post_init__(self) -> None:
         if self.data_format not in ("auto", *CHAT_FORMATS):
             known = ", ".join(["auto", *CHAT_FORMATS])
@@ -88,15 +103,15 @@ class GenerationConfig:
         if self.template not in ("auto", *TEMPLATES.names()):
             known = ", ".join(["auto", *TEMPLATES.names()])
             raise ConfigError("task.template", f"one of {known}; got {self.template!r}")
-        for name, low in (("max_length", 8), ("max_new_tokens", 1), ("generate_batch_size", 1)):
+        for name, low in (("max_length", 8), ("generate_batch_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"task.{name}", f"must be >= {low}, got {getattr(self, name)}")
         if self.lm_loss_weight < 0:
             raise ConfigError("task.lm_loss_weight", f"must be >= 0, got {self.lm_loss_weight}")
-        if self.temperature <= 0:
-            raise ConfigError("task.temperature", f"must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("task.top_p", f"must be in (0, 1], got {self.top_p}")
+        try:
+            self.settings()  # the decoding values, checked where every caller's are
+        except ConfigError as e:
+            raise ConfigError(f"task.{e.field}", e.message) from None
         if self.eval_generate_max_samples is not None and self.eval_generate_max_samples < 0:
             raise ConfigError("task.eval_generate_max_samples", "must be >= 0")
         if self.answer_pattern is not None:
@@ -108,30 +123,6 @@ class GenerationConfig:
                 raise ConfigError("task.answer_pattern", "must have at most one group")
         if self.labels is not None and len(set(self.labels)) < 2:
             raise ConfigError("task.labels", f"needs at least 2 distinct labels, got {self.labels}")
-
-
-class PackingCollator:
-    """Packs a batch's examples into as few rows of `capacity` tokens as fit (first-fit
-    decreasing). `position_ids` restart at 0 for each example, which is what makes transformers
-    mask attention per example; the first token of every example carries no loss, so no
-    example is trained to predict the start of the next one."""
-
-    def __init__(self, pad_id: int, capacity: int):
-        self.capacity = capacity
-        self.inner = Collator(pad_id, {"labels": IGNORE, "loss_weights": 0.0, "position_ids": 0})
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows: list[dict[str, list]] = []
-        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
-            n = len(f["input_ids"])
-            row = next((r for r in rows if len(r["input_ids"]) + n <= self.capacity), None)
-            if row is None:
-                row = {"input_ids": [], "labels": [], "loss_weights": [], "position_ids": []}
-                rows.append(row)
-            for key in ("input_ids", "labels", "loss_weights"):
-                row[key] += f[key]
-            row["position_ids"] += list(range(n))
-        return self.inner(rows)
 
 
 @TASKS.register("generation", GenerationConfig)
@@ -299,14 +290,8 @@ class GenerationTask:
 
     # ------------------------------------------------------------------ decoding
     def settings(self, **overrides: Any) -> GenerationSettings:
-        c = self.cfg
-        base = GenerationSettings(
-            c.max_new_tokens, c.do_sample, c.temperature, c.top_p, list(c.stop), c.seed
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(base, key, value)
-        return base
+        """The task's decoding settings with `overrides` (None = keep), checked."""
+        return self.cfg.settings(**overrides)
 
     def _stops(self, settings: GenerationSettings) -> tuple[list[int], list[str]]:
         """(end token ids, stop strings): one-token markers stop by id, the rest by text."""
@@ -380,7 +365,9 @@ class GenerationTask:
         model.eval()
         total, count = 0.0, 0
         try:
-            for idx in _token_batches([len(f["input_ids"]) for f in features]):
+            for idx in token_budget_batches(
+                [len(f["input_ids"]) for f in features], EVAL_TOKENS_PER_BATCH
+            ):
                 batch = collate([features[i] for i in idx])
                 batch["loss_weights"] = (batch["labels"] != IGNORE).float()
                 n = float(batch["loss_weights"][:, 1:].sum())
@@ -507,12 +494,14 @@ class GenerationTask:
         samples = evaluation.details.get("samples")
         if samples:
             rows = [
-                [_cell(s["prompt"]), _cell(s["reference"]), _cell(s["output"])] for s in samples
+                [cell(s["prompt"], 160), cell(s["reference"], 160), cell(s["output"], 160)]
+                for s in samples
             ]
             parts.append(
-                "### Sample generations\n\n" + M._table(["prompt", "reference", "output"], rows)
+                "### Sample generations\n\n"
+                + markdown_table(["prompt", "reference", "output"], rows)
             )
-        labels = M.classification_report_markdown(evaluation)
+        labels = classification_report_markdown(evaluation)
         if labels:
             parts.append(labels)
         return "\n\n".join(parts)
@@ -572,20 +561,3 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> t
         return logits.sum() * 0.0  # keeps the graph: a batch of prompts only adds nothing
     ce = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
     return (ce * w[keep]).sum() / w[keep].sum()
-
-
-def _token_batches(lengths: list[int], budget: int = EVAL_TOKENS_PER_BATCH) -> list[list[int]]:
-    """Length-sorted batches of at most `budget` padded tokens (at least one example each)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def _cell(text: str, limit: int = 160) -> str:
-    flat = " ".join(text.split()).replace("|", "\\|")
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -21,6 +21,7 @@ from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.prompting.templates import Renderer, load_template, template_verbalizer
 from lmadapt.prompting.verbalizers import Continuations, Verbalizer
 from lmadapt.tasks import TASKS
@@ -247,7 +248,7 @@ class PromptClassificationTask(LogitsTask):
         return out
 
     def report(self, evaluation: Evaluation) -> str:
-        return M.classification_report_markdown(evaluation)
+        return classification_report_markdown(evaluation)
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
         path = out_dir / f"{prefix}confusion_matrix.png"

@@ -25,8 +25,8 @@ from lmadapt.data.conll import TagError, detect_scheme, is_conll, read_conll, to
 from lmadapt.data.readers import Record, read_records
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
-from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.report import markdown_table
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
 
@@ -514,9 +514,9 @@ class TokenClassificationTask(LogitsTask):
         rows.append(["**macro**", "", "", f"{m['macro_f1']:.4f}", ""])
         parts = [
             f"### Entities per type (seqeval, {mode} mode)\n\n"
-            + M._table(["type", "precision", "recall", "f1", "support"], rows),
+            + markdown_table(["type", "precision", "recall", "f1", "support"], rows),
             "### Tag confusion matrix, per word (rows: gold, columns: predicted)\n\n"
-            + M._table(
+            + markdown_table(
                 ["gold \\ pred", *d["labels"]],
                 [[f"**{g}**", *row] for g, row in zip(d["labels"], d["confusion_matrix"])],
             ),
