@@ -26,16 +26,22 @@ from lmadapt.evaluate.report import (
 from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
 from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
-from lmadapt.rundir import check_output_dir, create_output_dir
-from lmadapt.session import peak_rss_mb, seed_everything, set_threads, start
+from lmadapt.rundir import check_output_dir
+from lmadapt.session import (
+    peak_rss_mb,
+    run_directory,
+    run_info,
+    seed_everything,
+    set_attention,
+    set_threads,
+    start,
+)
 from lmadapt.tasks import Evaluation, build_task
 from lmadapt.tasks.base import check_model_suits
 from lmadapt.train import distributed
-from lmadapt.train.checkpoint import latest_checkpoint
 from lmadapt.train.loop import (
     Hook,
     Trainer,
-    TrainingInterrupted,
     checkpoint_metric,
 )
 
@@ -141,16 +147,6 @@ def _check_disk(out: Path, need: int) -> None:
         )
 
 
-def _failed_write(e: OSError, out: Path) -> LmadaptError:
-    """A one-line error for a failed write (disk full, permissions) that says what survives."""
-    what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-    if latest_checkpoint(out / "checkpoints") is not None:
-        hint = f"free space (or fix the cause), then resume with: lmadapt train --resume {out}"
-    else:
-        hint = "no checkpoint had been saved, so the run directory was removed"
-    return LmadaptError(f"could not write the run ({what}); {hint}")
-
-
 def _run(
     config: RunConfig, out: Path, resume: bool, hooks: list[Hook] | None = None
 ) -> dict[str, Any]:
@@ -167,30 +163,16 @@ def _run(
     model = method.apply(base, task)
 
     dist.barrier()  # every process has checked `out` before process 0 replaces it
-    created = False
     if dist.is_main:
         _check_disk(out, disk_needed(method, model, config.train.keep_checkpoints))
         if resume:  # what a crash mid-write left behind
             clean_orphans(out)
             clean_orphans(out / "checkpoints")
-        else:
-            create_output_dir(out, "train")
-            created = True
-    try:
-        if created:
+    with run_directory(out, "train", create=dist.is_main and not resume):
+        if dist.is_main and not resume:
             write_yaml(out / "config.yaml", config.to_dict())
-            write_json(out / "run.json", _run_info(config, spec, task))
+            write_json(out / "run.json", run_info(config.method.name, spec, task))
         return _train_and_report(config, out, resume, hooks, dist, data, method, model)
-    except TrainingInterrupted:
-        raise
-    except OSError as e:
-        if created and latest_checkpoint(out / "checkpoints") is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise _failed_write(e, out) from None
-    except BaseException:  # nothing half-written: a run with no checkpoint cannot be resumed
-        if created and latest_checkpoint(out / "checkpoints") is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _train_and_report(
@@ -268,8 +250,7 @@ def _train_and_report(
         images += task.plots(ev, plot_dir, f"{split}_")
     summary = {
         "model": f"{spec.name} (`{spec.path}`)",
-        "task": task.kind
-        + (f" ({config.task.problem})" if getattr(config.task, "problem", None) else ""),
+        "task": task.description,
         "method": config.method.name,
         "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
         "training": f"{result.state.step} steps, {len(data.train):,} examples, "
@@ -292,27 +273,6 @@ def _train_and_report(
     write_report(out, summary, sections, images)
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
     return dist.broadcast(metrics)
-
-
-def set_attention(model: torch.nn.Module, choice: str, kind: str) -> None:
-    """Pick the attention kernel; measured in bench/: eager is faster for encoder fine-tuning."""
-    impl = {"auto": "eager" if kind == "encoder" else None}.get(choice, choice)
-    if impl and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-
-
-def _run_info(config: RunConfig, spec: ModelSpec, task: Any) -> dict[str, Any]:
-    return {
-        "lmadapt_run": 1,
-        "model": {
-            "name": spec.name,
-            "path": spec.path,
-            "gguf_file": spec.gguf_file,
-            "kind": spec.kind,
-        },
-        "method": config.method.name,
-        "task": task.state(),
-    }
 
 
 # ---------------------------------------------------------------------- saved runs

@@ -29,8 +29,8 @@ from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
-from lmadapt.rundir import check_output_dir, create_output_dir
-from lmadapt.session import peak_rss_mb, seed_everything, start
+from lmadapt.rundir import check_output_dir
+from lmadapt.session import peak_rss_mb, run_directory, seed_everything, start
 from lmadapt.tasks import Evaluation, build_task
 from lmadapt.tasks.base import check_model_suits
 from lmadapt.train.loop import Trainer
@@ -130,12 +130,6 @@ class Learner:
         )[0]
 
 
-def _output_dir(config: ContinualConfig) -> Path:
-    out = check_output_dir(config.output_dir, config.overwrite)
-    create_output_dir(out, "continual")
-    return out
-
-
 def _config_dict(config: ContinualConfig) -> dict[str, Any]:
     """The config as YAML that `lmadapt continual` reads back (repeated entries without task)."""
     stream = []
@@ -163,117 +157,118 @@ def run_continual(
 
     if not isinstance(config, ContinualConfig):
         config = load_continual_config(config, overrides)
-    out = _output_dir(config)
-    write_yaml(out / "config.yaml", _config_dict(config))
-    first = config.stream[0].train
-    start(first.threads, config.seed)
-    spec = resolve_model(config.model)
-    tokenizer = load_tokenizer(spec, config.trust_remote_code)
-    backbone = load_model(spec, AutoModel, config.trust_remote_code)
-    strategy = build_strategy(config.strategy)
-    learner = Learner(
-        MultiTaskModel(backbone),
-        tokenizer,
-        spec,
-        strategy,
-        config.seed,
-        first.eval_batch_size,
-        config.trust_remote_code,
-    )
-
-    t_start = time.perf_counter()
-    rows: list[dict[str, float]] = []
-    steps: list[dict[str, Any]] = []
-    trained_at: dict[str, int] = {}
-    frozen: dict[str, list[np.ndarray]] = {}
-    for i, entry in enumerate(config.stream):
-        slot = learner.load(entry, i)
-        learner.activate(entry.name)
-        strategy.before_task(learner, slot)
-        run_dir = out / "steps" / f"{i:02d}-{entry.name}"
-        run_dir.mkdir(parents=True)
-        seed_everything(entry.train.seed + i)
-        trainer = Trainer(
-            learner.model,
-            slot.task,
-            slot.train_features,
-            slot.collator,
-            entry.train,
-            entry.train.lr or config.strategy.lr,
-            run_dir,
-            dev_features=slot.dev_features,
-            dev_examples=slot.dev,
-            hooks=[strategy],
-        )
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the best is loaded already
-        strategy.after_task(learner, slot)
-        seconds = time.perf_counter() - t0
-        trained_at[entry.name] = i
-        row = {}
-        for name in learner.seen:
-            row[name] = learner.evaluate(name).metrics[learner.slots[name].metric]
-            if not strategy.frozen_past:
-                continue
-            outputs = learner.outputs(name)
-            if name != entry.name and name in frozen:
-                same = all(np.array_equal(a, b) for a, b in zip(frozen[name], outputs))
-                if not same:
-                    raise RuntimeError(
-                        f"strategy {config.strategy.name}: predictions of earlier task "
-                        f"'{name}' changed while training '{entry.name}'"
-                    )
-            if name == entry.name:
-                frozen[name] = outputs
-        rows.append(row)
-        steps.append(
-            {
-                "step": i,
-                "task": entry.name,
-                "train_file": entry.data.train,
-                "train_samples": len(slot.train),
-                "optimizer_steps": result.state.step,
-                "best_step": result.state.best_step,
-                "seconds": round(seconds, 2),
-                "dev": row,
-            }
+    out = check_output_dir(config.output_dir, config.overwrite)
+    with run_directory(out, "continual"):
+        write_yaml(out / "config.yaml", _config_dict(config))
+        first = config.stream[0].train
+        start(first.threads, config.seed)
+        spec = resolve_model(config.model)
+        tokenizer = load_tokenizer(spec, config.trust_remote_code)
+        backbone = load_model(spec, AutoModel, config.trust_remote_code)
+        strategy = build_strategy(config.strategy)
+        learner = Learner(
+            MultiTaskModel(backbone),
+            tokenizer,
+            spec,
+            strategy,
+            config.seed,
+            first.eval_batch_size,
+            config.trust_remote_code,
         )
 
-    names = learner.seen
-    R = np.array([[row.get(n, np.nan) for n in names] for row in rows], dtype=float)
-    at = [trained_at[n] for n in names]
-    forget = forgetting(R, at)
-    test = {n: learner.evaluate(n, "test").metrics for n in names if learner.slots[n].test}
-    summary = {
-        "strategy": config.strategy.name,
-        "strategy_config": to_dict(config.strategy),
-        "model": spec.name,
-        "tasks": names,
-        "metrics": {n: learner.slots[n].metric for n in names},
-        "matrix": [[None if np.isnan(v) else round(float(v), 6) for v in r] for r in R],
-        "average_accuracy": round(average_accuracy(R), 6),
-        "bwt": round(backward_transfer(R, at), 6),
-        "forgetting": {n: None if f is None else round(f, 6) for n, f in zip(names, forget)},
-        "average_forgetting": round(average_forgetting(R, at), 6),
-        "steps": steps,
-        "test": test,
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "output_dir": str(out),
-    }
-    plots.heatmap(
-        R,
-        [f"{s['step']}: {s['task']}" for s in steps],
-        [f"{n} ({learner.slots[n].metric})" for n in names],
-        out / "plots" / "accuracy_matrix.png",
-        title=f"R[i][j], strategy {config.strategy.name}",
-        xlabel="evaluated task j",
-        ylabel="after training step i",
-    )
-    _write_report(out, summary)
-    write_json(out / "continual.json", summary)
-    return summary
+        t_start = time.perf_counter()
+        rows: list[dict[str, float]] = []
+        steps: list[dict[str, Any]] = []
+        trained_at: dict[str, int] = {}
+        frozen: dict[str, list[np.ndarray]] = {}
+        for i, entry in enumerate(config.stream):
+            slot = learner.load(entry, i)
+            learner.activate(entry.name)
+            strategy.before_task(learner, slot)
+            run_dir = out / "steps" / f"{i:02d}-{entry.name}"
+            run_dir.mkdir(parents=True)
+            seed_everything(entry.train.seed + i)
+            trainer = Trainer(
+                learner.model,
+                slot.task,
+                slot.train_features,
+                slot.collator,
+                entry.train,
+                entry.train.lr or config.strategy.lr,
+                run_dir,
+                dev_features=slot.dev_features,
+                dev_examples=slot.dev,
+                hooks=[strategy],
+            )
+            t0 = time.perf_counter()
+            result = trainer.fit()
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the best is loaded already
+            strategy.after_task(learner, slot)
+            seconds = time.perf_counter() - t0
+            trained_at[entry.name] = i
+            row = {}
+            for name in learner.seen:
+                row[name] = learner.evaluate(name).metrics[learner.slots[name].metric]
+                if not strategy.frozen_past:
+                    continue
+                outputs = learner.outputs(name)
+                if name != entry.name and name in frozen:
+                    same = all(np.array_equal(a, b) for a, b in zip(frozen[name], outputs))
+                    if not same:
+                        raise RuntimeError(
+                            f"strategy {config.strategy.name}: predictions of earlier task "
+                            f"'{name}' changed while training '{entry.name}'"
+                        )
+                if name == entry.name:
+                    frozen[name] = outputs
+            rows.append(row)
+            steps.append(
+                {
+                    "step": i,
+                    "task": entry.name,
+                    "train_file": entry.data.train,
+                    "train_samples": len(slot.train),
+                    "optimizer_steps": result.state.step,
+                    "best_step": result.state.best_step,
+                    "seconds": round(seconds, 2),
+                    "dev": row,
+                }
+            )
+
+        names = learner.seen
+        R = np.array([[row.get(n, np.nan) for n in names] for row in rows], dtype=float)
+        at = [trained_at[n] for n in names]
+        forget = forgetting(R, at)
+        test = {n: learner.evaluate(n, "test").metrics for n in names if learner.slots[n].test}
+        summary = {
+            "strategy": config.strategy.name,
+            "strategy_config": to_dict(config.strategy),
+            "model": spec.name,
+            "tasks": names,
+            "metrics": {n: learner.slots[n].metric for n in names},
+            "matrix": [[None if np.isnan(v) else round(float(v), 6) for v in r] for r in R],
+            "average_accuracy": round(average_accuracy(R), 6),
+            "bwt": round(backward_transfer(R, at), 6),
+            "forgetting": {n: None if f is None else round(f, 6) for n, f in zip(names, forget)},
+            "average_forgetting": round(average_forgetting(R, at), 6),
+            "steps": steps,
+            "test": test,
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "output_dir": str(out),
+        }
+        plots.heatmap(
+            R,
+            [f"{s['step']}: {s['task']}" for s in steps],
+            [f"{n} ({learner.slots[n].metric})" for n in names],
+            out / "plots" / "accuracy_matrix.png",
+            title=f"R[i][j], strategy {config.strategy.name}",
+            xlabel="evaluated task j",
+            ylabel="after training step i",
+        )
+        _write_report(out, summary)
+        write_json(out / "continual.json", summary)
+        return summary
 
 
 def _fmt(v: float | None) -> str:

@@ -39,8 +39,8 @@ from lmadapt.inference import batched_logits, model_inputs
 from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
-from lmadapt.rundir import check_output_dir, create_output_dir
-from lmadapt.session import seed_everything, start
+from lmadapt.rundir import check_output_dir
+from lmadapt.session import run_directory, run_info, seed_everything, set_attention, start
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Trainer
 
@@ -127,7 +127,7 @@ def run_distill(
 
     # ---- data: the student's task, with the teacher's label set
     task = build_task(run.task, {"labels": teacher.labels})
-    if task.kind != "classification" or run.task.problem != "single_label":
+    if not (task.label_distribution and task.shares_backbone):  # logits (B, C) from a head
         raise ConfigError("task", "distillation supports single-label classification students")
     d = run.data
     if not d.train or not d.dev:
@@ -157,111 +157,104 @@ def run_distill(
     # ---- student
     seed_everything(run.train.seed)
     model = task.build_model(spec, run.trust_remote_code)
-    create_output_dir(out, "distill")
-    if opt.student_layers:
-        keep_first_layers(model, opt.student_layers)
-        base = out / "student_base"
-        model.save_pretrained(base, safe_serialization=True)
-        tokenizer.save_pretrained(base)
-        run.model = str(base)  # the run dir then reloads the truncated base (peft methods too)
-        spec = resolve_model(run.model)
-    method = build_method(run.method)
-    model = method.apply(model, task)
-    trainable, total = count_parameters(model)
-    write_yaml(out / "config.yaml", run.to_dict())
-    write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})
-    write_json(
-        out / "run.json",
-        {
-            "lmadapt_run": 1,
-            "model": {"name": spec.name, "path": spec.path, "gguf_file": None, "kind": spec.kind},
-            "method": run.method.name,
-            "task": task.state(),
-        },
-    )
-    trainer = Trainer(
-        InputsOnly(model),
-        DistillationTask(task, opt.alpha, opt.temperature),
-        feats,
-        collate,
-        run.train,
-        run.train.lr or run.method.lr,
-        out,
-        dev_features=dev_feats,
-        dev_examples=dev,
-    )
-    trainer.hooks += method.hooks(model, trainer.total_steps())  # e.g. AdaLoRA's rank budget
-    result = trainer.fit()
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    with atomic_dir(out / "model") as tmp:
-        method.save(model, tmp)
-        tokenizer.save_pretrained(tmp)
-
-    # ---- teacher vs student on dev: metric and inference speed (tokenisation included)
-    def student_logits(examples: list[Any]) -> list[np.ndarray]:
-        fs = task.encode(examples, tokenizer)
-        return batched_logits(model, fs, collate, run.train.eval_batch_size)[0]
-
-    s_logits, s_sec = _timed(student_logits, dev)
-    t_probs, t_sec = _timed(teacher.label_distribution, dev)
-    s_ev = task.evaluate(s_logits, dev)
-    t_ev = task.evaluate(list(np.log(np.clip(t_probs, 1e-12, 1.0))), dev)
-    metric = task.default_metric
-    s_rate, t_rate = len(dev) / s_sec, len(dev) / t_sec
-    test_ev = task.evaluate(student_logits(test), test) if test else None
-    metrics = {
-        "run_dir": str(out),
-        "teacher": teacher.name,
-        "alpha": opt.alpha,
-        "temperature": opt.temperature,
-        "student_layers": opt.student_layers,
-        "use_gold_labels": opt.use_gold_labels,
-        "train_samples": len(train),
-        "unlabeled_samples": len(extra),
-        "steps": result.state.step,
-        "train_seconds": round(result.state.train_seconds, 2),
-        "metric": metric,
-        "teacher_dev": t_ev.metrics,
-        "dev": s_ev.metrics,
-        **({"test": test_ev.metrics} if test_ev else {}),
-        "teacher_params": teacher.num_parameters,
-        "student_params": total,
-        "student_trainable_params": trainable,
-        "teacher_sentences_per_second": round(t_rate, 1),
-        "student_sentences_per_second": round(s_rate, 1),
-        "speedup": round(s_rate / t_rate, 2),
-    }
-    comparison = markdown_table(
-        ["", f"dev {metric}", "parameters", "sentences/s (dev, 2 decimals)"],
-        [
-            [
-                "teacher",
-                f"{t_ev.metrics[metric]:.4f}",
-                f"{teacher.num_parameters:,}",
-                f"{t_rate:.2f}",
-            ],
-            ["student", f"{s_ev.metrics[metric]:.4f}", f"{total:,}", f"{s_rate:.2f}"],
-        ],
-    )
-    summary = {
-        "teacher": teacher.name,
-        "student": f"{run.model} ({opt.student_layers or 'all'} layers), method "
-        f"{run.method.name}, {trainable:,} of {total:,} parameters trained",
-        "loss": (
-            f"{opt.alpha}·CE + {1 - opt.alpha:g}·T²·KL"
-            if opt.use_gold_labels
-            else "T²·KL only (no gold labels)"
+    with run_directory(out, "distill"):
+        if opt.student_layers:
+            keep_first_layers(model, opt.student_layers)
+            base = out / "student_base"
+            model.save_pretrained(base, safe_serialization=True)
+            tokenizer.save_pretrained(base)
+            run.model = str(base)  # the run dir then reloads the truncated base (peft methods too)
+            spec = resolve_model(run.model)
+        method = build_method(run.method)
+        set_attention(model, run.attention, spec.kind)
+        model = method.apply(model, task)
+        trainable, total = count_parameters(model)
+        write_yaml(out / "config.yaml", run.to_dict())
+        write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})
+        write_json(out / "run.json", run_info(run.method.name, spec, task))
+        trainer = Trainer(
+            InputsOnly(model),
+            DistillationTask(task, opt.alpha, opt.temperature),
+            feats,
+            collate,
+            run.train,
+            run.train.lr or run.method.lr,
+            out,
+            dev_features=dev_feats,
+            dev_examples=dev,
         )
-        + f", T = {opt.temperature} (Hinton et al. 2015)",
-        "training": f"{result.state.step} steps, {len(rows):,} rows "
-        f"({len(extra):,} unlabelled), {result.state.train_seconds:.1f}s",
-        "speed-up": f"{s_rate / t_rate:.2f}x sentences/s over the teacher",
-    }
-    images = training_curves(result.state.history, trainer.metric, out / "plots")
-    sections = ["## Teacher vs student\n\n" + comparison]
-    sections.append(evaluation_section("Student on dev", s_ev, task))
-    if test_ev:
-        sections.append(evaluation_section("Student on test", test_ev, task))
-    write_report(out, summary, sections, images)
-    write_json(out / "metrics.json", metrics)
-    return metrics
+        trainer.hooks += method.hooks(model, trainer.total_steps())  # e.g. AdaLoRA's rank budget
+        result = trainer.fit()
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        with atomic_dir(out / "model") as tmp:
+            method.save(model, tmp)
+            tokenizer.save_pretrained(tmp)
+
+        # ---- teacher vs student on dev: metric and inference speed (tokenisation included)
+        def student_logits(examples: list[Any]) -> list[np.ndarray]:
+            fs = task.encode(examples, tokenizer)
+            return batched_logits(model, fs, collate, run.train.eval_batch_size)[0]
+
+        s_logits, s_sec = _timed(student_logits, dev)
+        t_probs, t_sec = _timed(teacher.label_distribution, dev)
+        s_ev = task.evaluate(s_logits, dev)
+        t_ev = task.evaluate(list(np.log(np.clip(t_probs, 1e-12, 1.0))), dev)
+        metric = task.default_metric
+        s_rate, t_rate = len(dev) / s_sec, len(dev) / t_sec
+        test_ev = task.evaluate(student_logits(test), test) if test else None
+        metrics = {
+            "run_dir": str(out),
+            "teacher": teacher.name,
+            "alpha": opt.alpha,
+            "temperature": opt.temperature,
+            "student_layers": opt.student_layers,
+            "use_gold_labels": opt.use_gold_labels,
+            "train_samples": len(train),
+            "unlabeled_samples": len(extra),
+            "steps": result.state.step,
+            "train_seconds": round(result.state.train_seconds, 2),
+            "metric": metric,
+            "teacher_dev": t_ev.metrics,
+            "dev": s_ev.metrics,
+            **({"test": test_ev.metrics} if test_ev else {}),
+            "teacher_params": teacher.num_parameters,
+            "student_params": total,
+            "student_trainable_params": trainable,
+            "teacher_sentences_per_second": round(t_rate, 1),
+            "student_sentences_per_second": round(s_rate, 1),
+            "speedup": round(s_rate / t_rate, 2),
+        }
+        comparison = markdown_table(
+            ["", f"dev {metric}", "parameters", "sentences/s (dev, 2 decimals)"],
+            [
+                [
+                    "teacher",
+                    f"{t_ev.metrics[metric]:.4f}",
+                    f"{teacher.num_parameters:,}",
+                    f"{t_rate:.2f}",
+                ],
+                ["student", f"{s_ev.metrics[metric]:.4f}", f"{total:,}", f"{s_rate:.2f}"],
+            ],
+        )
+        summary = {
+            "teacher": teacher.name,
+            "student": f"{run.model} ({opt.student_layers or 'all'} layers), method "
+            f"{run.method.name}, {trainable:,} of {total:,} parameters trained",
+            "loss": (
+                f"{opt.alpha}·CE + {1 - opt.alpha:g}·T²·KL"
+                if opt.use_gold_labels
+                else "T²·KL only (no gold labels)"
+            )
+            + f", T = {opt.temperature} (Hinton et al. 2015)",
+            "training": f"{result.state.step} steps, {len(rows):,} rows "
+            f"({len(extra):,} unlabelled), {result.state.train_seconds:.1f}s",
+            "speed-up": f"{s_rate / t_rate:.2f}x sentences/s over the teacher",
+        }
+        images = training_curves(result.state.history, trainer.metric, out / "plots")
+        sections = ["## Teacher vs student\n\n" + comparison]
+        sections.append(evaluation_section("Student on dev", s_ev, task))
+        if test_ev:
+            sections.append(evaluation_section("Student on test", test_ev, task))
+        write_report(out, summary, sections, images)
+        write_json(out / "metrics.json", metrics)
+        return metrics

@@ -53,10 +53,10 @@ class RunTeacher:
         self.cfg = cfg
         self.run = load_run(cfg.run_dir)
         task = self.run.task
-        if task.kind != "classification" or task.cfg.problem != "single_label":
+        if not (task.label_distribution and task.shares_backbone):
             raise ConfigError(
                 "teacher.run_dir",
-                f"{cfg.run_dir} is a {task.kind} run ({getattr(task.cfg, 'problem', '')}); "
+                f"{cfg.run_dir} is a {task.description} run; "
                 "distillation needs a single-label classification teacher",
             )
         self.labels = list(task.labels)

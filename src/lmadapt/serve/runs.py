@@ -46,7 +46,7 @@ class ServedRun:
         return self.task.kind
 
     def info(self) -> dict[str, Any]:
-        labels = getattr(self.task, "labels", None)
+        labels = self.task.labels
         return {
             "task": self.kind,
             "method": self.config.method.name,
@@ -78,7 +78,7 @@ def share_key(run: ServedRun) -> tuple | None:
     """Runs with equal keys can share one base model; None = this run needs its own model."""
     if not isinstance(run.method, PeftMethod):
         return None
-    head = len(getattr(run.task, "labels", ()) or ())
+    head = len(run.task.labels)
     # One PeftModel holds one tuner type (LoRA, IA3, prefix...), hence the method name.
     return (
         run.spec.path,

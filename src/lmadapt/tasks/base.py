@@ -33,6 +33,13 @@ class Task(Protocol):
     shares_backbone: bool
     """Whether its model is a head over a backbone that other tasks can share (continual
     learning's multi-head model needs this)."""
+    label_distribution: bool
+    """Whether it predicts one probability distribution over `labels` per example, from its
+    logits (what distillation's teacher and student exchange)."""
+    labels: list[str]
+    """The label set its predictions name (empty where predictions are free text)."""
+    description: str
+    """The task as a report names it, e.g. 'classification (multi_label)'."""
     default_metric: str
     metric_names: tuple[str, ...]
     """Every scalar its dev evaluation reports (what `train.metric` may name)."""
@@ -118,6 +125,7 @@ class LogitsTask:
     per_token = False
     """Whether logits are per token, (T, C), rather than per sequence, (C,)."""
     shares_backbone = True
+    label_distribution = False
 
     def forward_kwargs(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]

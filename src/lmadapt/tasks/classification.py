@@ -77,6 +77,8 @@ class ClassificationTask(LogitsTask):
             cfg.text_pair_column = state.get("text_pair_column", cfg.text_pair_column)
         self.regression = cfg.problem == "regression"
         self.multi = cfg.problem == "multi_label"
+        self.label_distribution = cfg.problem == "single_label"
+        self.description = f"classification ({cfg.problem})"
         self.default_metric = (
             "mse" if self.regression else ("micro_f1" if self.multi else "accuracy")
         )

@@ -134,10 +134,13 @@ class GenerationTask:
     model_kinds = ("causal",)
     endpoint = "generate"
     shares_backbone = False  # the LM head is the pretrained one, not a task head
+    label_distribution = False
+    description = "generation"
     default_metric = "loss"
 
     def __init__(self, cfg: GenerationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
+        self.labels = list(cfg.labels or [])
         self.template_name: str | None = (state or {}).get("template")
         self.tokenizer: Any = None
         self.pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None

@@ -90,6 +90,8 @@ class PromptClassificationTask(LogitsTask):
     model_kinds = ("causal",)
     endpoint = "classify"  # its predictions are labels with probabilities, like a head's
     shares_backbone = False  # it scores through the pretrained LM head
+    label_distribution = True
+    description = "prompt_classification"
     default_metric = "accuracy"
     metric_names = ("accuracy", "macro_f1", "loss")
 

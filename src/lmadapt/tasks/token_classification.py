@@ -166,6 +166,7 @@ class TokenClassificationTask(LogitsTask):
     peft_task_type = "TOKEN_CLS"
     model_kinds = ("encoder",)
     endpoint = "ner"
+    description = "token_classification"
     per_token = True
     default_metric = "f1"
     metric_names = ("f1", "precision", "recall", "macro_f1", "accuracy", "loss")
