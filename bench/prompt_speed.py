@@ -16,13 +16,13 @@ import numpy as np
 
 from lmadapt.io import write_json, write_text
 from lmadapt.prompting.config import load_prompt_config
-from lmadapt.prompting.runner import (
+from lmadapt.prompting.modes.classify import score_seed
+from lmadapt.prompting.modes.generate import greedy_generate
+from lmadapt.prompting.sources import (
     fields_of,
-    greedy_generate,
     load_lm,
     read_labelled,
     resolve_verbalizer,
-    score_seed,
     select_demos,
 )
 from lmadapt.prompting.templates import Renderer, load_template

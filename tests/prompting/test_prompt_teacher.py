@@ -51,7 +51,7 @@ def test_prompt_teacher_gives_the_prompt_runs_calibrated_distribution(
 
     teacher = build_teacher(_distill(tmp_path, "minilm", sst_files, path).options.teacher)
     from lmadapt.prompting.config import load_prompt_config
-    from lmadapt.prompting.runner import read_labelled_file
+    from lmadapt.prompting.sources import read_labelled_file
 
     dev = read_labelled_file(load_prompt_config(path), str(sst_files["dev"]), ["0", "1"])
     got = teacher.label_distribution(dev)

@@ -93,7 +93,8 @@ class PromptTeacher:
     def __init__(self, cfg: PromptTeacherConfig):
         from lmadapt.methods import count_parameters
         from lmadapt.prompting.config import load_prompt_config
-        from lmadapt.prompting.runner import LabelScorer, load_lm
+        from lmadapt.prompting.sources import load_lm
+        from lmadapt.prompting.teacher import LabelScorer
 
         pcfg = load_prompt_config(cfg.config, cfg.overrides)
         self.scorer = LabelScorer(pcfg)

@@ -78,7 +78,7 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         from lmadapt.prompting.demos import SELECTORS
-        from lmadapt.prompting.runner import MODES
+        from lmadapt.prompting.modes import MODES
 
         if self.mode not in MODES:
             raise ConfigError("mode", f"unknown {self.mode!r}; one of: {', '.join(MODES.names())}")

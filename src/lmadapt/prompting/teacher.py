@@ -1,0 +1,40 @@
+"""Label distributions from a verbalizer prompt, for components that consume them (the
+distillation teacher)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lmadapt.errors import ConfigError
+from lmadapt.prompting.config import PromptConfig
+from lmadapt.prompting.modes.classify import score_seed
+from lmadapt.prompting.sources import read_labelled_file, resolve_verbalizer
+from lmadapt.prompting.templates import load_template
+
+
+class LabelScorer:
+    """Per-example label distributions of a verbalizer prompt config, for other components.
+
+    The distillation teacher uses it: the prompt's first seed picks the demonstrations, and the
+    calibrated distribution is returned when the config turns calibration on.
+    """
+
+    def __init__(self, cfg: PromptConfig):
+        if cfg.mode != "verbalizer":
+            raise ConfigError("mode", f"must be 'verbalizer' for label scores, not {cfg.mode!r}")
+        self.cfg = cfg
+        self.template = load_template(cfg.template)
+        self.verbalizer = resolve_verbalizer(cfg)
+        self.labels = self.verbalizer.labels
+        self.train = (
+            read_labelled_file(cfg, cfg.data.train, self.labels) if cfg.data.train and cfg.k else []
+        )
+
+    def __call__(self, examples: list[Any]) -> np.ndarray:
+        """(N, C) probabilities over `labels`; example labels are not looked at."""
+        s = score_seed(
+            self.cfg, self.template, self.verbalizer, examples, self.train, self.cfg.seeds[0]
+        )
+        return s.calibrated if s.calibrated is not None else s.probs
