@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmadapt.config import apply_overrides, build_run_config, load_config
+from lmadapt.config import build_run_config, load_config
 from lmadapt.errors import ConfigError
+from lmadapt.schema import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from lmadapt.api import disk_needed, predict, resume, train
 from lmadapt.cli import main
-from lmadapt.config import TrainConfig, build_run_config, parse_section
+from lmadapt.config import TrainConfig, build_run_config
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.methods import METHODS, build_method
 from lmadapt.models import resolve_model
 from lmadapt.rundir import MARKER
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.train.loop import TrainingInterrupted, checkpoint_metric
 from tests.train.test_resume import SigintAt

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from lmadapt.config import RunConfig, build_run_config, config_source, load_config, read_yaml
+from lmadapt.config import RunConfig, build_run_config, load_config
 from lmadapt.data.validation import BadRow, BadRows
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.report import (
@@ -27,6 +27,7 @@ from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
 from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir
+from lmadapt.schema import config_source, read_yaml
 from lmadapt.session import (
     peak_rss_mb,
     run_directory,

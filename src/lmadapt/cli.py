@@ -103,9 +103,9 @@ def _methods(p: argparse.ArgumentParser) -> None:
 
 def _method_counts(model: str) -> dict[str, tuple[int, int]]:
     """Trainable/total parameters of each method on `model` with a 2-label classification head."""
-    from lmadapt.config import parse_section
     from lmadapt.methods import METHODS, build_method, count_parameters
     from lmadapt.models import resolve_model
+    from lmadapt.schema import parse_section
     from lmadapt.tasks import TASKS, build_task
 
     spec = resolve_model(model)

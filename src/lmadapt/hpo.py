@@ -20,10 +20,11 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from lmadapt import api
-from lmadapt.config import RunConfig, config_source, from_dict, load_config, read_yaml
+from lmadapt.config import RunConfig, load_config
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.io import write_text
+from lmadapt.schema import config_source, from_dict, read_yaml
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Hook, Trainer, TrainingInterrupted, checkpoint_metric
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy import stats
 
-from lmadapt.config import parse_section
 from lmadapt.continual.metrics import (
     average_accuracy,
     average_forgetting,
@@ -19,6 +18,7 @@ from lmadapt.continual.metrics import (
 from lmadapt.continual.strategies import STRATEGIES, build_strategy
 from lmadapt.continual.strategies.base import trainable_named
 from lmadapt.continual.strategies.replay import Reservoir
+from lmadapt.schema import parse_section
 
 NAN = math.nan
 

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmadapt.cli import main
-from lmadapt.config import parse_section
 from lmadapt.data.readers import FORMATS, detect_format, read_records
 from lmadapt.errors import DataError
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 
 # ---------------------------------------------------------------------- malformed files

@@ -14,10 +14,11 @@ import yaml
 
 from lmadapt.api import prepare
 from lmadapt.cli import main
-from lmadapt.config import build_run_config, parse_section
+from lmadapt.config import build_run_config
 from lmadapt.data.validation import BadRow, BadRows
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate.report import bad_rows_metrics, bad_rows_section
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from tests.conftest import sentiment_rows
 

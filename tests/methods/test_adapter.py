@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmadapt.config import parse_section
 from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS, build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 
 

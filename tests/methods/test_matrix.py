@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-from lmadapt.config import TrainConfig, parse_section
+from lmadapt.config import TrainConfig
 from lmadapt.methods import METHODS, build_method
 from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.train import Trainer
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from lmadapt.api import load_run, train
-from lmadapt.config import build_run_config, parse_section
+from lmadapt.config import build_run_config
 from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS, build_method
 from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 
 

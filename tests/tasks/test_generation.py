@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from lmadapt.config import ConfigError, build_run_config, parse_section
+from lmadapt.config import ConfigError, build_run_config
 from lmadapt.data.chat import Conversation, read_conversations
 from lmadapt.errors import DataError
 from lmadapt.inference import model_inputs
 from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 
 GSM = r"####\s*(-?[\d,.]+)"

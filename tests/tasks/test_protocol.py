@@ -8,7 +8,7 @@ import typing
 import pytest
 from peft import TaskType
 
-from lmadapt.config import parse_section
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import Endpoint, Task
 

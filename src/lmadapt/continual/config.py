@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmadapt.config import (
-    DataConfig,
-    TrainConfig,
+from lmadapt.config import DataConfig, TrainConfig
+from lmadapt.continual.strategies import STRATEGIES
+from lmadapt.errors import ConfigError
+from lmadapt.schema import (
     apply_overrides,
     config_source,
     from_dict,
@@ -32,7 +33,7 @@ from lmadapt.config import (
     resolve_data_paths,
     to_dict,
 )
-from lmadapt.errors import ConfigError
+from lmadapt.tasks import TASKS
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
@@ -82,8 +83,6 @@ def _within(prefix: str, fn: Any, *args: Any) -> Any:
 
 
 def _entry(raw: Any, i: int, train: dict[str, Any], seen: dict[str, int], entries: list) -> Any:
-    from lmadapt.tasks import TASKS
-
     path = f"stream[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(path, f"expected a mapping with name, task, data; got {raw!r}")
@@ -136,8 +135,6 @@ def _entry(raw: Any, i: int, train: dict[str, Any], seen: dict[str, int], entrie
 
 
 def build_continual_config(data: dict[str, Any]) -> ContinualConfig:
-    from lmadapt.continual.strategies import STRATEGIES
-
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"expected a mapping, got {data!r}")
     data = dict(data)

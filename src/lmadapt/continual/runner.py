@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from lmadapt.config import to_dict
 from lmadapt.continual.config import ContinualConfig, StreamEntry, load_continual_config
 from lmadapt.continual.metrics import (
     average_accuracy,
@@ -30,6 +29,7 @@ from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir
+from lmadapt.schema import to_dict
 from lmadapt.session import peak_rss_mb, run_directory, seed_everything, start
 from lmadapt.tasks import Evaluation, build_task
 from lmadapt.tasks.base import check_model_suits

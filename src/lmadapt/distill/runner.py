@@ -15,16 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmadapt.config import (
-    RunConfig,
-    apply_overrides,
-    build_run_config,
-    config_source,
-    from_dict,
-    read_yaml,
-    resolve_data_paths,
-    to_dict,
-)
+from lmadapt.config import RunConfig, build_run_config
 from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
 from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
@@ -40,6 +31,15 @@ from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir
+from lmadapt.schema import (
+    apply_overrides,
+    config_source,
+    from_dict,
+    parse_section,
+    read_yaml,
+    resolve_data_paths,
+    to_dict,
+)
 from lmadapt.session import run_directory, run_info, seed_everything, set_attention, start
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Trainer
@@ -75,8 +75,6 @@ class DistillConfig:
 
 
 def build_distill_config(data: dict[str, Any]) -> DistillConfig:
-    from lmadapt.config import parse_section
-
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"expected a mapping, got {data!r}")
     data = dict(data)

@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmadapt.config import from_dict
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, NoHooks, unfreeze_modules
 from lmadapt.models import ModelSpec
+from lmadapt.schema import from_dict
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

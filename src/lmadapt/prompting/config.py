@@ -7,14 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmadapt.config import (
-    apply_overrides,
-    config_source,
-    from_dict,
-    read_yaml,
-    resolve_data_paths,
-)
 from lmadapt.errors import ConfigError
+from lmadapt.prompting.demos import SELECTORS
+from lmadapt.schema import apply_overrides, config_source, from_dict, read_yaml, resolve_data_paths
 
 
 @dataclass
@@ -77,8 +72,7 @@ class PromptConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        from lmadapt.prompting.demos import SELECTORS
-        from lmadapt.prompting.modes import MODES
+        from lmadapt.prompting.modes import MODES  # the modes load models: only when checked
 
         if self.mode not in MODES:
             raise ConfigError("mode", f"unknown {self.mode!r}; one of: {', '.join(MODES.names())}")

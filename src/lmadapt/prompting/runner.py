@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmadapt.config import to_dict
 from lmadapt.io import atomic_dir, write_json, write_text, write_yaml
 from lmadapt.prompting.config import PromptConfig, load_prompt_config
 from lmadapt.prompting.modes import MODES
 from lmadapt.rundir import check_output_dir, mark
+from lmadapt.schema import to_dict
 from lmadapt.session import set_threads
 
 

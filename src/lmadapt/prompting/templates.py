@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from lmadapt.config import from_dict
 from lmadapt.errors import ConfigError
+from lmadapt.schema import from_dict
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 LABEL_SLOT = "{label}"
