@@ -11,17 +11,14 @@ import pytest
 
 from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.cli import main
-from lmadapt.config import ConfigError, build_run_config, parse_section
+from lmadapt.config import ConfigError, build_run_config
+from lmadapt.data.tagged import split_words
 from lmadapt.errors import DataError
+from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.methods import METHODS
+from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
-from lmadapt.tasks.token_classification import (
-    IGNORE,
-    entities,
-    sequence_metrics,
-    split_words,
-    word_windows,
-)
+from lmadapt.tasks.token_classification import IGNORE, word_windows
 
 FIRST = ["Alice", "Bob", "Carol", "Dmitri", "Erin", "Frank", "Grace", "Hiro"]
 LAST = ["Smith", "Jones", "Novak", "Okafor"]
@@ -239,7 +236,7 @@ def test_long_sentence_is_windowed_and_merged(tokenizer):
         tags += sent_tags
     words[5] = "Supercalifragilisticexpialidocious"  # many subwords; must stay whole
     task = make_task(max_length=24, stride=6)
-    from lmadapt.tasks.token_classification import Example
+    from lmadapt.data.tagged import Example
 
     ex = Example(words, " ".join(words), [], tags)
     task.fit([ex])
@@ -265,7 +262,7 @@ def test_long_sentence_is_windowed_and_merged(tokenizer):
 
 
 def test_subword_continuations_of_b_get_i(tokenizer):
-    from lmadapt.tasks.token_classification import Example
+    from lmadapt.data.tagged import Example
 
     task = make_task(label_all_subwords=True)
     ex = Example(["Dmitrijevskaya", "ran"], "Dmitrijevskaya ran", [], ["B-PER", "O"])

@@ -4,14 +4,12 @@ Examples are words, not subwords: labels sit on each word's first subword (the r
 by the loss unless `label_all_subwords`), sentences longer than `max_length` are split into
 overlapping windows, and window predictions are merged back so that every word gets exactly one
 prediction, from the window where it is furthest from an edge. Metrics are entity-level (seqeval).
+Reading tagged sentences lives in `lmadapt.data.tagged`, the metrics in `lmadapt.evaluate.sequence`.
 """
 
 from __future__ import annotations
 
-import bisect
-import re
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,20 +19,17 @@ import torch.nn.functional as F
 from scipy.special import softmax
 
 from lmadapt.data import Collator
-from lmadapt.data.conll import TagError, detect_scheme, is_conll, read_conll, to_iob2
-from lmadapt.data.readers import Record, read_records
+from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, split_words
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import markdown_table
+from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
 
 IGNORE = -100
 """Label of positions the loss skips (special tokens, non-first subwords, padding)."""
-
-# Abbreviations (U.S.), words with inner - . & (1996-08-22, AT&T), clitics ('s), single symbols.
-_WORD = re.compile(r"(?:[^\W\d_]\.){2,}|\w+(?:[-.&]\w+)*|['’]\w+|[^\w\s]")
 
 
 @dataclass
@@ -73,65 +68,6 @@ class TokenClassificationConfig:
                 "task.stride",
                 f"must be in [0, max_length / 2 = {self.max_length // 2}], got {self.stride}",
             )
-
-
-@dataclass
-class Window:
-    """One model input cut from an example: which (token position, word index) it predicts."""
-
-    owned: list[tuple[int, int]]
-
-
-@dataclass
-class Example:
-    words: list[str]
-    text: str
-    """The words' source text: the raw text, or the words joined by single spaces."""
-    offsets: list[tuple[int, int]]
-    """Character [start, end) of each word in `text`."""
-    tags: list[str] | None = None
-    """IOB2 tags, one per word; None when unlabelled."""
-    file: str = ""
-    line: int = 0
-    lines: list[int] | None = None
-    """CoNLL: the line of each word, for errors that point at one token."""
-    windows: list[Window] = field(default_factory=list, repr=False)
-    """Set by `encode`: the features this example became, in order."""
-
-    def word_line(self, i: int) -> int:
-        return self.lines[i] if self.lines else self.line
-
-
-def split_words(text: str, cuts: list[int] | None = None) -> list[tuple[int, int]]:
-    """Character spans of the words of raw text; a word is also split at every offset in `cuts`.
-
-    Cutting at entity boundaries guarantees that character spans map to whole words.
-    """
-    cuts = sorted(set(cuts or []))  # adjacent spans share a boundary
-    out = []
-    for m in _WORD.finditer(text):
-        start, end = m.span()
-        inner = cuts[bisect.bisect_right(cuts, start) : bisect.bisect_left(cuts, end)]
-        out += list(zip([start, *inner], [*inner, end]))
-    return out
-
-
-def entities(tags: list[str], strict: bool = False) -> list[tuple[str, int, int]]:
-    """(type, start, end) word spans, end exclusive, as seqeval counts them.
-
-    Lenient (conlleval): an I-X that does not continue an X entity opens one. Strict IOB2: such
-    an I-X is not part of any entity.
-    """
-    out: list[tuple[str, int, int]] = []
-    kind, start = None, 0
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, t = ("O", None) if tag == "O" else (tag[0], tag[2:])
-        if prefix == "I" and t == kind:
-            continue
-        if kind is not None:
-            out.append((kind, start, i))
-        kind, start = (t, i) if prefix == "B" or (prefix == "I" and not strict) else (None, i)
-    return out
 
 
 def word_windows(counts: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
@@ -188,124 +124,15 @@ class TokenClassificationTask(LogitsTask):
         Bad sentences go to `bad` (raised together at the end without one).
         """
         cfg = self.cfg
-        with collect(path, bad) as bad:
-            if is_conll(path, fmt):
-                records = read_conll(path, cfg.token_column, cfg.tag_column, labelled, bad)
-                raw = bad.keep(
-                    records,
-                    lambda r: self._from_tokens(r, "tokens", "tags", labelled, r.fields["lines"]),
-                )
-            else:
-                records = read_records(path, fmt, bad)
-                raw = bad.keep(records, lambda r: self._from_record(r, labelled))
-            if not labelled:
-                return [ex for ex, _ in raw]
-            scheme = cfg.scheme
-            if scheme == "auto":
-                scheme = detect_scheme([ex.tags or [] for ex, converted in raw if not converted])
-            return bad.keep(raw, lambda item: self._to_iob2(*item, scheme))
-
-    def _to_iob2(self, ex: Example, converted: bool, scheme: str) -> Example:
-        """Tags given per token are in the file's scheme; tags from spans are IOB2 already."""
-        if converted:
-            return ex
-        try:
-            ex.tags = to_iob2(ex.tags or [], scheme)
-        except TagError as e:
-            where = "" if ex.lines else f"token {e.index} ({ex.words[e.index]!r}): "
-            raise DataError(
-                ex.file,
-                f"{where}{e} [scheme {scheme}]",
-                ex.word_line(e.index),
-                None if ex.lines else self.cfg.tags_field,
-            ) from None
-        return ex
-
-    def _from_record(self, r: Record, labelled: bool) -> tuple[Example, bool]:
-        cfg = self.cfg
-        if cfg.tokens_field in r.fields:
-            return self._from_tokens(r, cfg.tokens_field, cfg.tags_field, labelled)
-        if cfg.text_field in r.fields:
-            return self._from_text(r, labelled), True
-        raise r.error(
-            f"needs '{cfg.tokens_field}' (with '{cfg.tags_field}') or '{cfg.text_field}' "
-            f"(with '{cfg.spans_field}'); fields present: {', '.join(map(str, r.fields))}"
+        layout = TaggedLayout(
+            token_column=cfg.token_column,
+            tag_column=cfg.tag_column,
+            tokens_field=cfg.tokens_field,
+            tags_field=cfg.tags_field,
+            text_field=cfg.text_field,
+            spans_field=cfg.spans_field,
         )
-
-    def _from_tokens(
-        self,
-        r: Record,
-        tokens_key: str,
-        tags_key: str,
-        labelled: bool,
-        lines: list[int] | None = None,
-    ) -> tuple[Example, bool]:
-        words = r.fields[tokens_key]
-        if not isinstance(words, list) or not words:
-            raise r.error(f"expected a non-empty list of words, got {words!r}", tokens_key)
-        for i, w in enumerate(words):
-            if not isinstance(w, str) or not w.strip():
-                raise r.error(f"word {i} is {w!r}; expected non-blank text", tokens_key)
-        tags = None
-        if labelled:
-            if tags_key not in r.fields:
-                raise r.error(f"missing; fields present: {', '.join(map(str, r.fields))}", tags_key)
-            tags = r.fields[tags_key]
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                raise r.error(f"expected a list of tag strings, got {tags!r}", tags_key)
-            if len(tags) != len(words):
-                raise r.error(f"{len(tags)} tags for {len(words)} words", tags_key)
-        offsets, pos = [], 0
-        for w in words:
-            offsets.append((pos, pos + len(w)))
-            pos += len(w) + 1
-        return Example(list(words), " ".join(words), offsets, tags, r.file, r.line, lines), False
-
-    def _from_text(self, r: Record, labelled: bool) -> Example:
-        key = self.cfg.text_field
-        text = r.fields[key]
-        if not isinstance(text, str) or not text.strip():
-            raise r.error(f"expected non-blank text, got {text!r}", key)
-        spans = self._spans(r, text) if labelled else []
-        offsets = split_words(text, [c for s, e, _ in spans for c in (s, e)])
-        tags = ["O"] * len(offsets)
-        starts = [s for s, _ in offsets]
-        for start, end, label in spans:
-            first = i = bisect.bisect_left(starts, start)
-            while i < len(offsets) and offsets[i][1] <= end:  # words never cross a boundary
-                tags[i] = f"{'B' if i == first else 'I'}-{label}"
-                i += 1
-        words = [text[s:e] for s, e in offsets]
-        return Example(words, text, offsets, tags if labelled else None, r.file, r.line)
-
-    def _spans(self, r: Record, text: str) -> list[tuple[int, int, str]]:
-        key = self.cfg.spans_field
-        if key not in r.fields:
-            raise r.error(f"missing; fields present: {', '.join(map(str, r.fields))}", key)
-        raw = r.fields[key]
-        if not isinstance(raw, list):
-            raise r.error(f"expected a list of {{start, end, label}}, got {raw!r}", key)
-        spans = []
-        for i, s in enumerate(raw):
-            if not (isinstance(s, dict) and {"start", "end", "label"} <= set(s)) or not all(
-                isinstance(s[k], int) and not isinstance(s[k], bool) for k in ("start", "end")
-            ):
-                raise r.error(f"span {i}: expected {{start: int, end: int, label}}, got {s!r}", key)
-            start, end, label = s["start"], s["end"], s["label"]
-            if not 0 <= start < end <= len(text) or not text[start:end].strip():
-                raise r.error(
-                    f"span {i}: [{start}, {end}) is empty, blank or outside the text "
-                    f"({len(text)} characters)",
-                    key,
-                )
-            if not isinstance(label, str) or not re.fullmatch(r"\S+", label):
-                raise r.error(f"span {i}: label must be a non-blank word, got {label!r}", key)
-            spans.append((start, end, label))
-        spans.sort()
-        for (s1, e1, _), (s2, e2, _) in zip(spans, spans[1:]):
-            if s2 < e1:
-                raise r.error(f"spans [{s1}, {e1}) and [{s2}, {e2}) overlap", key)
-        return spans
+        return read_tagged(path, fmt, labelled, bad, scheme=cfg.scheme, layout=layout)
 
     def fit(self, train: list[Example]) -> None:
         """Tag set = O plus B-/I- of every entity type in the training data."""
@@ -542,53 +369,3 @@ class TokenClassificationTask(LogitsTask):
             title=f"{prefix}tag confusion matrix",
         )
         return [f1_path, cm_path]
-
-
-def sequence_metrics(
-    gold: list[list[str]], pred: list[list[str]], labels: list[str], strict: bool = False
-) -> Evaluation:
-    """Entity precision/recall/F1 (seqeval micro, macro, per type) and word-level accuracy."""
-    from seqeval.metrics import classification_report
-    from seqeval.scheme import IOB2
-
-    types = sorted({t[2:] for t in labels if t != "O"})
-    per_type = {k: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for k in types}
-    micro = {"precision": 0.0, "recall": 0.0, "f1-score": 0.0}
-    macro = 0.0
-    if any(t != "O" for seq in gold + pred for t in seq):  # seqeval divides by zero otherwise
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            rep = classification_report(
-                gold,
-                pred,
-                output_dict=True,
-                zero_division=0,
-                mode="strict" if strict else None,
-                scheme=IOB2 if strict else None,
-            )
-        micro, macro = rep["micro avg"], rep["macro avg"]["f1-score"]
-        for k, v in rep.items():
-            if not k.endswith(" avg"):
-                per_type[k] = {
-                    "precision": float(v["precision"]),
-                    "recall": float(v["recall"]),
-                    "f1": float(v["f1-score"]),
-                    "support": int(v["support"]),
-                }
-    flat_gold = [t for seq in gold for t in seq]
-    flat_pred = [t for seq in pred for t in seq]
-    index = {t: i for i, t in enumerate(labels)}
-    cm = np.zeros((len(labels), len(labels)), dtype=int)
-    for g, p in zip(flat_gold, flat_pred):
-        cm[index[g], index[p]] += 1
-    metrics = {
-        "f1": float(micro["f1-score"]),
-        "precision": float(micro["precision"]),
-        "recall": float(micro["recall"]),
-        "macro_f1": float(macro),
-        "accuracy": float(np.mean([g == p for g, p in zip(flat_gold, flat_pred)]))
-        if flat_gold
-        else 0.0,
-    }
-    details = {"per_type": per_type, "labels": labels, "confusion_matrix": cm.tolist()}
-    return Evaluation(metrics, details)
