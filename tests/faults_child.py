@@ -6,6 +6,8 @@ Faults:
 - `sigkill N`: SIGKILL in the middle of step N + 1.
 - `sigkill-save N`: SIGKILL halfway through writing the N-th safetensors file of the run.
 - `enospc N`: the N-th safetensors file written fails with ENOSPC (disk full).
+- `eacces N`: the N-th safetensors file written fails with EACCES (its directory was made
+  unwritable; as root, permissions cannot be taken away, so the error is injected).
 """
 
 from __future__ import annotations
@@ -66,11 +68,16 @@ def _disk_full(tensors: dict, filename: str) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
 
+def _unwritable(tensors: dict, filename: str) -> None:
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), filename)
+
+
 FAULTS = {
     "sigint": lambda n: _with_hook(_SignalAt(n, signal.SIGINT)),
     "sigkill": lambda n: _with_hook(_SignalAt(n, signal.SIGKILL)),
     "sigkill-save": lambda n: _on_nth_save(n, _half_write_then_die),
     "enospc": lambda n: _on_nth_save(n, _disk_full),
+    "eacces": lambda n: _on_nth_save(n, _unwritable),
 }
 
 

@@ -148,3 +148,11 @@ def test_disk_full_before_any_checkpoint_leaves_nothing(setup):
     proc = _lmadapt("enospc", 1, "train", str(path))
     _one_clean_line(proc, 2, "No space left on device", "run directory was removed")
     assert not out.exists()
+
+
+def test_unwritable_checkpoint_directory_is_one_line_and_resumable(setup):
+    path, out = _config_file(setup, "eacces")
+    proc = _lmadapt("eacces", 5, "train", str(path))
+    _one_clean_line(proc, 2, "Permission denied", f"lmadapt train --resume {out}")
+    assert not _tmp_leftovers(out)
+    _resumes_to_reference(setup, out)

@@ -112,3 +112,15 @@ def test_strategy_config_errors_name_the_field():
         _strategy("replay", buffer_size=0)
     with pytest.raises(ConfigError, match="strategy.name"):
         parse_section(STRATEGIES, "name", {"name": "magic"}, "strategy")
+
+
+def test_a_task_without_a_head_is_refused_at_config_time():
+    """A generation task has no head over a shared backbone: the multi-head learner would fail
+    mid-stream, so the config is refused before anything runs, naming the field."""
+    from lmadapt.continual.config import build_continual_config
+    from lmadapt.errors import ConfigError
+
+    stream = [{"name": "qa", "task": {"type": "generation"}, "data": {"train": "t", "dev": "d"}}]
+    with pytest.raises(ConfigError, match=r"stream\[0\]\.task\.type.*classification") as e:
+        build_continual_config({"model": "smollm2-135m-instruct", "stream": stream})
+    assert "token_classification" in str(e.value)

@@ -53,3 +53,25 @@ def test_prompt_finetuning_loss_goes_down(tiny_llama, sst_files, tmp_path, metho
     assert metrics["task"] == "prompt_classification" and "accuracy" in metrics["dev"]
     rows = predict(metrics["run_dir"], ["the film was great"])
     assert rows[0]["label"] in ("0", "1") and set(rows[0]["probabilities"]) == {"0", "1"}
+
+
+def test_prompt_based_classifier_is_served_at_classify(tiny_llama, sst_files, tmp_path):
+    """Its task once reported kind 'prompting', which /v1/classify refused; the task now says
+    where it is served, and the answers are those of `lmadapt predict`."""
+    from fastapi.testclient import TestClient
+
+    from lmadapt.serve.app import create_app
+    from lmadapt.serve.settings import ServeSettings
+
+    method = {"name": "lora", "lr": 5e-3, "target_modules": ["all-linear"]}
+    metrics = train(build_run_config(_config(tiny_llama, sst_files, tmp_path, method)))
+    texts = ["the film was great", "a dull and tedious plot"]
+    with TestClient(create_app([metrics["run_dir"]], ServeSettings())) as client:
+        r = client.post("/v1/classify", json={"texts": texts})
+        assert r.status_code == 200, r.text
+        served = r.json()["results"]
+        assert client.post("/v1/ner", json={"texts": texts}).status_code == 400
+    expected = predict(metrics["run_dir"], texts)
+    assert [s["label"] for s in served] == [e["label"] for e in expected]
+    for s, e in zip(served, expected):
+        assert s["probabilities"] == pytest.approx(e["probabilities"], abs=1e-6)
