@@ -274,7 +274,11 @@ class Trainer:
                         # the engine averages over processes: weigh each by its share of the batch
                         (loss * (share * dist.world_size) / cfg.grad_accum).backward()
                     tokens = float(batch["attention_mask"].sum()) if share else 0.0
-                    batch_loss, tokens = dist.sum([float(loss.detach()) * share, tokens])
+                    # one exchange: the batch's loss, its tokens, and whether any process was
+                    # interrupted (so that all of them stop at the same step)
+                    batch_loss, tokens, stops = dist.sum(
+                        [float(loss.detach()) * share, tokens, float(interrupt.requested)]
+                    )
                     state.running_loss += batch_loss
                     state.running_n += 1
                     state.samples += len(idx)
@@ -303,7 +307,7 @@ class Trainer:
                         evaluated and not cfg.checkpoint_every
                     ):
                         self.checkpoint()
-                    if interrupt.requested:
+                    if stops:
                         path = self.checkpoint()
                         raise TrainingInterrupted(
                             f"interrupted at step {state.step}; checkpoint {path} saved. "
