@@ -54,7 +54,7 @@ def export_merged(
     """
     if tolerance < 0:
         raise LmadaptError(f"tolerance must be >= 0, got {tolerance}")
-    out = check_output_dir(out_dir, overwrite, field="--merge")
+    out = check_output_dir(out_dir, overwrite, "--merge", "--overwrite", "--overwrite")
     run = load_run(run_dir)
     name = run.config.method.name
     if not build_method(run.config.method).mergeable:

@@ -17,20 +17,27 @@ from lmadapt.errors import ConfigError
 MARKER = ".lmadapt-run"
 
 
-def check_output_dir(path: str | Path, overwrite: bool, field: str = "output_dir") -> Path:
-    """Raise a ConfigError (naming `field`) unless `path` can be written; writes nothing."""
+def check_output_dir(
+    path: str | Path,
+    overwrite: bool,
+    field: str = "output_dir",
+    overwrite_field: str = "overwrite",
+    overwrite_hint: str = "overwrite=true",
+) -> Path:
+    """Raise a ConfigError (naming `field`, or `overwrite_field` for what overwrite may not
+    delete) unless `path` can be written; writes nothing."""
     out = Path(path)
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
-            raise ConfigError(field, f"{out} exists and is not a directory")
+            raise ConfigError(field, f"{out} exists and is not a directory (or is a link)")
         if not overwrite:
-            raise ConfigError(field, f"{out} already exists; pass overwrite=true to replace it")
+            raise ConfigError(field, f"{out} already exists; pass {overwrite_hint} to replace it")
         here = Path.cwd().resolve()
         if out.resolve() == here or out.resolve() in here.parents:
             raise ConfigError(field, f"{out} holds the working directory; refusing to replace it")
         if not made_by_lmadapt(out):
             raise ConfigError(
-                "overwrite",
+                overwrite_field,
                 f"{out} was not created by lmadapt (it has no {MARKER} marker), so overwrite "
                 "will not delete it; choose another output_dir or remove it yourself",
             )

@@ -59,3 +59,18 @@ def test_export_refuses_methods_that_cannot_merge(run_config, tmp_path, monkeypa
     with pytest.raises(LmadaptError, match="cannot be merged"):
         export.export_merged(run_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_export_replaces_only_its_own_output(run_config, tmp_path, monkeypatch, capsys):
+    """--overwrite replaces an earlier export (marked as lmadapt's), never a user's directory."""
+    run_dir = _train(run_config, "lora", tmp_path, monkeypatch)
+    out, mine = tmp_path / "merged", tmp_path / "mine"
+    assert cli.main(["export", run_dir, "--merge", str(out)]) == 0
+    assert cli.main(["export", run_dir, "--merge", str(out)]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert cli.main(["export", run_dir, "--merge", str(out), "--overwrite"]) == 0
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert cli.main(["export", run_dir, "--merge", str(mine), "--overwrite"]) == 2
+    assert "field '--overwrite'" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep"
