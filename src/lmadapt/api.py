@@ -24,12 +24,15 @@ from lmadapt.evaluate.report import (
     write_report,
 )
 from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
+from lmadapt.memory import check_fits
 from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir
 from lmadapt.schema import config_source, read_yaml
 from lmadapt.session import (
+    apply_method,
     peak_rss_mb,
+    resolve_device,
     run_directory,
     run_info,
     seed_everything,
@@ -152,16 +155,18 @@ def _run(
     config: RunConfig, out: Path, resume: bool, hooks: list[Hook] | None = None
 ) -> dict[str, Any]:
     """One run; under torchrun every process runs it and process 0 alone writes `out`."""
-    dist = distributed.setup(config.train.distributed)
+    dist = distributed.setup(config.train.distributed, resolve_device(config.device))
     start(config.train.threads or dist.cpu_threads, config.train.seed)
     data = prepare(config)
     task, spec = data.task, data.spec
     checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
     method = build_method(config.method)
+    longest = max((len(f["input_ids"]) for f in data.features["train"]), default=1)
+    check_fits(config, spec, task, method, longest, dist.device, report=dist.is_main)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
     base = task.build_model(spec, config.trust_remote_code)
     set_attention(base, config.attention, spec.kind)
-    model = method.apply(base, task)
+    model = apply_method(base, method, task, config.train.gradient_checkpointing)
 
     dist.barrier()  # every process has checked `out` before process 0 replaces it
     if dist.is_main:

@@ -7,6 +7,7 @@ class from the task or method registry, so a new method brings its own typed fie
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,10 @@ class TrainConfig:
     dropout: float | None = None
     """Override every dropout probability in the model (LoRA's too); None keeps the model's.
     0 is the fast choice on CPU, where random masks cost a quarter of a MiniLM step."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them: less memory for about a third more compute. Non-reentrant (correct with frozen inputs,
+    so with PEFT methods too); the loss and gradients are those of a run without it."""
     group_by_length: bool = True
     """Length-grouped batches (shuffled buckets) to cut padding."""
     optimizer: Literal["fused", "foreach"] = "fused"
@@ -135,6 +140,14 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {v}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(
+                "train.gradient_checkpointing",
+                f"expected true or false, got {self.gradient_checkpointing!r}",
+            )
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass
@@ -156,6 +169,17 @@ class RunConfig:
     attention: Literal["auto", "eager", "sdpa"] = "auto"
     """Attention kernel. auto = eager for encoders (on CPU, SDPA's flash kernel has a slow
     backward for short inputs), the model's default (SDPA) for causal LMs."""
+    device: str = "auto"
+    """Where a single-process run trains: auto | cpu | cuda | cuda:N | mps. auto = the first CUDA
+    GPU when torch sees one, else the CPU. Whether the device exists is checked when the run
+    starts (session.resolve_device), since that is a property of the machine, not of the file.
+    Under a launcher (torchrun) each process keeps the device the launcher gives it."""
+
+    def __post_init__(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                "device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -6,8 +6,11 @@ only as safetensors (or GGUF); pickled checkpoints are refused. Remote code stay
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -156,8 +159,41 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+_SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Inside, `load_model` builds the model from its config alone on the meta device: every
+    parameter with its shape and dtype, no weight read or allocated. The memory check sizes a
+    run this way before the real load, through the task's own `build_model`."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def _meta_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool, **kw: Any) -> Any:
+    """`auto_cls` built from `spec`'s config (config overrides in `kw`) on the meta device,
+    in the dtype `from_pretrained` would load (the config's, else fp32)."""
+    import torch
+    from transformers import AutoConfig
+
+    load_kw = spec.load_kwargs(trust_remote_code)
+    load_kw.pop("use_safetensors", None)
+    try:
+        config = AutoConfig.from_pretrained(spec.path, **load_kw, **kw)
+    except (OSError, ValueError) as e:
+        raise LmadaptError(f"model '{spec.name}': could not read its config: {e}") from None
+    with torch.device("meta"):
+        return auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool = False, **kw: Any) -> Any:
     """Load `spec` with a transformers Auto class (e.g. AutoModelForSequenceClassification)."""
+    if _SHAPES_ONLY.get():
+        return _meta_model(spec, auto_cls, trust_remote_code, **kw)
     try:
         return auto_cls.from_pretrained(spec.path, **spec.load_kwargs(trust_remote_code), **kw)
     except OSError as e:  # missing or unreadable files, or no safetensors weights on the hub

@@ -1,7 +1,7 @@
 """One run's set-up, written once for every command that computes (train, continual, distill,
 prompt, generate, evaluate, hpo and compare through train): torch threads and seeds, the
-attention kernel, the run directory's life (created marked, removed if the run fails before it
-can be resumed, a failed write reported in one line) and run.json.
+device, the attention kernel, the run directory's life (created marked, removed if the run fails
+before it can be resumed, a failed write reported in one line) and run.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmadapt.errors import LmadaptError
+from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
@@ -41,6 +41,39 @@ def start(threads: int | None, seed: int) -> None:
     seed_everything(seed)
 
 
+def resolve_device(choice: str) -> torch.device:
+    """The torch device for the `device` setting, refused in one line when this machine lacks it,
+    so a user asking for a GPU never trains on the CPU without being told."""
+    if choice == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "mps":
+        if not torch.backends.mps.is_available():
+            why = "MPS (Apple GPU) is not available on this machine"
+            raise ConfigError("device", f"{why}; use device: cpu or auto")
+        return torch.device("mps")
+    device = torch.device(choice)  # cuda or cuda:N (the config checked the spelling)
+    if not torch.cuda.is_available():
+        why = (
+            f"torch {torch.__version__} built without CUDA"
+            if torch.version.cuda is None
+            else "no GPU visible"
+        )
+        raise ConfigError(
+            "device",
+            f"CUDA is not available on this machine ({why}); use device: cpu or auto",
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(
+            "device",
+            f"{choice} asked for, but this machine has {count} CUDA GPU(s) "
+            f"(cuda:0 to cuda:{count - 1})",
+        )
+    return device
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -50,6 +83,45 @@ def set_attention(model: torch.nn.Module, choice: str, kind: str) -> None:
     impl = {"auto": "eager" if kind == "encoder" else None}.get(choice, choice)
     if impl and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(impl)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Checkpoint every transformer block, non-reentrant: the reentrant variant loses gradients
+    when a block's inputs do not require them (a frozen base under a PEFT method)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            "train.gradient_checkpointing",
+            f"{type(model).__name__} does not support gradient checkpointing; set it to false",
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _embeddings_frozen(model: torch.nn.Module) -> bool:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
+
+
+def apply_method(
+    base: torch.nn.Module, method: Any, task: Any, gradient_checkpointing: bool
+) -> torch.nn.Module:
+    """`method` applied to `base`, checkpointing set on the base first when asked: every command
+    that trains builds its model here, so each gets the same memory settings. A PEFT method
+    freezes the embeddings, so their output is made to require grads (checkpointed blocks then
+    always have an input to send gradients through)."""
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(base)
+    model = method.apply(base, task)
+    if (
+        gradient_checkpointing
+        and _embeddings_frozen(base)
+        and not getattr(base, "_require_grads_hooks", None)  # transformers may have done it
+    ):
+        base.enable_input_require_grads()
+    return model
 
 
 @contextlib.contextmanager

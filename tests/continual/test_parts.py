@@ -124,3 +124,16 @@ def test_a_task_without_a_head_is_refused_at_config_time():
     with pytest.raises(ConfigError, match=r"stream\[0\]\.task\.type.*classification") as e:
         build_continual_config({"model": "smollm2-135m-instruct", "stream": stream})
     assert "token_classification" in str(e.value)
+
+
+def test_gradient_checkpointing_is_refused_not_ignored():
+    """continual builds its own multi-head learner, which does not checkpoint: asking for it is
+    a config error naming the entry, not a setting silently dropped."""
+    from lmadapt.continual.config import build_continual_config
+    from lmadapt.errors import ConfigError
+
+    stream = [{"name": "s", "task": {"type": "classification"}, "data": {"train": "t", "dev": "d"}}]
+    with pytest.raises(ConfigError, match=r"stream\[0\]\.train\.gradient_checkpointing"):
+        build_continual_config(
+            {"model": "minilm", "train": {"gradient_checkpointing": True}, "stream": stream}
+        )

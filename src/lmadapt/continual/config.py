@@ -103,6 +103,11 @@ def _entry(raw: Any, i: int, train: dict[str, Any], seen: dict[str, int], entrie
     if not isinstance(over, dict):
         raise ConfigError(f"{path}.train", f"expected a mapping, got {over!r}")
     entry_train = _within(path, from_dict, TrainConfig, {**train, **over}, "train")
+    if entry_train.gradient_checkpointing:  # refused, not silently ignored
+        raise ConfigError(
+            f"{path}.train.gradient_checkpointing",
+            "continual learning does not support it yet; use lmadapt train for one task",
+        )
     if name in seen:
         first = entries[seen[name]]
         if (

@@ -40,7 +40,14 @@ from lmadapt.schema import (
     resolve_data_paths,
     to_dict,
 )
-from lmadapt.session import run_directory, run_info, seed_everything, set_attention, start
+from lmadapt.session import (
+    apply_method,
+    run_directory,
+    run_info,
+    seed_everything,
+    set_attention,
+    start,
+)
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Trainer
 
@@ -165,7 +172,7 @@ def run_distill(
             spec = resolve_model(run.model)
         method = build_method(run.method)
         set_attention(model, run.attention, spec.kind)
-        model = method.apply(model, task)
+        model = apply_method(model, method, task, run.train.gradient_checkpointing)
         trainable, total = count_parameters(model)
         write_yaml(out / "config.yaml", run.to_dict())
         write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})

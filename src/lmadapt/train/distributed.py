@@ -2,7 +2,8 @@
 
 torchrun and `accelerate launch` start one process per device and tell each its place in the job
 through WORLD_SIZE / RANK / LOCAL_RANK. Without them (or with WORLD_SIZE=1) the run is the plain
-single-process one: no process group, no wrapper, the model stays on the CPU.
+single-process one: no process group, no wrapper, the model trains on the device the run config
+resolved (`device`, see session.resolve_device) and comes back to the CPU when training ends.
 
 With several processes every one builds the same global batch order; each trains on a disjoint
 slice of every global batch and the engine (DDP, or FSDP on CUDA GPUs) averages the gradients, so
@@ -89,11 +90,12 @@ class Distributed:
 SINGLE = Distributed()
 
 
-def setup(choice: str) -> Distributed:
+def setup(choice: str, device: torch.device = CPU) -> Distributed:
     """Read the launcher's environment and join the process group (once per process).
 
     `choice` is `train.distributed`; it is checked here, not on load, because whether CUDA is
-    present is a property of the machine the run starts on, not of the config file.
+    present is a property of the machine the run starts on, not of the config file. `device` is
+    where a single process trains; under a launcher each process takes its own local GPU.
     """
     if choice == "fsdp" and not torch.cuda.is_available():
         raise ConfigError(
@@ -101,7 +103,9 @@ def setup(choice: str) -> Distributed:
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return SINGLE
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        return SINGLE if device == CPU else Distributed(device=device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else CPU
     if device.type == "cuda":
@@ -137,6 +141,7 @@ class Strategy:
 
 
 def _plain(model: torch.nn.Module, ctx: Distributed) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model.to(ctx.device)  # a no-op on the CPU
     return model, model
 
 
@@ -182,7 +187,7 @@ def _fsdp_no_sync(model: Any) -> Iterator[None]:
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "none": Strategy(_plain, lambda t, m: None, lambda m: contextlib.nullcontext(), sharded=False),
+    "none": Strategy(_plain, _to_cpu, lambda m: contextlib.nullcontext(), sharded=False),
     "ddp": Strategy(_ddp, _to_cpu, lambda m: m.no_sync(), sharded=False),
     "fsdp": Strategy(_fsdp, _gather, _fsdp_no_sync, sharded=True),
 }

@@ -1,0 +1,250 @@
+"""Will the run fit? A memory estimate made before the model is loaded, printed, and a refusal
+that names the settings that would fit when it cannot.
+
+estimate = weights + trainable state + activations, where
+
+- weights: every frozen parameter in the dtype it loads in (the config's, else fp32), counted on
+  a meta-device copy of the task's model built from the config alone (`models.shapes_only`), so
+  a 7B model is sized without a byte of it allocated;
+- trainable state: each trainable parameter as an fp32 weight, its gradient and AdamW's two
+  moments (16 bytes);
+- activations: what the backward pass keeps, per transformer layer, after Korthikanti et al.
+  2022, "Reducing Activation Recomputation in Large Transformer Models" (arXiv:2205.05198), §4.1:
+  s·b·h·(34 + 5·a·s/h) bytes with 16-bit activations (s tokens, b rows, h width, a heads; the
+  5·a·s/h part is the attention score matrices, kept only by eager attention). Activations are
+  taken as fp32 (twice that), the conservative case. Gradient checkpointing keeps only each
+  layer's input (s·b·h·4 bytes) plus one layer's full set during its recompute. A language-model
+  head adds its fp32 logits, their log-softmax and both gradients (4·s·b·vocab·4 bytes).
+
+Rough by design: it is there to refuse, before loading, what clearly cannot fit. Against
+bench/checkpointing_rss.py (SmolLM2-135M LoRA, batch 4 x 512, fp32, CPU): weights + one step
+measured 4.8 GB, estimated 4.6 GB; with gradient checkpointing 2.9 GB, estimated 2.4 GB.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.methods import METHODS, build_method, count_parameters
+from lmadapt.models import ModelSpec, shapes_only
+from lmadapt.schema import parse_section
+
+GIB = 2**30
+ADAMW_STATE_BYTES = 16
+"""fp32 weight + gradient + two AdamW moments, per trainable parameter."""
+ACT_BYTES = 4
+"""Activations counted as fp32 (bf16 autocast keeps some in 16 bits: the estimate errs high)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from a model and a method, read on the meta device."""
+
+    frozen_bytes: int
+    trainable: int
+    total: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    """Width of the language-model head's logits; 0 when the task's model has none."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    trainable_state: int
+    activations: int
+    shape: Shape
+    batch: int
+    length: int
+    checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable_state + self.activations
+
+    def describe(self) -> str:
+        return (
+            f"about {self.total / GIB:.1f} GiB (frozen weights {self.weights / GIB:.1f}, trainable "
+            f"state {self.trainable_state / GIB:.1f} for {self.shape.trainable:,} trainable of "
+            f"{self.shape.total:,} parameters, activations {self.activations / GIB:.1f} at batch "
+            f"{self.batch} x {self.length} tokens"
+            + (", checkpointed" if self.checkpointing else "")
+            + ")"
+        )
+
+
+def model_shape(spec: ModelSpec, task: Any, method: Any, trust_remote_code: bool) -> Shape:
+    """Parameter counts and layer sizes of the task's model under `method`, built on the meta
+    device from the config (no weights read, nothing allocated)."""
+    with shapes_only(), torch.device("meta"):
+        base = task.build_model(spec, trust_remote_code)
+        cfg = base.config
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        model = method.apply(base, task)
+    trainable, total = count_parameters(model)
+    seen: set[int] = set()
+    frozen_bytes = 0
+    for p in model.parameters():
+        if id(p) not in seen and not p.requires_grad:
+            seen.add(id(p))
+            frozen_bytes += p.numel() * p.element_size()
+    return Shape(
+        frozen_bytes=frozen_bytes,
+        trainable=trainable,
+        total=total,
+        layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        hidden=int(getattr(cfg, "hidden_size", 0) or 0),
+        heads=int(getattr(cfg, "num_attention_heads", 0) or 0),
+        vocab=int(getattr(cfg, "vocab_size", 0) or 0) if head is not None else 0,
+    )
+
+
+def activation_bytes(
+    shape: Shape, batch: int, length: int, checkpointing: bool, eager_attention: bool
+) -> int:
+    """Activations the backward pass keeps (the module docstring gives the formula's source)."""
+    tokens = batch * length
+    scores = 5 * shape.heads * length / shape.hidden if eager_attention and shape.hidden else 0
+    per_layer = tokens * shape.hidden * (34 + scores) * ACT_BYTES / 2
+    if checkpointing:
+        kept = shape.layers * tokens * shape.hidden * ACT_BYTES + per_layer
+    else:
+        kept = shape.layers * per_layer
+    logits = 4 * tokens * shape.vocab * ACT_BYTES
+    return int(kept + logits)
+
+
+def estimate(
+    shape: Shape, batch: int, length: int, checkpointing: bool, eager_attention: bool
+) -> Estimate:
+    return Estimate(
+        weights=shape.frozen_bytes,
+        trainable_state=shape.trainable * ADAMW_STATE_BYTES,
+        activations=activation_bytes(shape, batch, length, checkpointing, eager_attention),
+        shape=shape,
+        batch=batch,
+        length=length,
+        checkpointing=checkpointing,
+    )
+
+
+def free_bytes(device: torch.device) -> tuple[int, str]:
+    """Free memory where the run trains: the GPU's, else the host's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"{device} ({torch.cuda.get_device_name(device)})"
+    import psutil
+
+    return psutil.virtual_memory().available, "this machine's RAM"
+
+
+def _largest_batch(fits: Any, batch: int) -> int | None:
+    """The largest of batch, batch/2, ..., 1 for which `fits(b)`; None when even 1 does not."""
+    b = batch
+    while b >= 1:
+        if fits(b):
+            return b
+        b = b // 2 if b > 1 else 0
+    return None
+
+
+def what_fits(
+    current: Estimate,
+    peft: Shape | None,
+    free: int,
+    grad_accum: int,
+    eager_attention: bool,
+) -> list[str]:
+    """Settings that bring the run under `free`, each with as few changes as it takes: a smaller
+    batch, gradient checkpointing, a PEFT method (LoRA) in place of full fine-tuning."""
+    options: list[str] = []
+    candidates = [(current.shape, "", False), (current.shape, "", True)]
+    if peft is not None:
+        candidates += [(peft, "method.name=lora", False), (peft, "method.name=lora", True)]
+    for shape, method, ckpt in candidates:
+        ckpt = ckpt or current.checkpointing
+
+        def fits(b: int, shape: Shape = shape, ckpt: bool = ckpt) -> bool:
+            return estimate(shape, b, current.length, ckpt, eager_attention).total <= free
+
+        b = _largest_batch(fits, current.batch)
+        if b is None:
+            continue
+        parts = [method] if method else []
+        if ckpt and not current.checkpointing:
+            parts.append("train.gradient_checkpointing=true")
+        if b != current.batch:
+            accum = grad_accum * math.ceil(current.batch / b)
+            parts.append(f"train.batch_size={b} with train.grad_accum={accum}")
+        option = " + ".join(parts)
+        if option and not any(option.startswith(o) for o in options):
+            options.append(option)
+    return options
+
+
+def check_fits(
+    config: Any,
+    spec: ModelSpec,
+    task: Any,
+    method: Any,
+    longest: int,
+    device: torch.device,
+    report: bool = True,
+) -> Estimate | None:
+    """Estimate the run's memory before loading the model, print it (when `report`), and refuse
+    with the settings that would fit when the estimate exceeds the device's free memory. A model
+    that cannot be built on the meta device (some remote code) is not refused for that: the
+    check is a guard, not a gate, so the run goes on unchecked and says so."""
+    eager = config.attention == "eager" or (config.attention == "auto" and spec.kind == "encoder")
+    try:
+        shape = model_shape(spec, task, method, config.trust_remote_code)
+    except LmadaptError:
+        raise
+    except Exception as e:  # any failure of the meta build only skips the check
+        if report:
+            why = (str(e).splitlines() or [""])[0]
+            print(
+                f"lmadapt: memory: no estimate ({type(e).__name__}: {why}); not checked",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+    need = estimate(
+        shape, config.train.batch_size, longest, config.train.gradient_checkpointing, eager
+    )
+    free, where = free_bytes(device)
+    if report:
+        print(
+            f"lmadapt: memory: this run needs {need.describe()}; {where} has "
+            f"{free / GIB:.1f} GiB free",
+            file=sys.stderr,
+            flush=True,
+        )
+    if need.total <= free:
+        return need
+    peft = None
+    if shape.trainable > shape.total // 10:  # (nearly) every weight trains: full fine-tuning
+        lora = build_method(parse_section(METHODS, "name", "lora", "method"))
+        peft = model_shape(spec, task, lora, config.trust_remote_code)
+    options = what_fits(need, peft, free, config.train.grad_accum, eager)
+    if options:
+        hint = "would fit: " + "; or ".join(options)
+    else:
+        weights = (peft or shape).frozen_bytes  # under LoRA (nearly) every weight is frozen
+        hint = (
+            "no smaller batch, gradient checkpointing or PEFT method fits (the weights alone "
+            f"take {weights / GIB:.1f} GiB); use a smaller model or a machine with more memory"
+        )
+    raise ConfigError(
+        "model",
+        f"{spec.name} will not fit: this run needs about {need.total / GIB:.1f} GiB but {where} "
+        f"has {free / GIB:.1f} GiB free; {hint}",
+    )
