@@ -1,5 +1,6 @@
 """The `device` setting: resolved in one place (session.resolve_device), refused in one line and
-before anything is written when the machine lacks it, and used by the single-process run."""
+before anything is written when the machine lacks it, and used by the single-process run and the
+inference commands (`--device`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmadapt.api import train
+from lmadapt.api import load_run, predict, train
+from lmadapt.cli import main
 from lmadapt.config import build_run_config
 from lmadapt.errors import ConfigError
+from lmadapt.inference import on_model_device
 from lmadapt.session import resolve_device
 from lmadapt.train import distributed
 from tests.test_dependable import _train_cli
@@ -97,3 +100,62 @@ def test_single_process_trains_on_the_gpu(run_config):
     cfg = build_run_config(run_config(device="cuda", train={"max_steps": 2}))
     metrics = train(cfg)
     assert metrics["steps"] == 2 and Path(metrics["run_dir"], "model").is_dir()
+
+
+# ---------------------------------------------------------------------- inference commands
+
+TEXTS = ["the film was good", "the plot was bad", "fine"]
+
+
+@pytest.fixture
+def finished_run(run_config) -> str:
+    return train(build_run_config(run_config(train={"max_steps": 2})))["run_dir"]
+
+
+def _predict_cli(capsys, run: str, *flags: str) -> list[str]:
+    assert main(["predict", run, *TEXTS, *flags]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_predict_with_device_cpu_or_auto_is_todays_prediction(finished_run, capsys):
+    today = _predict_cli(capsys, finished_run)
+    assert len(today) == len(TEXTS)
+    assert _predict_cli(capsys, finished_run, "--device", "cpu") == today
+    assert _predict_cli(capsys, finished_run, "--device", "auto") == today
+
+
+def test_predict_on_cuda_without_a_gpu_is_one_line_before_loading(
+    no_cuda, finished_run, capsys, monkeypatch
+):
+    from lmadapt import api
+
+    loaded: list = []
+    monkeypatch.setattr(api, "read_run", lambda d: loaded.append(d))
+    assert main(["predict", finished_run, "x", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available" in err and "Traceback" not in err
+    assert not loaded
+
+
+def test_a_misspelt_device_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "run", "x", "--device", "gpu"])
+    assert e.value.code == 2 and "--device" in capsys.readouterr().err
+
+
+def test_a_cpu_model_is_called_as_it_is():
+    model = torch.nn.Linear(2, 2)
+    assert on_model_device(model) is model
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predictions_on_the_gpu_match_the_cpu(finished_run):
+    on_cpu = predict(load_run(finished_run, "cpu"), TEXTS)
+    gpu_run = load_run(finished_run, "cuda")
+    assert next(gpu_run.model.parameters()).device.type == "cuda"
+    on_gpu = predict(gpu_run, TEXTS)
+    for cpu_row, gpu_row in zip(on_cpu, on_gpu):
+        assert gpu_row["label"] == cpu_row["label"]
+        for label, p in cpu_row["probabilities"].items():
+            assert abs(gpu_row["probabilities"][label] - p) <= 1e-4

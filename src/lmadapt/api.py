@@ -323,22 +323,26 @@ def read_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a trained model from its run directory (safetensors only, no pickle)."""
+def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
+    """Rebuild a trained model from its run directory (safetensors only, no pickle) on `device`.
+
+    The device is resolved first, so a missing GPU is refused before anything loads; inference
+    moves each batch to the model's device (inference.on_model_device)."""
+    where = resolve_device(device)
     info = read_run(run_dir)
     set_threads(info.config.train.threads)
     model = info.method.load(
         info.task, info.spec, info.run_dir / "model", info.config.trust_remote_code
     )
-    model.eval()
+    model.to(where).eval()
     return LoadedRun(info.config, info.task, model, info.tokenizer, info.spec)
 
 
 def evaluate(
-    run_dir: str | Path, data_path: str | Path, fmt: str = "auto"
+    run_dir: str | Path, data_path: str | Path, fmt: str = "auto", device: str = "auto"
 ) -> tuple[Evaluation, str]:
     """Score a saved run on a labelled file; returns the evaluation and its markdown section."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, device)
     examples = run.task.read(str(data_path), fmt)
     run.task.check(examples)
     feats = run.task.encode(examples, run.tokenizer)
@@ -357,9 +361,11 @@ def predict(
     texts: list[str] | None = None,
     file: str | Path | None = None,
     fmt: str = "auto",
+    device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file."""
-    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file;
+    `device` applies when the run is loaded here."""
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     if file is not None:
         examples = run.task.read(str(file), fmt, labelled=False)
     else:

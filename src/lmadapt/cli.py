@@ -54,11 +54,12 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("data")
     p.add_argument("--format", default="auto")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.api import evaluate
 
-        ev, markdown = evaluate(a.run_dir, a.data, a.format)
+        ev, markdown = evaluate(a.run_dir, a.data, a.format, a.device)
         print(json.dumps(ev.metrics, indent=2) if a.json else markdown)
 
     p.set_defaults(run=run)
@@ -70,13 +71,14 @@ def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*")
     p.add_argument("--file", help="csv/tsv/jsonl file with the run's text column")
     p.add_argument("--format", default="auto")
+    _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.api import predict
 
         if not a.texts and not a.file:
             raise LmadaptError("predict needs TEXT arguments or --file")
-        for row in predict(a.run_dir, a.texts, a.file, a.format):
+        for row in predict(a.run_dir, a.texts, a.file, a.format, a.device):
             print(json.dumps(row, ensure_ascii=False))
 
     p.set_defaults(run=run)
@@ -185,6 +187,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
         "escape) per character of --max-texts x --max-chars, plus 64 KiB",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
         # an empty variable counts as unset; an empty --api-key is refused
@@ -201,8 +204,12 @@ def _serve(p: argparse.ArgumentParser) -> None:
             max_body_bytes=a.max_body_bytes,
             api_key=key,
             allow_no_auth=a.allow_no_auth,
+            device=a.device,
         )
         settings.check_exposure()  # before loading any model: a refusal should come at once
+        from lmadapt.session import resolve_device
+
+        resolve_device(settings.device)
         try:
             import uvicorn
 
@@ -300,11 +307,12 @@ def _export(p: argparse.ArgumentParser) -> None:
         help="max abs logit difference merged vs unmerged (default 1e-4)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.export import export_merged
 
-        result = export_merged(a.run_dir, a.merge, a.tolerance, a.overwrite)
+        result = export_merged(a.run_dir, a.merge, a.tolerance, a.overwrite, a.device)
         print(
             f"merged {result['method']} model written to {result['out_dir']} "
             f"(max abs logit diff {result['max_abs_diff']:.2e}, tolerance {a.tolerance:g})"
@@ -362,13 +370,14 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="JSONL output for --file (default: FILE stem + .generated.jsonl)")
     p.add_argument("--system", help="system prompt for --prompt")
     _decoding_args(p)
+    _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.generate import generate, generate_file, load_generator
 
         if not a.prompt and not a.file:
             raise LmadaptError("generate needs --prompt TEXT or --file FILE")
-        gen = load_generator(a.source)
+        gen = load_generator(a.source, device=a.device)
         settings = _decoding_settings(a)
         for text in generate(gen, a.prompt, settings, a.system) if a.prompt else []:
             print(text)
@@ -385,11 +394,12 @@ def _chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="run directory or model name/path")
     p.add_argument("--system", help="system prompt")
     _decoding_args(p)
+    _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.generate import chat
 
-        chat(a.source, sys.stdin, sys.stdout, _decoding_settings(a), a.system)
+        chat(a.source, sys.stdin, sys.stdout, _decoding_settings(a), a.system, a.device)
 
     p.set_defaults(run=run)
 
@@ -399,13 +409,33 @@ def _evaluate_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config: its data and task settings are used")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_eval_samples=50")
     p.add_argument("--model", help="model name/path or run directory (default: the config's)")
+    _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
         from lmadapt.generate import evaluate_base
 
-        print(json.dumps(evaluate_base(a.config, a.overrides, a.model), indent=2))
+        print(json.dumps(evaluate_base(a.config, a.overrides, a.model, a.device), indent=2))
 
     p.set_defaults(run=run)
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    """`--device`: spelling checked here, availability when the command starts (before loading)."""
+
+    def spelling(value: str) -> str:
+        from lmadapt.config import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.fullmatch(value):
+            why = f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}"
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    p.add_argument(
+        "--device",
+        default="auto",
+        type=spelling,
+        help="where the model runs: auto (a CUDA GPU when present), cpu, cuda, cuda:N or mps",
+    )
 
 
 def _decoding_args(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from lmadapt.api import load_run
 from lmadapt.errors import LmadaptError
-from lmadapt.inference import model_inputs
+from lmadapt.inference import model_inputs, on_model_device
 from lmadapt.io import atomic_dir, write_json
 from lmadapt.methods import build_method
 from lmadapt.models import ModelSpec
@@ -34,7 +34,7 @@ PROBE_TEXTS = [
 @torch.no_grad()
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
-    return model(**model_inputs(batch)).logits.float()
+    return on_model_device(model)(**model_inputs(batch)).logits.float()
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,16 +46,18 @@ def export_merged(
     out_dir: str | Path,
     tolerance: float = 1e-4,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Merge the run's adapter into the base model and write it to `out_dir` (atomically).
 
     Raises LmadaptError (exit code 2), writing nothing, when the method cannot be merged or the
-    merged logits differ from the unmerged ones by more than `tolerance`.
+    merged logits differ from the unmerged ones by more than `tolerance`. The merge runs on
+    `device`; the reloaded copy is checked on the CPU.
     """
     if tolerance < 0:
         raise LmadaptError(f"tolerance must be >= 0, got {tolerance}")
     out = check_output_dir(out_dir, overwrite, "--merge", "--overwrite", "--overwrite")
-    run = load_run(run_dir)
+    run = load_run(run_dir, device)
     name = run.config.method.name
     if not build_method(run.config.method).mergeable:
         raise LmadaptError(

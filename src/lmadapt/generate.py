@@ -19,7 +19,7 @@ from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
 from lmadapt.inference import GenerationSettings
 from lmadapt.io import write_text
-from lmadapt.session import peak_rss_mb, set_threads, start
+from lmadapt.session import peak_rss_mb, resolve_device, set_threads, start
 from lmadapt.tasks.generation import GenerationConfig, GenerationTask
 
 
@@ -37,13 +37,17 @@ class Generator:
         return self.task.generate(self.model, conversations, settings)
 
 
-def load_generator(source: str | Path, trust_remote_code: bool = False) -> Generator:
-    """A run directory of a generation run, or a model name/path (embedded, local, hub id)."""
+def load_generator(
+    source: str | Path, trust_remote_code: bool = False, device: str = "auto"
+) -> Generator:
+    """A run directory of a generation run, or a model name/path (embedded, local, hub id), on
+    `device` (resolved before anything loads)."""
+    where = resolve_device(device)
     path = Path(source)
     if (path / "run.json").is_file():
         from lmadapt.api import load_run
 
-        run = load_run(path)
+        run = load_run(path, device)
         if run.task.kind != "generation":
             raise LmadaptError(f"{path} is a {run.task.kind} run; generation needs a causal LM run")
         run.task.template(run.tokenizer)
@@ -57,7 +61,7 @@ def load_generator(source: str | Path, trust_remote_code: bool = False) -> Gener
     task = GenerationTask(GenerationConfig())
     task.template(load_tokenizer(spec, trust_remote_code))
     model = task.build_model(spec, trust_remote_code)
-    model.eval()
+    model.to(where).eval()
     return Generator(spec.name, model, task)
 
 
@@ -109,12 +113,14 @@ def chat(
     stdout: TextIO,
     settings: dict[str, Any] | None = None,
     system: str | None = None,
+    device: str = "auto",
 ) -> list[dict[str, str]]:
     """Interactive session: each input line is a user turn answered with the whole history.
 
     `/exit` (or end of input) ends it, `/reset` forgets the history. Returns the transcript.
+    `device` applies when the model is loaded here.
     """
-    gen = source if isinstance(source, Generator) else load_generator(source)
+    gen = source if isinstance(source, Generator) else load_generator(source, device=device)
     decode = gen.task.settings(**(settings or {}))
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -142,13 +148,18 @@ def chat(
 
 
 def evaluate_base(
-    config: str | Path, overrides: list[str] | None = None, model: str | None = None
+    config: str | Path,
+    overrides: list[str] | None = None,
+    model: str | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Score a model that has not been tuned (or a finished run) on a run config's dev and test
     data, with the config's task settings: the "before" column next to a run's metrics.json.
 
-    `model` is a model name/path or a run directory; None takes the config's base model.
+    `model` is a model name/path or a run directory; None takes the config's base model. It runs
+    on `device` (refused before the data is read when the machine lacks it).
     """
+    where = resolve_device(device)
     from lmadapt.api import load_run, prepare
     from lmadapt.config import load_config
 
@@ -159,7 +170,8 @@ def evaluate_base(
     start(cfg.train.threads, cfg.train.seed)
     t0 = time.perf_counter()
     data = prepare(cfg)
-    net = load_run(run_dir).model if run_dir else data.task.build_model(data.spec)
+    net = load_run(run_dir, device).model if run_dir else data.task.build_model(data.spec)
+    net.to(where)
     result: dict[str, Any] = {"model": str(run_dir or data.spec.name), "config": str(config)}
     collate = data.task.collator(data.tokenizer)
     for split in ("dev", "test"):

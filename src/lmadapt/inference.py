@@ -37,6 +37,37 @@ def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractCont
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
+class OnDevice(torch.nn.Module):
+    """View of a model whose weights are on a GPU: the inference code builds CPU batches and reads
+    CPU logits, so inputs go to the device and logits and generated ids come back."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device = model, device
+
+    def _to(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+
+    def forward(self, **inputs: Any) -> Any:
+        out = self.model(**self._to(inputs))
+        out.logits = out.logits.cpu()
+        return out
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(**self._to(kwargs)).cpu()
+
+
+def on_model_device(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as the inference code calls it (CPU tensors in and out) wherever its weights are:
+    itself on the CPU, else an OnDevice view. The one place batches move to a device."""
+    if isinstance(model, OnDevice):
+        return model
+    weight = next(model.parameters(), None)
+    if weight is None or weight.device.type == "cpu":
+        return model
+    return OnDevice(model, weight.device)
+
+
 LOSS_ONLY_KEYS = ("labels", "loss_weights", "teacher_logits")
 
 
@@ -74,6 +105,7 @@ def batched_logits(
     Sequence-level logits come back as (C,) arrays; with `per_token`, (T_i, C) arrays trimmed to
     each example's own length.
     """
+    model = on_model_device(model)
     was_training = model.training
     model.eval()
     out: list[np.ndarray | None] = [None] * len(features)
@@ -162,6 +194,7 @@ def generate_ids(
         use_cache=True,
         stop_strings=stop_texts or None,
     )
+    model = on_model_device(model)
     was_training = model.training
     model.eval()
     texts: list[str | None] = [None] * len(prompts)

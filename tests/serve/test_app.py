@@ -651,6 +651,29 @@ def test_cli_takes_the_key_from_the_environment(runs, capsys, monkeypatch, no_bi
         assert c.get("/health", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
 
 
+def test_cli_serve_on_cuda_without_a_gpu_is_refused_before_loading(
+    runs, capsys, monkeypatch, no_binding
+):
+    import torch
+
+    from lmadapt.serve import app as serve_app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(serve_app, "create_app", lambda *a: pytest.fail("loaded the runs"))
+    assert main(["serve", runs["alpha"], "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available" in err and "Traceback" not in err
+    assert not no_binding
+
+
+def test_cli_serve_on_the_cpu_serves_todays_predictions(runs, expected, no_binding):
+    assert main(["serve", runs["alpha"], "--device", "cpu"]) == 0
+    ((app, _),) = no_binding
+    with TestClient(app) as c:
+        r = c.post("/v1/classify", json={"model": "alpha", "texts": TEXTS})
+    assert r.status_code == 200 and r.json()["results"] == expected["alpha"]
+
+
 def test_cli_serve_help_lists_every_endpoint(client):
     from lmadapt.cli import COMMANDS
 

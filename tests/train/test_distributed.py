@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from lmadapt.api import resume, train
 from lmadapt.config import build_run_config
 from lmadapt.errors import ConfigError
-from lmadapt.train.distributed import Distributed, OnDevice
+from lmadapt.inference import OnDevice
+from lmadapt.train.distributed import Distributed
 from tests.conftest import sentiment_rows, write_csv
 
 ATOL = 1e-5  # max |w_2proc - w_1proc| in fp32; measured about 1e-7

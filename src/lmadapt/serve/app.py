@@ -40,6 +40,7 @@ from lmadapt.serve.guards import ApiKey, BodyLimit, shorten, validation_error
 from lmadapt.serve.runs import Completion, GenerationJob, ModelGroup, ServedRun, load_groups
 from lmadapt.serve.settings import ServeSettings
 from lmadapt.serve.streaming import StopCutter, TokenStream, sse
+from lmadapt.session import resolve_device
 from lmadapt.tasks import TASKS
 
 # ---------------------------------------------------------------------- request/response schemas
@@ -390,7 +391,8 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
     settings = settings or ServeSettings()
     if not run_dirs:
         raise LmadaptError("serve needs at least one run directory")
-    server = Server(load_groups(list(run_dirs), settings.max_batch), settings)
+    device = resolve_device(settings.device)
+    server = Server(load_groups(list(run_dirs), settings.max_batch, device), settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -200,9 +200,11 @@ class BasePool:
                     group.base = owner.base
 
 
-def load_groups(run_dirs: list[str | Path], batch_size: int) -> list[ModelGroup]:
-    """Load every run, one model per share key and one copy of each base (BasePool); run names
-    (directory basenames) must be unique."""
+def load_groups(
+    run_dirs: list[str | Path], batch_size: int, device: torch.device
+) -> list[ModelGroup]:
+    """Load every run onto `device`, one model per share key and one copy of each base
+    (BasePool); run names (directory basenames) must be unique."""
     runs = [read_run(d) for d in run_dirs]
     seen: dict[str, Path] = {}
     for run in runs:
@@ -228,7 +230,7 @@ def load_groups(run_dirs: list[str | Path], batch_size: int) -> list[ModelGroup]
             for i, run in enumerate(members[1:], start=1):
                 adapters[run.name] = f"run{i}"
                 model.load_adapter(str(run.run_dir / "model"), adapter_name=f"run{i}")
-        model.eval()
+        model.to(device).eval()
         group = ModelGroup(
             model, {r.name: r for r in members}, adapters, batch_size, base=len(groups)
         )

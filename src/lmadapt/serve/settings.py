@@ -40,6 +40,8 @@ class ServeSettings:
     repr so that logging the settings never logs the key."""
     allow_no_auth: bool = False
     """Serve on a non-loopback host without an API key (see `check_exposure`)."""
+    device: str = "auto"
+    """Where the models run: auto | cpu | cuda | cuda:N | mps (session.resolve_device)."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -30,7 +30,13 @@ from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, classification_report_markdown, markdown_table
 from lmadapt.evaluate.text import exact_match, overlap_metrics
-from lmadapt.inference import Decoded, GenerationSettings, generate_ids, model_inputs
+from lmadapt.inference import (
+    Decoded,
+    GenerationSettings,
+    generate_ids,
+    model_inputs,
+    on_model_device,
+)
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation
 
@@ -364,6 +370,7 @@ class GenerationTask:
     def response_loss(self, model: torch.nn.Module, features: list[dict[str, Any]]) -> float:
         """Mean cross-entropy over response tokens (teacher forcing), fp32, token-weighted."""
         collate = Collator(self.tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+        forward = on_model_device(model)
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
@@ -376,7 +383,7 @@ class GenerationTask:
                 n = float(batch["loss_weights"][:, 1:].sum())
                 if n:
                     inputs = model_inputs(batch) | self.forward_kwargs(model, batch)
-                    total += float(self.loss(model(**inputs).logits, batch)) * n
+                    total += float(self.loss(forward(**inputs).logits, batch)) * n
                     count += int(n)
         finally:
             model.train(was_training)

@@ -191,23 +191,3 @@ STRATEGIES: dict[str, Strategy] = {
     "ddp": Strategy(_ddp, _to_cpu, lambda m: m.no_sync(), sharded=False),
     "fsdp": Strategy(_fsdp, _gather, _fsdp_no_sync, sharded=True),
 }
-
-
-class OnDevice(torch.nn.Module):
-    """Evaluation view of a model on a GPU: the inference code builds CPU batches and reads CPU
-    logits, so inputs go to the device and logits and generated ids come back."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        super().__init__()
-        self.model, self.device = model, device
-
-    def _to(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-
-    def forward(self, **inputs: Any) -> Any:
-        out = self.model(**self._to(inputs))
-        out.logits = out.logits.cpu()
-        return out
-
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(**self._to(kwargs)).cpu()

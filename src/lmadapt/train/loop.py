@@ -42,7 +42,7 @@ from lmadapt.train.checkpoint import (
     save_checkpoint,
     save_trainable,
 )
-from lmadapt.train.distributed import SINGLE, STRATEGIES, Distributed, OnDevice
+from lmadapt.train.distributed import SINGLE, STRATEGIES, Distributed
 
 
 class TrainingInterrupted(LmadaptError):
@@ -401,9 +401,8 @@ class Trainer:
         self._tick()
         metrics = None
         if self.takes_part:
-            on_cpu = self.dist.device.type == "cpu"
-            ev = self.task.evaluate_model(
-                self.model if on_cpu else OnDevice(self.model, self.dist.device),
+            ev = self.task.evaluate_model(  # on the training device (inference.on_model_device)
+                self.model,
                 self.dev_features,
                 self.dev_examples,
                 self.collator,
