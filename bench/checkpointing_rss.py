@@ -48,6 +48,7 @@ def one(checkpointing: bool, batch: int, length: int, threads: int) -> dict:
     from lmadapt.inference import model_inputs
     from lmadapt.methods import build_method
     from lmadapt.session import apply_method, peak_rss_mb, seed_everything, set_threads
+    from lmadapt.train.loop import set_dropout
 
     set_threads(threads)
     tmp = Path(tempfile.mkdtemp())
@@ -66,9 +67,7 @@ def one(checkpointing: bool, batch: int, length: int, threads: int) -> dict:
     seed_everything(0)
     base = data.task.build_model(data.spec)
     model = apply_method(base, build_method(config.method), data.task, checkpointing)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    set_dropout(model, 0.0)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)

@@ -14,6 +14,7 @@ from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.train import Trainer
+from lmadapt.train.loop import set_dropout
 
 HEAD = r"(pooler|classifier)\."
 PEFT_HEAD = r"modules_to_save\.default\."
@@ -74,9 +75,7 @@ def test_method_trains_only_its_parameters_and_reloads(name, fixed, tmp_path, mo
     method = build_method(parse_section(METHODS, "name", name, "method"))
     torch.manual_seed(0)
     model = method.apply(task.build_model(spec), task)
-    for module in model.modules():  # a deterministic objective: the fixed batch's loss must fall
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    set_dropout(model, 0.0)  # a deterministic objective: the fixed batch's loss must fall
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, loss_before = _eval(model, task, batch)
 

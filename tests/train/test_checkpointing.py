@@ -12,6 +12,7 @@ from lmadapt.config import build_run_config
 from lmadapt.inference import model_inputs
 from lmadapt.methods import build_method
 from lmadapt.session import apply_method, seed_everything
+from lmadapt.train.loop import set_dropout
 from tests.tasks.test_generation import gen_config
 
 
@@ -31,9 +32,7 @@ def one_step(cfg: dict, checkpointing: bool) -> tuple[float, dict[str, torch.Ten
     seed_everything(0)
     base = data.task.build_model(data.spec)
     model = apply_method(base, build_method(config.method), data.task, checkpointing)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    set_dropout(model, 0.0)
     calls = []
     _block(model).register_forward_pre_hook(lambda *a: calls.append(1))
     model.train()

@@ -132,6 +132,13 @@ class DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout probability in the model (its adapters' too) set to `p`."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
 def build_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, impl: str = "fused"
 ) -> torch.optim.Optimizer:
@@ -198,9 +205,7 @@ class Trainer:
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
         self.lengths = [len(f["input_ids"]) for f in train_features]
         if cfg.dropout is not None:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = cfg.dropout
+            set_dropout(model, cfg.dropout)
 
     # ------------------------------------------------------------------ schedule
     def batches_for_epoch(self, epoch: int) -> list[list[int]]:
