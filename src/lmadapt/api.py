@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lmadapt.config import RunConfig, build_run_config, load_config
 from lmadapt.data.validation import BadRow, BadRows
@@ -123,9 +122,13 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
         raise LmadaptError(f"{out}: not an lmadapt run directory (no config.yaml)")
     if (out / "metrics.json").is_file():
         raise LmadaptError(f"{out}: this run already finished (metrics.json exists)")
-    with config_source(out / "config.yaml"):
-        config = build_run_config(read_yaml(out / "config.yaml"))
-    return _run(config, out, resume=True)
+    return _run(saved_config(out), out, resume=True)
+
+
+def saved_config(run_dir: Path) -> RunConfig:
+    """A run directory's resolved config.yaml, its errors naming the file."""
+    with config_source(run_dir / "config.yaml"):
+        return build_run_config(read_yaml(run_dir / "config.yaml"))
 
 
 def disk_needed(method: Method, model: torch.nn.Module, keep: int) -> int:
@@ -311,7 +314,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     for name in ("config.yaml", "run.json", "model"):
         if not (run_dir / name).exists():
             raise LmadaptError(f"{run_dir} is not a finished lmadapt run (no {name})")
-    config = build_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    config = saved_config(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     try:
         spec = resolve_model(config.model)
