@@ -217,6 +217,15 @@ def _train_and_report(
     if not dist.is_main:
         return dist.broadcast(None)  # process 0's metrics
 
+    if data.features["dev"]:  # what the task settles on dev after training, saved in run.json
+        task.tune(
+            model,
+            data.features["dev"],
+            data.dev,
+            task.collator(data.tokenizer),
+            config.train.eval_batch_size,
+        )
+        write_json(out / "run.json", run_info(config.method.name, spec, task))
     with atomic_dir(out / "model") as tmp:
         method.save(model, tmp)
         data.tokenizer.save_pretrained(tmp)

@@ -68,8 +68,16 @@ def _eval(p: argparse.ArgumentParser) -> None:
 @command("predict", "predict labels for texts or a file with a finished run")
 def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
-    p.add_argument("texts", nargs="*")
-    p.add_argument("--file", help="csv/tsv/jsonl file with the run's text column")
+    p.add_argument(
+        "texts",
+        nargs="*",
+        help='input texts; question answering: JSON objects {"question": ..., "context": ...}',
+    )
+    p.add_argument(
+        "--file",
+        help="csv/tsv/jsonl file with the run's text column (question answering: SQuAD JSON "
+        "or JSONL with question and context)",
+    )
     p.add_argument("--format", default="auto")
     _device_arg(p)
 

@@ -50,7 +50,9 @@ class OnDevice(torch.nn.Module):
 
     def forward(self, **inputs: Any) -> Any:
         out = self.model(**self._to(inputs))
-        out.logits = out.logits.cpu()
+        for key, value in out.items():  # logits, or a task's own (e.g. start_logits, end_logits)
+            if torch.is_tensor(value):
+                out[key] = value.cpu()
         return out
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
@@ -93,10 +95,12 @@ def batched_logits(
     loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     per_token: bool = False,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    read: Callable[[Any], torch.Tensor] | None = None,
 ) -> tuple[list[np.ndarray], float | None]:
     """Logits for every feature, in input order, and the mean loss when labels are present.
 
-    `transform` maps a batch's logits to what is kept (and what `loss_fn` reads), e.g. a
+    `read` takes the logits out of the model's output (default `output.logits`); `transform`
+    maps a batch's logits to what is kept (and what `loss_fn` reads), e.g. a
     prompt-based classifier's label scores out of the LM's vocabulary logits.
 
     fp32 by default, also after bf16 training: saved artifacts then give the same numbers here as
@@ -115,7 +119,8 @@ def batched_logits(
         for idx in sequential_batches(lengths, batch_size):
             batch = collator([features[i] for i in idx])
             with autocast(bf16):
-                logits = model(**model_inputs(batch)).logits
+                output = model(**model_inputs(batch))
+            logits = output.logits if read is None else read(output)
             logits = logits.float() if transform is None else transform(logits).float()
             if loss_fn is not None and "labels" in batch:
                 total_loss += float(loss_fn(logits, batch)) * len(idx)

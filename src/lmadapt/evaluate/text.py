@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 
 import numpy as np
 
@@ -19,9 +20,33 @@ def normalize_answer(text: str) -> str:
     try:
         number = float(s)
     except ValueError:
-        text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-        return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+        return squad_normalize(text)
     return str(int(number)) if number.is_integer() else repr(number)
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD's official answer normalisation (evaluate-v1.1.py / v2.0): lower case, punctuation
+    and the articles a/an/the removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_exact(prediction: str, reference: str) -> float:
+    """SQuAD exact match of one prediction against one reference (official normalisation)."""
+    return float(squad_normalize(prediction) == squad_normalize(reference))
+
+
+def squad_f1(prediction: str, reference: str) -> float:
+    """SQuAD token-overlap F1 of one prediction against one reference, as the official script
+    computes it (an empty answer scores 1 against an empty reference, else 0)."""
+    pred, gold = squad_normalize(prediction).split(), squad_normalize(reference).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
 
 
 def exact_match(predictions: list[str | None], references: list[str | None]) -> float:

@@ -62,6 +62,16 @@ class TextsResponse(BaseModel):
     )
 
 
+class QAItem(_Strict):
+    question: str
+    context: str = Field(description="The text the answer is a span of.")
+
+
+class QARequest(_Strict):
+    model: str | None = Field(None, description="Run name; optional when one run is served.")
+    items: list[QAItem] = Field(min_length=1, description="Question/context pairs.")
+
+
 Stop = Annotated[str, Field(min_length=1, max_length=64)]
 Stops = Annotated[list[Stop], Field(max_length=4)]
 
@@ -430,6 +440,17 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
     async def ner(req: TextsRequest) -> TextsResponse:
         """Entities for each text (a token-classification run), as the task decodes them."""
         return await server.texts(req, "ner")
+
+    @app.post("/v1/qa")
+    async def qa(req: QARequest) -> TextsResponse:
+        """The answer to each question as a span of its context, with its character offsets and
+        score (an extractive question-answering run), as `lmadapt predict` gives it."""
+        run = server.run_for_endpoint(req.model, "qa", "/v1/qa")
+        server.check_texts([item.question for item in req.items], "questions")
+        server.check_texts([item.context for item in req.items], "contexts")
+        items = [item.model_dump() for item in req.items]
+        results = await server.results(server.submit(run, run.name, items))
+        return TextsResponse(model=run.name, results=results)
 
     @app.post("/v1/generate")
     async def generate(req: GenerateRequest) -> GenerateResponse:

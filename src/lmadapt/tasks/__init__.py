@@ -8,6 +8,7 @@ from lmadapt.tasks import (  # noqa: E402,F401  (each registers itself)
     classification,
     generation,
     prompt_classification,
+    question_answering,
     token_classification,
 )
 from lmadapt.tasks.base import Evaluation, Task  # noqa: E402

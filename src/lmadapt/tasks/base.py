@@ -18,7 +18,7 @@ from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.inference import batched_logits
 from lmadapt.models import ModelSpec
 
-Endpoint = Literal["classify", "ner", "generate"]
+Endpoint = Literal["classify", "ner", "generate", "qa"]
 
 
 class Task(Protocol):
@@ -72,6 +72,10 @@ class Task(Protocol):
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """Names of freshly initialised head modules that every method must train."""
 
+    def logits(self, output: Any) -> torch.Tensor:
+        """What `loss` and decoding read of a forward pass's output (`output.logits` but where
+        the model answers otherwise, e.g. question answering's start and end logits)."""
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     def forward_kwargs(
@@ -98,6 +102,17 @@ class Task(Protocol):
         batch_size: int,
     ) -> list[dict[str, Any]]:
         """Task-level predictions (labels, entities, text) for unlabelled examples."""
+
+    def tune(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> None:
+        """Settle, after training, what the task decides from the trained model's dev predictions
+        (e.g. question answering's no-answer threshold); saved through `state`."""
 
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
@@ -132,6 +147,19 @@ class LogitsTask:
     ) -> dict[str, Any]:
         return {}
 
+    def tune(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> None:
+        """Nothing to settle after training by default."""
+
+    def logits(self, output: Any) -> torch.Tensor:
+        return output.logits
+
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """What evaluation and prediction keep of a batch's logits: all of them by default."""
         return logits
@@ -152,6 +180,7 @@ class LogitsTask:
             loss_fn=self.outputs_loss,
             per_token=self.per_token,
             transform=self.outputs,
+            read=self.logits,
         )
 
     def evaluate_model(

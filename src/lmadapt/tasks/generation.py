@@ -498,6 +498,19 @@ class GenerationTask:
             rows.append(row)
         return rows
 
+    def logits(self, output: Any) -> torch.Tensor:
+        return output.logits
+
+    def tune(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> None:
+        """Nothing to settle after training."""
+
     # ------------------------------------------------------------------ report
     def report(self, evaluation: Evaluation) -> str:
         parts = []

@@ -271,7 +271,7 @@ class Trainer:
                     with strategy.no_sync(net) if accumulate else contextlib.nullcontext():
                         with autocast(self.bf16, self.dist.device.type):
                             outputs = net(**model_inputs(batch), **forward_kwargs(model, batch))
-                        loss = self.task.loss(outputs.logits, batch)
+                        loss = self.task.loss(self.task.logits(outputs), batch)
                         for h in self.hooks:
                             extra = h.loss_term(model, batch, outputs)
                             if extra is not None:

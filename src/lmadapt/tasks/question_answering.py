@@ -1,0 +1,507 @@
+"""Extractive question answering (SQuAD v1.1 / v2.0): a start/end head over the context tokens.
+
+The question goes first and the context second; a context longer than `max_length` is cut into
+windows overlapping by `doc_stride` tokens, and each window is one model input. Training points
+start and end at the answer's tokens in the windows that hold it, at the CLS token in the others
+(and for unanswerable questions). Decoding searches the n best starts and ends of every window of
+a question (start <= end, at most `max_answer_length` tokens, inside the context) for the span
+with the highest start + end logit; under v2 the question is left unanswered when the CLS
+("null") score beats that span by more than a threshold tuned on dev after training (`tune`).
+Answers are scored with SQuAD's official normalisation, exact match and token F1, the best over
+the gold answers. Reading the files lives in `lmadapt.data.squad`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import softmax
+
+from lmadapt.data import Collator
+from lmadapt.data.squad import Answer, QAExample, read_qa
+from lmadapt.data.validation import BadRows, collect
+from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.evaluate import plots
+from lmadapt.evaluate.report import cell, markdown_table
+from lmadapt.evaluate.text import squad_exact, squad_f1
+from lmadapt.tasks import TASKS
+from lmadapt.tasks.base import Evaluation, LogitsTask
+
+QUESTION_TYPES = ("what", "who", "when", "where", "why", "how", "which")
+"""Report slices: a question's type is its first wh-word ('In what year...' is a what)."""
+WORST = 10
+"""Confident wrong answers the report lists."""
+
+
+@dataclass
+class QAConfig:
+    type: str = "question_answering"
+    version: Literal["auto", "v1", "v2"] = "auto"
+    """v2 (SQuAD 2.0) allows unanswerable questions: the model may answer nothing. auto: v2 when
+    the training data has an unanswerable question (one with no answers), else v1."""
+    max_length: int = 384
+    """Tokens per window (question, context part and special tokens)."""
+    doc_stride: int = 128
+    """Tokens of overlap between consecutive windows of a long context."""
+    max_question_length: int = 64
+    """Longer questions are cut to this many tokens."""
+    max_answer_length: int = 30
+    """Longest answer span decoding considers, in tokens."""
+    n_best: int = 20
+    """Best starts and ends per window whose pairs decoding scores."""
+    null_score_diff_threshold: float = 0.0
+    """v2: no answer when the null score exceeds the best span's by more than this; replaced
+    after training by the value that maximises dev F1 (saved with the run)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_answer_length", "n_best", "max_question_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"task.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.doc_stride < 0:
+            raise ConfigError("task.doc_stride", f"must be >= 0, got {self.doc_stride}")
+        # Room for the stride in every window: question, 3-4 special tokens, and context.
+        room = self.max_length - self.max_question_length - 4
+        if self.doc_stride >= room:
+            raise ConfigError(
+                "task.doc_stride",
+                f"must be below max_length - max_question_length - 4 = {room} (a window needs "
+                f"context beyond its overlap), got {self.doc_stride}",
+            )
+
+
+@dataclass
+class QAWindow:
+    """One model input cut from a question's context."""
+
+    offsets: list[tuple[int, int] | None]
+    """Per token, its character [start, end) in the context; None outside the context."""
+    cls: int
+    """Position of the token whose start/end scores mean 'no answer here'."""
+
+    @property
+    def context(self) -> np.ndarray:
+        return np.array([p for p, o in enumerate(self.offsets) if o is not None], dtype=int)
+
+    def target(self, answer: Answer | None) -> list[int]:
+        """[start, end] token positions of `answer`, or CLS twice where this window lacks it."""
+        ctx = [p for p, o in enumerate(self.offsets) if o is not None]
+        if answer is None or not ctx:
+            return [self.cls, self.cls]
+        first, last = self.offsets[ctx[0]], self.offsets[ctx[-1]]
+        if first[0] > answer.start or last[1] < answer.end:  # type: ignore[index]
+            return [self.cls, self.cls]
+        start = next(p for p in ctx if self.offsets[p][1] > answer.start)  # type: ignore[index]
+        end = next(p for p in reversed(ctx) if self.offsets[p][0] < answer.end)  # type: ignore[index]
+        return [start, end] if start <= end else [self.cls, self.cls]
+
+
+@dataclass
+class Decision:
+    """A question's decoded answer: the best span over its windows, and the null score."""
+
+    answer: str
+    start: int | None
+    end: int | None
+    score: float
+    """Probability of what was answered (start x end softmax in its window; for no answer,
+    the CLS token's)."""
+    span_logit: float
+    """Best span's start + end logit (-inf when no window has a valid span)."""
+    null_logit: float
+    """Smallest CLS start + end logit over the windows."""
+
+
+def question_type(question: str) -> str:
+    words = "".join(c if c.isalnum() else " " for c in question.lower()).split()
+    return next((w for w in words if w in QUESTION_TYPES), "other")
+
+
+@TASKS.register("question_answering", QAConfig)
+class QuestionAnsweringTask(LogitsTask):
+    """Extractive QA: start/end logits per token; answers are context spans (SQuAD EM/F1)."""
+
+    kind = "question_answering"
+    peft_task_type = "QUESTION_ANS"
+    model_kinds = ("encoder",)
+    endpoint = "qa"
+    per_token = True
+    shares_backbone = False
+    default_metric = "f1"
+
+    def __init__(self, cfg: QAConfig, state: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.labels: list[str] = []  # answers are spans of the context, not labels
+        self.version: str | None = None if cfg.version == "auto" else cfg.version
+        self.threshold = cfg.null_score_diff_threshold
+        if state:
+            self.version = state["version"]
+            self.threshold = state["null_score_diff_threshold"]
+
+    @property
+    def v2(self) -> bool:
+        return self.version == "v2"
+
+    @property
+    def description(self) -> str:
+        return f"question_answering (SQuAD {self.version or 'auto'})"
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        extra = ("has_ans_exact_match", "has_ans_f1", "no_ans_exact_match", "no_ans_f1")
+        return ("exact_match", "f1", *(extra if self.version != "v1" else ()), "loss")
+
+    # ------------------------------------------------------------------ data
+    def read(
+        self, path: str, fmt: str = "auto", labelled: bool = True, bad: BadRows | None = None
+    ) -> list[QAExample]:
+        """SQuAD JSON or flat JSONL (see lmadapt.data.squad); bad questions go to `bad`."""
+        with collect(path, bad) as bad:
+            examples = read_qa(path, fmt, labelled, bad)
+            return self.check(examples, bad) if labelled and self.version else examples
+
+    def fit(self, train: list[QAExample]) -> None:
+        """With version auto: v2 when some training question is unanswerable."""
+        answered = [ex for ex in train if ex.answers]
+        if not answered:
+            raise DataError(train[0].file, "no answered question in the training data")
+        if self.version is None:
+            self.version = "v2" if len(answered) < len(train) else "v1"
+
+    def check(self, examples: list[QAExample], bad: BadRows | None = None) -> list[QAExample]:
+        """Under v1, unanswerable questions are bad rows."""
+        if self.v2 or not examples:
+            return examples
+        with collect(examples[0].file, bad) as bad:
+            return bad.keep(examples, self._answerable)
+
+    def _answerable(self, ex: QAExample) -> QAExample:
+        if ex.answers == []:
+            raise ex.error(
+                "no answers, but the task is SQuAD v1 (set task.version: v2, or auto with "
+                "unanswerable questions in the training data)",
+                "answers",
+            )
+        return ex
+
+    def state(self) -> dict[str, Any]:
+        return {"version": self.version, "null_score_diff_threshold": self.threshold}
+
+    def examples_from_texts(self, texts: list[str | dict[str, Any]]) -> list[QAExample]:
+        """Question/context pairs, as objects or JSON text `{"question": ..., "context": ...}`."""
+        out = []
+        for i, text in enumerate(texts, start=1):
+            item = text
+            if isinstance(text, str):
+                try:
+                    item = json.loads(text)
+                except json.JSONDecodeError:
+                    item = None
+            if not isinstance(item, dict):
+                raise DataError(
+                    "<input>",
+                    'expected a JSON object {"question": ..., "context": ...}, got '
+                    f"{cell(text, 60)!r}",
+                    i,
+                )
+            ex = QAExample("", "", id=str(item.get("id", i)), file="<input>", line=i)
+            for name in ("question", "context"):
+                value = item.get(name)
+                if not isinstance(value, str) or not value.strip():
+                    raise ex.error(f"expected non-empty text, got {value!r}", name)
+            ex.question, ex.context = item["question"].strip(), item["context"]
+            out.append(ex)
+        return out
+
+    # ------------------------------------------------------------------ features
+    def _questions(self, examples: list[QAExample], tokenizer: Any) -> list[str]:
+        """Questions cut to max_question_length tokens (the tokenizer would refuse to truncate
+        only the context when the question alone fills the window)."""
+        n = self.cfg.max_question_length
+        enc = tokenizer(
+            [ex.question for ex in examples], add_special_tokens=False, return_offsets_mapping=True
+        )
+        return [
+            ex.question if len(offs) <= n else ex.question[: offs[n - 1][1]]
+            for ex, offs in zip(examples, enc["offset_mapping"])
+        ]
+
+    def encode(self, examples: list[QAExample], tokenizer: Any) -> list[dict[str, Any]]:
+        """One feature per window, in example order; each example keeps its windows."""
+        if not examples:
+            return []
+        if not tokenizer.is_fast:
+            raise LmadaptError(
+                "question answering needs a fast tokenizer (character offsets of tokens); "
+                f"{type(tokenizer).__name__} is not one"
+            )
+        cfg = self.cfg
+        enc = tokenizer(
+            self._questions(examples, tokenizer),
+            [ex.context for ex in examples],
+            truncation="only_second",
+            max_length=cfg.max_length,
+            stride=cfg.doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
+        for ex in examples:
+            ex.windows = []
+        feats = []
+        for k, i in enumerate(enc["overflow_to_sample_mapping"]):
+            ex, ids = examples[i], enc["input_ids"][k]
+            offsets = [
+                (int(o[0]), int(o[1])) if s == 1 else None
+                for o, s in zip(enc["offset_mapping"][k], enc.sequence_ids(k))
+            ]
+            cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            window = QAWindow(offsets, cls)
+            ex.windows.append(window)
+            feat: dict[str, Any] = {"input_ids": ids}
+            if "token_type_ids" in enc:
+                feat["token_type_ids"] = enc["token_type_ids"][k]
+            if ex.answers is not None:  # the first gold answer trains (SQuAD train has one)
+                feat["labels"] = window.target(ex.answers[0] if ex.answers else None)
+            feats.append(feat)
+        return feats
+
+    def collator(self, tokenizer: Any) -> Collator:
+        return Collator(tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+        from transformers import AutoModelForQuestionAnswering
+
+        from lmadapt.models import load_model
+
+        return load_model(spec, AutoModelForQuestionAnswering, trust_remote_code)
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """The start/end linear layer (`qa_outputs` in transformers' QA models)."""
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        return [h for h in ("qa_outputs",) if h in names]
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """Start and end logits stacked, (B, T, 2): QA models answer with the two apart."""
+        return torch.stack((output.start_logits, output.end_logits), dim=-1)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the start and end cross-entropies over each window's tokens."""
+        labels = batch["labels"]  # (B, 2)
+        # Prompt/p-tuning prepend virtual tokens, which are never an answer.
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] :].float()  # (B, T, 2)
+        pad = ~batch["attention_mask"].bool()[..., None]
+        logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
+        start = F.cross_entropy(logits[..., 0], labels[:, 0])
+        return (start + F.cross_entropy(logits[..., 1], labels[:, 1])) / 2
+
+    # ------------------------------------------------------------------ decoding
+    def _windows(self, logits: list[np.ndarray], examples: list[QAExample]) -> list[list]:
+        if sum(len(ex.windows) for ex in examples) != len(logits):
+            raise ValueError(
+                f"{len(logits)} logit arrays for {sum(len(ex.windows) for ex in examples)} "
+                "windows: the examples were not encoded by this task"
+            )
+        out, k = [], 0
+        for ex in examples:
+            out.append(logits[k : k + len(ex.windows)])
+            k += len(ex.windows)
+        return out
+
+    def decide(self, rows: list[np.ndarray], ex: QAExample) -> Decision:
+        """The best span over the windows of `ex` (each row (T, 2): start, end logits), or no
+        answer under v2 when the null score beats it by more than the threshold."""
+        cfg = self.cfg
+        best: tuple[float, int, int, float] | None = None  # span logit, char start, end, prob
+        null, null_prob = np.inf, 0.0
+        for window, row in zip(ex.windows, rows):
+            start, end = row[:, 0], row[:, 1]  # (T,)
+            ctx = window.context
+            if not len(ctx):
+                continue
+            keep = np.append(ctx, window.cls)  # positions the probabilities are over
+            p_start, p_end = softmax(start[keep]), softmax(end[keep])
+            if start[window.cls] + end[window.cls] < null:
+                null = float(start[window.cls] + end[window.cls])
+                null_prob = float(p_start[-1] * p_end[-1])
+            k = min(cfg.n_best, len(ctx))
+            top_s = np.argsort(-start[ctx], kind="stable")[:k]  # indices into ctx
+            top_e = np.argsort(-end[ctx], kind="stable")[:k]
+            s_idx, e_idx = np.meshgrid(top_s, top_e, indexing="ij")  # (k, k)
+            s_pos, e_pos = ctx[s_idx], ctx[e_idx]
+            valid = (e_pos >= s_pos) & (e_pos - s_pos < cfg.max_answer_length)
+            if not valid.any():
+                continue
+            scores = np.where(valid, start[s_pos] + end[e_pos], -np.inf)
+            a, b = np.unravel_index(int(scores.argmax()), scores.shape)
+            if best is None or scores[a, b] > best[0]:
+                s, e = int(s_idx[a, b]), int(e_idx[a, b])
+                chars = window.offsets[ctx[s]][0], window.offsets[ctx[e]][1]  # type: ignore[index]
+                best = (float(scores[a, b]), *chars, float(p_start[s] * p_end[e]))
+        if best is None or (self.v2 and null - best[0] > self.threshold):
+            span_logit = best[0] if best else -np.inf
+            return Decision("", None, None, null_prob, span_logit, null)
+        logit, s, e, prob = best
+        return Decision(ex.context[s:e], s, e, prob, logit, null)
+
+    def decisions(self, logits: list[np.ndarray], examples: list[QAExample]) -> list[Decision]:
+        return [
+            self.decide(rows, ex) for rows, ex in zip(self._windows(logits, examples), examples)
+        ]
+
+    def evaluate(self, logits: list[np.ndarray], examples: list[QAExample]) -> Evaluation:
+        rows = []
+        for ex, d in zip(examples, self.decisions(logits, examples)):
+            golds = [a.text for a in ex.answers or []] or [""]  # official v2: no answer is ""
+            rows.append(
+                {
+                    "question": ex.question,
+                    "type": question_type(ex.question),
+                    "gold": golds[0],
+                    "predicted": d.answer,
+                    "score": d.score,
+                    "has_answer": bool(ex.answers),
+                    "exact_match": max(squad_exact(d.answer, g) for g in golds),
+                    "f1": max(squad_f1(d.answer, g) for g in golds),
+                }
+            )
+        metrics = _means(rows)
+        if self.v2:
+            for prefix, has in (("has_ans", True), ("no_ans", False)):
+                group = [r for r in rows if r["has_answer"] == has]
+                if group:
+                    metrics.update({f"{prefix}_{k}": v for k, v in _means(group).items()})
+        by_type = defaultdict(list)
+        for r in rows:
+            by_type[r["type"]].append(r)
+        slices = {
+            t: {"count": len(by_type[t]), **_means(by_type[t])}
+            for t in (*QUESTION_TYPES, "other")
+            if by_type[t]
+        }
+        wrong = sorted((r for r in rows if r["f1"] == 0), key=lambda r: -r["score"])
+        details: dict[str, Any] = {"by_question_type": slices, "worst": wrong[:WORST]}
+        if self.v2:
+            details["null_score_diff_threshold"] = self.threshold
+        return Evaluation(metrics, details)
+
+    def decode(self, logits: list[np.ndarray], examples: list[QAExample]) -> list[dict[str, Any]]:
+        """Per question: the answer text, its character span in the context, and its score
+        (start/end probability; under v2 an empty answer with null start/end is 'no answer')."""
+        return [
+            {
+                "id": ex.id,
+                "question": ex.question,
+                "answer": d.answer,
+                "start": d.start,
+                "end": d.end,
+                "score": round(d.score, 6),
+            }
+            for ex, d in zip(examples, self.decisions(logits, examples))
+        ]
+
+    def tune(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[QAExample],
+        collator: Any,
+        batch_size: int,
+    ) -> None:
+        """v2: the null-score threshold that maximises F1 on these (dev) questions, as in the
+        official SQuAD 2.0 evaluation's best_f1_thresh."""
+        if not self.v2 or not examples:
+            return
+        logits, _ = self.batch_outputs(model, features, collator, batch_size)
+        saved, self.threshold = self.threshold, np.inf  # decide() then always answers a span
+        try:
+            decided = self.decisions(logits, examples)
+        finally:
+            self.threshold = saved
+        diff = np.array([d.null_logit - d.span_logit for d in decided])
+        f1_span = np.array(
+            [
+                max(squad_f1(d.answer, a.text) for a in ex.answers) if ex.answers else 0.0
+                for d, ex in zip(decided, examples)
+            ]
+        )
+        f1_null = np.array([0.0 if ex.answers else 1.0 for ex in examples])
+        self.threshold = best_threshold(diff, f1_span, f1_null, saved)
+
+    def report(self, evaluation: Evaluation) -> str:
+        d = evaluation.details
+        parts = []
+        if "null_score_diff_threshold" in d:
+            parts.append(
+                "No answer when the null score exceeds the best span's by more than "
+                f"{d['null_score_diff_threshold']:.4f} (tuned on dev)."
+            )
+        rows = [
+            [t, v["count"], f"{v['exact_match']:.4f}", f"{v['f1']:.4f}"]
+            for t, v in d["by_question_type"].items()
+        ]
+        parts.append(
+            "### By question type (first wh-word)\n\n"
+            + markdown_table(["type", "count", "exact_match", "f1"], rows)
+        )
+        worst = [
+            [
+                cell(r["question"], 120),
+                cell(r["gold"], 60),
+                cell(r["predicted"], 60),
+                f"{r['score']:.4f}",
+            ]
+            for r in d["worst"]
+        ]
+        if worst:
+            parts.append(
+                "### Most confident wrong answers (F1 = 0)\n\n"
+                + markdown_table(["question", "gold", "predicted", "score"], worst)
+            )
+        return "\n\n".join(parts)
+
+    def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
+        slices = evaluation.details["by_question_type"]
+        path = out_dir / f"{prefix}f1_by_question_type.png"
+        plots.bars(
+            list(slices),
+            [v["f1"] for v in slices.values()],
+            path,
+            title=f"{prefix}F1 by question type",
+            ylabel="F1",
+        )
+        return [path]
+
+
+def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in ("exact_match", "f1")}
+
+
+def best_threshold(
+    diff: np.ndarray, f1_span: np.ndarray, f1_null: np.ndarray, default: float
+) -> float:
+    """The threshold t (answer when null - span logit <= t) with the highest total F1.
+
+    `diff` is each question's null minus best-span logit, `f1_span` its F1 when it answers with
+    the span and `f1_null` when it answers nothing. Sorted by diff, answering the first k questions
+    scores f1_null.sum() plus the cumulative gain; the threshold goes midway to the next value.
+    """
+    finite = np.isfinite(diff)  # no valid span anywhere: never answers, whatever t is
+    if not finite.any():
+        return default
+    order = np.argsort(diff[finite], kind="stable")
+    d = diff[finite][order]
+    gain = (f1_span[finite] - f1_null[finite])[order]
+    totals = np.cumsum(gain)  # totals[k]: gain of answering the k + 1 smallest diffs
+    last_of_tie = np.append(d[1:] != d[:-1], True)  # a threshold takes every equal diff
+    candidates = np.where(last_of_tie)[0]
+    k = candidates[int(np.argmax(totals[candidates]))]
+    if totals[k] <= 0:  # answering nothing is at least as good
+        return float(d[0] - 1.0)
+    return float((d[k] + d[k + 1]) / 2 if k + 1 < len(d) else d[k] + 1.0)
