@@ -146,8 +146,8 @@ def _models(p: argparse.ArgumentParser) -> None:
 
 @command(
     "serve",
-    "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/generate, /v1/chat/completions, "
-    "/v1/models, /health",
+    "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/qa, /v1/generate, "
+    "/v1/chat/completions, /v1/models, /health",
 )
 def _serve(p: argparse.ArgumentParser) -> None:
     from lmadapt.serve.settings import ServeSettings

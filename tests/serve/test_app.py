@@ -214,6 +214,7 @@ def test_openapi_schema_lists_endpoints(client):
     for path in (
         "/v1/classify",
         "/v1/ner",
+        "/v1/qa",
         "/v1/generate",
         "/v1/chat/completions",
         "/v1/models",
@@ -679,6 +680,6 @@ def test_cli_serve_help_lists_every_endpoint(client):
 
     help_text = COMMANDS["serve"][0]
     paths = list(client.get("/openapi.json").json()["paths"])
-    assert len(paths) == 6
+    assert len(paths) == 7
     for path in paths:
         assert path in help_text

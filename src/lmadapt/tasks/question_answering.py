@@ -80,26 +80,27 @@ class QAConfig:
 class QAWindow:
     """One model input cut from a question's context."""
 
-    offsets: list[tuple[int, int] | None]
-    """Per token, its character [start, end) in the context; None outside the context."""
+    offsets: np.ndarray
+    """(T, 2): each token's character [start, end) in the context; -1 outside the context."""
     cls: int
     """Position of the token whose start/end scores mean 'no answer here'."""
 
     @property
     def context(self) -> np.ndarray:
-        return np.array([p for p, o in enumerate(self.offsets) if o is not None], dtype=int)
+        """Positions of the context's tokens, in order."""
+        return np.flatnonzero(self.offsets[:, 0] >= 0)
 
     def target(self, answer: Answer | None) -> list[int]:
         """[start, end] token positions of `answer`, or CLS twice where this window lacks it."""
-        ctx = [p for p, o in enumerate(self.offsets) if o is not None]
-        if answer is None or not ctx:
+        ctx = self.context
+        if answer is None or not len(ctx):
             return [self.cls, self.cls]
-        first, last = self.offsets[ctx[0]], self.offsets[ctx[-1]]
-        if first[0] > answer.start or last[1] < answer.end:  # type: ignore[index]
+        starts, ends = self.offsets[ctx, 0], self.offsets[ctx, 1]
+        if starts[0] > answer.start or ends[-1] < answer.end:
             return [self.cls, self.cls]
-        start = next(p for p in ctx if self.offsets[p][1] > answer.start)  # type: ignore[index]
-        end = next(p for p in reversed(ctx) if self.offsets[p][0] < answer.end)  # type: ignore[index]
-        return [start, end] if start <= end else [self.cls, self.cls]
+        start = ctx[np.argmax(ends > answer.start)]  # first token ending after the answer starts
+        end = ctx[len(ctx) - 1 - np.argmax(starts[::-1] < answer.end)]  # last one starting in it
+        return [int(start), int(end)] if start <= end else [self.cls, self.cls]
 
 
 @dataclass
@@ -256,10 +257,8 @@ class QuestionAnsweringTask(LogitsTask):
         feats = []
         for k, i in enumerate(enc["overflow_to_sample_mapping"]):
             ex, ids = examples[i], enc["input_ids"][k]
-            offsets = [
-                (int(o[0]), int(o[1])) if s == 1 else None
-                for o, s in zip(enc["offset_mapping"][k], enc.sequence_ids(k))
-            ]
+            offsets = np.array(enc["offset_mapping"][k], dtype=np.int32).reshape(-1, 2)
+            offsets[[s != 1 for s in enc.sequence_ids(k)]] = -1
             cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
             window = QAWindow(offsets, cls)
             ex.windows.append(window)
@@ -342,7 +341,7 @@ class QuestionAnsweringTask(LogitsTask):
             a, b = np.unravel_index(int(scores.argmax()), scores.shape)
             if best is None or scores[a, b] > best[0]:
                 s, e = int(s_idx[a, b]), int(e_idx[a, b])
-                chars = window.offsets[ctx[s]][0], window.offsets[ctx[e]][1]  # type: ignore[index]
+                chars = int(window.offsets[ctx[s], 0]), int(window.offsets[ctx[e], 1])
                 best = (float(scores[a, b]), *chars, float(p_start[s] * p_end[e]))
         if best is None or (self.v2 and null - best[0] > self.threshold):
             span_logit = best[0] if best else -np.inf
