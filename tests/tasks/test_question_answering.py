@@ -167,6 +167,7 @@ BAD_JSONL = {
         "outside the context",
     ),
     "empty question": ({**OK, "question": "  "}, "question", "empty text"),
+    "lone surrogate": ({**OK, "question": "Capital\ud800?"}, "question", "unpaired surrogate"),
     "missing context": ({"question": "q", "answers": []}, "context", "missing field"),
     "missing answers": ({"context": CONTEXT, "question": "q"}, "answers", "missing field"),
     "answers of another shape": ({**OK, "answers": "Paris"}, "answers", "expected a list"),

@@ -75,7 +75,7 @@ def read_qa(
 def _record(record: Record, labelled: bool) -> QAExample:
     """One question of flat JSONL (or a JSON list); its id defaults to its line number."""
     ex = QAExample("", "", id=str(record.fields.get("id", record.line)), file=record.file)
-    ex.line = record.line
+    ex.line = record.line  # a JSONL line, or the 1-based item of a JSON list
     return _example(record.fields, ex, labelled)
 
 
@@ -130,9 +130,19 @@ def _text(fields: dict[str, Any], name: str, ex: QAExample, where: str | None = 
         problem = f"expected text, got {type(value).__name__}"
     elif not value.strip():
         problem = "empty text"
+    elif not value.isascii() and not _encodable(value):  # JSON "\ud800" decodes to a lone half
+        problem = "text holds an unpaired surrogate (bad \\u escape)"
     else:
         return value
     raise _at(ex, where, problem) if where else ex.error(problem, name)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _at(ex: QAExample, where: str, message: str) -> DataError:
