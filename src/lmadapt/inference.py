@@ -50,7 +50,7 @@ class OnDevice(torch.nn.Module):
 
     def forward(self, **inputs: Any) -> Any:
         out = self.model(**self._to(inputs))
-        for key, value in out.items():  # logits, or a task's own (e.g. start_logits, end_logits)
+        for key, value in list(out.items()):  # logits, or a task's own (start_logits, ...)
             if torch.is_tensor(value):
                 out[key] = value.cpu()
         return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.cli import main
@@ -388,16 +389,16 @@ def test_best_threshold_maximises_f1():
 # ---------------------------------------------------------------------- training and serving
 
 
-def qa_config(tmp_path, model, files, method, task=None, **train):
+def qa_config(tmp_path, model, files, method, device="auto", **train):
     return build_run_config(
         {
             "model": model,
+            "device": device,
             "task": {
                 "type": "question_answering",
                 "max_length": 48,
                 "doc_stride": 8,
                 "max_question_length": 8,
-                **(task or {}),
             },
             "method": method,
             "data": {"train": str(files["train"]), "dev": str(files["dev"])},
@@ -530,3 +531,17 @@ def test_v2_run_stores_its_tuned_null_threshold(tmp_path, tiny_bert):
     assert loaded.task.threshold == state["null_score_diff_threshold"]
     ev, _ = evaluate(m["run_dir"], files["dev"])
     assert ev.metrics == pytest.approx(m["dev"], abs=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qa_trains_and_answers_on_the_gpu(full_run, tmp_path, tiny_bert, qa_files):
+    """Start and end logits come back from the GPU (inference.OnDevice moves every tensor)."""
+    m = train(qa_config(tmp_path, tiny_bert, qa_files, {"name": "lora"}, "cuda", max_steps=2))
+    assert m["steps"] == 2 and np.isfinite(m["dev"]["loss"])
+    context = "The town stood there. The code is purple. Old people walked."
+    texts = [json.dumps({"question": QUESTION, "context": context})]
+    on_cpu = predict(load_run(full_run["run_dir"], "cpu"), texts)
+    on_gpu = predict(load_run(full_run["run_dir"], "cuda"), texts)
+    assert [r["answer"] for r in on_gpu] == [r["answer"] for r in on_cpu]
+    assert on_gpu[0]["score"] == pytest.approx(on_cpu[0]["score"], abs=1e-4)
