@@ -453,7 +453,7 @@ def test_predict_answers_with_its_span_and_score(full_run, capsys, tmp_path):
     context = "The town stood there. The code is purple. Old people walked."
     loaded = load_run(full_run["run_dir"])
     (row,) = predict(loaded, [json.dumps({"question": QUESTION, "context": context})])
-    assert set(row) == {"id", "question", "answer", "start", "end", "score"}
+    assert set(row) == {"question", "answer", "start", "end", "score"}
     assert row["answer"] == "purple" and context[row["start"] : row["end"]] == "purple"
     assert 0 < row["score"] <= 1
     assert (

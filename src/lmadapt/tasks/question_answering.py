@@ -211,7 +211,8 @@ class QuestionAnsweringTask(LogitsTask):
                     f"{cell(text, 60)!r}",
                     i,
                 )
-            ex = QAExample("", "", id=str(item.get("id", i)), file="<input>", line=i)
+            # no id unless given: served requests are batched together, positions mean nothing
+            ex = QAExample("", "", id=str(item.get("id", "")), file="<input>", line=i)
             for name in ("question", "context"):
                 value = item.get(name)
                 if not isinstance(value, str) or not value.strip():
@@ -391,11 +392,12 @@ class QuestionAnsweringTask(LogitsTask):
         return Evaluation(metrics, details)
 
     def decode(self, logits: list[np.ndarray], examples: list[QAExample]) -> list[dict[str, Any]]:
-        """Per question: the answer text, its character span in the context, and its score
-        (start/end probability; under v2 an empty answer with null start/end is 'no answer')."""
+        """Per question: its id (where the input has one), the answer text, its character span in
+        the context, and its score (start/end probability; under v2 an empty answer with null
+        start/end is 'no answer')."""
         return [
             {
-                "id": ex.id,
+                **({"id": ex.id} if ex.id else {}),
                 "question": ex.question,
                 "answer": d.answer,
                 "start": d.start,
