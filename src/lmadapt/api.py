@@ -30,6 +30,7 @@ from lmadapt.rundir import check_output_dir
 from lmadapt.schema import config_source, read_yaml
 from lmadapt.session import (
     apply_method,
+    check_quantize,
     peak_rss_mb,
     resolve_device,
     run_directory,
@@ -164,6 +165,7 @@ def _run(
     task, spec = data.task, data.spec
     checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
     method = build_method(config.method)
+    check_quantize(config.quantize, method)
     longest = max((len(f["input_ids"]) for f in data.features["train"]), default=1)
     check_fits(config, spec, task, method, longest, dist.device, report=dist.is_main)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read

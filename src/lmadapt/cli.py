@@ -423,12 +423,13 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     """`--device`: spelling checked here, availability when the command starts (before loading)."""
 
     def spelling(value: str) -> str:
-        from lmadapt.config import DEVICE_PATTERN
+        from lmadapt.errors import ConfigError
+        from lmadapt.schema import check_device_name
 
-        if not DEVICE_PATTERN.fullmatch(value):
-            why = f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}"
-            raise argparse.ArgumentTypeError(why)
-        return value
+        try:
+            return check_device_name(value)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(e.message) from None
 
     p.add_argument(
         "--device",

@@ -7,7 +7,6 @@ class from the task or method registry, so a new method brings its own typed fie
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.schema import (
     apply_overrides,
+    check_device_name,
     config_source,
     from_dict,
     parse_section,
@@ -92,6 +92,12 @@ class TrainConfig:
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (fp32 master weights); auto = bf16 when the CPU has native bf16 units."""
+    base_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Dtype of the frozen weights while a PEFT method trains (trained weights stay fp32):
+    bf16 halves the memory the base takes. auto = bf16 on a CUDA GPU with bf16 autocast, fp32
+    elsewhere. Needs bf16 autocast (precision auto or bf16); dev evaluation during training
+    then runs under autocast too. The fp32 weights come back when training ends, so the saved
+    artifact and the final evaluation are those of the fp32 model."""
     dropout: float | None = None
     """Override every dropout probability in the model (LoRA's too); None keeps the model's.
     0 is the fast choice on CPU, where random masks cost a quarter of a MiniLM step."""
@@ -140,14 +146,16 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {v}")
+        if self.base_dtype == "bf16" and self.precision == "fp32":
+            raise ConfigError(
+                "train.base_dtype",
+                "bf16 frozen weights need bf16 autocast; set train.precision to auto or bf16",
+            )
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError(
                 "train.gradient_checkpointing",
                 f"expected true or false, got {self.gradient_checkpointing!r}",
             )
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass
@@ -161,6 +169,10 @@ class RunConfig:
     data: DataConfig
     model: str = "minilm"
     """Embedded short name (see `lmadapt models`), a local model directory, or a hub id."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """Load the frozen base in 4-bit NF4 or 8-bit (QLoRA) for methods that add weights beside
+    it (lora, adalora, ia3). Needs bitsandbytes on a CUDA GPU; refused, before anything loads,
+    where that cannot run."""
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/run"
     overwrite: bool = False
@@ -176,10 +188,7 @@ class RunConfig:
     Under a launcher (torchrun) each process keeps the device the launcher gives it."""
 
     def __post_init__(self) -> None:
-        if not DEVICE_PATTERN.fullmatch(self.device):
-            raise ConfigError(
-                "device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
-            )
+        check_device_name(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -169,6 +169,45 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def frozen_in_bf16(model: torch.nn.Module) -> Any:
+    """Cast the frozen floating-point weights to bf16 (the trained ones stay fp32, as AdamW
+    needs); returns a function that puts the original fp32 tensors back. The originals are kept
+    where they are (on the CPU, before the model moves to a GPU), not copied. A module that also
+    trains one of its own weights (BitFit's biases) stays fp32: ops such as layer_norm take one
+    dtype for all of their weights."""
+    frozen = [
+        p
+        for m in model.modules()
+        if not any(p.requires_grad for p in m.parameters(recurse=False))
+        for p in m.parameters(recurse=False)
+        if p.is_floating_point()
+    ]
+    originals = [p.data for p in frozen]
+    for p in frozen:
+        p.data = p.data.to(torch.bfloat16)
+
+    def restore() -> None:
+        for p, data in zip(frozen, originals):
+            p.data = data
+
+    return restore
+
+
+def _bf16_base(cfg: TrainConfig, device: torch.device, bf16: bool, strategy: str) -> bool:
+    """Whether the frozen weights train in bf16 (train.base_dtype)."""
+    if cfg.base_dtype == "fp32" or not bf16:
+        if cfg.base_dtype == "bf16":
+            raise ConfigError(
+                "train.base_dtype", "bf16 frozen weights need bf16 autocast, which is off here"
+            )
+        return False
+    if strategy == "fsdp":  # fsdp flattens each block's parameters into one dtype
+        if cfg.base_dtype == "bf16":
+            raise ConfigError("train.base_dtype", "fsdp needs one dtype per block; use fp32")
+        return False
+    return cfg.base_dtype == "bf16" or device.type == "cuda"
+
+
 def _bf16(precision: str, device: torch.device) -> bool:
     """Autocast where it pays: the CPU's bf16 units decide on the CPU, the GPU's support on CUDA."""
     if device.type == "cuda":
@@ -201,6 +240,7 @@ class Trainer:
         self.hooks = hooks or []
         self.state = TrainState()
         self.bf16 = _bf16(cfg.precision, dist.device)
+        self.bf16_base = _bf16_base(cfg, dist.device, self.bf16, dist.strategy)
         self.metric, self.mode = checkpoint_metric(cfg, task)
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
         self.lengths = [len(f["input_ids"]) for f in train_features]
@@ -226,6 +266,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, dist, strategy = self.cfg, self.dist, self.strategy
         plain = self.model
+        # before the model moves to its device, so the fp32 originals stay on the host
+        restore_base = frozen_in_bf16(plain) if self.bf16_base else None
         self.model, net = strategy.wrap(plain, dist)  # net: what the training step calls
         model = self.model
         total = self.total_steps()
@@ -340,6 +382,8 @@ class Trainer:
                 )
             ) from None
         finally:
+            if restore_base:
+                restore_base()
             interrupt.restore()
             self._tick()
             bar.close()
@@ -406,13 +450,15 @@ class Trainer:
         self._tick()
         metrics = None
         if self.takes_part:
-            ev = self.task.evaluate_model(  # on the training device (inference.on_model_device)
-                self.model,
-                self.dev_features,
-                self.dev_examples,
-                self.collator,
-                self.cfg.eval_batch_size,
-            )
+            # on the training device (inference.on_model_device); bf16 weights need autocast
+            with autocast(self.bf16_base, self.dist.device.type):
+                ev = self.task.evaluate_model(
+                    self.model,
+                    self.dev_features,
+                    self.dev_examples,
+                    self.collator,
+                    self.cfg.eval_batch_size,
+                )
             metrics = dict(ev.metrics)
         metrics = self.dist.broadcast(metrics)  # process 0's numbers decide for every process
         if self.metric not in metrics:  # e.g. text metrics asked of a dev set with no references
