@@ -4,6 +4,7 @@ inference commands (`--device`)."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -166,11 +167,13 @@ def test_predictions_on_the_gpu_match_the_cpu(finished_run):
 
 def test_prompt_on_cuda_without_a_gpu_is_refused_before_loading(no_cuda, tmp_path, monkeypatch):
     from lmadapt.prompting import run_prompt, sources
+
+    model_loading = importlib.import_module("lmadapt.models")  # `lmadapt.models` is the API's
     from tests.prompting.conftest import prompt_config
 
     sources.load_lm.cache_clear()
     loaded = []
-    monkeypatch.setattr("lmadapt.models.load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: loaded.append(a))
     csv = tmp_path / "dev.csv"
     csv.write_text("text,label\ngood,1\nbad,0\n")
     cfg = prompt_config("unused-model", {"dev": csv, "train": csv}, tmp_path, device="cuda")

@@ -40,7 +40,7 @@ from lmadapt.session import (
     set_threads,
     start,
 )
-from lmadapt.tasks import Evaluation, build_task
+from lmadapt.tasks import TASKS, Evaluation, build_task
 from lmadapt.tasks.base import check_model_suits
 from lmadapt.train import distributed
 from lmadapt.train.loop import (
@@ -387,4 +387,46 @@ def predict(
     )
 
 
-__all__ = ["LoadedRun", "evaluate", "load_run", "predict", "prepare", "resume", "train"]
+def methods(model: str | None = "minilm") -> list[dict[str, Any]]:
+    """Every adaptation method with its summary and, unless `model` is None, its trainable and
+    total parameter counts on `model` with a 2-label classification head."""
+    from lmadapt.methods import METHODS
+    from lmadapt.schema import parse_section
+
+    rows = []
+    spec = resolve_model(model) if model else None
+    task = build_task(
+        parse_section(TASKS, "type", "classification", "task"), {"labels": ["0", "1"]}
+    )
+    for entry in METHODS:
+        trainable = total = None
+        if spec is not None:
+            method = build_method(parse_section(METHODS, "name", entry.name, "method"))
+            trainable, total = count_parameters(method.apply(task.build_model(spec), task))
+        rows.append(
+            {"name": entry.name, "about": entry.summary, "trainable": trainable, "total": total}
+        )
+    return rows
+
+
+def models() -> list[dict[str, Any]]:
+    """The embedded default models: name, whether installed, kind, the tasks it suits."""
+    from lmadapt.models import list_models
+
+    return [
+        {**row, "tasks": [e.name for e in TASKS if row.get("kind") in e.impl.model_kinds]}
+        for row in list_models()
+    ]
+
+
+__all__ = [
+    "LoadedRun",
+    "evaluate",
+    "load_run",
+    "methods",
+    "models",
+    "predict",
+    "prepare",
+    "resume",
+    "train",
+]

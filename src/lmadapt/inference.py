@@ -31,6 +31,42 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and cpu_has_bf16())
 
 
+def autocast_bf16(precision: str, device: torch.device) -> bool:
+    """Autocast where it pays: the CPU's bf16 units decide on the CPU, the GPU's support on CUDA."""
+    if device.type == "cuda":
+        return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    return use_bf16(precision)
+
+
+def bf16_frozen_base(base_dtype: str, bf16: bool, device: torch.device, strategy: str) -> bool:
+    """Whether a PEFT method's frozen weights train in bf16 (`train.base_dtype`; auto = on CUDA
+    with bf16 autocast)."""
+    if base_dtype == "fp32" or not bf16:
+        if base_dtype == "bf16":
+            raise ConfigError(
+                "train.base_dtype", "bf16 frozen weights need bf16 autocast, which is off here"
+            )
+        return False
+    if strategy == "fsdp":  # fsdp flattens each block's parameters into one dtype
+        if base_dtype == "bf16":
+            raise ConfigError("train.base_dtype", "fsdp needs one dtype per block; use fp32")
+        return False
+    return base_dtype == "bf16" or device.type == "cuda"
+
+
+def bf16_castable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights a bf16 frozen base holds in bf16: the floating-point parameters of modules
+    that train none of their own (BitFit's modules, which train their biases, stay fp32: ops
+    such as layer_norm take one dtype for all of their weights)."""
+    return [
+        p
+        for m in model.modules()
+        if not any(p.requires_grad for p in m.parameters(recurse=False))
+        for p in m.parameters(recurse=False)
+        if p.is_floating_point()
+    ]
+
+
 def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()

@@ -1,9 +1,10 @@
 """Generation: instruction tuning and continued pre-training of causal LMs, scored by decoding.
 
-Loss: next-token cross-entropy on response tokens only by default; `lm_loss_weight` α also trains
-prompt tokens with weight α (per-token weights, see `loss`). Evaluation decodes (greedy by default)
-and scores the text, so this task brings its own `evaluate_model` / `predict_model` instead of
-the logits path.
+Loss: next-token cross-entropy on response tokens only by default; `lm_loss_weight` β also trains
+prompt tokens with weight β (per-token weights, see `loss`); `align_weight` α gives instruction
+tuning's L = L_LM + α·L_align instead (two token means, see GenerationConfig.align_weight).
+Evaluation decodes (greedy by default) and scores the text, so this task brings its own
+`evaluate_model` / `predict_model` instead of the logits path.
 """
 
 from __future__ import annotations
@@ -59,8 +60,16 @@ class GenerationConfig:
     max_length: int = 1024
     """Longer examples are cut at the end (tokens); an example left without response is an error."""
     lm_loss_weight: float = 0.0
-    """α: prompt tokens (everything but responses) train with weight α, responses with 1;
-    0 = response-only loss."""
+    """β: prompt tokens (everything but responses) train with weight β, responses with 1, in one
+    token mean: Σ_resp ce + β·Σ_prompt ce over N_resp + β·N_prompt. 0 = response-only loss."""
+    align_weight: float | None = None
+    """α of the instruction-tuning objective L = L_LM + α·L_align: L_LM is the mean next-token
+    cross-entropy over every token of the sequence (prompt and response), L_align the mean over
+    response tokens only; each a mean over the batch's tokens. Per token that is weight 1/N_all
+    on prompt tokens and 1/N_all + α/N_resp on response tokens, i.e. lm_loss_weight
+    β = 1 / (1 + α·N_all/N_resp), which changes with each batch's mix; α -> ∞ gives α times the
+    response-only loss (lm_loss_weight 0), α = 0 plain language modelling. None = not used
+    (lm_loss_weight decides). Dev loss stays the response-only loss, comparable across runs."""
     packing: bool = False
     """Pack each batch's examples into rows of up to max_length tokens, attention kept within
     each example (positions restart per example). For methods that keep the input as it is
@@ -114,6 +123,14 @@ class GenerationConfig:
                 raise ConfigError(f"task.{name}", f"must be >= {low}, got {getattr(self, name)}")
         if self.lm_loss_weight < 0:
             raise ConfigError("task.lm_loss_weight", f"must be >= 0, got {self.lm_loss_weight}")
+        if self.align_weight is not None:
+            if self.align_weight < 0:
+                raise ConfigError("task.align_weight", f"must be >= 0, got {self.align_weight}")
+            if self.lm_loss_weight:
+                raise ConfigError(
+                    "task.align_weight",
+                    "replaces lm_loss_weight (L_LM already trains prompt tokens); set one of them",
+                )
         try:
             self.settings()  # the decoding values, checked where every caller's are
         except ConfigError as e:
@@ -226,7 +243,10 @@ class GenerationTask:
         per_example = [self.segments(ex, template) for ex in examples]
         flat = [s.text for segs in per_example for s in segs]
         ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"]
-        alpha, limit = float(self.cfg.lm_loss_weight), self.cfg.max_length
+        # L = L_LM + α·L_align reads every token's loss (weight 1) and the response mask (labels)
+        seed = self.cfg.align_weight is not None
+        beta = 1.0 if seed else float(self.cfg.lm_loss_weight)
+        limit = self.cfg.max_length
         feats, k = [], 0
         for ex, segs in zip(examples, per_example):
             ids, train = list(bos), [False] * len(bos)
@@ -246,7 +266,7 @@ class GenerationTask:
                     ex.line,
                 )
             labels = [t if on else IGNORE for t, on in zip(ids, train)]
-            weights = [1.0 if on else alpha for on in train]
+            weights = [1.0 if on else beta for on in train]
             labels[0], weights[0] = IGNORE, 0.0  # never a target (also not across packed rows)
             feats.append({"input_ids": ids, "labels": labels, "loss_weights": weights})
         return feats
@@ -288,14 +308,28 @@ class GenerationTask:
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted mean next-token cross-entropy: Σ w·ce / Σ w over shifted tokens.
 
-        With w = 1 on responses and α on prompt tokens this is the per-token form of
-        L = L_response + α·L_prompt (each prompt token counts α of a response token).
+        With w = 1 on responses and β on prompt tokens this is the per-token form of
+        L = L_response + β·L_prompt (each prompt token counts β of a response token). With
+        align_weight α, w = 1 on every token and the loss is L_LM + α·L_align, L_align the
+        mean over the response tokens (those with a label).
         """
         ids, w = batch["input_ids"], batch["loss_weights"]
         if logits.shape[1] < ids.shape[1]:  # only the loss positions (forward_kwargs)
-            pos = _loss_positions(w)
-            return _ce(logits, ids[:, pos + 1], w[:, pos + 1])
-        return _weighted_ce(_align(logits, batch), ids, w)
+            pos = _loss_positions(w) + 1
+
+            def targets(m: torch.Tensor) -> torch.Tensor:
+                return m[:, pos]
+        else:
+            logits = _align(logits, batch)[:, :-1]
+
+            def targets(m: torch.Tensor) -> torch.Tensor:
+                return m[:, 1:]
+
+        loss = _ce(logits, targets(ids), targets(w))
+        if self.cfg.align_weight is not None:
+            response = targets((batch["labels"] != IGNORE).float())
+            loss = loss + self.cfg.align_weight * _ce(logits, targets(ids), response)
+        return loss
 
     # ------------------------------------------------------------------ decoding
     def settings(self, **overrides: Any) -> GenerationSettings:
@@ -554,13 +588,6 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
 def _forward_takes(cls: type, name: str) -> bool:
     """Asked every training step; the signature is read once per model class."""
     return name in inspect.signature(cls.forward).parameters
-
-
-def _weighted_ce(
-    logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Σ w·ce / Σ w of predicting token t+1 at position t."""
-    return _ce(logits[:, :-1], input_ids[:, 1:], weights[:, 1:])
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,13 @@ from lmadapt.data.batching import length_grouped_batches, shuffled_batches
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.metrics import metric_direction
 from lmadapt.hooks import Hook
-from lmadapt.inference import autocast, model_inputs, use_bf16
+from lmadapt.inference import (
+    autocast,
+    autocast_bf16,
+    bf16_castable,
+    bf16_frozen_base,
+    model_inputs,
+)
 from lmadapt.io import write_text
 from lmadapt.train.checkpoint import (
     checkpoint_dir,
@@ -172,16 +178,8 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
 def frozen_in_bf16(model: torch.nn.Module) -> Any:
     """Cast the frozen floating-point weights to bf16 (the trained ones stay fp32, as AdamW
     needs); returns a function that puts the original fp32 tensors back. The originals are kept
-    where they are (on the CPU, before the model moves to a GPU), not copied. A module that also
-    trains one of its own weights (BitFit's biases) stays fp32: ops such as layer_norm take one
-    dtype for all of their weights."""
-    frozen = [
-        p
-        for m in model.modules()
-        if not any(p.requires_grad for p in m.parameters(recurse=False))
-        for p in m.parameters(recurse=False)
-        if p.is_floating_point()
-    ]
+    where they are (on the CPU, before the model moves to a GPU), not copied."""
+    frozen = bf16_castable(model)
     originals = [p.data for p in frozen]
     for p in frozen:
         p.data = p.data.to(torch.bfloat16)
@@ -191,28 +189,6 @@ def frozen_in_bf16(model: torch.nn.Module) -> Any:
             p.data = data
 
     return restore
-
-
-def _bf16_base(cfg: TrainConfig, device: torch.device, bf16: bool, strategy: str) -> bool:
-    """Whether the frozen weights train in bf16 (train.base_dtype)."""
-    if cfg.base_dtype == "fp32" or not bf16:
-        if cfg.base_dtype == "bf16":
-            raise ConfigError(
-                "train.base_dtype", "bf16 frozen weights need bf16 autocast, which is off here"
-            )
-        return False
-    if strategy == "fsdp":  # fsdp flattens each block's parameters into one dtype
-        if cfg.base_dtype == "bf16":
-            raise ConfigError("train.base_dtype", "fsdp needs one dtype per block; use fp32")
-        return False
-    return cfg.base_dtype == "bf16" or device.type == "cuda"
-
-
-def _bf16(precision: str, device: torch.device) -> bool:
-    """Autocast where it pays: the CPU's bf16 units decide on the CPU, the GPU's support on CUDA."""
-    if device.type == "cuda":
-        return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-    return use_bf16(precision)
 
 
 class Trainer:
@@ -239,8 +215,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or []
         self.state = TrainState()
-        self.bf16 = _bf16(cfg.precision, dist.device)
-        self.bf16_base = _bf16_base(cfg, dist.device, self.bf16, dist.strategy)
+        self.bf16 = autocast_bf16(cfg.precision, dist.device)
+        self.bf16_base = bf16_frozen_base(cfg.base_dtype, self.bf16, dist.device, dist.strategy)
         self.metric, self.mode = checkpoint_metric(cfg, task)
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
         self.lengths = [len(f["input_ids"]) for f in train_features]
