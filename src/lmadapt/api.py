@@ -324,6 +324,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
         m = info["model"]
         spec = ModelSpec(m["name"], m["path"], m["kind"], m.get("gguf_file"))
     task = build_task(config.task, info["task"])
+    check_model_suits(task, spec)
     tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind))
     return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
 

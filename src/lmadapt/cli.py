@@ -442,6 +442,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
+    p.add_argument("--num-beams", type=int, help="beam search width (default: the run's)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
 
@@ -458,6 +459,7 @@ def _decoding_settings(a: argparse.Namespace) -> dict:
         "top_p": a.top_p,
         "stop": a.stop,
         "seed": a.seed,
+        "num_beams": a.num_beams,
     }
     try:
         GenerationSettings(**{k: v for k, v in flags.items() if v is not None})

@@ -28,7 +28,7 @@ def load_lm(name: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
     where = resolve_device(device)
     spec = resolve_model(name)
     if spec.kind != "causal":
-        raise ConfigError("model", f"{name} is an encoder; this mode needs a causal LM")
+        raise ConfigError("model", f"{name} is a {spec.kind} model; this mode needs a causal LM")
     return load_model(spec, AutoModelForCausalLM).to(where).eval(), load_tokenizer(spec)
 
 

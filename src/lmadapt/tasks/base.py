@@ -56,6 +56,10 @@ class Task(Protocol):
     def fit(self, train: list[Any]) -> None:
         """Learn what the task needs from the training examples (e.g. the label set)."""
 
+    def use_model(self, spec: ModelSpec) -> None:
+        """Learn what the task needs from the model it will run on, before encoding (e.g. an
+        encoder-decoder's split of prompt and response); refuse settings it cannot use."""
+
     def check(self, examples: list[Any], bad: BadRows | None = None) -> list[Any]:
         """Validate non-training examples against what was learned (e.g. unseen labels);
         returns the ones that pass, the others going to `bad` as in `read`."""
@@ -109,13 +113,15 @@ class Task(Protocol):
 
 
 def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None:
-    """Refuse a model whose kind the task cannot use, naming the config field."""
+    """Refuse a model whose kind the task cannot use, naming the config field; else tell the
+    task which model it gets (`Task.use_model`)."""
     if spec.kind not in task.model_kinds:
         raise ConfigError(
             field,
             f"{spec.name} is a {spec.kind} model; task '{task.kind}' needs a "
             f"{' or '.join(task.model_kinds)} model",
         )
+    task.use_model(spec)
 
 
 class LogitsTask:
@@ -131,6 +137,9 @@ class LogitsTask:
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
         return {}
+
+    def use_model(self, spec: ModelSpec) -> None:
+        """A head over the model's output needs nothing from the model in advance."""
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """What evaluation and prediction keep of a batch's logits: all of them by default."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmadapt.data import Collator
-from lmadapt.data.batching import PackingCollator, token_budget_batches
+from lmadapt.data.batching import PackingCollator, Seq2SeqCollator, token_budget_batches
 from lmadapt.data.chat import CHAT_FORMATS, Conversation, read_conversations
 from lmadapt.data.templates import TEMPLATES, MarkupTemplate, Segment, build_template
 from lmadapt.data.validation import BadRows, collect
@@ -82,6 +82,8 @@ class GenerationConfig:
     """Greedy decoding by default; sampling uses temperature and top_p."""
     temperature: float = 1.0
     top_p: float = 1.0
+    num_beams: int = 1
+    """Beam search with this many beams (1 = greedy or sampling)."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the template's end-of-turn marker always stops)."""
     answer_pattern: str | None = None
@@ -107,6 +109,7 @@ class GenerationConfig:
             "top_p": self.top_p,
             "stop": list(self.stop),
             "seed": self.seed,
+            "num_beams": self.num_beams,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return GenerationSettings(**values)
@@ -150,11 +153,12 @@ class GenerationConfig:
 
 @TASKS.register("generation", GenerationConfig)
 class GenerationTask:
-    """Causal-LM generation: chat/instruction tuning or continued pre-training, no new head."""
+    """Generation with the model's own LM head: chat/instruction tuning or continued
+    pre-training of a causal LM, or prompt -> response with an encoder-decoder (T5, BART), whose
+    encoder reads the prompt and whose decoder is trained on the response."""
 
     kind = "generation"
-    peft_task_type = "CAUSAL_LM"
-    model_kinds = ("causal",)
+    model_kinds = ("causal", "seq2seq")
     endpoint = "generate"
     shares_backbone = False  # the LM head is the pretrained one, not a task head
     label_distribution = False
@@ -165,6 +169,8 @@ class GenerationTask:
         self.cfg = cfg
         self.labels = list(cfg.labels or [])
         self.template_name: str | None = (state or {}).get("template")
+        self.seq2seq = (state or {}).get("model_kind") == "seq2seq"
+        self.decoder_start: int | None = (state or {}).get("decoder_start")
         self.tokenizer: Any = None
         self.pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
         self.label_patterns = [
@@ -204,7 +210,42 @@ class GenerationTask:
         return ex
 
     def state(self) -> dict[str, Any]:
-        return {"template": self.template_name, "labels": self.cfg.labels}
+        state = {"template": self.template_name, "labels": self.cfg.labels}
+        if self.seq2seq:
+            state |= {"model_kind": "seq2seq", "decoder_start": self.decoder_start}
+        return state
+
+    @property
+    def peft_task_type(self) -> str:
+        return "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
+
+    def use_model(self, spec: Any) -> None:
+        """An encoder-decoder takes the prompt on the encoder and learns the response on the
+        decoder, which starts from the config's decoder_start_token_id; what only a causal LM
+        can do (train prompt tokens, pack rows, continue raw text) is refused here."""
+        self.seq2seq = spec.kind == "seq2seq"
+        if not self.seq2seq:
+            return
+        for name, value in (
+            ("packing", self.cfg.packing),
+            ("lm_loss_weight", self.cfg.lm_loss_weight),
+            ("align_weight", self.cfg.align_weight is not None),
+        ):
+            if value:
+                raise ConfigError(
+                    f"task.{name}",
+                    f"needs a causal LM; {spec.name} is an encoder-decoder, whose decoder "
+                    "learns the response alone",
+                )
+        from transformers import AutoConfig
+
+        kw = spec.load_kwargs()
+        kw.pop("use_safetensors", None)
+        config = AutoConfig.from_pretrained(spec.path, **kw)
+        start = config.decoder_start_token_id
+        if start is None:
+            start = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.decoder_start = int(start)
 
     def examples_from_texts(self, texts: list[str]) -> list[Conversation]:
         return [
@@ -254,6 +295,9 @@ class GenerationTask:
                 ids += ids_flat[k]
                 train += [s.train] * len(ids_flat[k])
                 k += 1
+            if self.seq2seq:
+                feats.append(self._seq2seq_feature(ex, ids, train, tokenizer))
+                continue
             n = len(ids)
             if ex.reference is None and ex.text is None:  # a prompt: keep its end
                 ids, train = ids[-limit:], train[-limit:]
@@ -271,19 +315,50 @@ class GenerationTask:
             feats.append({"input_ids": ids, "labels": labels, "loss_weights": weights})
         return feats
 
-    def collator(self, tokenizer: Any) -> Collator | PackingCollator:
+    def _seq2seq_feature(
+        self, ex: Conversation, ids: list[int], train: list[bool], tokenizer: Any
+    ) -> dict[str, Any]:
+        """Encoder input = everything before the last response, its end kept within max_length
+        and ending in eos (as T5 and BART saw inputs in pretraining); labels = that response,
+        cut at max_length, ending in eos."""
+        if ex.text is not None:
+            raise DataError(
+                ex.file,
+                "raw text (continued pre-training) needs a causal LM; an encoder-decoder "
+                "learns prompt -> response pairs",
+                ex.line,
+            )
+        limit = self.cfg.max_length
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+        def ended(part: list[int]) -> list[int]:
+            return part if not eos or part[-1:] == eos else part + eos
+
+        end = max((i + 1 for i, on in enumerate(train) if on), default=0)
+        start = end
+        while start and train[start - 1]:  # the last response: the last run of trained tokens
+            start -= 1
+        if ex.reference is None:  # a prompt to answer: all of it
+            return {"input_ids": ended(ids[-(limit - len(eos)) :])}
+        source = ended(ids[:start][-(limit - len(eos)) :])
+        return {"input_ids": source, "labels": ended(ids[start:end][: limit - len(eos)])}
+
+    def collator(self, tokenizer: Any) -> Collator | PackingCollator | Seq2SeqCollator:
         self.tokenizer = tokenizer
+        if self.seq2seq:
+            return Seq2SeqCollator(tokenizer.pad_token_id, self.decoder_start, IGNORE)
         if self.cfg.packing:
             return PackingCollator(tokenizer.pad_token_id, self.cfg.max_length)
         return Collator(tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
 
     # ------------------------------------------------------------------ model
     def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         from lmadapt.models import load_model
 
-        model = load_model(spec, AutoModelForCausalLM, trust_remote_code)
+        auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+        model = load_model(spec, auto, trust_remote_code)
         # No KV cache in training forward passes: it is useless there, and transformers only
         # honours packed position_ids without one. generate() turns it back on.
         model.config.use_cache = False
@@ -301,7 +376,7 @@ class GenerationTask:
         saves their time and most of the logits' memory. `loss` sees fewer positions than
         tokens and picks the same ones again.
         """
-        if not (self.cfg.loss_positions_only and _keeps_logits(model)):
+        if self.seq2seq or not (self.cfg.loss_positions_only and _keeps_logits(model)):
             return {}
         return {"logits_to_keep": _loss_positions(batch["loss_weights"])}
 
@@ -313,6 +388,9 @@ class GenerationTask:
         align_weight α, w = 1 on every token and the loss is L_LM + α·L_align, L_align the
         mean over the response tokens (those with a label).
         """
+        if self.seq2seq:  # decoder logits (B, T_dec, V) line up with the labels, unshifted
+            labels = batch["labels"]
+            return _ce(_align(logits, {"input_ids": labels}), labels, (labels != IGNORE).float())
         ids, w = batch["input_ids"], batch["loss_weights"]
         if logits.shape[1] < ids.shape[1]:  # only the loss positions (forward_kwargs)
             pos = _loss_positions(w) + 1
@@ -358,6 +436,8 @@ class GenerationTask:
     def prompt_ids(self, feature: dict[str, Any], example: Conversation) -> list[int]:
         """The tokens before the last response (the whole input for an unlabelled prompt;
         raw text without its end-of-text token, to be continued)."""
+        if self.seq2seq:  # the encoder's input is the prompt
+            return feature["input_ids"]
         if example.text is not None:
             return feature["input_ids"][:-1] or feature["input_ids"]
         labels = feature["labels"]
@@ -403,7 +483,11 @@ class GenerationTask:
     @torch.no_grad()
     def response_loss(self, model: torch.nn.Module, features: list[dict[str, Any]]) -> float:
         """Mean cross-entropy over response tokens (teacher forcing), fp32, token-weighted."""
-        collate = Collator(self.tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+        collate = (
+            self.collator(self.tokenizer)
+            if self.seq2seq
+            else Collator(self.tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+        )
         forward = on_model_device(model)
         was_training = model.training
         model.eval()
@@ -413,8 +497,11 @@ class GenerationTask:
                 [len(f["input_ids"]) for f in features], EVAL_TOKENS_PER_BATCH
             ):
                 batch = collate([features[i] for i in idx])
-                batch["loss_weights"] = (batch["labels"] != IGNORE).float()
-                n = float(batch["loss_weights"][:, 1:].sum())
+                if self.seq2seq:
+                    n = float((batch["labels"] != IGNORE).sum())
+                else:
+                    batch["loss_weights"] = (batch["labels"] != IGNORE).float()
+                    n = float(batch["loss_weights"][:, 1:].sum())
                 if n:
                     inputs = model_inputs(batch) | self.forward_kwargs(model, batch)
                     total += float(self.loss(forward(**inputs).logits, batch)) * n
