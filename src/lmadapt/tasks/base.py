@@ -99,6 +99,11 @@ class Task(Protocol):
     ) -> list[dict[str, Any]]:
         """Task-level predictions (labels, entities, text) for unlabelled examples."""
 
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """After training: fit what calibrates the task's confidences on `evaluations["dev"]`
+        (kept in `state`), add its effect to each evaluation, and return what metrics.json
+        records at its top level (e.g. the temperature); {} where the task calibrates nothing."""
+
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
 
@@ -130,6 +135,9 @@ class LogitsTask:
     def forward_kwargs(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
+        return {}
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
         return {}
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, spli
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.tasks import TASKS
@@ -295,7 +296,44 @@ class TokenClassificationTask(LogitsTask):
     def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
         pred = self.predicted_tags(logits, examples)
         gold = [ex.tags or [] for ex in examples]
-        return sequence_metrics(gold, pred, self.labels, self.cfg.strict)
+        ev = sequence_metrics(gold, pred, self.labels, self.cfg.strict)
+        ev.details |= self._error_analysis(gold, pred, examples)
+        return ev
+
+    def _error_analysis(
+        self, gold: list[list[str]], pred: list[list[str]], examples: list[Example]
+    ) -> dict[str, Any]:
+        """Details for report.md: the sentences with the most entity errors (gold entities
+        missed plus predicted ones not in gold, matched exactly as seqeval does) and entity F1
+        per sentence-length slice."""
+        strict = self.cfg.strict
+        found = [(set(entities(g, strict)), set(entities(p, strict))) for g, p in zip(gold, pred)]
+        errors = [len(g ^ p) for g, p in found]
+
+        def shown(ex: Example, spans: set[tuple[str, int, int]]) -> str:
+            return "; ".join(
+                f"{k}: {' '.join(ex.words[s:e])}" for k, s, e in sorted(spans, key=lambda x: x[1])
+            )
+
+        def row(i: int) -> dict[str, Any]:
+            ex, (g, p) = examples[i], found[i]
+            return {
+                "sentence": " ".join(ex.words),
+                "errors": errors[i],
+                "gold": shown(ex, g) or "–",
+                "predicted": shown(ex, p) or "–",
+            }
+
+        def f1(idx: np.ndarray) -> float:
+            part = sequence_metrics(
+                [gold[i] for i in idx], [pred[i] for i in idx], self.labels, strict
+            )
+            return part.metrics["f1"]
+
+        return {
+            "worst_sentences": [row(i) for i in ranked(errors, [e > 0 for e in errors])],
+            "length_slices": length_slices([len(ex.words) for ex in examples], f1),
+        }
 
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
         """Entities with type, text, character offsets into `text`, and a confidence score.
@@ -348,6 +386,10 @@ class TokenClassificationTask(LogitsTask):
                 ["gold \\ pred", *d["labels"]],
                 [[f"**{g}**", *row] for g, row in zip(d["labels"], d["confusion_matrix"])],
             ),
+            "### Sentences with the most entity errors (missed + spurious entities)\n\n"
+            + examples_markdown(d["worst_sentences"], ["sentence", "errors", "gold", "predicted"]),
+            f"### Entity F1 by sentence length ({mode} mode)\n\n"
+            + slices_markdown(d["length_slices"], "words", "entity f1"),
         ]
         return "\n\n".join(parts)
 
