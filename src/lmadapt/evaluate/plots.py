@@ -132,5 +132,5 @@ def reliability_diagram(panels: dict[str, dict], path: Path, title: str = "") ->
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name} (ECE {data['ece']:.4f})")
         ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle(title or "reliability diagram")
+    fig.suptitle(title or "reliability diagram", y=1.03)
     _save(fig, path)
