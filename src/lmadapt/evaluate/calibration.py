@@ -1,7 +1,8 @@
-"""Confidence calibration of single-label predictions: expected calibration error, reliability
-diagram data and temperature scaling, as in Guo et al. 2017, "On Calibration of Modern Neural
-Networks" (ICML): top-label confidence, M equal-width bins (15 there), one temperature T fitted
-by minimising the dev negative log-likelihood of softmax(logits / T).
+"""Confidence calibration of predicted distributions (a text's label, a word's tag): expected
+calibration error, reliability diagram data and temperature scaling, as in Guo et al. 2017, "On
+Calibration of Modern Neural Networks" (ICML): top-label confidence, M equal-width bins (15
+there), one temperature T fitted by minimising the dev negative log-likelihood of
+softmax(logits / T).
 
 Hand-written because it is a few lines over numpy/scipy: scikit-learn calibrates with Platt or
 isotonic regression (not one temperature over softmax logits), and the libraries that do
@@ -10,11 +11,16 @@ temperature scaling bring a framework of their own for a one-parameter fit.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+
+from lmadapt.errors import LmadaptError
+from lmadapt.evaluate import plots
+from lmadapt.evaluate.metrics import Evaluation
 
 N_BINS = 15
 """Guo et al. 2017's bin count."""
@@ -82,3 +88,83 @@ def fit_temperature(logits: np.ndarray, gold: np.ndarray) -> float:
     )
     temperature = float(np.exp(found.x))
     return temperature if nll(logits, gold, temperature) < nll(logits, gold) else 1.0
+
+
+# ---------------------------------------------------------------------- on evaluations
+# What a task that predicts one distribution per item (a text, a word) reports and fits.
+
+
+def add_calibration(
+    ev: Evaluation, logits: np.ndarray, gold: np.ndarray, temperature: float | None = None
+) -> None:
+    """`ece` and reliability of (N, C) `logits` against (N,) gold indices into `ev`, keeping
+    both for fitting; with a fitted `temperature`, the calibrated ECE too."""
+    rel = reliability(softmax(np.asarray(logits, dtype=np.float64), axis=-1), gold)
+    ev.metrics["ece"] = rel["ece"]
+    ev.details |= {"logits": logits, "gold": gold, "reliability": rel}
+    if temperature is not None:
+        add_calibrated(ev, temperature)
+
+
+def add_calibrated(ev: Evaluation, temperature: float) -> None:
+    """`ece_calibrated` and its reliability under `temperature` into `ev` (see add_calibration)."""
+    rel = reliability(scaled_probs(ev.details["logits"], temperature), ev.details["gold"])
+    ev.metrics["ece_calibrated"] = rel["ece"]
+    ev.details |= {"reliability_calibrated": rel, "temperature": temperature}
+
+
+def fit_on_dev(evaluations: dict[str, Evaluation]) -> float | None:
+    """The temperature fitted on the dev evaluation's kept logits, its effect added to every
+    evaluation; None without a dev evaluation that kept them."""
+    dev = evaluations.get("dev")
+    if dev is None or "logits" not in dev.details:
+        return None
+    temperature = fit_temperature(dev.details["logits"], dev.details["gold"])
+    for ev in evaluations.values():
+        add_calibrated(ev, temperature)
+    return temperature
+
+
+def require_fitted(temperature: float | None) -> float:
+    """The fitted temperature that `task.calibrate` applies, refused in one line when the run
+    has none."""
+    if temperature is None:
+        raise LmadaptError(
+            "task.calibrate is true but this run has no fitted temperature (it was trained "
+            "without a dev set); set task.calibrate to false in its config.yaml"
+        )
+    return temperature
+
+
+def calibration_markdown(ev: Evaluation, unit: str) -> str:
+    """report.md section: ECE before and after temperature scaling, `unit` naming what one
+    prediction is (e.g. 'text', 'word')."""
+    m, d = ev.metrics, ev.details
+    lines = [
+        "### Calibration",
+        "",
+        f"Expected calibration error of the top-label confidence, one prediction per {unit} "
+        f"({len(d['reliability']['bins'])} equal-width bins, Guo et al. 2017).",
+        "",
+        f"- ECE: {m['ece']:.4f}",
+    ]
+    if "ece_calibrated" in m:
+        lines.append(
+            f"- ECE after temperature scaling (T = {d['temperature']:.4f}, fitted on dev): "
+            f"{m['ece_calibrated']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def reliability_plot(ev: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
+    """`<prefix>reliability.png`: the model's reliability diagram, and the temperature-scaled
+    one beside it once fitted; nothing where the evaluation has no calibration data."""
+    d = ev.details
+    if "reliability" not in d:
+        return []
+    panels = {"model": d["reliability"]}
+    if "reliability_calibrated" in d:
+        panels[f"T = {d['temperature']:.3f}"] = d["reliability_calibrated"]
+    path = out_dir / f"{prefix}reliability.png"
+    plots.reliability_diagram(panels, path, title=f"{prefix}reliability diagram")
+    return [path]

@@ -14,10 +14,9 @@ from scipy.special import expit, softmax
 from lmadapt.data import Collator
 from lmadapt.data.readers import Record, get_text, read_records
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.errors import ConfigError, DataError
+from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate import metrics as M
-from lmadapt.evaluate import plots
-from lmadapt.evaluate.calibration import fit_temperature, reliability, scaled_probs
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.tasks import TASKS
@@ -290,12 +289,8 @@ class ClassificationTask(LogitsTask):
             return M.multilabel_metrics(pred, gold, self.labels)
         gold = np.array([self._target(ex) for ex in examples])
         ev = M.single_label_metrics(probs.argmax(-1), gold, self.labels)
-        rel = reliability(probs, gold)
-        ev.metrics["ece"] = rel["ece"]
-        ev.details |= {"logits": logits, "gold": gold, "reliability": rel}
+        calibration.add_calibration(ev, logits, gold, self.temperature)
         ev.details |= self._error_analysis(probs, gold, examples)
-        if self.temperature is not None:
-            self._add_calibrated(ev)
         return ev
 
     def _error_analysis(
@@ -323,34 +318,21 @@ class ClassificationTask(LogitsTask):
             "length_slices": length_slices(lengths, lambda idx: correct[idx].mean()),
         }
 
-    def _add_calibrated(self, ev: Evaluation) -> None:
-        """ECE and reliability of `ev`'s predictions under the fitted temperature."""
-        rel = reliability(scaled_probs(ev.details["logits"], self.temperature), ev.details["gold"])
-        ev.metrics["ece_calibrated"] = rel["ece"]
-        ev.details |= {"reliability_calibrated": rel, "temperature": self.temperature}
-
     def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
         """Single-label: temperature scaling fitted on the dev logits (kept in `state`), with
         each evaluation's calibrated ECE added; nothing for other problems or without dev."""
-        dev = evaluations.get("dev")
-        if not self.label_distribution or dev is None:
+        if not self.label_distribution:
             return {}
-        self.temperature = fit_temperature(dev.details["logits"], dev.details["gold"])
-        for ev in evaluations.values():
-            self._add_calibrated(ev)
-        return {"temperature": self.temperature}
+        self.temperature = calibration.fit_on_dev(evaluations)
+        return {} if self.temperature is None else {"temperature": self.temperature}
 
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
         logits = np.stack(logits)  # (N, C)
         if self.regression:
             return [{"text": ex.text, "score": float(v)} for ex, v in zip(examples, logits[:, 0])]
-        if self.cfg.calibrate:
-            if self.temperature is None:
-                raise LmadaptError(
-                    "task.calibrate is true but this run has no fitted temperature (it was "
-                    "trained without a dev set); set task.calibrate to false in its config.yaml"
-                )
-            probs = scaled_probs(logits, self.temperature)
+        if self.cfg.calibrate:  # softmax(logits / T): the same labels, calibrated confidences
+            t = calibration.require_fitted(self.temperature)
+            probs = calibration.scaled_probs(logits, t)
         else:
             probs = self._probs(logits)
         out = []
@@ -370,7 +352,7 @@ class ClassificationTask(LogitsTask):
         parts = [classification_report_markdown(evaluation)]
         d = evaluation.details
         if "reliability" in d:
-            parts.append(self._calibration_markdown(evaluation))
+            parts.append(calibration.calibration_markdown(evaluation, "text"))
             columns = ["text", "gold", "predicted", "confidence"]
             parts += [
                 "### Most confident errors\n\n" + examples_markdown(d["confident_errors"], columns),
@@ -381,38 +363,10 @@ class ClassificationTask(LogitsTask):
             ]
         return "\n\n".join(p for p in parts if p)
 
-    @staticmethod
-    def _calibration_markdown(evaluation: Evaluation) -> str:
-        m, d = evaluation.metrics, evaluation.details
-        n_bins = len(d["reliability"]["bins"])
-        lines = [
-            "### Calibration",
-            "",
-            f"Expected calibration error of the top-label confidence ({n_bins} equal-width bins, "
-            "Guo et al. 2017); the confidences ranked below are the model's own.",
-            "",
-            f"- ECE: {m['ece']:.4f}",
-        ]
-        if "ece_calibrated" in m:
-            lines.append(
-                f"- ECE after temperature scaling (T = {d['temperature']:.4f}, fitted on dev): "
-                f"{m['ece_calibrated']:.4f}"
-            )
-        return "\n".join(lines)
-
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
-        d = evaluation.details
-        cm = d.get("confusion_matrix")
+        cm = evaluation.details.get("confusion_matrix")
         if cm is None:
             return []
         path = out_dir / f"{prefix}confusion_matrix.png"
         plots.confusion_matrix(np.array(cm), self.labels, path, title=f"{prefix}confusion matrix")
-        written = [path]
-        if "reliability" in d:
-            panels = {"model": d["reliability"]}
-            if "reliability_calibrated" in d:
-                panels[f"T = {d['temperature']:.3f}"] = d["reliability_calibrated"]
-            path = out_dir / f"{prefix}reliability.png"
-            plots.reliability_diagram(panels, path, title=f"{prefix}reliability diagram")
-            written.append(path)
-        return written
+        return [path, *calibration.reliability_plot(evaluation, out_dir, prefix)]
