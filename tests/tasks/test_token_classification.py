@@ -13,7 +13,7 @@ from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.cli import main
 from lmadapt.config import ConfigError, build_run_config
 from lmadapt.data.tagged import split_words
-from lmadapt.errors import DataError
+from lmadapt.errors import DataError, LmadaptError
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.methods import METHODS
 from lmadapt.schema import parse_section
@@ -360,6 +360,10 @@ def test_train_evaluate_predict(tmp_path, tiny_bert, ner_files, method, lr, epoc
     assert (run / "plots" / "dev_tag_confusion_matrix.png").is_file()
     assert "### Sentences with the most entity errors" in report
     assert "### Entity F1 by sentence length" in report
+    assert "### Calibration" in report and (run / "plots" / "dev_reliability.png").is_file()
+    t = metrics["temperature"]
+    assert json.loads((run / "run.json").read_text())["task"]["temperature"] == t
+    assert {"ece", "ece_calibrated"} <= set(metrics["dev"])
     assert metrics["dev"]["f1"] > 0.9  # the toy task is learnable in a few dozen steps
 
     ev, _ = evaluate(run, ner_files["dev"])
@@ -375,6 +379,11 @@ def test_train_evaluate_predict(tmp_path, tiny_bert, ner_files, method, lr, epoc
     for ent in row["entities"]:
         assert text[ent["start"] : ent["end"]] == ent["text"]
         assert ent["type"] in ("PER", "LOC") and 0 < ent["score"] <= 1
+    loaded.task.cfg.calibrate = True  # the same entities, scores from softmax(logits / T)
+    (calibrated,) = predict(loaded, [text])
+    assert [e["text"] for e in calibrated["entities"]] == [e["text"] for e in row["entities"]]
+    assert t == 1.0 or calibrated["entities"][0]["score"] != row["entities"][0]["score"]
+    loaded.task.cfg.calibrate = False
     pre = write_jsonl(tmp_path / "pre.jsonl", [{"tokens": ["Grace", "flew", "to", "Tokyo"]}])
     (row,) = predict(loaded, file=pre)
     assert row["tokens"] == ["Grace", "flew", "to", "Tokyo"]
@@ -433,6 +442,16 @@ def test_error_analysis_lists_worst_sentences_and_length_slices(tokenizer):
     report = task.report(ev)
     assert "| Erin saw Lima | 2 | PER: Erin; LOC: Lima | LOC: Erin; LOC: Lima |" in report
     assert "| 8 | 1 | 0.4000 |" in report
+    # calibration over the 17 words: 14 right, each with the same confidence
+    confidence = np.exp(5.0) / (np.exp(5.0) + 4)
+    assert ev.metrics["ece"] == pytest.approx(abs(14 / 17 - confidence))
+    assert "### Calibration" in report and "one prediction per word" in report
+    assert task.fit_calibration({"dev": ev}) == {"temperature": task.temperature}
+    assert "ece_calibrated" in ev.metrics and task.state()["temperature"] == task.temperature
+    task.cfg.calibrate = True
+    task.temperature = None
+    with pytest.raises(LmadaptError, match="no fitted temperature"):
+        task.decode(logits, examples)
 
 
 def test_decode_offsets_slice_the_entity_text(tokenizer):
