@@ -353,6 +353,7 @@ class ClassificationTask(LogitsTask):
         d = evaluation.details
         if "reliability" in d:
             parts.append(calibration.calibration_markdown(evaluation, "text"))
+        if "confident_errors" in d:
             columns = ["text", "gold", "predicted", "confidence"]
             parts += [
                 "### Most confident errors\n\n" + examples_markdown(d["confident_errors"], columns),

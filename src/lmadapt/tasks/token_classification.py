@@ -360,12 +360,13 @@ class TokenClassificationTask(LogitsTask):
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
         """Entities with type, text, character offsets into `text`, and a confidence score.
 
-        The score is the mean over the entity's words of the top softmax probability.
+        The score is the mean over the entity's words of the top softmax probability
+        (temperature-scaled under `task.calibrate`).
         """
         t = calibration.require_fitted(self.temperature) if self.cfg.calibrate else 1.0
         out = []
         for ex, rows in zip(examples, self.word_logits(logits, examples)):
-            probs = softmax(rows / t, axis=-1)  # (n_words, C); T only softens the scores
+            probs = softmax(rows / t, axis=-1)  # (n_words, C); T rescales scores, not tags
             tags = [self.labels[i] for i in probs.argmax(-1)]
             top = probs.max(-1)
             found = []
