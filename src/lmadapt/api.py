@@ -231,6 +231,9 @@ def _train_and_report(
             evals[split] = task.evaluate_model(
                 model, data.features[split], getattr(data, split), collate, bs
             )
+    # Fitted on dev (e.g. a temperature); run.json is rewritten so the run keeps it.
+    calibration = task.fit_calibration(evals)
+    write_json(out / "run.json", run_info(config.method.name, spec, task))
     metrics = {
         "run_dir": str(out),
         "task": task.kind,
@@ -254,6 +257,7 @@ def _train_and_report(
         "processes": dist.world_size,
         **bad_rows_metrics(data.bad_rows),
         **{split: ev.metrics for split, ev in evals.items()},
+        **calibration,
     }
     plot_dir = out / "plots"
     images = training_curves(result.state.history, trainer.metric, plot_dir)

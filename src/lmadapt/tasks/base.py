@@ -103,6 +103,11 @@ class Task(Protocol):
     ) -> list[dict[str, Any]]:
         """Task-level predictions (labels, entities, text) for unlabelled examples."""
 
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """After training: fit what calibrates the task's confidences on `evaluations["dev"]`
+        (kept in `state`), add its effect to each evaluation, and return what metrics.json
+        records at its top level (e.g. the temperature); {} where the task calibrates nothing."""
+
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
 
@@ -140,6 +145,9 @@ class LogitsTask:
 
     def use_model(self, spec: ModelSpec) -> None:
         """A head over the model's output needs nothing from the model in advance."""
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        return {}
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """What evaluation and prediction keep of a batch's logits: all of them by default."""

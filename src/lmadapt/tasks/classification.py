@@ -15,8 +15,9 @@ from lmadapt.data import Collator
 from lmadapt.data.readers import Record, get_text, read_records
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
+from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate import metrics as M
-from lmadapt.evaluate import plots
+from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
@@ -40,6 +41,10 @@ class ClassificationConfig:
     """Multi-label: a label is predicted when its sigmoid probability reaches this."""
     max_length: int = 128
     """Longer inputs are truncated (tokens)."""
+    calibrate: bool = False
+    """Single-label: predict and serve give temperature-scaled probabilities, softmax(logits / T)
+    with the T fitted on the dev set after training (Guo et al. 2017); labels are unchanged.
+    Needs a dev set. Off by default, so probabilities stay the model's own unless asked."""
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
@@ -48,6 +53,10 @@ class ClassificationConfig:
             raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
         if not self.label_delimiter:
             raise ConfigError("task.label_delimiter", "must not be empty")
+        if self.calibrate and self.problem != "single_label":
+            raise ConfigError(
+                "task.calibrate", f"applies to single_label problems, not {self.problem}"
+            )
 
 
 @dataclass
@@ -72,6 +81,8 @@ class ClassificationTask(LogitsTask):
     def __init__(self, cfg: ClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
         self.labels: list[str] = list(state["labels"]) if state else []
+        self.temperature: float | None = state.get("temperature") if state else None
+        """Single-label: the temperature fitted on dev after training (None before)."""
         if state:
             cfg.text_column = state.get("text_column", cfg.text_column)
             cfg.text_pair_column = state.get("text_pair_column", cfg.text_pair_column)
@@ -87,7 +98,7 @@ class ClassificationTask(LogitsTask):
             if self.regression
             else ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "loss")
             if self.multi
-            else ("accuracy", "macro_f1", "loss")
+            else ("accuracy", "macro_f1", "ece", "loss")
         )
 
     # ------------------------------------------------------------------ data
@@ -186,6 +197,7 @@ class ClassificationTask(LogitsTask):
             "problem": self.cfg.problem,
             "text_column": self.cfg.text_column,
             "text_pair_column": self.cfg.text_pair_column,
+            **({"temperature": self.temperature} if self.label_distribution else {}),
         }
 
     def examples_from_texts(self, texts: list[str]) -> list[Example]:
@@ -276,13 +288,53 @@ class ClassificationTask(LogitsTask):
             pred = (probs >= self.cfg.threshold).astype(int)
             return M.multilabel_metrics(pred, gold, self.labels)
         gold = np.array([self._target(ex) for ex in examples])
-        return M.single_label_metrics(probs.argmax(-1), gold, self.labels)
+        ev = M.single_label_metrics(probs.argmax(-1), gold, self.labels)
+        calibration.add_calibration(ev, logits, gold, self.temperature)
+        ev.details |= self._error_analysis(probs, gold, examples)
+        return ev
+
+    def _error_analysis(
+        self, probs: np.ndarray, gold: np.ndarray, examples: list[Example]
+    ) -> dict[str, Any]:
+        """Details for report.md: the most confident errors, the least confident correct
+        predictions (by the model's own top-label probability) and accuracy per length slice."""
+        pred, confidence = probs.argmax(-1), probs.max(-1)
+        correct = pred == gold
+
+        def row(i: int) -> dict[str, Any]:
+            ex = examples[i]
+            text = ex.text + (f" ‖ {ex.text_pair}" if ex.text_pair else "")
+            return {
+                "text": text,
+                "gold": self.labels[gold[i]],
+                "predicted": self.labels[pred[i]],
+                "confidence": float(confidence[i]),
+            }
+
+        lengths = [len(ex.text.split()) + len((ex.text_pair or "").split()) for ex in examples]
+        return {
+            "confident_errors": [row(i) for i in ranked(confidence, ~correct)],
+            "unsure_correct": [row(i) for i in ranked(confidence, correct, highest=False)],
+            "length_slices": length_slices(lengths, lambda idx: correct[idx].mean()),
+        }
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """Single-label: temperature scaling fitted on the dev logits (kept in `state`), with
+        each evaluation's calibrated ECE added; nothing for other problems or without dev."""
+        if not self.label_distribution:
+            return {}
+        self.temperature = calibration.fit_on_dev(evaluations)
+        return {} if self.temperature is None else {"temperature": self.temperature}
 
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
         logits = np.stack(logits)  # (N, C)
         if self.regression:
             return [{"text": ex.text, "score": float(v)} for ex, v in zip(examples, logits[:, 0])]
-        probs = self._probs(logits)
+        if self.cfg.calibrate:  # softmax(logits / T): the same labels, calibrated confidences
+            t = calibration.require_fitted(self.temperature)
+            probs = calibration.scaled_probs(logits, t)
+        else:
+            probs = self._probs(logits)
         out = []
         for ex, p in zip(examples, probs):
             scores = {n: round(float(v), 6) for n, v in zip(self.labels, p)}
@@ -297,7 +349,20 @@ class ClassificationTask(LogitsTask):
         return out
 
     def report(self, evaluation: Evaluation) -> str:
-        return classification_report_markdown(evaluation)
+        parts = [classification_report_markdown(evaluation)]
+        d = evaluation.details
+        if "reliability" in d:
+            parts.append(calibration.calibration_markdown(evaluation, "text"))
+        if "confident_errors" in d:
+            columns = ["text", "gold", "predicted", "confidence"]
+            parts += [
+                "### Most confident errors\n\n" + examples_markdown(d["confident_errors"], columns),
+                "### Least confident correct predictions\n\n"
+                + examples_markdown(d["unsure_correct"], columns),
+                "### Accuracy by input length\n\n"
+                + slices_markdown(d["length_slices"], "words", "accuracy"),
+            ]
+        return "\n\n".join(p for p in parts if p)
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
         cm = evaluation.details.get("confusion_matrix")
@@ -305,4 +370,4 @@ class ClassificationTask(LogitsTask):
             return []
         path = out_dir / f"{prefix}confusion_matrix.png"
         plots.confusion_matrix(np.array(cm), self.labels, path, title=f"{prefix}confusion matrix")
-        return [path]
+        return [path, *calibration.reliability_plot(evaluation, out_dir, prefix)]

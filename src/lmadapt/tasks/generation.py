@@ -620,6 +620,10 @@ class GenerationTask:
         return rows
 
     # ------------------------------------------------------------------ report
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """Generated text has no label confidence to calibrate."""
+        return {}
+
     def report(self, evaluation: Evaluation) -> str:
         parts = []
         samples = evaluation.details.get("samples")

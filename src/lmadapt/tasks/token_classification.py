@@ -22,7 +22,8 @@ from lmadapt.data import Collator
 from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, split_words
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError
-from lmadapt.evaluate import plots
+from lmadapt.evaluate import calibration, plots
+from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.tasks import TASKS
@@ -59,6 +60,10 @@ class TokenClassificationConfig:
     """JSONL: raw text (split into words by the task) ..."""
     spans_field: str = "spans"
     """... and its entities as [{start, end, label}] character offsets (end exclusive)."""
+    calibrate: bool = False
+    """Entity scores in predict and serve come from temperature-scaled word probabilities,
+    softmax(logits / T) with the T fitted on the dev words after training (Guo et al. 2017);
+    tags are unchanged. Needs a dev set. Off by default: scores stay the model's own."""
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -105,11 +110,13 @@ class TokenClassificationTask(LogitsTask):
     description = "token_classification"
     per_token = True
     default_metric = "f1"
-    metric_names = ("f1", "precision", "recall", "macro_f1", "accuracy", "loss")
+    metric_names = ("f1", "precision", "recall", "macro_f1", "accuracy", "ece", "loss")
 
     def __init__(self, cfg: TokenClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
         self.labels: list[str] = list(state["labels"]) if state else []
+        self.temperature: float | None = state.get("temperature") if state else None
+        """The temperature fitted on the dev words after training (None before)."""
 
     @property
     def types(self) -> list[str]:
@@ -161,7 +168,7 @@ class TokenClassificationTask(LogitsTask):
         return ex
 
     def state(self) -> dict[str, Any]:
-        return {"labels": self.labels}
+        return {"labels": self.labels, "temperature": self.temperature}
 
     def examples_from_texts(self, texts: list[str]) -> list[Example]:
         out = []
@@ -290,21 +297,76 @@ class TokenClassificationTask(LogitsTask):
         return out
 
     def predicted_tags(self, logits: list[np.ndarray], examples: list[Example]) -> list[list[str]]:
-        return [[self.labels[i] for i in w.argmax(-1)] for w in self.word_logits(logits, examples)]
+        return self._tags(self.word_logits(logits, examples))
+
+    def _tags(self, word_logits: list[np.ndarray]) -> list[list[str]]:
+        return [[self.labels[i] for i in w.argmax(-1)] for w in word_logits]
 
     def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
-        pred = self.predicted_tags(logits, examples)
+        words = self.word_logits(logits, examples)
+        pred = self._tags(words)
         gold = [ex.tags or [] for ex in examples]
-        return sequence_metrics(gold, pred, self.labels, self.cfg.strict)
+        ev = sequence_metrics(gold, pred, self.labels, self.cfg.strict)
+        ev.details |= self._error_analysis(gold, pred, examples)
+        if words:  # calibration of the per-word tag distribution
+            index = {t: i for i, t in enumerate(self.labels)}
+            flat = np.concatenate(words)  # (total words, C)
+            tags = np.array([index[t] for seq in gold for t in seq])
+            scored = np.isfinite(flat).all(-1)  # words without a subword have no distribution
+            calibration.add_calibration(ev, flat[scored], tags[scored], self.temperature)
+        return ev
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """Temperature scaling fitted on the dev words' logits (kept in `state`), with each
+        evaluation's calibrated ECE added; nothing without a dev set."""
+        self.temperature = calibration.fit_on_dev(evaluations)
+        return {} if self.temperature is None else {"temperature": self.temperature}
+
+    def _error_analysis(
+        self, gold: list[list[str]], pred: list[list[str]], examples: list[Example]
+    ) -> dict[str, Any]:
+        """Details for report.md: the sentences with the most entity errors (gold entities
+        missed plus predicted ones not in gold, matched exactly as seqeval does) and entity F1
+        per sentence-length slice."""
+        strict = self.cfg.strict
+        found = [(set(entities(g, strict)), set(entities(p, strict))) for g, p in zip(gold, pred)]
+        errors = [len(g ^ p) for g, p in found]
+
+        def shown(ex: Example, spans: set[tuple[str, int, int]]) -> str:
+            return "; ".join(
+                f"{k}: {' '.join(ex.words[s:e])}" for k, s, e in sorted(spans, key=lambda x: x[1])
+            )
+
+        def row(i: int) -> dict[str, Any]:
+            ex, (g, p) = examples[i], found[i]
+            return {
+                "sentence": " ".join(ex.words),
+                "errors": errors[i],
+                "gold": shown(ex, g) or "–",
+                "predicted": shown(ex, p) or "–",
+            }
+
+        def f1(idx: np.ndarray) -> float:
+            part = sequence_metrics(
+                [gold[i] for i in idx], [pred[i] for i in idx], self.labels, strict
+            )
+            return part.metrics["f1"]
+
+        return {
+            "worst_sentences": [row(i) for i in ranked(errors, [e > 0 for e in errors])],
+            "length_slices": length_slices([len(ex.words) for ex in examples], f1),
+        }
 
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
         """Entities with type, text, character offsets into `text`, and a confidence score.
 
-        The score is the mean over the entity's words of the top softmax probability.
+        The score is the mean over the entity's words of the top softmax probability
+        (temperature-scaled under `task.calibrate`).
         """
+        t = calibration.require_fitted(self.temperature) if self.cfg.calibrate else 1.0
         out = []
         for ex, rows in zip(examples, self.word_logits(logits, examples)):
-            probs = softmax(rows, axis=-1)
+            probs = softmax(rows / t, axis=-1)  # (n_words, C); T rescales scores, not tags
             tags = [self.labels[i] for i in probs.argmax(-1)]
             top = probs.max(-1)
             found = []
@@ -349,6 +411,14 @@ class TokenClassificationTask(LogitsTask):
                 [[f"**{g}**", *row] for g, row in zip(d["labels"], d["confusion_matrix"])],
             ),
         ]
+        if "reliability" in d:
+            parts.append(calibration.calibration_markdown(evaluation, "word"))
+        parts += [
+            "### Sentences with the most entity errors (missed + spurious entities)\n\n"
+            + examples_markdown(d["worst_sentences"], ["sentence", "errors", "gold", "predicted"]),
+            f"### Entity F1 by sentence length ({mode} mode)\n\n"
+            + slices_markdown(d["length_slices"], "words", "entity f1"),
+        ]
         return "\n\n".join(parts)
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
@@ -368,4 +438,4 @@ class TokenClassificationTask(LogitsTask):
             cm_path,
             title=f"{prefix}tag confusion matrix",
         )
-        return [f1_path, cm_path]
+        return [f1_path, cm_path, *calibration.reliability_plot(evaluation, out_dir, prefix)]
