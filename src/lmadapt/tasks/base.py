@@ -15,6 +15,7 @@ import torch
 from lmadapt.data.validation import BadRows
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import Evaluation
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.inference import batched_logits
 from lmadapt.models import ModelSpec
 
@@ -98,6 +99,15 @@ class Task(Protocol):
         batch_size: int,
     ) -> list[dict[str, Any]]:
         """Task-level predictions (labels, entities, text) for unlabelled examples."""
+
+    def perturbed(self, examples: list[Any], p: Perturbation, seed: int) -> list[Any] | None:
+        """Copies of labelled examples with their input perturbed by `p` and their labels kept
+        (robustness); None when `p` has nothing to change in this task's inputs. A task that
+        cannot be perturbed raises an LmadaptError saying so, whatever the examples."""
+
+    def robustness_view(self, example: Any, prediction: dict[str, Any]) -> View:
+        """An example's text, gold and `predict_model` prediction as the robustness report shows
+        and compares them."""
 
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
