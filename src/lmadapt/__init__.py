@@ -18,6 +18,7 @@ _HOME = {
     "evaluate": "lmadapt.api",
     "load_run": "lmadapt.api",
     "predict": "lmadapt.api",
+    "robustness": "lmadapt.api",
     "train": "lmadapt.api",
 }
 __all__ = sorted(_HOME)

@@ -198,7 +198,7 @@ def test_report_robustness_writes_json_and_section(robust_run):
     assert [r["perturbation"] for r in saved["rows"]] == list(PERTURBATIONS)
     report = (run / "report.md").read_text()
     assert "## Robustness (test set, best checkpoint)" in report
-    assert "| typo_keyboard_15 |" in report
+    assert f"| typo_keyboard_{round(100 * TYPO_RATES[1])} |" in report
     assert (run / "robustness.json").stat().st_mtime_ns <= (run / "metrics.json").stat().st_mtime_ns
 
 

@@ -35,8 +35,9 @@ import numpy as np
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate.report import cell, markdown_table
 
-TYPO_RATES = (0.05, 0.15)
-"""The two typo rates: the share of the words that may change that get one typo."""
+TYPO_RATES = (0.05, 0.2)
+"""The two typo rates: the share of the words that may change that get one typo. 5% is about one
+typo per sentence (the count is rounded up); 20% is one word in five."""
 WORD_DROP_RATE = 0.1
 """The share of the words that may change that `word_drop` removes."""
 WHITESPACE_RATE = 0.5
