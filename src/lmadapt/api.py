@@ -421,7 +421,7 @@ def robustness(
 ) -> RobustnessResult:
     """A saved run scored on a labelled file and on seeded, label-preserving perturbations of
     it (lmadapt.evaluate.robustness); `perturbations` names some (default: every one)."""
-    select(perturbations)  # a misspelt name fails before the model loads
+    select(perturbations, seed)  # a misspelt name fails before the model loads
     run = (
         run_dir_or_loaded
         if isinstance(run_dir_or_loaded, LoadedRun)

@@ -132,6 +132,20 @@ def test_ner_perturbations_keep_entities_and_tags_aligned(name):
     assert out[0].words != words
 
 
+def test_classification_perturbs_both_texts_never_the_label():
+    from lmadapt.tasks.classification import ClassificationConfig, Example
+
+    task = build_task(ClassificationConfig())
+    (ex,) = task.perturbed([Example(TEXT, TEXT, "pos")], PERTURBATIONS["typo_swap_20"], 0)
+    assert ex.label == "pos" and TEXT != ex.text != ex.text_pair != TEXT
+    regression = build_task(ClassificationConfig(problem="regression"))
+    view = regression.robustness_view(Example("a b", label=0.5), {"score": 0.3})
+    assert (view.text, view.gold, view.prediction) == ("a b", "0.5", None)  # nothing to flip
+    multi = build_task(ClassificationConfig(problem="multi_label"))
+    view = multi.robustness_view(Example("a", "b", ["x", "y"]), {"label": ["x"]})
+    assert (view.text, view.gold, view.prediction) == ("a || b", "x, y", "x")
+
+
 def test_generation_refuses_in_one_line():
     task = build_task(parse_section(TASKS, "type", "generation", "task"))
     with pytest.raises(LmadaptError, match="not generation"):
@@ -227,6 +241,8 @@ def test_cli_prints_the_table_and_refuses_in_one_line(robust_run, capsys, tmp_pa
     assert "| uppercase |" in out and "| typo_swap_5 |" not in out
     assert main(["robustness", str(run), str(test), "--only", "caps", "--json"]) == 2
     assert "unknown perturbation 'caps'" in capsys.readouterr().err
+    assert main(["robustness", str(run), str(test), "--seed", "-1"]) == 2
+    assert "seed must be >= 0" in capsys.readouterr().err
     assert main(["robustness", str(run), str(tmp_path / "missing.csv")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmadapt: error:") and len(err.strip().splitlines()) == 1

@@ -272,9 +272,11 @@ def _perturbations() -> dict[str, Perturbation]:
 PERTURBATIONS: dict[str, Perturbation] = _perturbations()
 
 
-def select(names: list[str] | None) -> list[Perturbation]:
+def select(names: list[str] | None, seed: int = 0) -> list[Perturbation]:
     """The named perturbations in the order given (every one for None); an unknown name is an
-    error that lists the known ones."""
+    error that lists the known ones, and so is a seed they cannot take (< 0)."""
+    if seed < 0:
+        raise LmadaptError(f"the perturbation seed must be >= 0, got {seed}")
     if names is None:
         return list(PERTURBATIONS.values())
     unknown = [n for n in names if n not in PERTURBATIONS]
@@ -376,7 +378,15 @@ class RobustnessResult:
                 "### Most fragile examples (flipped by the most perturbations)",
                 "",
                 markdown_table(
-                    ["#", "text", "gold", "prediction", "flipped by", "perturbed text", "then"],
+                    [
+                        "#",
+                        "text",
+                        "gold",
+                        "prediction",
+                        "flipped by",
+                        "perturbed text (first of them)",
+                        "its prediction",
+                    ],
                     [
                         [
                             f.index,
@@ -414,9 +424,7 @@ def robustness(
 ) -> RobustnessResult:
     """Evaluate `model` on labelled `examples` and on each perturbed copy of them: the task's
     default metric and its change, and the share of predictions that change."""
-    chosen = select(perturbations)
-    if seed < 0:
-        raise LmadaptError(f"the robustness seed must be >= 0, got {seed}")
+    chosen = select(perturbations, seed)
     if not examples:
         raise LmadaptError("robustness needs at least one labelled example")
     check_perturbable(task)
