@@ -163,10 +163,10 @@ def _typist(action: str, rate: float) -> Any:
         "tokenizer": _split,
         "reverse_tokenizer": _join,
     }
-    if action == "keyboard":  # a neighbouring letter, not a digit or symbol
-        return nac.KeyboardAug(
-            include_special_char=False, include_numeric=False, include_upper_case=False, **common
-        )
+    if action == "keyboard":
+        # nlpaug's QWERTY neighbours of a letter or digit, with or without shift (without upper
+        # case it could not touch a capital, so no all-caps headline); never a symbol.
+        return nac.KeyboardAug(include_special_char=False, **common)
     return nac.RandomCharAug(action=action, **common)
 
 
@@ -241,15 +241,17 @@ def _perturbations() -> dict[str, Perturbation]:
         out += [
             Perturbation(
                 f"typo_swap_{pct}",
-                f"{pct}% of words: two adjacent letters swapped",
+                f"{pct}% of words: two adjacent characters swapped",
                 _typos("swap", rate),
             ),
             Perturbation(
-                f"typo_delete_{pct}", f"{pct}% of words: one letter dropped", _typos("delete", rate)
+                f"typo_delete_{pct}",
+                f"{pct}% of words: one character dropped",
+                _typos("delete", rate),
             ),
             Perturbation(
                 f"typo_keyboard_{pct}",
-                f"{pct}% of words: one letter replaced by a keyboard neighbour",
+                f"{pct}% of words: one character replaced by a keyboard neighbour",
                 _typos("keyboard", rate),
             ),
         ]
