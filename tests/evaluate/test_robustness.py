@@ -140,10 +140,28 @@ def test_classification_perturbs_both_texts_never_the_label():
     assert ex.label == "pos" and TEXT != ex.text != ex.text_pair != TEXT
     regression = build_task(ClassificationConfig(problem="regression"))
     view = regression.robustness_view(Example("a b", label=0.5), {"score": 0.3})
-    assert (view.text, view.gold, view.prediction) == ("a b", "0.5", None)  # nothing to flip
+    assert (view.text, view.gold, view.prediction, view.key) == ("a b", "0.5", "0.3", None)
     multi = build_task(ClassificationConfig(problem="multi_label"))
     view = multi.robustness_view(Example("a", "b", ["x", "y"]), {"label": ["x"]})
-    assert (view.text, view.gold, view.prediction) == ("a || b", "x, y", "x")
+    assert (view.text, view.gold, view.prediction, view.key) == ("a || b", "x, y", "x", "x")
+
+
+def test_ner_flips_compare_entities_by_source_words():
+    """The same entity over changed or shifted words is no flip; another span is."""
+    task = _ner_task()
+    words = ["the", "fox", "saw", "wolves", "near", "Paris"]
+    clean = _sentence(words, ["O"] * 5 + ["B-LOC"])
+    predicted = ["O", "B-PER", "O", "O", "O", "B-LOC"]  # "fox" a spurious person
+    key = task.robustness_view(clean, {"tags": predicted}).key
+    (upper,) = task.perturbed([clean], PERTURBATIONS["uppercase"], 0)
+    view = task.robustness_view(upper, {"tags": predicted})
+    assert view.key == key and view.prediction == "PER: FOX; LOC: Paris"
+    (dropped,) = task.perturbed([clean], PERTURBATIONS["word_drop_10"], 0)
+    gone = [i for i in range(6) if i not in dropped.origin]
+    assert len(dropped.words) == 5 and gone != [1]  # seed 0 keeps "fox"
+    shifted = [predicted[i] for i in dropped.origin]
+    assert task.robustness_view(dropped, {"tags": shifted}).key == key
+    assert task.robustness_view(dropped, {"tags": ["O"] * 4 + ["B-LOC"]}).key != key
 
 
 def test_generation_refuses_in_one_line():

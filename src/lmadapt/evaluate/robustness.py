@@ -300,9 +300,12 @@ class View:
 
     text: str
     gold: str
-    prediction: str | None
-    """What is compared to tell whether a prediction changed: the label, the entity list; None
-    where a prediction has no discrete value (regression), so that nothing can flip."""
+    prediction: str
+    """The prediction as the report shows it."""
+    key: Any
+    """What is compared to tell whether the prediction changed (the label; the entities by type
+    and source words); None where a prediction has no discrete value (regression), so that
+    nothing can flip."""
 
 
 @dataclass
@@ -326,11 +329,11 @@ class Fragile:
     """Its position in the evaluated data (0-based)."""
     text: str
     gold: str
-    prediction: str | None
+    prediction: str
     flipped_by: list[str]
     perturbed_text: str
     """Its text under the first perturbation in `flipped_by` ..."""
-    perturbed_prediction: str | None
+    perturbed_prediction: str
     """... and the prediction there."""
 
 
@@ -449,9 +452,7 @@ def robustness(
             continue
         value, views = score(perturbed)
         flipped = [
-            i
-            for i, (a, b) in enumerate(zip(base, views))
-            if a.prediction is not None and a.prediction != b.prediction
+            i for i, (a, b) in enumerate(zip(base, views)) if a.key is not None and a.key != b.key
         ]
         for i in flipped:
             flips.setdefault(i, []).append((p.name, views[i]))
@@ -462,7 +463,7 @@ def robustness(
                 float(np.mean([a.text != b.text for a, b in zip(base, views)])),
                 value,
                 value - clean,
-                None if base[0].prediction is None else len(flipped) / len(examples),
+                None if base[0].key is None else len(flipped) / len(examples),
             )
         )
     ranked = sorted(flips.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:FRAGILE_SHOWN]

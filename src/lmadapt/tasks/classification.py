@@ -314,10 +314,12 @@ class ClassificationTask(LogitsTask):
         """Label names (joined for multi-label); a regression score has no value that flips."""
         text = example.text + (f" || {example.text_pair}" if example.text_pair else "")
         if self.regression:
-            return View(text, f"{example.label:g}", None)
+            return View(text, f"{example.label:g}", f"{prediction['score']:.4g}", None)
         if self.multi:
-            return View(text, ", ".join(example.label), ", ".join(prediction["label"]))
-        return View(text, str(example.label), str(prediction["label"]))
+            gold, pred = ", ".join(example.label), ", ".join(prediction["label"])
+        else:
+            gold, pred = str(example.label), str(prediction["label"])
+        return View(text, gold, pred, pred)
 
     def report(self, evaluation: Evaluation) -> str:
         return classification_report_markdown(evaluation)

@@ -347,17 +347,21 @@ class TokenClassificationTask(LogitsTask):
                     ex.file,
                     ex.line,
                     [ex.word_line(k) for k in w.origin] if ex.lines else None,
+                    origin=[ex.origin[k] for k in w.origin] if ex.origin else w.origin,
                 )
             )
         return out
 
     def robustness_view(self, example: Example, prediction: dict[str, Any]) -> View:
-        """Entities as `TYPE: words`. A predicted entity over words the perturbation changed
-        counts as a changed prediction."""
+        """Entities shown as `TYPE: words`, compared by type and source words: a perturbation
+        that changes the words of a predicted entity but not the entity is no flip."""
+        source = example.origin or list(range(len(example.words)))
+        found = entities(prediction["tags"], self.cfg.strict)
         return View(
             " ".join(example.words),
             self._entity_list(example.words, example.tags or []),
             self._entity_list(example.words, prediction["tags"]),
+            tuple((k, source[s], source[e - 1]) for k, s, e in found),
         )
 
     def _entity_list(self, words: list[str], tags: list[str]) -> str:
