@@ -438,9 +438,8 @@ def robustness(
 
     def score(exs: list[Any]) -> tuple[float, list[View]]:
         feats = task.encode(exs, tokenizer)
-        value = task.evaluate_model(model, feats, exs, collate, batch_size).metrics[metric]
-        preds = task.predict_model(model, feats, exs, collate, batch_size)
-        return value, [task.robustness_view(ex, p) for ex, p in zip(exs, preds)]
+        ev, views = task.robustness_views(model, feats, exs, collate, batch_size)
+        return ev.metrics[metric], views
 
     clean, base = score(examples)
     rows, skipped = [], []

@@ -105,9 +105,16 @@ class Task(Protocol):
         (robustness); None when `p` has nothing to change in this task's inputs. A task that
         cannot be perturbed raises an LmadaptError saying so, whatever the examples."""
 
-    def robustness_view(self, example: Any, prediction: dict[str, Any]) -> View:
-        """An example's text, gold and `predict_model` prediction as the robustness report shows
-        and compares them."""
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        """`evaluate_model`'s evaluation and each example's text, gold and prediction as the
+        robustness report shows and compares them (one pass where the task can)."""
 
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
@@ -187,3 +194,20 @@ class LogitsTask:
         batch_size: int,
     ) -> list[dict[str, Any]]:
         return self.decode(self.batch_outputs(model, features, collator, batch_size)[0], examples)
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        """One forward pass for both: `evaluate_model`'s evaluation and the task's
+        `robustness_view` of each `predict_model` prediction."""
+        logits, loss = self.batch_outputs(model, features, collator, batch_size)
+        ev = self.evaluate(logits, examples)
+        if loss is not None:
+            ev.metrics["loss"] = loss
+        preds = self.decode(logits, examples)
+        return ev, [self.robustness_view(ex, p) for ex, p in zip(examples, preds)]

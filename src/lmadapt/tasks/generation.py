@@ -508,7 +508,14 @@ class GenerationTask:
     def perturbed(self, examples: list[Conversation], p: Perturbation, seed: int) -> list:
         raise LmadaptError(NOT_PERTURBABLE)
 
-    def robustness_view(self, example: Conversation, prediction: dict[str, Any]) -> View:
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Conversation],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
         raise LmadaptError(NOT_PERTURBABLE)
 
     # ------------------------------------------------------------------ report
