@@ -3,7 +3,9 @@
 Each perturbation is named, seeded and label-preserving: typos (adjacent swap, dropped character,
 QWERTY keyboard neighbour) at two rates, lower and upper case, punctuation stripped, words dropped,
 and whitespace noise. The task decides what of an example is perturbed (`task.perturbed`): the
-texts of a classification example, the words tagged O of a NER sentence (entity-preserving).
+texts of a classification example, the words tagged O of a NER sentence (entity-preserving), and
+what counts as a changed prediction (`task.robustness_views`): the label; the entities by type and
+source words, so that a respelt word inside an unchanged entity is no flip.
 
 Rates are shares of the words a perturbation may change (every word of a classification text; the
 O words of a NER sentence), counted with nlpaug's rule: ceil(rate x words), so a short text gets
