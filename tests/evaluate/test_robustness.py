@@ -135,9 +135,12 @@ def test_ner_perturbations_keep_entities_and_tags_aligned(name):
 def test_classification_perturbs_both_texts_never_the_label():
     from lmadapt.tasks.classification import ClassificationConfig, Example
 
-    task = build_task(ClassificationConfig())
-    (ex,) = task.perturbed([Example(TEXT, TEXT, "pos")], PERTURBATIONS["typo_swap_20"], 0)
-    assert ex.label == "pos" and TEXT != ex.text != ex.text_pair != TEXT
+    for kind in ("classification", "prompt_classification"):
+        task = build_task(parse_section(TASKS, "type", kind, "task"))
+        (ex,) = task.perturbed([Example(TEXT, TEXT, "pos")], PERTURBATIONS["typo_swap_20"], 0)
+        assert ex.label == "pos" and TEXT != ex.text != ex.text_pair != TEXT
+        view = task.robustness_view(ex, {"label": "neg"})
+        assert (view.gold, view.prediction, view.key) == ("pos", "neg", "neg")
     regression = build_task(ClassificationConfig(problem="regression"))
     view = regression.robustness_view(Example("a b", label=0.5), {"score": 0.3})
     assert (view.text, view.gold, view.prediction, view.key) == ("a b", "0.5", "0.3", None)
