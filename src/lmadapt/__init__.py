@@ -35,6 +35,7 @@ _HOME = {
     "chat": "lmadapt.generate",
     "evaluate_base": "lmadapt.generate",
     "run_prompt": "lmadapt.prompting",
+    "robustness": "lmadapt.api",
 }
 __all__ = sorted(_HOME)
 

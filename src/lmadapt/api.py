@@ -22,6 +22,8 @@ from lmadapt.evaluate.report import (
     training_curves,
     write_report,
 )
+from lmadapt.evaluate.robustness import RobustnessResult, check_perturbable, select
+from lmadapt.evaluate.robustness import robustness as perturbed_evaluation
 from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
 from lmadapt.memory import check_fits
 from lmadapt.methods import Method, build_method, count_parameters
@@ -163,6 +165,8 @@ def _run(
     start(config.train.threads or dist.cpu_threads, config.train.seed)
     data = prepare(config)
     task, spec = data.task, data.spec
+    if config.report.robustness:
+        check_perturbable(task)  # refused before training, not after it
     checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
     method = build_method(config.method)
     check_quantize(config.quantize, method)
@@ -285,9 +289,28 @@ def _train_and_report(
     skipped = bad_rows_section(data.bad_rows)
     if skipped:
         sections.append(skipped)
+    if config.report.robustness:
+        sections.append(_robustness_report(config, out, data, model))
     write_report(out, summary, sections, images)
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
     return dist.broadcast(metrics)
+
+
+def _robustness_report(config: RunConfig, out: Path, data: Prepared, model: torch.nn.Module) -> str:
+    """report.robustness: the best model on perturbed copies of the test set (dev without one);
+    writes robustness.json and returns the report.md section."""
+    split = "test" if data.test else "dev"
+    result = perturbed_evaluation(
+        data.task,
+        model,
+        data.tokenizer,
+        getattr(data, split),
+        config.train.eval_batch_size,
+        config.report.seed,
+        config.report.perturbations,
+    )
+    write_json(out / "robustness.json", {"split": split, **result.to_dict()})
+    return result.markdown(f"Robustness ({split} set, best checkpoint)")
 
 
 # ---------------------------------------------------------------------- saved runs
@@ -424,6 +447,37 @@ def models() -> list[dict[str, Any]]:
     ]
 
 
+# ---------------------------------------------------------------------- robustness
+
+
+def robustness(
+    run_dir_or_loaded: str | Path | LoadedRun,
+    data: str | Path,
+    fmt: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    perturbations: list[str] | None = None,
+) -> RobustnessResult:
+    """A saved run scored on a labelled file and on seeded, label-preserving perturbations of
+    it (lmadapt.evaluate.robustness); `perturbations` names some (default: every one)."""
+    select(perturbations, seed)  # a misspelt name fails before the model loads
+    run = (
+        run_dir_or_loaded
+        if isinstance(run_dir_or_loaded, LoadedRun)
+        else load_run(run_dir_or_loaded, device)
+    )
+    examples = run.task.check(run.task.read(str(data), fmt))
+    return perturbed_evaluation(
+        run.task,
+        run.model,
+        run.tokenizer,
+        examples,
+        run.config.train.eval_batch_size,
+        seed,
+        perturbations,
+    )
+
+
 __all__ = [
     "LoadedRun",
     "evaluate",
@@ -433,5 +487,6 @@ __all__ = [
     "predict",
     "prepare",
     "resume",
+    "robustness",
     "train",
 ]

@@ -535,5 +535,32 @@ def _prompt(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+@command(
+    "robustness",
+    "score a finished run on seeded perturbations of a labelled data file",
+    api="robustness",
+)
+def _robustness(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--only", help="comma-separated perturbation names (default: every one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the perturbations (>= 0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _device_arg(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.api import robustness
+
+        only = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
+        result = robustness(a.run_dir, a.data, a.format, a.device, a.seed, only)
+        if a.json:
+            print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            print(result.markdown(f"Robustness on `{a.data}`"))
+
+    p.set_defaults(run=run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmadapt.errors import ConfigError
+from lmadapt.evaluate.robustness import PERTURBATIONS
 from lmadapt.methods import METHODS
 from lmadapt.schema import (
     apply_overrides,
@@ -159,6 +160,32 @@ class TrainConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What report.md adds at the end of a run, beyond the dev and test evaluations."""
+
+    robustness: bool = False
+    """Re-evaluate the best model on seeded, label-preserving perturbations of the test set (dev
+    when there is none): metric, delta and flip rate per perturbation, and the most fragile
+    examples, in report.md and robustness.json (see `lmadapt robustness`)."""
+    perturbations: list[str] | None = None
+    """Which perturbations, by name; None = every one (lmadapt.evaluate.robustness)."""
+    seed: int = 0
+    """Seed of the perturbations (the same seed perturbs the same examples the same way)."""
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.perturbations or [] if n not in PERTURBATIONS]
+        if unknown:
+            raise ConfigError(
+                "report.perturbations",
+                f"unknown perturbation {unknown[0]!r}; known: {', '.join(PERTURBATIONS)}",
+            )
+        if self.perturbations is not None and not self.perturbations:
+            raise ConfigError("report.perturbations", "is empty; leave it out for every one")
+        if self.seed < 0:
+            raise ConfigError("report.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
 class RunConfig:
     """One training run: model + task + method + data + schedule -> a run directory."""
 
@@ -186,9 +213,13 @@ class RunConfig:
     GPU when torch sees one, else the CPU. Whether the device exists is checked when the run
     starts (session.resolve_device), since that is a property of the machine, not of the file.
     Under a launcher (torchrun) each process keeps the device the launcher gives it."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """What report.md adds at the end of the run (robustness to perturbed inputs)."""
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if self.report.robustness and not (self.data.dev or self.data.test):
+            raise ConfigError("report.robustness", "needs data.test or data.dev to perturb")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -15,6 +15,7 @@ import torch
 from lmadapt.data.validation import BadRows
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import Evaluation
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.inference import batched_logits
 from lmadapt.models import ModelSpec
 
@@ -108,6 +109,22 @@ class Task(Protocol):
         (kept in `state`), add its effect to each evaluation, and return what metrics.json
         records at its top level (e.g. the temperature); {} where the task calibrates nothing."""
 
+    def perturbed(self, examples: list[Any], p: Perturbation, seed: int) -> list[Any] | None:
+        """Copies of labelled examples with their input perturbed by `p` and their labels kept
+        (robustness); None when `p` has nothing to change in this task's inputs. A task that
+        cannot be perturbed raises an LmadaptError saying so, whatever the examples."""
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        """`evaluate_model`'s evaluation and each example's text, gold and prediction as the
+        robustness report shows and compares them (one pass where the task can)."""
+
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
 
@@ -194,3 +211,20 @@ class LogitsTask:
         batch_size: int,
     ) -> list[dict[str, Any]]:
         return self.decode(self.batch_outputs(model, features, collator, batch_size)[0], examples)
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        """One forward pass for both: `evaluate_model`'s evaluation and the task's
+        `robustness_view` of each `predict_model` prediction."""
+        logits, loss = self.batch_outputs(model, features, collator, batch_size)
+        ev = self.evaluate(logits, examples)
+        if loss is not None:
+            ev.metrics["loss"] = loss
+        preds = self.decode(logits, examples)
+        return ev, [self.robustness_view(ex, p) for ex, p in zip(examples, preds)]

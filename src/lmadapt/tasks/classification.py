@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.report import classification_report_markdown
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
 
@@ -347,6 +348,30 @@ class ClassificationTask(LogitsTask):
                 row["text_pair"] = ex.text_pair
             out.append(row)
         return out
+
+    # ------------------------------------------------------------------ robustness
+    def perturbed(self, examples: list[Example], p: Perturbation, seed: int) -> list[Example]:
+        """Copies with the text and text_pair perturbed (each with a seed of its own); the
+        labels stay as they are."""
+        return [
+            replace(
+                ex,
+                text=p.on_text(ex.text, seed, i, 0),
+                text_pair=p.on_text(ex.text_pair, seed, i, 1) if ex.text_pair else ex.text_pair,
+            )
+            for i, ex in enumerate(examples)
+        ]
+
+    def robustness_view(self, example: Example, prediction: dict[str, Any]) -> View:
+        """Label names (joined for multi-label); a regression score has no value that flips."""
+        text = example.text + (f" || {example.text_pair}" if example.text_pair else "")
+        if self.regression:
+            return View(text, f"{example.label:g}", f"{prediction['score']:.4g}", None)
+        if self.multi:
+            gold, pred = ", ".join(example.label), ", ".join(prediction["label"])
+        else:
+            gold, pred = str(example.label), str(prediction["label"])
+        return View(text, gold, pred, pred)
 
     def report(self, evaluation: Evaluation) -> str:
         parts = [classification_report_markdown(evaluation)]

@@ -30,6 +30,7 @@ from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, classification_report_markdown, markdown_table
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.text import exact_match, overlap_metrics
 from lmadapt.inference import (
     Decoded,
@@ -149,6 +150,9 @@ class GenerationConfig:
                 raise ConfigError("task.answer_pattern", "must have at most one group")
         if self.labels is not None and len(set(self.labels)) < 2:
             raise ConfigError("task.labels", f"needs at least 2 distinct labels, got {self.labels}")
+
+
+NOT_PERTURBABLE = "robustness covers classification and token classification runs, not generation"
 
 
 @TASKS.register("generation", GenerationConfig)
@@ -618,6 +622,22 @@ class GenerationTask:
                 row["label"] = self.label_of(out)
             rows.append(row)
         return rows
+
+    # ------------------------------------------------------------------ robustness
+    # Refused: scoring a perturbed prompt means decoding it again, for a metric (loss, text
+    # overlap) whose change says little about how robust the model is.
+    def perturbed(self, examples: list[Conversation], p: Perturbation, seed: int) -> list:
+        raise LmadaptError(NOT_PERTURBABLE)
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Conversation],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        raise LmadaptError(NOT_PERTURBABLE)
 
     # ------------------------------------------------------------------ report
     def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:

@@ -25,6 +25,7 @@ from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.report import markdown_table
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
@@ -383,6 +384,51 @@ class TokenClassificationTask(LogitsTask):
                 )
             out.append({"text": ex.text, "entities": found, "tokens": ex.words, "tags": tags})
         return out
+
+    # ------------------------------------------------------------------ robustness
+    def perturbed(
+        self, examples: list[Example], p: Perturbation, seed: int
+    ) -> list[Example] | None:
+        """Entity-preserving copies: only words tagged O change or go, each dropped word with
+        its tag, so words and tags stay aligned. None for a perturbation of the spacing alone:
+        words reach the model already split, so it would change nothing."""
+        if p.spacing:
+            return None
+        out = []
+        for i, ex in enumerate(examples):
+            tags = ex.tags or ["O"] * len(ex.words)
+            w = p.on_words(ex.words, [t != "O" for t in tags], seed, i)
+            text = " ".join(w.words)
+            starts = np.cumsum([0] + [len(word) + 1 for word in w.words[:-1]]).tolist()
+            out.append(
+                Example(
+                    w.words,
+                    text,
+                    [(s, s + len(word)) for s, word in zip(starts, w.words)],
+                    [ex.tags[k] for k in w.origin] if ex.tags is not None else None,
+                    ex.file,
+                    ex.line,
+                    [ex.word_line(k) for k in w.origin] if ex.lines else None,
+                    origin=[ex.origin[k] for k in w.origin] if ex.origin else w.origin,
+                )
+            )
+        return out
+
+    def robustness_view(self, example: Example, prediction: dict[str, Any]) -> View:
+        """Entities shown as `TYPE: words`, compared by type and source words: a perturbation
+        that changes the words of a predicted entity but not the entity is no flip."""
+        source = example.origin or list(range(len(example.words)))
+        found = entities(prediction["tags"], self.cfg.strict)
+        return View(
+            " ".join(example.words),
+            self._entity_list(example.words, example.tags or []),
+            self._entity_list(example.words, prediction["tags"]),
+            tuple((k, source[s], source[e - 1]) for k, s, e in found),
+        )
+
+    def _entity_list(self, words: list[str], tags: list[str]) -> str:
+        found = [f"{k}: {' '.join(words[s:e])}" for k, s, e in entities(tags, self.cfg.strict)]
+        return "; ".join(found) or "(none)"
 
     def report(self, evaluation: Evaluation) -> str:
         d = evaluation.details
