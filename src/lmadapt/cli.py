@@ -530,5 +530,39 @@ def _prompt(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+@command("explain", "per-word attributions of a finished run's predictions (JSON, HTML page)")
+def _explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--file", help="csv/tsv/jsonl file with the run's text column")
+    p.add_argument("--format", default="auto")
+    p.add_argument(
+        "--method",
+        choices=["ig", "occlusion"],
+        default="ig",
+        help="integrated gradients (default) or leave-one-word-out",
+    )
+    p.add_argument("--label", help="explain this label (NER: entity type) instead of the predicted")
+    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument("--html", metavar="OUT.html", help="also write a page with highlighted words")
+    _device_arg(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.api import explain
+        from lmadapt.evaluate.explain import html_page
+
+        if not a.texts and not a.file:
+            raise LmadaptError("explain needs TEXT arguments or --file")
+        rows = explain(a.run_dir, a.texts, a.file, a.format, a.method, a.label, a.steps, a.device)
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        if a.html:
+            Path(a.html).write_text(
+                html_page(rows, f"lmadapt explain {Path(a.run_dir).name}"), encoding="utf-8"
+            )
+
+    p.set_defaults(run=run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from lmadapt.data.validation import BadRows
-from lmadapt.errors import ConfigError
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.evaluate.explain import Explainable
 from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.inference import batched_logits
 from lmadapt.models import ModelSpec
@@ -107,6 +108,25 @@ class Task(Protocol):
     def examples_from_texts(self, texts: list[str]) -> list[Any]:
         """Unlabelled examples for prediction."""
 
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Any],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """What `lmadapt explain` attributes in each example: its encoded input, its words and
+        one target per output to explain (the predicted label, or `label`; each predicted
+        entity). Refuses, as a LmadaptError, a task it cannot explain or an unknown `label`."""
+
+
+def cannot_explain(task: Task) -> LmadaptError:
+    return LmadaptError(
+        f"task '{task.kind}' cannot be explained: explain attributes the outputs of a "
+        "classifier head (classification and token_classification runs)"
+    )
+
 
 def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None:
     """Refuse a model whose kind the task cannot use, naming the config field."""
@@ -167,6 +187,16 @@ class LogitsTask:
         if loss is not None:
             ev.metrics["loss"] = loss
         return ev
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Any],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        raise cannot_explain(self)  # type: ignore[arg-type]
 
     def predict_model(
         self,

@@ -28,6 +28,7 @@ from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.explain import Explainable
 from lmadapt.evaluate.report import cell, classification_report_markdown, markdown_table
 from lmadapt.evaluate.text import exact_match, overlap_metrics
 from lmadapt.inference import (
@@ -38,7 +39,7 @@ from lmadapt.inference import (
     on_model_device,
 )
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import Evaluation, cannot_explain
 
 IGNORE = -100
 EVAL_TOKENS_PER_BATCH = 4096
@@ -194,6 +195,16 @@ class GenerationTask:
             Conversation([{"role": "user", "content": t}], file="<input>", line=i + 1)
             for i, t in enumerate(texts)
         ]
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Conversation],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        raise cannot_explain(self)
 
     def template(self, tokenizer: Any) -> Any:
         """The prompt template; `auto` is resolved once and then kept in the run's state."""
