@@ -15,6 +15,10 @@ from lmadapt.api import explain, load_run, predict, train
 from lmadapt.cli import main
 from lmadapt.config import build_run_config
 from lmadapt.errors import LmadaptError
+from lmadapt.evaluate.explain import explain as attribute
+from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.tasks import build_task
+from lmadapt.tasks.generation import GenerationConfig
 from tests.conftest import NEG, NOUNS, POS, write_csv
 from tests.tasks.test_token_classification import ner_sentences, write_jsonl
 
@@ -238,3 +242,31 @@ def test_ner_explains_each_predicted_entity(ner_run):
     assert [ex["entity"]["type"] for ex in only["explanations"]] == ["LOC"]
     with pytest.raises(LmadaptError, match="unknown entity type 'ORG'"):
         explain(ner_run, [text], label="ORG")
+
+
+# ---------------------------------------------------------------------- generation
+
+
+def test_generation_explains_the_first_token_of_a_label(tiny_llama):
+    """With task.labels, the label's first token as the answer's first, over the words of the
+    user turn only (the template's tokens stay in the baseline)."""
+    spec = resolve_model(tiny_llama)
+    task = build_task(GenerationConfig(labels=["cat", "mat"]))
+    tok = load_tokenizer(spec)
+    model = task.build_model(spec).eval()
+    text = "the cat sat on the mat?"
+    examples = task.examples_from_texts([text])
+    (item,) = task.explainables(model, tok, examples, None, 8)
+    (row,) = [attribute(model, item, "ig", 128, tok.pad_token_id)]
+    (ex,) = row["explanations"]
+    assert row["text"] == text and ex["label"] in ("cat", "mat") and 0 < ex["probability"] < 1
+    assert [w["word"] for w in ex["words"]] == ["the", "cat", "sat", "on", "the", "mat", "?"]
+    assert all(text[w["start"] : w["end"]] == w["word"] for w in ex["words"])
+    assert abs(ex["delta"]) <= 0.02 * abs(_change(ex)) + 1e-4 and abs(_change(ex)) > 1e-3
+    assert sum(w is not None for w in item.word_ids) < len(item.input_ids)  # template kept
+    (chosen,) = task.explainables(model, tok, examples, "mat", 8)
+    assert chosen.targets[0].about["label"] == "mat"
+    with pytest.raises(LmadaptError, match="unknown label 'dog'"):
+        task.explainables(model, tok, examples, "dog", 8)
+    with pytest.raises(LmadaptError, match="label-aware evaluation"):
+        build_task(GenerationConfig()).explainables(model, tok, examples, None, 8)

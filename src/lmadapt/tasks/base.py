@@ -123,8 +123,9 @@ class Task(Protocol):
 
 def cannot_explain(task: Task) -> LmadaptError:
     return LmadaptError(
-        f"task '{task.kind}' cannot be explained: explain attributes the outputs of a "
-        "classifier head (classification and token_classification runs)"
+        f"task '{task.kind}' cannot be explained: explain attributes classification and "
+        "token_classification runs, and generation runs with label-aware evaluation "
+        "(task.labels)"
     )
 
 
