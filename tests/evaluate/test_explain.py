@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmadapt.api import explain, load_run, predict, train
 from lmadapt.cli import main
@@ -18,6 +19,7 @@ from lmadapt.errors import LmadaptError
 from lmadapt.evaluate.explain import explain as attribute
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.tasks import build_task
+from lmadapt.tasks.classification import ClassificationConfig
 from lmadapt.tasks.generation import GenerationConfig
 from tests.conftest import NEG, NOUNS, POS, write_csv
 from tests.tasks.test_token_classification import ner_sentences, write_jsonl
@@ -270,3 +272,27 @@ def test_generation_explains_the_first_token_of_a_label(tiny_llama):
         task.explainables(model, tok, examples, "dog", 8)
     with pytest.raises(LmadaptError, match="label-aware evaluation"):
         build_task(GenerationConfig()).explainables(model, tok, examples, None, 8)
+
+
+@pytest.mark.parametrize(
+    ("problem", "logits", "want"),
+    [
+        ("single_label", [0.1, 2.0, -1.0], ["b"]),
+        ("multi_label", [2.0, -3.0, 1.0], ["a", "c"]),  # every label over the threshold
+        ("multi_label", [-2.0, -3.0, -1.0], ["c"]),  # none: the likeliest
+        ("regression", [0.7], ["score"]),
+    ],
+)
+def test_classification_targets_per_problem(problem, logits, want):
+    task = build_task(ClassificationConfig(problem=problem))
+    task.labels = ["score"] if problem == "regression" else ["a", "b", "c"]
+    targets = task._targets(np.array(logits), None)
+    assert [t.about["label"] for t in targets] == want
+    z = torch.tensor([logits])
+    for t in targets:
+        value = t.score(z)
+        assert value.shape == (1,)
+        if problem == "regression":
+            assert t.probability is None and float(value) == pytest.approx(0.7)
+        else:
+            assert float(value.exp()) == pytest.approx(t.probability, abs=1e-5)

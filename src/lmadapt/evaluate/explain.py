@@ -84,11 +84,7 @@ def explain(
     out = []
     with torch.inference_mode(False), torch.enable_grad():
         for target in item.targets:
-
-            def forward(input_ids: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-                logits = forward_model(input_ids=input_ids, **dict(zip(keys, args))).logits
-                return target.score(logits.float())  # noqa: B023  (called within this loop)
-
+            forward = _scalar(forward_model, keys, target.score)
             row: dict[str, Any] = {**target.about, "probability": target.probability}
             if method == "ig":
                 from captum.attr import LayerIntegratedGradients
@@ -122,6 +118,18 @@ def explain(
             row["words"] = [{**w, "score": round(s, 6)} for w, s in zip(item.words, scores)]
             out.append(row)
     return {"text": item.text, **item.fields, "method": method, "explanations": out}
+
+
+def _scalar(
+    model: torch.nn.Module, keys: list[str], score: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """captum's forward function: input ids and the other inputs (named by `keys`, in order)
+    -> the target's scalar, (B,)."""
+
+    def forward(input_ids: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return score(model(input_ids=input_ids, **dict(zip(keys, args))).logits.float())
+
+    return forward
 
 
 def _sum_by_word(per_piece: torch.Tensor, word_ids: list[int | None], n_words: int) -> list[float]:
