@@ -244,6 +244,11 @@ def test_ner_explains_each_predicted_entity(ner_run):
     assert [ex["entity"]["type"] for ex in only["explanations"]] == ["LOC"]
     with pytest.raises(LmadaptError, match="unknown entity type 'ORG'"):
         explain(ner_run, [text], label="ORG")
+    # longer than task.max_length (32 pieces): explained whole, not cut into windows
+    long = text + " They said it was fine" * 6
+    (row,) = explain(ner_run, [long], label="PER", steps=4)
+    assert len(row["explanations"][0]["words"]) == len(long.split())
+    assert [ex["entity"]["text"] for ex in row["explanations"]][:1] == ["Alice Smith"]
 
 
 # ---------------------------------------------------------------------- generation

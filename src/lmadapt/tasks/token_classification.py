@@ -345,23 +345,32 @@ class TokenClassificationTask(LogitsTask):
         batch_size: int,
     ) -> list[Explainable]:
         """One target per predicted entity (of type `label` when given): the sum of its words'
-        logits for their predicted tags, at each word's first piece."""
+        logits for their predicted tags, at each word's first piece.
+
+        Each sentence is one input, not cut into task.max_length windows (attributions need one
+        forward pass over the whole sentence), up to the tokenizer's model_max_length; so a
+        sentence longer than task.max_length may be tagged slightly otherwise than by predict.
+        """
         if label is not None and label not in self.types:
             raise LmadaptError(
                 f"unknown entity type {label!r}; the run's types are {', '.join(self.types)}"
             )
-        feats = self.encode(examples, tokenizer)
-        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
-        out, k = [], 0
-        for ex, rows in zip(examples, self.word_logits(logits, examples)):
-            feat, k = feats[k], k + len(ex.windows)
-            if len(ex.windows) > 1:
+        if not examples:
+            return []
+        enc = tokenizer([ex.words for ex in examples], is_split_into_words=True)
+        feats = []
+        for i, ex in enumerate(examples):
+            if len(enc["input_ids"][i]) > tokenizer.model_max_length:
                 raise LmadaptError(
-                    f"{ex.file} line {ex.line}: explain takes a sentence of up to "
-                    f"task.max_length = {self.cfg.max_length} tokens; this one needs "
-                    f"{len(ex.windows)} windows"
+                    f"{ex.file} line {ex.line}: {len(enc['input_ids'][i])} tokens, more than "
+                    f"the model takes in one input ({tokenizer.model_max_length})"
                 )
-            word_ids = tokenizer(ex.words, is_split_into_words=True).word_ids()
+            ex.windows = []
+            feats.append(self._feature(ex, enc, i, 0, 0, len(ex.words)))  # one whole window
+        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
+        out, word_rows = [], self.word_logits(logits, examples)
+        for i, (ex, feat, rows) in enumerate(zip(examples, feats, word_rows)):
+            word_ids = enc.word_ids(i)
             first = {w: pos for pos, w in reversed(list(enumerate(word_ids))) if w is not None}
             tags, found = self._entities(ex, rows)
             targets = []
