@@ -17,6 +17,7 @@ from lmadapt.cli import main
 from lmadapt.config import build_run_config
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate.explain import explain as attribute
+from lmadapt.evaluate.explain import html_page
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.tasks import build_task
 from lmadapt.tasks.classification import ClassificationConfig
@@ -156,7 +157,7 @@ def _assert_complete(rows: list[dict]) -> None:
 
 
 def test_integrated_gradients_is_complete(run):
-    _assert_complete(explain(run, _test_texts(seed=3)[:4], steps=256))
+    _assert_complete(explain(run, _test_texts(seed=3)[:3], steps=256))
 
 
 def test_integrated_gradients_through_a_lora_adapter(tmp_path, tiny_bert):
@@ -166,7 +167,7 @@ def test_integrated_gradients_through_a_lora_adapter(tmp_path, tiny_bert):
     )
     run = load_run(run_dir, "cpu")
     assert type(run.model).__name__.startswith("Peft")
-    _assert_complete(explain(run, _test_texts(seed=3)[:4], steps=256))
+    _assert_complete(explain(run, _test_texts(seed=3)[:2], steps=256))
 
 
 def test_occlusion_drops_the_deciding_word(run):
@@ -186,6 +187,21 @@ def test_pieces_merge_into_words_with_offsets(run):
     assert [w["word"] for w in words] == ["The", "plot", "was", "unbelievably", "dull", "!"]
     for w in words:
         assert text[w["start"] : w["end"]] == w["word"]
+
+
+def test_a_pairs_second_text_has_words_of_its_own(run):
+    from lmadapt.tasks.classification import Example
+
+    pair = Example("the film was great", text_pair="Its ending, though")
+    (item,) = run.task.explainables(run.model, run.tokenizer, [pair], None, 8)
+    row = attribute(run.model, item, "occlusion")
+    assert row["text_pair"] == pair.text_pair
+    words = row["explanations"][0]["words"]
+    second = [w for w in words if w.get("in") == "text_pair"]
+    assert [w["word"] for w in second] == ["Its", "ending", ",", "though"]
+    assert all(pair.text_pair[w["start"] : w["end"]] == w["word"] for w in second)
+    assert [w["word"] for w in words if "in" not in w] == pair.text.split()
+    assert "ending</span>" in html_page([row])
 
 
 def test_a_chosen_label_and_an_unknown_one(run):

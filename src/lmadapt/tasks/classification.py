@@ -250,29 +250,26 @@ class ClassificationTask(LogitsTask):
         logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
         out = []
         for i, (ex, feat, z) in enumerate(zip(examples, feats, logits)):
-            keys: dict[tuple[int, int], int] = {}  # (sequence, word) -> index in `words`
-            words, word_ids = [], []
+            spans: dict[tuple[int, int], list[int]] = {}  # (sequence, word) -> [start, end]
+            word_ids: list[int | None] = []
             for seq, w, (start, end) in zip(
                 enc.sequence_ids(i), enc.word_ids(i), enc["offset_mapping"][i]
             ):
-                if w is None or seq is None:
+                if w is None or seq is None:  # a special token
                     word_ids.append(None)
                     continue
-                if (seq, w) not in keys:
-                    keys[(seq, w)] = len(words)
-                    where = {"in": "text_pair"} if seq else {}
-                    words.append({"start": start, "end": end, **where})
-                k = keys[(seq, w)]
-                words[k]["end"] = end
-                word_ids.append(k)
-            for w in words:
-                source = ex.text_pair if "in" in w else ex.text
-                w["word"] = source[w["start"] : w["end"]]
+                spans.setdefault((seq, w), [start, end])[1] = end
+                word_ids.append(len(spans) - 1)  # a word's pieces are consecutive
+            words = [
+                {"word": (ex.text_pair if seq else ex.text)[a:b], "start": a, "end": b}
+                | ({"in": "text_pair"} if seq else {})
+                for (seq, _), (a, b) in spans.items()
+            ]
             out.append(
                 Explainable(
                     text=ex.text,
                     input_ids=feat["input_ids"],
-                    words=[{"word": w.pop("word"), **w} for w in words],
+                    words=words,
                     word_ids=word_ids,
                     targets=self._targets(z, label),
                     extra_inputs={k: v for k, v in feat.items() if k == "token_type_ids"},
