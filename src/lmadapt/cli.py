@@ -139,7 +139,7 @@ def _models(p: argparse.ArgumentParser) -> None:
 @command(
     "serve",
     "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/generate, /v1/chat/completions, "
-    "/v1/models, /health",
+    "/v1/explain, /v1/models, /health",
 )
 def _serve(p: argparse.ArgumentParser) -> None:
     from lmadapt.serve.settings import ServeSettings
