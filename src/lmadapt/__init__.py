@@ -36,6 +36,7 @@ _HOME = {
     "evaluate_base": "lmadapt.generate",
     "run_prompt": "lmadapt.prompting",
     "robustness": "lmadapt.api",
+    "explain": "lmadapt.api",
 }
 __all__ = sorted(_HOME)
 

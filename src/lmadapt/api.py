@@ -389,6 +389,17 @@ def evaluate(
     return ev, evaluation_section(f"Evaluation on `{data_path}`", ev, run.task)
 
 
+def input_examples(
+    task: Any, texts: list[str] | None, file: str | Path | None, fmt: str, command: str
+) -> list[Any]:
+    """Unlabelled examples from a file or raw texts, for `command`."""
+    if file is not None:
+        return task.read(str(file), fmt, labelled=False)
+    if not texts:
+        raise LmadaptError(f"{command} needs at least one text or --file")
+    return task.examples_from_texts(list(texts))
+
+
 def predict(
     run_dir: str | Path | LoadedRun,
     texts: list[str] | None = None,
@@ -399,12 +410,7 @@ def predict(
     """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file;
     `device` applies when the run is loaded here."""
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
-    if file is not None:
-        examples = run.task.read(str(file), fmt, labelled=False)
-    else:
-        if not texts:
-            raise LmadaptError("predict needs at least one text or --file")
-        examples = run.task.examples_from_texts(list(texts))
+    examples = input_examples(run.task, texts, file, fmt, "predict")
     feats = run.task.encode(examples, run.tokenizer)
     return run.task.predict_model(
         run.model,
@@ -478,9 +484,42 @@ def robustness(
     )
 
 
+# ---------------------------------------------------------------------- explanations
+
+
+def explain(
+    run_dir: str | Path | LoadedRun,
+    texts: list[str] | None = None,
+    file: str | Path | None = None,
+    fmt: str = "auto",
+    method: str = "ig",
+    label: str | None = None,
+    steps: int = 32,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Per-word attributions of each text's prediction (the predicted label, or `label`; each
+    predicted entity), one JSON-ready row per text: Integrated Gradients over `steps` points
+    (`method='ig'`) or leave-one-word-out (`'occlusion'`). See lmadapt.evaluate.explain."""
+    from lmadapt.evaluate.explain import METHODS
+    from lmadapt.evaluate.explain import explain as attribute
+
+    if method not in METHODS:
+        raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+    if steps < 1:
+        raise ConfigError("steps", f"must be >= 1, got {steps}")
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
+    examples = input_examples(run.task, texts, file, fmt, "explain")
+    bs = run.config.train.eval_batch_size
+    items = run.task.explainables(run.model, run.tokenizer, examples, label, bs)
+    pad = run.tokenizer.pad_token_id
+    pad = run.tokenizer.eos_token_id if pad is None else pad
+    return [attribute(run.model, item, method, steps, pad) for item in items]  # type: ignore[arg-type]
+
+
 __all__ = [
     "LoadedRun",
     "evaluate",
+    "explain",
     "load_run",
     "methods",
     "models",

@@ -124,7 +124,7 @@ def _models(p: argparse.ArgumentParser) -> None:
 @command(
     "serve",
     "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/generate, /v1/chat/completions, "
-    "/v1/models, /health",
+    "/v1/explain, /v1/models, /health",
     api="serve",
 )
 def _serve(p: argparse.ArgumentParser) -> None:
@@ -558,6 +558,43 @@ def _robustness(p: argparse.ArgumentParser) -> None:
             print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         else:
             print(result.markdown(f"Robustness on `{a.data}`"))
+
+    p.set_defaults(run=run)
+
+
+@command(
+    "explain",
+    "per-word attributions of a finished run's predictions (JSON, HTML page)",
+    api="explain",
+)
+def _explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--file", help="csv/tsv/jsonl file with the run's text column")
+    p.add_argument("--format", default="auto")
+    p.add_argument(
+        "--method",
+        choices=["ig", "occlusion"],
+        default="ig",
+        help="integrated gradients (default) or leave-one-word-out",
+    )
+    p.add_argument("--label", help="explain this label (NER: entity type) instead of the predicted")
+    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument("--html", metavar="OUT.html", help="also write a page with highlighted words")
+    _device_arg(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.api import explain
+        from lmadapt.evaluate.explain import html_page
+        from lmadapt.io import write_text
+
+        if not a.texts and not a.file:
+            raise LmadaptError("explain needs TEXT arguments or --file")
+        rows = explain(a.run_dir, a.texts, a.file, a.format, a.method, a.label, a.steps, a.device)
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        if a.html:
+            write_text(a.html, html_page(rows, f"lmadapt explain {Path(a.run_dir).name}"))
 
     p.set_defaults(run=run)
 

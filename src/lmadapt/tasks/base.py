@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from lmadapt.data.validation import BadRows
-from lmadapt.errors import ConfigError
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.evaluate.explain import Explainable
 from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.inference import batched_logits
@@ -133,6 +134,26 @@ class Task(Protocol):
     def examples_from_texts(self, texts: list[str]) -> list[Any]:
         """Unlabelled examples for prediction."""
 
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Any],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """What `lmadapt explain` attributes in each example: its encoded input, its words and
+        one target per output to explain (the predicted label, or `label`; each predicted
+        entity). Refuses, as a LmadaptError, a task it cannot explain or an unknown `label`."""
+
+
+def cannot_explain(task: Task) -> LmadaptError:
+    return LmadaptError(
+        f"task '{task.kind}' cannot be explained: explain attributes classification and "
+        "token_classification runs, and generation runs with label-aware evaluation "
+        "(task.labels)"
+    )
+
 
 def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None:
     """Refuse a model whose kind the task cannot use, naming the config field; else tell the
@@ -201,6 +222,16 @@ class LogitsTask:
         if loss is not None:
             ev.metrics["loss"] = loss
         return ev
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Any],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        raise cannot_explain(self)  # type: ignore[arg-type]
 
     def predict_model(
         self,

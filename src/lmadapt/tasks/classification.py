@@ -14,10 +14,11 @@ from scipy.special import expit, softmax
 from lmadapt.data import Collator
 from lmadapt.data.readers import Record, get_text, read_records
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError
+from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
+from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.tasks import TASKS
@@ -215,14 +216,19 @@ class ClassificationTask(LogitsTask):
             return vec
         return index[ex.label]
 
+    def _tokenize(self, examples: list[Example], tokenizer: Any, **extra: Any) -> Any:
+        texts = [ex.text for ex in examples]
+        pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair else None
+        return tokenizer(
+            texts, pairs, truncation=True, max_length=self.cfg.max_length, padding=False, **extra
+        )
+
     def encode(self, examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
         if not examples:
             return []
-        texts = [ex.text for ex in examples]
-        pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair else None
-        enc = tokenizer(
-            texts, pairs, truncation=True, max_length=self.cfg.max_length, padding=False
-        )
+        return self._features(examples, self._tokenize(examples, tokenizer))
+
+    def _features(self, examples: list[Example], enc: Any) -> list[dict[str, Any]]:
         feats = []
         for i, ex in enumerate(examples):
             f = {"input_ids": enc["input_ids"][i]}
@@ -235,6 +241,80 @@ class ClassificationTask(LogitsTask):
 
     def collator(self, tokenizer: Any) -> Collator:
         return Collator(tokenizer.pad_token_id)
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Example],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """The predicted label (multi-label: each predicted one), or `label`: its log-probability
+        (a regression run: its score), over the words of the text (and of its pair)."""
+        if label is not None and label not in self.labels:
+            raise LmadaptError(
+                f"unknown label {label!r}; the run's labels are {', '.join(self.labels)}"
+            )
+        if not examples:
+            return []
+        enc = self._tokenize(examples, tokenizer, return_offsets_mapping=True)
+        feats = self._features(examples, enc)
+        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
+        out = []
+        for i, (ex, feat, z) in enumerate(zip(examples, feats, logits)):
+            spans: dict[tuple[int, int], list[int]] = {}  # (sequence, word) -> [start, end]
+            word_ids: list[int | None] = []
+            for seq, w, (start, end) in zip(
+                enc.sequence_ids(i), enc.word_ids(i), enc["offset_mapping"][i]
+            ):
+                if w is None or seq is None:  # a special token
+                    word_ids.append(None)
+                    continue
+                spans.setdefault((seq, w), [start, end])[1] = end
+                word_ids.append(len(spans) - 1)  # a word's pieces are consecutive
+            words = [
+                {"word": (ex.text_pair if seq else ex.text)[a:b], "start": a, "end": b}
+                | ({"in": "text_pair"} if seq else {})
+                for (seq, _), (a, b) in spans.items()
+            ]
+            out.append(
+                Explainable(
+                    text=ex.text,
+                    input_ids=feat["input_ids"],
+                    words=words,
+                    word_ids=word_ids,
+                    targets=self._targets(z, label),
+                    extra_inputs={k: v for k, v in feat.items() if k == "token_type_ids"},
+                    fields={"text_pair": ex.text_pair} if ex.text_pair else {},
+                )
+            )
+        return out
+
+    def _targets(self, logits: np.ndarray, label: str | None) -> list[Target]:
+        if self.regression:
+            value = round(float(logits[0]), 6)
+            return [Target({"label": "score", "value": value}, None, lambda z: z[:, 0])]
+        probs = self._probs(logits)
+        if label is not None:
+            chosen = [self.labels.index(label)]
+        elif self.multi:
+            chosen = [int(i) for i in np.flatnonzero(probs >= self.cfg.threshold)]
+            chosen = chosen or [int(probs.argmax())]
+        else:
+            chosen = [int(probs.argmax())]
+
+        def log_prob(z: torch.Tensor, c: int) -> torch.Tensor:
+            return F.logsigmoid(z[:, c]) if self.multi else F.log_softmax(z, -1)[:, c]
+
+        return [
+            Target(
+                {"label": self.labels[c]},
+                round(float(probs[c]), 6),
+                lambda z, c=c: log_prob(z, c),
+            )
+            for c in chosen
+        ]
 
     # ------------------------------------------------------------------ model
     def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:

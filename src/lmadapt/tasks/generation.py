@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from lmadapt.data import Collator
 from lmadapt.data.batching import PackingCollator, Seq2SeqCollator, token_budget_batches
 from lmadapt.data.chat import CHAT_FORMATS, Conversation, read_conversations
+from lmadapt.data.tagged import split_words
 from lmadapt.data.templates import TEMPLATES, MarkupTemplate, Segment, build_template
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import cell, classification_report_markdown, markdown_table
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.text import exact_match, overlap_metrics
@@ -40,7 +42,7 @@ from lmadapt.inference import (
     on_model_device,
 )
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import Evaluation, cannot_explain
 
 IGNORE = -100
 EVAL_TOKENS_PER_BATCH = 4096
@@ -256,6 +258,75 @@ class GenerationTask:
             Conversation([{"role": "user", "content": t}], file="<input>", line=i + 1)
             for i, t in enumerate(texts)
         ]
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Conversation],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """With label-aware evaluation (task.labels): the log-probability of the predicted
+        label's first token as the answer's first token (the label whose first token the model
+        ranks highest), or of `label`'s, over the words of the last user turn."""
+        labels = self.cfg.labels
+        if not labels:
+            raise cannot_explain(self)
+        if label is not None and label not in labels:
+            raise LmadaptError(f"unknown label {label!r}; the run's labels are {', '.join(labels)}")
+        firsts = [tokenizer(name, add_special_tokens=False)["input_ids"][0] for name in labels]
+        if len(set(firsts)) < len(firsts):
+            raise LmadaptError(
+                f"task.labels ({', '.join(labels)}) share a first token: explain attributes "
+                "the first token, which would not tell them apart"
+            )
+        template = self.template(tokenizer)
+        bos = self._bos(tokenizer, template)
+        forward = on_model_device(model)
+        out = []
+        for ex in examples:
+            if ex.text is not None or ex.reference is not None:
+                raise LmadaptError(
+                    f"{ex.file} line {ex.line}: explain takes prompts (a last user turn)"
+                )
+            content = ex.messages[-1]["content"]
+            spans = split_words(content)
+            segs = self.segments(ex, template)
+            where = next((i for i in reversed(range(len(segs))) if content in segs[i].text), -1)
+            ids, word_ids = list(bos), [None] * len(bos)
+            for i, seg in enumerate(segs):
+                enc = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                start = seg.text.rfind(content) if i == where else -1
+                for a, b in enc["offset_mapping"]:
+                    word_ids.append(None if start < 0 else _word_at(spans, a - start, b - start))
+            if len(ids) > self.cfg.max_length:
+                raise LmadaptError(
+                    f"{ex.file} line {ex.line}: the prompt has {len(ids)} tokens, more than "
+                    f"task.max_length = {self.cfg.max_length}"
+                )
+            with torch.no_grad():
+                last = forward(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            log_probs = F.log_softmax(last, -1)
+            k = labels.index(label) if label is not None else int(log_probs[firsts].argmax())
+            about = {"label": labels[k], "token": tokenizer.convert_ids_to_tokens(firsts[k])}
+            out.append(
+                Explainable(
+                    text=content,
+                    input_ids=ids,
+                    words=[{"word": content[a:b], "start": a, "end": b} for a, b in spans],
+                    word_ids=word_ids,
+                    targets=[
+                        Target(
+                            about,
+                            round(float(log_probs[firsts[k]].exp()), 6),
+                            lambda z, t=firsts[k]: F.log_softmax(z[:, -1], -1)[:, t],
+                        )
+                    ],
+                )
+            )
+        return out
 
     def template(self, tokenizer: Any) -> Any:
         """The prompt template; `auto` is resolved once and then kept in the run's state."""
@@ -669,6 +740,11 @@ class GenerationTask:
         names = evaluation.details["labels"]
         plots.confusion_matrix(np.array(cm), names, path, title=f"{prefix}confusion matrix")
         return [path]
+
+
+def _word_at(spans: list[tuple[int, int]], start: int, end: int) -> int | None:
+    """The first word whose [start, end) overlaps a token's, None for a token outside them."""
+    return next((k for k, (a, b) in enumerate(spans) if a < end and start < b), None)
 
 
 def _align(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -21,9 +21,10 @@ from scipy.special import softmax
 from lmadapt.data import Collator
 from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, split_words
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError
+from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
+from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
@@ -367,22 +368,103 @@ class TokenClassificationTask(LogitsTask):
         t = calibration.require_fitted(self.temperature) if self.cfg.calibrate else 1.0
         out = []
         for ex, rows in zip(examples, self.word_logits(logits, examples)):
-            probs = softmax(rows / t, axis=-1)  # (n_words, C); T rescales scores, not tags
-            tags = [self.labels[i] for i in probs.argmax(-1)]
-            top = probs.max(-1)
-            found = []
-            for kind, s, e in entities(tags, self.cfg.strict):
-                start, end = ex.offsets[s][0], ex.offsets[e - 1][1]
-                found.append(
-                    {
-                        "type": kind,
-                        "text": ex.text[start:end],
-                        "start": start,
-                        "end": end,
-                        "score": round(float(top[s:e].mean()), 6),
-                    }
+            tags, found = self._entities(ex, rows, t)
+            out.append(
+                {
+                    "text": ex.text,
+                    "entities": [entity for entity, _, _ in found],
+                    "tokens": ex.words,
+                    "tags": tags,
+                }
+            )
+        return out
+
+    def _entities(
+        self, ex: Example, rows: np.ndarray, temperature: float = 1.0
+    ) -> tuple[list[str], list[tuple[dict[str, Any], int, int]]]:
+        """The predicted tag of each word, and each entity with its [start, end) words; the
+        temperature rescales the entity scores, not the tags."""
+        probs = softmax(rows / temperature, axis=-1)  # (n_words, C)
+        tags = [self.labels[i] for i in probs.argmax(-1)]
+        top = probs.max(-1)
+        found = []
+        for kind, s, e in entities(tags, self.cfg.strict):
+            start, end = ex.offsets[s][0], ex.offsets[e - 1][1]
+            entity = {
+                "type": kind,
+                "text": ex.text[start:end],
+                "start": start,
+                "end": end,
+                "score": round(float(top[s:e].mean()), 6),
+            }
+            found.append((entity, s, e))
+        return tags, found
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Example],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """One target per predicted entity (of type `label` when given): the sum of its words'
+        logits for their predicted tags, at each word's first piece.
+
+        Each sentence is one input, not cut into task.max_length windows (attributions need one
+        forward pass over the whole sentence), up to the tokenizer's model_max_length; so a
+        sentence longer than task.max_length may be tagged slightly otherwise than by predict.
+        """
+        if label is not None and label not in self.types:
+            raise LmadaptError(
+                f"unknown entity type {label!r}; the run's types are {', '.join(self.types)}"
+            )
+        if not examples:
+            return []
+        enc = tokenizer([ex.words for ex in examples], is_split_into_words=True)
+        feats = []
+        for i, ex in enumerate(examples):
+            if len(enc["input_ids"][i]) > tokenizer.model_max_length:
+                raise LmadaptError(
+                    f"{ex.file} line {ex.line}: {len(enc['input_ids'][i])} tokens, more than "
+                    f"the model takes in one input ({tokenizer.model_max_length})"
                 )
-            out.append({"text": ex.text, "entities": found, "tokens": ex.words, "tags": tags})
+            ex.windows = []
+            feats.append(self._feature(ex, enc, i, 0, 0, len(ex.words)))  # one whole window
+        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
+        out, word_rows = [], self.word_logits(logits, examples)
+        for i, (ex, feat, rows) in enumerate(zip(examples, feats, word_rows)):
+            word_ids = enc.word_ids(i)
+            first = {w: pos for pos, w in reversed(list(enumerate(word_ids))) if w is not None}
+            tags, found = self._entities(ex, rows)
+            targets = []
+            for entity, s, e in found:
+                if label is not None and entity["type"] != label:
+                    continue
+                cells = [(first[w], self.labels.index(tags[w])) for w in range(s, e) if w in first]
+                pos = torch.tensor([p for p, _ in cells])
+                tag = torch.tensor([t for _, t in cells])
+                n = len(word_ids)
+
+                def score(
+                    z: torch.Tensor, pos: torch.Tensor = pos, tag: torch.Tensor = tag, n: int = n
+                ) -> torch.Tensor:
+                    # (B, T', C) -> (B,); prompt methods prepend T' - T virtual tokens
+                    return z[:, z.shape[1] - n + pos, tag].sum(-1)
+
+                about = {k: v for k, v in entity.items() if k != "score"}
+                targets.append(Target({"entity": about}, entity["score"], score))
+            words = [{"word": w, "start": a, "end": b} for w, (a, b) in zip(ex.words, ex.offsets)]
+            out.append(
+                Explainable(
+                    text=ex.text,
+                    input_ids=feat["input_ids"],
+                    words=words,
+                    word_ids=word_ids,
+                    targets=targets,
+                    extra_inputs={k: v for k, v in feat.items() if k == "token_type_ids"},
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ robustness
