@@ -132,13 +132,12 @@ TINY_LM_CORPUS = [
 ]
 
 
-def build_tiny_llama(out: Path, chat_template: str | None = CHATML_TEMPLATE) -> str:
-    """A 2-layer, 32-wide Llama with random weights and a byte-level BPE tokenizer (~300 tokens)
-    trained here on a few sentences: ChatML special tokens, eos, pad and (optionally) a chat
-    template. Byte-level, so any text round-trips through encode/decode."""
-    import torch
+def tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
+    """A byte-level BPE tokenizer (~300 tokens) trained here on a few sentences: ChatML special
+    tokens, eos, pad and (optionally) a chat template. Byte-level, so any text round-trips
+    through encode/decode."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -157,6 +156,15 @@ def build_tiny_llama(out: Path, chat_template: str | None = CHATML_TEMPLATE) -> 
     )
     if chat_template:
         fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_llama(out: Path, chat_template: str | None = CHATML_TEMPLATE) -> str:
+    """A 2-layer, 32-wide Llama with random weights and the tiny byte-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = tiny_tokenizer(chat_template)
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(fast),
@@ -179,6 +187,46 @@ def build_tiny_llama(out: Path, chat_template: str | None = CHATML_TEMPLATE) -> 
 def tiny_llama(tmp_path_factory) -> str:
     """Tiny random Llama + byte-level BPE tokenizer with a ChatML chat template."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_seq2seq(out: Path, arch: str) -> str:
+    """A 2+2-layer, 32-wide T5 or BART with random weights and the tiny byte-level tokenizer
+    (no chat template: the alpaca template applies), built from a config: no encoder-decoder
+    weights can be downloaded here."""
+    import torch
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    fast = tiny_tokenizer(chat_template=None)
+    ids = {"pad_token_id": fast.pad_token_id, "eos_token_id": fast.eos_token_id}
+    torch.manual_seed(0)
+    if arch == "t5":  # T5 starts its decoder from the pad token
+        cfg = T5Config(
+            vocab_size=len(fast), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+            decoder_start_token_id=fast.pad_token_id, **ids,
+        )  # fmt: skip
+        model = T5ForConditionalGeneration(cfg)
+    else:  # BART from eos
+        cfg = BartConfig(
+            vocab_size=len(fast), d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, max_position_embeddings=256, bos_token_id=fast.eos_token_id,
+            decoder_start_token_id=fast.eos_token_id, forced_eos_token_id=None, **ids,
+        )  # fmt: skip
+        model = BartForConditionalGeneration(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session", params=["t5", "bart"])
+def tiny_seq2seq(request, tmp_path_factory) -> str:
+    """Tiny random T5 and BART (each test using it runs once per architecture)."""
+    return build_tiny_seq2seq(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,4 @@
+import argparse
 import re
 import subprocess
 import sys
@@ -14,6 +15,28 @@ def test_every_documented_command_exists():
     documented = set(re.findall(r"^lmadapt ([\w-]+)", (ROOT / "README.md").read_text(), re.M))
     assert documented, "README documents no command"
     assert documented <= set(COMMANDS), documented - set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_is_a_thin_layer_over_a_typed_api_function(name):
+    """Each command names its API function (cli.API); that function is exported by the
+    `lmadapt` package, typed, documented, and is what the command's handler calls."""
+    import inspect
+
+    import lmadapt
+    from lmadapt.cli import API, build_parser
+
+    fn = getattr(lmadapt, API[name])
+    assert API[name] in lmadapt.__all__
+    assert callable(fn) and fn.__doc__, API[name]
+    sig = inspect.signature(fn)
+    assert sig.return_annotation is not inspect.Signature.empty, API[name]
+    for p in sig.parameters.values():
+        assert p.annotation is not inspect.Parameter.empty, f"{API[name]}({p.name})"
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    handler = sub.choices[name].get_default("run")
+    assert fn.__name__ in handler.__code__.co_names, f"{name} does not call {API[name]}"
 
 
 def test_train_eval_predict_round_trip(run_config, tmp_path, sentiment_files, capsys):
@@ -78,3 +101,18 @@ def test_overrides_may_follow_options(argv, option):
     args = build_parser().parse_args(argv)
     assert args.overrides == ["output_dir=x", "seed=3"]
     assert getattr(args, option)
+
+
+def test_api_names_stay_functions_after_their_namesake_modules_load():
+    """`lmadapt.train` is the function even once the lmadapt/train package is imported (which
+    sets the parent's attribute): a second `lmadapt.train(...)` used to get the module."""
+    import importlib
+
+    import lmadapt
+
+    for module in ("train.loop", "evaluate.metrics", "generate", "models", "methods", "serve"):
+        importlib.import_module(f"lmadapt.{module}")
+    for name in ("train", "evaluate", "generate", "models", "methods", "serve"):
+        fn = getattr(lmadapt, name)
+        assert callable(fn) and not isinstance(fn, type(lmadapt)), name
+    assert lmadapt.train.__module__ == "lmadapt.api"

@@ -4,6 +4,7 @@ inference commands (`--device`)."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,110 @@ def test_predictions_on_the_gpu_match_the_cpu(finished_run):
         assert gpu_row["label"] == cpu_row["label"]
         for label, p in cpu_row["probabilities"].items():
             assert abs(gpu_row["probabilities"][label] - p) <= 1e-4
+
+
+# ---------------------------------------------------------------- the other commands
+
+
+def test_prompt_on_cuda_without_a_gpu_is_refused_before_loading(no_cuda, tmp_path, monkeypatch):
+    from lmadapt.prompting import run_prompt, sources
+
+    model_loading = importlib.import_module("lmadapt.models")  # `lmadapt.models` is the API's
+    from tests.prompting.conftest import prompt_config
+
+    sources.load_lm.cache_clear()
+    loaded = []
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: loaded.append(a))
+    csv = tmp_path / "dev.csv"
+    csv.write_text("text,label\ngood,1\nbad,0\n")
+    cfg = prompt_config("unused-model", {"dev": csv, "train": csv}, tmp_path, device="cuda")
+    with pytest.raises(ConfigError, match="CUDA is not available") as e:
+        run_prompt(cfg)
+    assert e.value.field == "device" and not loaded
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_device_spelling_is_checked_on_load(tmp_path):
+    from lmadapt.prompting.config import load_prompt_config
+
+    with pytest.raises(ConfigError, match="field 'device'"):
+        load_prompt_config({"data": {"dev": "x.csv"}, "device": "gpu"})
+
+
+def test_prompt_runs_where_its_device_says(tiny_llama, tmp_path):
+    from lmadapt.prompting import run_prompt
+    from lmadapt.prompting.sources import load_lm
+    from tests.prompting.conftest import prompt_config
+
+    files = {"dev": tmp_path / "dev.csv", "train": tmp_path / "train.csv"}
+    rows = "text,label\n" + "a great film,1\na dull film,0\n" * 3
+    for f in files.values():
+        f.write_text(rows)
+    run_prompt(prompt_config(tiny_llama, files, tmp_path, device="cpu", seeds=[0]))
+    model, _ = load_lm(tiny_llama, "cpu")
+    assert next(model.parameters()).device == torch.device("cpu")
+
+
+def test_distill_on_cuda_without_a_gpu_is_refused_and_writes_nothing(
+    no_cuda, tmp_path, tiny_bert, sentiment_files
+):
+    from lmadapt.distill.runner import build_distill_config, run_distill
+
+    cfg = build_distill_config(
+        {
+            "teacher": {"type": "run", "run_dir": str(tmp_path / "no-teacher")},
+            "model": tiny_bert,
+            "task": {"type": "classification"},
+            "data": {"train": str(sentiment_files["train"]), "dev": str(sentiment_files["dev"])},
+            "device": "cuda",
+            "output_dir": str(tmp_path / "student"),
+        }
+    )
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        run_distill(cfg)  # before the teacher loads (its run dir does not even exist)
+    assert not (tmp_path / "student").exists()
+
+
+def test_continual_is_cpu_only_and_says_so():
+    from lmadapt.continual.config import build_continual_config
+
+    entry = {"name": "a", "task": {"type": "classification"}, "data": {"train": "t", "dev": "d"}}
+    assert build_continual_config({"stream": [entry]}).device == "auto"
+    with pytest.raises(ConfigError, match="field 'device'"):
+        build_continual_config({"device": "cuda", "stream": [entry]})
+
+
+# ---------------------------------------------------------------- quantized bases
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "prompt_tuning", "adapter"])
+def test_quantize_is_refused_for_methods_that_train_the_base(run_config, method):
+    cfg = build_run_config(run_config(quantize="nf4", method={"name": method}))
+    with pytest.raises(ConfigError, match="lora, adalora or ia3") as e:
+        train(cfg)
+    assert e.value.field == "quantize"
+    assert not Path(cfg.output_dir).exists()
+
+
+@pytest.mark.parametrize("choice", ["nf4", "int8"])
+def test_quantize_without_a_gpu_is_refused_in_one_line(no_cuda, run_config, tmp_path, choice):
+    cfg = run_config(method={"name": "lora"})
+    assert _train_cli(tmp_path, cfg, f"quantize={choice}") == 2
+    assert not Path(cfg["output_dir"]).exists()
+
+
+def test_quantize_without_bitsandbytes_is_refused(monkeypatch, run_config):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a)
+    )
+    with pytest.raises(ConfigError, match="bitsandbytes, which is not installed"):
+        train(build_run_config(run_config(quantize="int8", method={"name": "ia3"})))
+
+
+def test_quantize_spelling_is_checked(run_config):
+    with pytest.raises(ConfigError, match="field 'quantize'"):
+        build_run_config(run_config(quantize="fp4"))

@@ -77,6 +77,17 @@ def test_the_7b_shape_is_read_from_the_config_alone(llama_7b_bf16):
     assert (full.layers, full.hidden, full.heads, full.vocab) == (32, 4096, 32, 32000)
 
 
+def test_a_bf16_base_halves_the_frozen_fp32_weights(llama_7b_fp32):
+    t = build_task(parse_section(TASKS, "type", "generation", "task"))
+    lora = build_method(parse_section(METHODS, "name", "lora", "method"))
+    spec = resolve_model(llama_7b_fp32)
+    fp32 = model_shape(spec, t, lora, trust_remote_code=False)
+    bf16 = model_shape(spec, t, lora, trust_remote_code=False, bf16_base=True)
+    assert fp32.frozen_bytes == 4 * (fp32.total - fp32.trainable)
+    assert bf16.frozen_bytes == fp32.frozen_bytes // 2
+    assert bf16.trainable == fp32.trainable
+
+
 def test_full_7b_is_refused_before_loading_and_lora_is_named(
     monkeypatch, tmp_path, llama_7b_bf16, capsys
 ):

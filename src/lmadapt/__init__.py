@@ -6,6 +6,8 @@ config) does not import all of it."""
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -15,15 +17,40 @@ _HOME = {
     "LmadaptError": "lmadapt.errors",
     "RunConfig": "lmadapt.config",
     "load_config": "lmadapt.config",
-    "evaluate": "lmadapt.api",
-    "load_run": "lmadapt.api",
-    "predict": "lmadapt.api",
+    # one API function per CLI command (cli.API), plus what they share
     "train": "lmadapt.api",
+    "resume": "lmadapt.api",
+    "evaluate": "lmadapt.api",
+    "predict": "lmadapt.api",
+    "load_run": "lmadapt.api",
+    "methods": "lmadapt.api",
+    "models": "lmadapt.api",
+    "serve": "lmadapt.serve",
+    "compare": "lmadapt.compare",
+    "hpo": "lmadapt.hpo",
+    "export_merged": "lmadapt.export",
+    "run_continual": "lmadapt.continual",
+    "run_distill": "lmadapt.distill",
+    "generate": "lmadapt.generate",
+    "chat": "lmadapt.generate",
+    "evaluate_base": "lmadapt.generate",
+    "run_prompt": "lmadapt.prompting",
+    "robustness": "lmadapt.api",
+    "explain": "lmadapt.api",
 }
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
-    raise AttributeError(f"module 'lmadapt' has no attribute {name!r}")
+class _Package(types.ModuleType):
+    """The package whose API names always mean the functions: `lmadapt.train` is the train
+    function even after the `lmadapt.train` subpackage is imported (importing a submodule sets
+    the same-named attribute on its parent, which would otherwise replace the function after its
+    first use). Submodules are imported by their dotted names (`from lmadapt.train import loop`)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _HOME:
+            return getattr(importlib.import_module(_HOME[name]), name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package

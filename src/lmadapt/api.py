@@ -22,6 +22,8 @@ from lmadapt.evaluate.report import (
     training_curves,
     write_report,
 )
+from lmadapt.evaluate.robustness import RobustnessResult, check_perturbable, select
+from lmadapt.evaluate.robustness import robustness as perturbed_evaluation
 from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
 from lmadapt.memory import check_fits
 from lmadapt.methods import Method, build_method, count_parameters
@@ -30,6 +32,7 @@ from lmadapt.rundir import check_output_dir
 from lmadapt.schema import config_source, read_yaml
 from lmadapt.session import (
     apply_method,
+    check_quantize,
     peak_rss_mb,
     resolve_device,
     run_directory,
@@ -39,7 +42,7 @@ from lmadapt.session import (
     set_threads,
     start,
 )
-from lmadapt.tasks import Evaluation, build_task
+from lmadapt.tasks import TASKS, Evaluation, build_task
 from lmadapt.tasks.base import check_model_suits
 from lmadapt.train import distributed
 from lmadapt.train.loop import (
@@ -162,8 +165,11 @@ def _run(
     start(config.train.threads or dist.cpu_threads, config.train.seed)
     data = prepare(config)
     task, spec = data.task, data.spec
+    if config.report.robustness:
+        check_perturbable(task)  # refused before training, not after it
     checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
     method = build_method(config.method)
+    check_quantize(config.quantize, method)
     longest = max((len(f["input_ids"]) for f in data.features["train"]), default=1)
     check_fits(config, spec, task, method, longest, dist.device, report=dist.is_main)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
@@ -217,7 +223,7 @@ def _train_and_report(
     if not dist.is_main:
         return dist.broadcast(None)  # process 0's metrics
 
-    if data.features["dev"]:  # what the task settles on dev after training, saved in run.json
+    if data.features["dev"]:  # what the task settles on dev (e.g. QA's no-answer threshold)
         task.tune(
             model,
             data.features["dev"],
@@ -225,7 +231,6 @@ def _train_and_report(
             task.collator(data.tokenizer),
             config.train.eval_batch_size,
         )
-        write_json(out / "run.json", run_info(config.method.name, spec, task))
     with atomic_dir(out / "model") as tmp:
         method.save(model, tmp)
         data.tokenizer.save_pretrained(tmp)
@@ -238,6 +243,10 @@ def _train_and_report(
             evals[split] = task.evaluate_model(
                 model, data.features[split], getattr(data, split), collate, bs
             )
+    # Fitted on dev (e.g. a temperature); run.json is rewritten so the run keeps it and what
+    # `tune` settled.
+    calibration = task.fit_calibration(evals)
+    write_json(out / "run.json", run_info(config.method.name, spec, task))
     metrics = {
         "run_dir": str(out),
         "task": task.kind,
@@ -261,6 +270,7 @@ def _train_and_report(
         "processes": dist.world_size,
         **bad_rows_metrics(data.bad_rows),
         **{split: ev.metrics for split, ev in evals.items()},
+        **calibration,
     }
     plot_dir = out / "plots"
     images = training_curves(result.state.history, trainer.metric, plot_dir)
@@ -288,9 +298,28 @@ def _train_and_report(
     skipped = bad_rows_section(data.bad_rows)
     if skipped:
         sections.append(skipped)
+    if config.report.robustness:
+        sections.append(_robustness_report(config, out, data, model))
     write_report(out, summary, sections, images)
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
     return dist.broadcast(metrics)
+
+
+def _robustness_report(config: RunConfig, out: Path, data: Prepared, model: torch.nn.Module) -> str:
+    """report.robustness: the best model on perturbed copies of the test set (dev without one);
+    writes robustness.json and returns the report.md section."""
+    split = "test" if data.test else "dev"
+    result = perturbed_evaluation(
+        data.task,
+        model,
+        data.tokenizer,
+        getattr(data, split),
+        config.train.eval_batch_size,
+        config.report.seed,
+        config.report.perturbations,
+    )
+    write_json(out / "robustness.json", {"split": split, **result.to_dict()})
+    return result.markdown(f"Robustness ({split} set, best checkpoint)")
 
 
 # ---------------------------------------------------------------------- saved runs
@@ -331,6 +360,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
         m = info["model"]
         spec = ModelSpec(m["name"], m["path"], m["kind"], m.get("gguf_file"))
     task = build_task(config.task, info["task"])
+    check_model_suits(task, spec)
     tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind))
     return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
 
@@ -368,6 +398,17 @@ def evaluate(
     return ev, evaluation_section(f"Evaluation on `{data_path}`", ev, run.task)
 
 
+def input_examples(
+    task: Any, texts: list[str] | None, file: str | Path | None, fmt: str, command: str
+) -> list[Any]:
+    """Unlabelled examples from a file or raw texts, for `command`."""
+    if file is not None:
+        return task.read(str(file), fmt, labelled=False)
+    if not texts:
+        raise LmadaptError(f"{command} needs at least one text or --file")
+    return task.examples_from_texts(list(texts))
+
+
 def predict(
     run_dir: str | Path | LoadedRun,
     texts: list[str] | None = None,
@@ -378,12 +419,7 @@ def predict(
     """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file;
     `device` applies when the run is loaded here."""
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
-    if file is not None:
-        examples = run.task.read(str(file), fmt, labelled=False)
-    else:
-        if not texts:
-            raise LmadaptError("predict needs at least one text or --file")
-        examples = run.task.examples_from_texts(list(texts))
+    examples = input_examples(run.task, texts, file, fmt, "predict")
     feats = run.task.encode(examples, run.tokenizer)
     return run.task.predict_model(
         run.model,
@@ -394,4 +430,111 @@ def predict(
     )
 
 
-__all__ = ["LoadedRun", "evaluate", "load_run", "predict", "prepare", "resume", "train"]
+def methods(model: str | None = "minilm") -> list[dict[str, Any]]:
+    """Every adaptation method with its summary and, unless `model` is None, its trainable and
+    total parameter counts on `model` with a 2-label classification head."""
+    from lmadapt.methods import METHODS
+    from lmadapt.schema import parse_section
+
+    rows = []
+    spec = resolve_model(model) if model else None
+    task = build_task(
+        parse_section(TASKS, "type", "classification", "task"), {"labels": ["0", "1"]}
+    )
+    for entry in METHODS:
+        trainable = total = None
+        if spec is not None:
+            method = build_method(parse_section(METHODS, "name", entry.name, "method"))
+            trainable, total = count_parameters(method.apply(task.build_model(spec), task))
+        rows.append(
+            {"name": entry.name, "about": entry.summary, "trainable": trainable, "total": total}
+        )
+    return rows
+
+
+def models() -> list[dict[str, Any]]:
+    """The embedded default models: name, whether installed, kind, the tasks it suits."""
+    from lmadapt.models import list_models
+
+    return [
+        {**row, "tasks": [e.name for e in TASKS if row.get("kind") in e.impl.model_kinds]}
+        for row in list_models()
+    ]
+
+
+# ---------------------------------------------------------------------- robustness
+
+
+def robustness(
+    run_dir_or_loaded: str | Path | LoadedRun,
+    data: str | Path,
+    fmt: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    perturbations: list[str] | None = None,
+) -> RobustnessResult:
+    """A saved run scored on a labelled file and on seeded, label-preserving perturbations of
+    it (lmadapt.evaluate.robustness); `perturbations` names some (default: every one)."""
+    select(perturbations, seed)  # a misspelt name fails before the model loads
+    run = (
+        run_dir_or_loaded
+        if isinstance(run_dir_or_loaded, LoadedRun)
+        else load_run(run_dir_or_loaded, device)
+    )
+    examples = run.task.check(run.task.read(str(data), fmt))
+    return perturbed_evaluation(
+        run.task,
+        run.model,
+        run.tokenizer,
+        examples,
+        run.config.train.eval_batch_size,
+        seed,
+        perturbations,
+    )
+
+
+# ---------------------------------------------------------------------- explanations
+
+
+def explain(
+    run_dir: str | Path | LoadedRun,
+    texts: list[str] | None = None,
+    file: str | Path | None = None,
+    fmt: str = "auto",
+    method: str = "ig",
+    label: str | None = None,
+    steps: int = 32,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Per-word attributions of each text's prediction (the predicted label, or `label`; each
+    predicted entity), one JSON-ready row per text: Integrated Gradients over `steps` points
+    (`method='ig'`) or leave-one-word-out (`'occlusion'`). See lmadapt.evaluate.explain."""
+    from lmadapt.evaluate.explain import METHODS
+    from lmadapt.evaluate.explain import explain as attribute
+
+    if method not in METHODS:
+        raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+    if steps < 1:
+        raise ConfigError("steps", f"must be >= 1, got {steps}")
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
+    examples = input_examples(run.task, texts, file, fmt, "explain")
+    bs = run.config.train.eval_batch_size
+    items = run.task.explainables(run.model, run.tokenizer, examples, label, bs)
+    pad = run.tokenizer.pad_token_id
+    pad = run.tokenizer.eos_token_id if pad is None else pad
+    return [attribute(run.model, item, method, steps, pad) for item in items]  # type: ignore[arg-type]
+
+
+__all__ = [
+    "LoadedRun",
+    "evaluate",
+    "explain",
+    "load_run",
+    "methods",
+    "models",
+    "predict",
+    "prepare",
+    "resume",
+    "robustness",
+    "train",
+]

@@ -12,17 +12,23 @@ from pathlib import Path
 from lmadapt.errors import LmadaptError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+API: dict[str, str] = {}
+"""Command -> the name, in the `lmadapt` package, of the API function it calls: every command
+is a thin layer over one typed function (tests/test_cli.py checks each exists and is called)."""
 
 
-def command(name: str, help: str) -> Callable:
+def command(name: str, help: str, api: str) -> Callable:
     def deco(fn: Callable[[argparse.ArgumentParser], None]) -> Callable:
         COMMANDS[name] = (help, fn)
+        API[name] = api
         return fn
 
     return deco
 
 
-@command("train", "fine-tune a model from a YAML config (key=value overrides after it)")
+@command(
+    "train", "fine-tune a model from a YAML config (key=value overrides after it)", api="train"
+)
 def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
@@ -48,7 +54,7 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("eval", "evaluate a finished run on a labelled data file")
+@command("eval", "evaluate a finished run on a labelled data file", api="evaluate")
 def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("data")
@@ -65,7 +71,7 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("predict", "predict labels for texts or a file with a finished run")
+@command("predict", "predict labels for texts or a file with a finished run", api="predict")
 def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument(
@@ -92,53 +98,32 @@ def _predict(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("methods", "list adaptation methods with trainable-parameter counts")
+@command("methods", "list adaptation methods with trainable-parameter counts", api="methods")
 def _methods(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="model to count parameters on")
     p.add_argument("--no-count", action="store_true", help="skip loading the model")
 
     def run(a: argparse.Namespace) -> None:
-        from lmadapt.methods import METHODS
+        from lmadapt.api import methods
 
-        counts = {} if a.no_count else _method_counts(a.model)
         print(f"{'method':<16}{'trainable':>14}{'share':>9}  about")
-        for entry in METHODS:
-            n, total = counts.get(entry.name, (None, None))
+        for row in methods(None if a.no_count else a.model):
+            n, total = row["trainable"], row["total"]
             share = f"{100 * n / total:.2f}%" if n is not None else "-"
             count = f"{n:,}" if n is not None else "-"
-            print(f"{entry.name:<16}{count:>14}{share:>9}  {entry.summary}")
+            print(f"{row['name']:<16}{count:>14}{share:>9}  {row['about']}")
 
     p.set_defaults(run=run)
 
 
-def _method_counts(model: str) -> dict[str, tuple[int, int]]:
-    """Trainable/total parameters of each method on `model` with a 2-label classification head."""
-    from lmadapt.methods import METHODS, build_method, count_parameters
-    from lmadapt.models import resolve_model
-    from lmadapt.schema import parse_section
-    from lmadapt.tasks import TASKS, build_task
-
-    spec = resolve_model(model)
-    task = build_task(
-        parse_section(TASKS, "type", "classification", "task"), {"labels": ["0", "1"]}
-    )
-    out = {}
-    for entry in METHODS:
-        method = build_method(parse_section(METHODS, "name", entry.name, "method"))
-        m = method.apply(task.build_model(spec), task)
-        out[entry.name] = count_parameters(m)
-    return out
-
-
-@command("models", "list the embedded default models and the tasks they suit")
+@command("models", "list the embedded default models and the tasks they suit", api="models")
 def _models(p: argparse.ArgumentParser) -> None:
     def run(a: argparse.Namespace) -> None:
-        from lmadapt.models import list_models
-        from lmadapt.tasks import TASKS
+        from lmadapt.api import models
 
-        for row in list_models():
+        for row in models():
             status = "ok" if row["available"] else "missing"
-            tasks = ", ".join(e.name for e in TASKS if row.get("kind") in e.impl.model_kinds)
+            tasks = ", ".join(row["tasks"])
             print(f"{row['name']:<24}{status:<9}{row.get('kind', ''):<9}{tasks:<50}{row['about']}")
 
     p.set_defaults(run=run)
@@ -147,7 +132,8 @@ def _models(p: argparse.ArgumentParser) -> None:
 @command(
     "serve",
     "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/qa, /v1/generate, "
-    "/v1/chat/completions, /v1/models, /health",
+    "/v1/chat/completions, /v1/explain, /v1/models, /health",
+    api="serve",
 )
 def _serve(p: argparse.ArgumentParser) -> None:
     from lmadapt.serve.settings import ServeSettings
@@ -214,28 +200,18 @@ def _serve(p: argparse.ArgumentParser) -> None:
             allow_no_auth=a.allow_no_auth,
             device=a.device,
         )
-        settings.check_exposure()  # before loading any model: a refusal should come at once
-        from lmadapt.session import resolve_device
+        from lmadapt.serve import serve
 
-        resolve_device(settings.device)
-        try:
-            import uvicorn
-
-            from lmadapt.serve.app import create_app
-        except ImportError as e:
-            raise LmadaptError(
-                f"serve needs the serve extra ({e.name} is missing): pip install 'lmadapt[serve]'"
-            ) from None
-        app = create_app(a.run_dirs, settings)
-        names = ", ".join(sorted(app.state.server.runs))
-        auth = "API key required" if settings.api_key else "no API key"
-        print(f"lmadapt: serving {names} on http://{a.host}:{a.port} ({auth})", file=sys.stderr)
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        serve(a.run_dirs, settings, a.log_level)
 
     p.set_defaults(run=run)
 
 
-@command("compare", "train one config with several methods and tabulate accuracy, size, speed")
+@command(
+    "compare",
+    "train one config with several methods and tabulate accuracy, size, speed",
+    api="compare",
+)
 def _compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
@@ -259,7 +235,9 @@ def _compare(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("hpo", "search hyperparameters with Optuna (TPE, median pruning); re-run to resume")
+@command(
+    "hpo", "search hyperparameters with Optuna (TPE, median pruning); re-run to resume", api="hpo"
+)
 def _hpo(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config: the base every trial starts from")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every trial")
@@ -299,7 +277,11 @@ def _overrides_after_options(p: argparse.ArgumentParser) -> None:
     p.parse_known_args = parse_known_args
 
 
-@command("export", "write a run as a plain transformers model dir, adapter merged in")
+@command(
+    "export",
+    "write a run as a plain transformers model dir, adapter merged in",
+    api="export_merged",
+)
 def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument(
@@ -329,7 +311,9 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("continual", "train a task stream: naive, ewc, l2, replay, lwf or adapters")
+@command(
+    "continual", "train a task stream: naive, ewc, l2, replay, lwf or adapters", api="run_continual"
+)
 def _continual(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML continual config (a stream of tasks)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy=ewc")
@@ -355,7 +339,11 @@ def _continual(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("distill", "distil a teacher (run dir or prompted LLM) into a smaller student")
+@command(
+    "distill",
+    "distil a teacher (run dir or prompted LLM) into a smaller student",
+    api="run_distill",
+)
 def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML distillation config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. alpha=1.0")
@@ -370,7 +358,11 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("generate", "generate text with a generation run or a bare causal LM (--prompt / --file)")
+@command(
+    "generate",
+    "generate text with a generation run or a bare causal LM (--prompt / --file)",
+    api="generate",
+)
 def _generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="run directory or model name/path")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -397,7 +389,9 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("chat", "interactive chat in the terminal with a generation run or a bare causal LM")
+@command(
+    "chat", "interactive chat in the terminal with a generation run or a bare causal LM", api="chat"
+)
 def _chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="run directory or model name/path")
     p.add_argument("--system", help="system prompt")
@@ -412,7 +406,11 @@ def _chat(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("evaluate-model", "score a base model (or a run) on a config's dev/test data, untuned")
+@command(
+    "evaluate-model",
+    "score a base model (or a run) on a config's dev/test data, untuned",
+    api="evaluate_base",
+)
 def _evaluate_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config: its data and task settings are used")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_eval_samples=50")
@@ -431,12 +429,13 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     """`--device`: spelling checked here, availability when the command starts (before loading)."""
 
     def spelling(value: str) -> str:
-        from lmadapt.config import DEVICE_PATTERN
+        from lmadapt.errors import ConfigError
+        from lmadapt.schema import check_device_name
 
-        if not DEVICE_PATTERN.fullmatch(value):
-            why = f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}"
-            raise argparse.ArgumentTypeError(why)
-        return value
+        try:
+            return check_device_name(value)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(e.message) from None
 
     p.add_argument(
         "--device",
@@ -451,6 +450,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
+    p.add_argument("--num-beams", type=int, help="beam search width (default: the run's)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
 
@@ -467,6 +467,7 @@ def _decoding_settings(a: argparse.Namespace) -> dict:
         "top_p": a.top_p,
         "stop": a.stop,
         "seed": a.seed,
+        "num_beams": a.num_beams,
     }
     try:
         GenerationSettings(**{k: v for k, v in flags.items() if v is not None})
@@ -515,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-@command("prompt", "evaluate a frozen model by prompting: templates, verbalizers, k-shot demos")
+@command(
+    "prompt",
+    "evaluate a frozen model by prompting: templates, verbalizers, k-shot demos",
+    api="run_prompt",
+)
 def _prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML prompt config (see configs/prompts/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. k=8 selection=knn")
@@ -534,6 +539,70 @@ def _prompt(p: argparse.ArgumentParser) -> None:
         out = Path(metrics["output_dir"])
         print((out / "report.md").read_text(encoding="utf-8"))
         print(f"output directory: {out}")
+
+    p.set_defaults(run=run)
+
+
+@command(
+    "robustness",
+    "score a finished run on seeded perturbations of a labelled data file",
+    api="robustness",
+)
+def _robustness(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--only", help="comma-separated perturbation names (default: every one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the perturbations (>= 0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _device_arg(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.api import robustness
+
+        only = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
+        result = robustness(a.run_dir, a.data, a.format, a.device, a.seed, only)
+        if a.json:
+            print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            print(result.markdown(f"Robustness on `{a.data}`"))
+
+    p.set_defaults(run=run)
+
+
+@command(
+    "explain",
+    "per-word attributions of a finished run's predictions (JSON, HTML page)",
+    api="explain",
+)
+def _explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--file", help="csv/tsv/jsonl file with the run's text column")
+    p.add_argument("--format", default="auto")
+    p.add_argument(
+        "--method",
+        choices=["ig", "occlusion"],
+        default="ig",
+        help="integrated gradients (default) or leave-one-word-out",
+    )
+    p.add_argument("--label", help="explain this label (NER: entity type) instead of the predicted")
+    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument("--html", metavar="OUT.html", help="also write a page with highlighted words")
+    _device_arg(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.api import explain
+        from lmadapt.evaluate.explain import html_page
+        from lmadapt.io import write_text
+
+        if not a.texts and not a.file:
+            raise LmadaptError("explain needs TEXT arguments or --file")
+        rows = explain(a.run_dir, a.texts, a.file, a.format, a.method, a.label, a.steps, a.device)
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        if a.html:
+            write_text(a.html, html_page(rows, f"lmadapt explain {Path(a.run_dir).name}"))
 
     p.set_defaults(run=run)
 

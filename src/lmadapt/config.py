@@ -7,15 +7,16 @@ class from the task or method registry, so a new method brings its own typed fie
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from lmadapt.errors import ConfigError
+from lmadapt.evaluate.robustness import PERTURBATIONS
 from lmadapt.methods import METHODS
 from lmadapt.schema import (
     apply_overrides,
+    check_device_name,
     config_source,
     from_dict,
     parse_section,
@@ -92,6 +93,12 @@ class TrainConfig:
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (fp32 master weights); auto = bf16 when the CPU has native bf16 units."""
+    base_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Dtype of the frozen weights while a PEFT method trains (trained weights stay fp32):
+    bf16 halves the memory the base takes. auto = bf16 on a CUDA GPU with bf16 autocast, fp32
+    elsewhere. Needs bf16 autocast (precision auto or bf16); dev evaluation during training
+    then runs under autocast too. The fp32 weights come back when training ends, so the saved
+    artifact and the final evaluation are those of the fp32 model."""
     dropout: float | None = None
     """Override every dropout probability in the model (LoRA's too); None keeps the model's.
     0 is the fast choice on CPU, where random masks cost a quarter of a MiniLM step."""
@@ -140,6 +147,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {v}")
+        if self.base_dtype == "bf16" and self.precision == "fp32":
+            raise ConfigError(
+                "train.base_dtype",
+                "bf16 frozen weights need bf16 autocast; set train.precision to auto or bf16",
+            )
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError(
                 "train.gradient_checkpointing",
@@ -147,7 +159,30 @@ class TrainConfig:
             )
 
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+@dataclass
+class ReportConfig:
+    """What report.md adds at the end of a run, beyond the dev and test evaluations."""
+
+    robustness: bool = False
+    """Re-evaluate the best model on seeded, label-preserving perturbations of the test set (dev
+    when there is none): metric, delta and flip rate per perturbation, and the most fragile
+    examples, in report.md and robustness.json (see `lmadapt robustness`)."""
+    perturbations: list[str] | None = None
+    """Which perturbations, by name; None = every one (lmadapt.evaluate.robustness)."""
+    seed: int = 0
+    """Seed of the perturbations (the same seed perturbs the same examples the same way)."""
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.perturbations or [] if n not in PERTURBATIONS]
+        if unknown:
+            raise ConfigError(
+                "report.perturbations",
+                f"unknown perturbation {unknown[0]!r}; known: {', '.join(PERTURBATIONS)}",
+            )
+        if self.perturbations is not None and not self.perturbations:
+            raise ConfigError("report.perturbations", "is empty; leave it out for every one")
+        if self.seed < 0:
+            raise ConfigError("report.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -161,6 +196,10 @@ class RunConfig:
     data: DataConfig
     model: str = "minilm"
     """Embedded short name (see `lmadapt models`), a local model directory, or a hub id."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """Load the frozen base in 4-bit NF4 or 8-bit (QLoRA) for methods that add weights beside
+    it (lora, adalora, ia3). Needs bitsandbytes on a CUDA GPU; refused, before anything loads,
+    where that cannot run."""
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/run"
     overwrite: bool = False
@@ -174,12 +213,13 @@ class RunConfig:
     GPU when torch sees one, else the CPU. Whether the device exists is checked when the run
     starts (session.resolve_device), since that is a property of the machine, not of the file.
     Under a launcher (torchrun) each process keeps the device the launcher gives it."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """What report.md adds at the end of the run (robustness to perturbed inputs)."""
 
     def __post_init__(self) -> None:
-        if not DEVICE_PATTERN.fullmatch(self.device):
-            raise ConfigError(
-                "device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
-            )
+        check_device_name(self.device)
+        if self.report.robustness and not (self.data.dev or self.data.test):
+            raise ConfigError("report.robustness", "needs data.test or data.dev to perturb")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -20,6 +20,7 @@ from lmadapt.errors import LmadaptError
 from lmadapt.inference import GenerationSettings
 from lmadapt.io import write_text
 from lmadapt.session import peak_rss_mb, resolve_device, set_threads, start
+from lmadapt.tasks.base import check_model_suits
 from lmadapt.tasks.generation import GenerationConfig, GenerationTask
 
 
@@ -49,16 +50,17 @@ def load_generator(
 
         run = load_run(path, device)
         if run.task.kind != "generation":
-            raise LmadaptError(f"{path} is a {run.task.kind} run; generation needs a causal LM run")
+            raise LmadaptError(
+                f"{path} is a {run.task.kind} run; generation needs a generation run"
+            )
         run.task.template(run.tokenizer)
         return Generator(path.name, run.model, run.task)
     from lmadapt.models import load_tokenizer, resolve_model
 
     spec = resolve_model(str(source))
-    if spec.kind != "causal":
-        raise LmadaptError(f"model {spec.name} is an encoder; generation needs a causal LM")
-    set_threads()
     task = GenerationTask(GenerationConfig())
+    check_model_suits(task, spec, "model")
+    set_threads()
     task.template(load_tokenizer(spec, trust_remote_code))
     model = task.build_model(spec, trust_remote_code)
     model.to(where).eval()

@@ -31,6 +31,42 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and cpu_has_bf16())
 
 
+def autocast_bf16(precision: str, device: torch.device) -> bool:
+    """Autocast where it pays: the CPU's bf16 units decide on the CPU, the GPU's support on CUDA."""
+    if device.type == "cuda":
+        return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    return use_bf16(precision)
+
+
+def bf16_frozen_base(base_dtype: str, bf16: bool, device: torch.device, strategy: str) -> bool:
+    """Whether a PEFT method's frozen weights train in bf16 (`train.base_dtype`; auto = on CUDA
+    with bf16 autocast)."""
+    if base_dtype == "fp32" or not bf16:
+        if base_dtype == "bf16":
+            raise ConfigError(
+                "train.base_dtype", "bf16 frozen weights need bf16 autocast, which is off here"
+            )
+        return False
+    if strategy == "fsdp":  # fsdp flattens each block's parameters into one dtype
+        if base_dtype == "bf16":
+            raise ConfigError("train.base_dtype", "fsdp needs one dtype per block; use fp32")
+        return False
+    return base_dtype == "bf16" or device.type == "cuda"
+
+
+def bf16_castable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights a bf16 frozen base holds in bf16: the floating-point parameters of modules
+    that train none of their own (BitFit's modules, which train their biases, stay fp32: ops
+    such as layer_norm take one dtype for all of their weights)."""
+    return [
+        p
+        for m in model.modules()
+        if not any(p.requires_grad for p in m.parameters(recurse=False))
+        for p in m.parameters(recurse=False)
+        if p.is_floating_point()
+    ]
+
+
 def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
@@ -145,11 +181,15 @@ class GenerationSettings:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    num_beams: int = 1
+    """Beam search over this many beams (1 = greedy or sampling); the best beam is returned."""
 
     def __post_init__(self) -> None:
         """The one place decoding values are checked (task config, CLI flags, requests)."""
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ConfigError("num_beams", f"must be >= 1, got {self.num_beams}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -183,8 +223,9 @@ def generate_ids(
 ) -> Decoded:
     """The one decoder: continue each prompt (left-padded batches, shortest first) until an id in
     `eos_ids`, a string in `stop_texts` (cut from the text) or `max_new_tokens`; greedy unless
-    `settings.do_sample`. A transformers streamer (one prompt only) receives the tokens as
-    they are generated."""
+    `settings.do_sample`, beam search with `settings.num_beams` > 1. A transformers streamer
+    (one prompt, one beam) receives the tokens as they are generated. An encoder-decoder reads
+    the prompt on its encoder and returns only new tokens after its decoder's start token."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
@@ -194,11 +235,15 @@ def generate_ids(
         temperature=settings.temperature if settings.do_sample else None,
         top_p=settings.top_p if settings.do_sample else None,
         top_k=None,
+        num_beams=settings.num_beams,
         eos_token_id=eos_ids,
         pad_token_id=pad,
         use_cache=True,
         stop_strings=stop_texts or None,
     )
+    if streamer is not None and settings.num_beams > 1:
+        raise ConfigError("num_beams", "beam search cannot stream; use num_beams: 1")
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     model = on_model_device(model)
     was_training = model.training
     model.eval()
@@ -226,7 +271,7 @@ def generate_ids(
                 **extra,
             )
             for row, i in enumerate(idx):
-                seq = out[row, width:].tolist()
+                seq = out[row, 1:].tolist() if encoder_decoder else out[row, width:].tolist()
                 end = next((j for j, t in enumerate(seq) if t in eos_ids), len(seq))
                 text = tok.decode(seq[:end], skip_special_tokens=True)
                 stopped = end < len(seq) or any(s in text for s in stop_texts)

@@ -3,7 +3,8 @@ that names the settings that would fit when it cannot.
 
 estimate = weights + trainable state + activations, where
 
-- weights: every frozen parameter in the dtype it loads in (the config's, else fp32), counted on
+- weights: every frozen parameter in the dtype it loads in (the config's, else fp32; bf16 for
+  those `train.base_dtype` holds in bf16), counted on
   a meta-device copy of the task's model built from the config alone (`models.shapes_only`), so
   a 7B model is sized without a byte of it allocated;
 - trainable state: each trainable parameter as an fp32 weight, its gradient and AdamW's two
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.inference import autocast_bf16, bf16_castable, bf16_frozen_base
 from lmadapt.methods import METHODS, build_method, count_parameters
 from lmadapt.models import ModelSpec, shapes_only
 from lmadapt.schema import parse_section
@@ -81,21 +83,25 @@ class Estimate:
         )
 
 
-def model_shape(spec: ModelSpec, task: Any, method: Any, trust_remote_code: bool) -> Shape:
+def model_shape(
+    spec: ModelSpec, task: Any, method: Any, trust_remote_code: bool, bf16_base: bool = False
+) -> Shape:
     """Parameter counts and layer sizes of the task's model under `method`, built on the meta
-    device from the config (no weights read, nothing allocated)."""
+    device from the config (no weights read, nothing allocated); `bf16_base`: the frozen weights
+    train.base_dtype casts count 2 bytes each."""
     with shapes_only(), torch.device("meta"):
         base = task.build_model(spec, trust_remote_code)
         cfg = base.config
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         model = method.apply(base, task)
     trainable, total = count_parameters(model)
+    in_bf16 = {id(p) for p in bf16_castable(model)} if bf16_base else set()
     seen: set[int] = set()
     frozen_bytes = 0
     for p in model.parameters():
         if id(p) not in seen and not p.requires_grad:
             seen.add(id(p))
-            frozen_bytes += p.numel() * p.element_size()
+            frozen_bytes += p.numel() * (2 if id(p) in in_bf16 else p.element_size())
     return Shape(
         frozen_bytes=frozen_bytes,
         trainable=trainable,
@@ -204,8 +210,12 @@ def check_fits(
     that cannot be built on the meta device (some remote code) is not refused for that: the
     check is a guard, not a gate, so the run goes on unchecked and says so."""
     eager = config.attention == "eager" or (config.attention == "auto" and spec.kind == "encoder")
+    t = config.train
+    bf16_base = bf16_frozen_base(
+        t.base_dtype, autocast_bf16(t.precision, device), device, t.distributed
+    )
     try:
-        shape = model_shape(spec, task, method, config.trust_remote_code)
+        shape = model_shape(spec, task, method, config.trust_remote_code, bf16_base)
     except LmadaptError:
         raise
     except Exception as e:  # any failure of the meta build only skips the check
@@ -233,7 +243,7 @@ def check_fits(
     peft = None
     if shape.trainable > shape.total // 10:  # (nearly) every weight trains: full fine-tuning
         lora = build_method(parse_section(METHODS, "name", "lora", "method"))
-        peft = model_shape(spec, task, lora, config.trust_remote_code)
+        peft = model_shape(spec, task, lora, config.trust_remote_code, bf16_base)
     options = what_fits(need, peft, free, config.train.grad_accum, eager)
     if options:
         hint = "would fit: " + "; or ".join(options)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from lmadapt.errors import LmadaptError
 from lmadapt.registry import Registry
 
-Kind = Literal["encoder", "causal"]
+Kind = Literal["encoder", "causal", "seq2seq"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ def _smollm2() -> ModelSpec:
 
 
 def _kind_from_config(config: dict[str, Any]) -> Kind:
+    if config.get("is_encoder_decoder"):  # T5, BART, mT0: a decoder over an encoder's input
+        return "seq2seq"
     archs = config.get("architectures") or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
     return "causal" if causal or config.get("is_decoder") else "encoder"

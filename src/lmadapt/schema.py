@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -206,3 +207,14 @@ def resolve_data_paths(config_file: str | Path, obj: Any, names: tuple[str, ...]
         value = getattr(obj, name)
         if value and not Path(value).exists() and (base / value).exists():
             setattr(obj, name, str(base / value))
+
+
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def check_device_name(value: str, field: str = "device") -> str:
+    """A `device` setting's spelling; whether this machine has it is checked when a command
+    starts (session.resolve_device), since that is a property of the machine, not of the file."""
+    if not isinstance(value, str) or not DEVICE_NAME.fullmatch(value):
+        raise ConfigError(field, f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value

@@ -7,6 +7,7 @@ before it can be resumed, a failed write reported in one line) and run.json.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import random
 import resource
@@ -98,6 +99,32 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_quantize(choice: str, method: Any) -> None:
+    """Refuse a 4/8-bit base (`quantize`) where it cannot train, in one line naming the field.
+
+    lmadapt's lock does not install bitsandbytes (it needs a CUDA build this project cannot
+    test yet), so for now every quantized request is refused with the reason that applies."""
+    if choice == "none":
+        return
+    if not method.quantized_base:
+        raise ConfigError(
+            "quantize",
+            f"{choice} weights cannot be trained, and method {method.cfg.name} trains the base's "
+            "own weights or its inputs; use lora, adalora or ia3, or quantize: none",
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "quantize",
+            f"{choice} needs bitsandbytes on a CUDA GPU and none is visible; "
+            "use quantize: none (train.base_dtype: bf16 also halves the base's memory)",
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "quantize", f"{choice} needs bitsandbytes, which is not installed; use quantize: none"
+        )
+    raise ConfigError("quantize", f"{choice} bases are not supported by this version yet")
 
 
 def _embeddings_frozen(model: torch.nn.Module) -> bool:

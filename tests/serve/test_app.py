@@ -209,6 +209,21 @@ def test_single_served_run_needs_no_model_field(runs, expected):
         _same(r.json()["results"], expected["alpha"][:1])
 
 
+def test_calibrated_run_serves_temperature_scaled_probabilities(run_config):
+    """task.calibrate: the served probabilities are predict's calibrated ones, not the raw."""
+    cfg = build_run_config(run_config(task={"type": "classification", "calibrate": True}))
+    run_dir = train(cfg)["run_dir"]
+    run = load_run(run_dir)
+    calibrated = predict(run, TEXTS)
+    run.task.cfg.calibrate = False
+    raw = predict(run, TEXTS)
+    with TestClient(create_app([run_dir])) as c:
+        r = c.post("/v1/classify", json={"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    _same(r.json()["results"], calibrated)
+    assert r.json()["results"][0]["probabilities"] != raw[0]["probabilities"]
+
+
 def test_openapi_schema_lists_endpoints(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path in (

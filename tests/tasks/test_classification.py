@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from lmadapt.api import load_run, predict, train
+from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.config import build_run_config
-from lmadapt.errors import DataError
+from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.tasks import build_task
-from lmadapt.tasks.classification import ClassificationConfig
+from lmadapt.tasks.classification import ClassificationConfig, Example
 from tests.conftest import write_csv
 
 
@@ -88,4 +88,85 @@ def test_other_problems_train_end_to_end(problem, tmp_path, run_config):
     assert key in metrics["dev"]
     out = predict(load_run(metrics["run_dir"]), ["the film was good"])
     assert ("score" if problem == "regression" else "probabilities") in out[0]
-    assert json.loads((tmp_path / problem / "run.json").read_text())["task"]["problem"] == problem
+    task_state = json.loads((tmp_path / problem / "run.json").read_text())["task"]
+    assert task_state["problem"] == problem
+    assert "temperature" not in task_state and "temperature" not in metrics  # no calibration
+    assert "ece" not in metrics["dev"]
+
+
+def test_calibrated_run_keeps_its_temperature_and_reports_errors(
+    tmp_path, run_config, sentiment_files
+):
+    cfg = build_run_config(
+        run_config(
+            task={"type": "classification", "calibrate": True},
+            data={"test": str(sentiment_files["dev"])},
+        )
+    )
+    metrics = train(cfg)
+    run_dir = tmp_path / "run"
+    t = metrics["temperature"]
+    assert t > 0 and t != 1.0  # a tiny model after 16 steps is not calibrated already
+    assert json.loads((run_dir / "run.json").read_text())["task"]["temperature"] == t
+    for split in ("dev", "test"):
+        assert 0 <= metrics[split]["ece"] <= 1 and 0 <= metrics[split]["ece_calibrated"] <= 1
+    # fitted on dev's NLL, which scaling never raises; ECE is only measured, so not asserted
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    for heading in (
+        "### Calibration",
+        "### Most confident errors",
+        "### Least confident correct predictions",
+        "### Accuracy by input length",
+        "### Per class",
+    ):
+        assert report.count(heading) == 2, heading  # dev and test
+    assert f"T = {t:.4f}" in report
+    assert (run_dir / "plots" / "test_reliability.png").is_file()
+    assert "logits" not in json.dumps(metrics)  # per-example data stays out of metrics.json
+
+    run = load_run(run_dir)
+    texts = ["the film was good", "the plot was awful", "the cast was fine"]
+    calibrated = predict(run, texts)
+    run.task.cfg.calibrate = False
+    raw = predict(run, texts)
+    assert [r["label"] for r in calibrated] == [r["label"] for r in raw]
+    assert all(c["probabilities"] != r["probabilities"] for c, r in zip(calibrated, raw))
+    for row in calibrated:
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+    ev, section = evaluate(run_dir, sentiment_files["dev"])
+    assert ev.metrics["ece_calibrated"] == pytest.approx(metrics["test"]["ece_calibrated"])
+    assert "### Most confident errors" in section
+
+
+def test_error_analysis_ranks_by_confidence_and_slices_by_length():
+    task = _task()
+    task.labels = ["neg", "pos"]
+    texts = ["a", "a b", "a b c", "a b c d"]
+    exs = [Example(t, label=lab) for t, lab in zip(texts, ["pos", "pos", "neg", "neg"])]
+    logits = [np.array(v, dtype=float) for v in ([3, 0], [0, 1], [0, 0.5], [2, 0])]
+    ev = task.evaluate(logits, exs)
+    d = ev.details
+    assert [r["text"] for r in d["confident_errors"]] == ["a", "a b c"]
+    assert (
+        d["confident_errors"][0]["gold"] == "pos" and d["confident_errors"][0]["predicted"] == "neg"
+    )
+    assert [r["text"] for r in d["unsure_correct"]] == ["a b", "a b c d"]
+    assert [(s["shortest"], s["value"]) for s in d["length_slices"]] == [
+        (1, 0.0),
+        (2, 1.0),
+        (3, 0.0),
+        (4, 1.0),
+    ]
+    assert "ece_calibrated" not in ev.metrics  # nothing fitted yet
+    assert task.fit_calibration({"dev": ev}) == {"temperature": task.temperature}
+    assert "ece_calibrated" in ev.metrics
+
+
+def test_calibrate_is_single_label_only_and_needs_a_fitted_temperature():
+    with pytest.raises(ConfigError, match="task.calibrate"):
+        ClassificationConfig(problem="multi_label", calibrate=True)
+    task = build_task(ClassificationConfig(calibrate=True), {"labels": ["neg", "pos"]})
+    with pytest.raises(LmadaptError, match="no fitted temperature"):
+        task.decode([np.array([0.0, 1.0])], task.examples_from_texts(["x"]))
+    assert task.fit_calibration({}) == {}  # no dev set, nothing fitted

@@ -241,6 +241,63 @@ def test_loss_is_weighted_mean_over_shifted_tokens(tiny_llama, tok):
     assert torch.allclose(task.loss(logits, batch), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 4.0])
+def test_align_weight_is_the_seeds_objective_by_hand(tiny_llama, tok, alpha):
+    """L = L_LM + α·L_align: the token mean of every next-token loss in the batch plus α times
+    the token mean over response tokens, computed here from log-softmax by hand."""
+    convs = [
+        CONV,
+        Conversation(
+            [{"role": "user", "content": "say yes twice"}, {"role": "assistant", "content": "yes"}]
+        ),
+    ]
+    task = make_task(align_weight=alpha)
+    feats = task.encode(convs, tok)
+    assert all(w == 1.0 for f in feats for w in f["loss_weights"][1:])  # every token trains
+    model = task.build_model(resolve_model(tiny_llama))
+    batch = task.collator(tok)(feats)
+    logp = model(**model_inputs(batch)).logits.double().log_softmax(-1)
+    lm, align = [], []
+    for row, f in enumerate(feats):
+        for t in range(1, len(f["input_ids"])):  # predict token t from position t - 1
+            nll = -float(logp[row, t - 1, f["input_ids"][t]])
+            lm.append(nll)
+            if f["labels"][t] != -100:
+                align.append(nll)
+    assert 0 < len(align) < len(lm)
+    expected = sum(lm) / len(lm) + alpha * sum(align) / len(align)
+    assert float(task.loss(logp.float(), batch)) == pytest.approx(expected, rel=1e-5)
+    # the same with logits only at the loss positions (the training default)
+    kept = model(**model_inputs(batch), **task.forward_kwargs(model, batch)).logits
+    assert float(task.loss(kept, batch)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_align_weight_limits(tiny_llama, tok):
+    """α -> ∞ is α times the response-only loss; α = 0 is plain language modelling."""
+    feats_resp = make_task().encode([CONV], tok)
+    model = make_task().build_model(resolve_model(tiny_llama))
+    b = make_task().collator(tok)(feats_resp)
+    logits = model(**model_inputs(b)).logits
+    response_only = float(make_task().loss(logits, b))
+    big = make_task(align_weight=1e6)
+    b_big = big.collator(tok)(big.encode([CONV], tok))
+    assert float(big.loss(logits, b_big)) / 1e6 == pytest.approx(response_only, rel=1e-4)
+    text_only = make_task(lm_loss_weight=1.0)  # every token with weight 1: L_LM
+    b_lm = text_only.collator(tok)(text_only.encode([CONV], tok))
+    zero = make_task(align_weight=0.0)
+    b_zero = zero.collator(tok)(zero.encode([CONV], tok))
+    assert float(zero.loss(logits, b_zero)) == pytest.approx(
+        float(text_only.loss(logits, b_lm)), rel=1e-6
+    )
+
+
+def test_align_weight_and_lm_loss_weight_exclude_each_other():
+    with pytest.raises(ConfigError, match="task.align_weight"):
+        make_task(align_weight=1.0, lm_loss_weight=0.5)
+    with pytest.raises(ConfigError, match="task.align_weight"):
+        make_task(align_weight=-1.0)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_packing_gives_the_same_loss(tiny_llama, tok, alpha):
     convs = [

@@ -8,6 +8,7 @@ import typing
 import pytest
 from peft import TaskType
 
+from lmadapt.models import Kind
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import Endpoint, Task
@@ -24,12 +25,21 @@ def test_task_follows_the_protocol(name):
     assert not missing, f"{name} lacks {sorted(missing)}"
     assert task.kind == name
     assert task.peft_task_type in {t.value for t in TaskType}
-    assert set(task.model_kinds) <= {"encoder", "causal"} and task.model_kinds
+    assert set(task.model_kinds) <= set(typing.get_args(Kind)) and task.model_kinds
     assert task.endpoint in typing.get_args(Endpoint)
     assert isinstance(task.shares_backbone, bool) and isinstance(task.label_distribution, bool)
     assert isinstance(task.labels, list) and isinstance(task.description, str)
     assert task.default_metric in task.metric_names
-    for method in ("read", "fit", "check", "encode", "collator", "build_model", "loss"):
+    for method in (
+        "read",
+        "fit",
+        "use_model",
+        "check",
+        "encode",
+        "collator",
+        "build_model",
+        "loss",
+    ):
         assert callable(getattr(task, method))
 
 

@@ -17,6 +17,7 @@ from lmadapt.config import build_run_config
 from lmadapt.data.squad import Answer, QAExample
 from lmadapt.data.validation import BadRows
 from lmadapt.errors import DataError
+from lmadapt.evaluate.robustness import PERTURBATIONS
 from lmadapt.evaluate.text import squad_exact, squad_f1, squad_normalize
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.schema import parse_section
@@ -545,3 +546,16 @@ def test_qa_trains_and_answers_on_the_gpu(full_run, tmp_path, tiny_bert, qa_file
     on_gpu = predict(load_run(full_run["run_dir"], "cuda"), texts)
     assert [r["answer"] for r in on_gpu] == [r["answer"] for r in on_cpu]
     assert on_gpu[0]["score"] == pytest.approx(on_cpu[0]["score"], abs=1e-4)
+
+
+def test_robustness_perturbs_the_questions_and_keeps_the_answers(full_run, qa_files):
+    from lmadapt.api import robustness
+
+    result = robustness(full_run["run_dir"], qa_files["dev"], perturbations=["uppercase"])
+    assert result.metric == "f1" and result.clean == pytest.approx(full_run["dev"]["f1"])
+    (row,) = result.rows
+    assert row.changed == 1.0 and 0.0 <= row.flip_rate <= 1.0
+    ex = make_task().read(str(qa_files["dev"]))[0]
+    (perturbed,) = make_task().perturbed([ex], PERTURBATIONS["uppercase"], 0)
+    assert perturbed.question == ex.question.upper() and perturbed.context == ex.context
+    assert perturbed.answers == ex.answers

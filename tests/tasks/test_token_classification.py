@@ -13,7 +13,7 @@ from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.cli import main
 from lmadapt.config import ConfigError, build_run_config
 from lmadapt.data.tagged import split_words
-from lmadapt.errors import DataError
+from lmadapt.errors import DataError, LmadaptError
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.methods import METHODS
 from lmadapt.schema import parse_section
@@ -358,6 +358,12 @@ def test_train_evaluate_predict(tmp_path, tiny_bert, ner_files, method, lr, epoc
     assert "Entities per type" in report and "| PER |" in report
     assert (run / "plots" / "dev_entity_f1.png").is_file()
     assert (run / "plots" / "dev_tag_confusion_matrix.png").is_file()
+    assert "### Sentences with the most entity errors" in report
+    assert "### Entity F1 by sentence length" in report
+    assert "### Calibration" in report and (run / "plots" / "dev_reliability.png").is_file()
+    t = metrics["temperature"]
+    assert json.loads((run / "run.json").read_text())["task"]["temperature"] == t
+    assert {"ece", "ece_calibrated"} <= set(metrics["dev"])
     assert metrics["dev"]["f1"] > 0.9  # the toy task is learnable in a few dozen steps
 
     ev, _ = evaluate(run, ner_files["dev"])
@@ -373,6 +379,11 @@ def test_train_evaluate_predict(tmp_path, tiny_bert, ner_files, method, lr, epoc
     for ent in row["entities"]:
         assert text[ent["start"] : ent["end"]] == ent["text"]
         assert ent["type"] in ("PER", "LOC") and 0 < ent["score"] <= 1
+    loaded.task.cfg.calibrate = True  # the same entities, scores from softmax(logits / T)
+    (calibrated,) = predict(loaded, [text])
+    assert [e["text"] for e in calibrated["entities"]] == [e["text"] for e in row["entities"]]
+    assert t == 1.0 or calibrated["entities"][0]["score"] != row["entities"][0]["score"]
+    loaded.task.cfg.calibrate = False
     pre = write_jsonl(tmp_path / "pre.jsonl", [{"tokens": ["Grace", "flew", "to", "Tokyo"]}])
     (row,) = predict(loaded, file=pre)
     assert row["tokens"] == ["Grace", "flew", "to", "Tokyo"]
@@ -390,6 +401,57 @@ def test_every_method_trains_the_task(tmp_path, tiny_bert, ner_files, method):
     assert metrics["steps"] == 6 and np.isfinite(metrics["dev"]["loss"])
     (row,) = predict(load_run(metrics["run_dir"]), ["Alice flew to New York ."])
     assert len(row["tags"]) == len(row["tokens"]) == 6
+
+
+def test_error_analysis_lists_worst_sentences_and_length_slices(tokenizer):
+    task = make_task()
+    task.labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    sentences = [  # words, gold tags, predicted tags
+        ("Alice flew to Paris", "B-PER O O B-LOC", "B-PER O O B-LOC"),
+        (
+            "Bob Smith met Carol in New York today",
+            "B-PER I-PER O B-PER O B-LOC I-LOC O",
+            "B-PER O O O O B-LOC I-LOC O",
+        ),
+        ("Erin saw Lima", "B-PER O B-LOC", "B-LOC O B-LOC"),
+        ("Hiro left", "B-PER O", "B-PER O"),
+    ]
+    examples = task.examples_from_texts([text for text, _, _ in sentences])
+    for ex, (_, gold, _) in zip(examples, sentences):
+        ex.tags = gold.split()
+    feats = task.encode(examples, tokenizer)
+    index = {t: i for i, t in enumerate(task.labels)}
+    logits = []
+    for ex, feat, (_, _, pred) in zip(examples, feats, sentences):  # one window each
+        rows = np.zeros((len(feat["input_ids"]), len(task.labels)), dtype=np.float32)
+        for pos, w in ex.windows[0].owned:
+            rows[pos, index[pred.split()[w]]] = 5.0
+        logits.append(rows)
+    ev = task.evaluate(logits, examples)
+    worst = ev.details["worst_sentences"]
+    assert [(r["sentence"], r["errors"]) for r in worst] == [
+        ("Bob Smith met Carol in New York today", 3),  # two people missed, one spurious
+        ("Erin saw Lima", 2),
+    ]
+    assert (worst[1]["gold"], worst[1]["predicted"]) == (
+        "PER: Erin; LOC: Lima",
+        "LOC: Erin; LOC: Lima",
+    )
+    slices = [(s["shortest"], s["count"], s["value"]) for s in ev.details["length_slices"]]
+    assert slices == [(2, 1, 1.0), (3, 1, 0.5), (4, 1, 1.0), (8, 1, pytest.approx(0.4))]
+    report = task.report(ev)
+    assert "| Erin saw Lima | 2 | PER: Erin; LOC: Lima | LOC: Erin; LOC: Lima |" in report
+    assert "| 8 | 1 | 0.4000 |" in report
+    # calibration over the 17 words: 14 right, each with the same confidence
+    confidence = np.exp(5.0) / (np.exp(5.0) + 4)
+    assert ev.metrics["ece"] == pytest.approx(abs(14 / 17 - confidence))
+    assert "### Calibration" in report and "one prediction per word" in report
+    assert task.fit_calibration({"dev": ev}) == {"temperature": task.temperature}
+    assert "ece_calibrated" in ev.metrics and task.state()["temperature"] == task.temperature
+    task.cfg.calibrate = True
+    task.temperature = None
+    with pytest.raises(LmadaptError, match="no fitted temperature"):
+        task.decode(logits, examples)
 
 
 def test_decode_offsets_slice_the_entity_text(tokenizer):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmadapt.config import DataConfig, TrainConfig
 from lmadapt.continual.strategies import STRATEGIES
@@ -60,6 +60,10 @@ class ContinualConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     seed: int = 42
+    device: Literal["auto", "cpu"] = "auto"
+    """Continual learning runs on the CPU for now (its strategies keep penalties and replay
+    state there): auto and cpu both mean the CPU, and a GPU is refused by name rather than
+    ignored."""
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -72,6 +76,7 @@ class _Rest:
     output_dir: str = "runs/continual"
     overwrite: bool = False
     trust_remote_code: bool = False
+    device: Literal["auto", "cpu"] = "auto"
 
 
 def _within(prefix: str, fn: Any, *args: Any) -> Any:
@@ -160,6 +165,7 @@ def build_continual_config(data: dict[str, Any]) -> ContinualConfig:
         output_dir=rest.output_dir,
         overwrite=rest.overwrite,
         trust_remote_code=rest.trust_remote_code,
+        device=rest.device,
         seed=entries[0].train.seed,
     )
 

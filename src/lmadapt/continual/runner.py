@@ -145,6 +145,7 @@ def _config_dict(config: ContinualConfig) -> dict[str, Any]:
         "strategy": to_dict(config.strategy),
         "output_dir": config.output_dir,
         "trust_remote_code": config.trust_remote_code,
+        "device": config.device,
         "stream": stream,
     }
 

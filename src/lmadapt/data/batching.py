@@ -77,6 +77,31 @@ class Collator:
         return batch
 
 
+class Seq2SeqCollator:
+    """Batches for encoder-decoder models: the padded input for the encoder, and the labels
+    padded to their own width with the decoder's input beside them (the labels shifted right
+    after the decoder's start token, as the model saw targets in pretraining). Unlabelled
+    features get the start token alone, for the first decoding step."""
+
+    def __init__(self, pad_id: int, decoder_start_id: int, ignore: int = -100):
+        self.inner = Collator(pad_id)
+        self.pad_id, self.start, self.ignore = pad_id, decoder_start_id, ignore
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.inner([{"input_ids": f["input_ids"]} for f in features])
+        if "labels" not in features[0]:
+            batch["decoder_input_ids"] = torch.full((len(features), 1), self.start)
+            return batch
+        width = max(len(f["labels"]) for f in features)
+        labels = torch.full((len(features), width), self.ignore, dtype=torch.long)  # (B, T_dec)
+        for i, f in enumerate(features):
+            labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
+        decoder = torch.cat([torch.full((len(features), 1), self.start), labels[:, :-1]], 1)
+        batch["labels"] = labels
+        batch["decoder_input_ids"] = decoder.masked_fill(decoder == self.ignore, self.pad_id)
+        return batch
+
+
 def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Length-sorted batches of at most `budget` padded tokens (at least one example each)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

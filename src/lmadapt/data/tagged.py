@@ -61,6 +61,9 @@ class Example:
     """CoNLL: the line of each word, for errors that point at one token."""
     windows: list[Window] = field(default_factory=list, repr=False)
     """Set by the task's `encode`: the features this example became, in order."""
+    origin: list[int] | None = None
+    """A perturbed copy's words: the index of each in the example it was made from (robustness
+    compares predictions by source word); None for an example as read."""
 
     def word_line(self, i: int) -> int:
         return self.lines[i] if self.lines else self.line

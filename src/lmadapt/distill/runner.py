@@ -42,6 +42,8 @@ from lmadapt.schema import (
 )
 from lmadapt.session import (
     apply_method,
+    check_quantize,
+    resolve_device,
     run_directory,
     run_info,
     seed_everything,
@@ -49,6 +51,7 @@ from lmadapt.session import (
     start,
 )
 from lmadapt.tasks import build_task
+from lmadapt.train.distributed import Distributed
 from lmadapt.train.loop import Trainer
 
 
@@ -127,6 +130,8 @@ def run_distill(
         config = load_distill_config(config, overrides)
     run, opt = config.student, config.options
     out = check_output_dir(run.output_dir, run.overwrite)
+    check_quantize(run.quantize, build_method(run.method))
+    device = resolve_device(run.device)
     start(run.train.threads, run.train.seed)
     teacher: Teacher = build_teacher(opt.teacher)
 
@@ -187,6 +192,7 @@ def run_distill(
             out,
             dev_features=dev_feats,
             dev_examples=dev,
+            dist=Distributed(device=device),  # one process; back on the CPU when it returns
         )
         trainer.hooks += method.hooks(model, trainer.total_steps())  # e.g. AdaLoRA's rank budget
         result = trainer.fit()

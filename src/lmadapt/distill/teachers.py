@@ -99,7 +99,7 @@ class PromptTeacher:
         pcfg = load_prompt_config(cfg.config, cfg.overrides)
         self.scorer = LabelScorer(pcfg)
         self.labels = self.scorer.labels
-        self.num_parameters = count_parameters(load_lm(pcfg.model)[0])[1]
+        self.num_parameters = count_parameters(load_lm(pcfg.model, pcfg.device)[0])[1]
         shots = f"{pcfg.k}-shot {pcfg.selection}" if pcfg.k else "zero-shot"
         calibrated = ", calibrated" if pcfg.calibration else ""
         self.name = f"prompt {cfg.config} ({pcfg.model}, {shots}{calibrated})"

@@ -24,7 +24,7 @@ class Evaluation:
     """Structured extras for the report: per-class scores, confusion matrix, ..."""
 
 
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse", "no_label_rate"})
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse", "no_label_rate", "ece", "ece_calibrated"})
 """Metrics where smaller is better; every other metric lmadapt reports is a score to maximise."""
 
 

@@ -96,3 +96,41 @@ def heatmap(
                 ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", color=color)
     ax.set_title(title)
     _save(fig, path)
+
+
+def reliability_diagram(panels: dict[str, dict], path: Path, title: str = "") -> None:
+    """One panel per name: accuracy per confidence bin against the diagonal of perfect
+    calibration, from `lmadapt.evaluate.calibration.reliability` data (bins + ece)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (name, data) in zip(axes[0], panels.items()):
+        bins = [b for b in data["bins"] if b["count"]]
+        width = data["bins"][0]["upper"] - data["bins"][0]["lower"]
+        lows = [b["lower"] for b in bins]
+        ax.bar(
+            lows,
+            [b["accuracy"] for b in bins],
+            width,
+            align="edge",
+            color="#4c72b0",
+            edgecolor="white",
+            label="accuracy",
+        )
+        ax.bar(
+            lows,
+            [b["confidence"] - b["accuracy"] for b in bins],
+            width,
+            bottom=[b["accuracy"] for b in bins],
+            align="edge",
+            color="#dd8452",
+            alpha=0.5,
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name} (ECE {data['ece']:.4f})")
+        ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle(title or "reliability diagram", y=1.03)
+    _save(fig, path)

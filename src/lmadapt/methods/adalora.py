@@ -84,6 +84,7 @@ class AdaLora(PeftMethod):
     """AdaLoRA via peft: LoRA whose per-matrix rank is pruned to a budget by importance."""
 
     mergeable = True
+    quantized_base = True
 
     def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
         from peft import AdaLoraConfig

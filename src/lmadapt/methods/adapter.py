@@ -152,6 +152,7 @@ class Adapter(NoHooks):
     """Bottleneck adapters (Houlsby / Pfeiffer) after attention and FFN; the head trains."""
 
     mergeable = False  # the adapter is non-linear, so it cannot be folded into the weights
+    quantized_base = False
     saves_whole_model = False
 
     def __init__(self, cfg: AdapterConfig):

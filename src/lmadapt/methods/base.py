@@ -24,6 +24,9 @@ class Method(Protocol):
     mergeable: bool
     saves_whole_model: bool
     """The artifact holds every weight (else only the trained ones): sizes the disk check."""
+    quantized_base: bool
+    """Whether it can train over a 4/8-bit base (QLoRA): it adds weights beside the base's
+    linear layers and trains none of the base's own."""
 
     def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
         """Freeze / wrap `model` so that only this method's parameters train."""
@@ -72,6 +75,7 @@ class WholeModelMethod(NoHooks):
     """Methods that change the model's own weights and save it as a transformers model dir."""
 
     mergeable = False
+    quantized_base = False
     saves_whole_model = True
 
     def __init__(self, cfg: MethodConfig):
@@ -93,6 +97,7 @@ class PeftMethod(NoHooks):
 
     mergeable = False
     saves_whole_model = False
+    quantized_base = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -47,6 +47,7 @@ class IA3(PeftMethod):
     """(IA)³ via peft: per-channel scaling of keys, values and FFN inputs; the head trains."""
 
     mergeable = True
+    quantized_base = True
 
     def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
         from peft import IA3Config

@@ -35,6 +35,7 @@ class Lora(PeftMethod):
     """LoRA via peft: low-rank updates on attention projections; the head trains fully."""
 
     mergeable = True
+    quantized_base = True
 
     def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
         from peft import LoraConfig

@@ -9,7 +9,14 @@ from typing import Any, Literal
 
 from lmadapt.errors import ConfigError
 from lmadapt.prompting.demos import SELECTORS
-from lmadapt.schema import apply_overrides, config_source, from_dict, read_yaml, resolve_data_paths
+from lmadapt.schema import (
+    apply_overrides,
+    check_device_name,
+    config_source,
+    from_dict,
+    read_yaml,
+    resolve_data_paths,
+)
 
 
 @dataclass
@@ -68,6 +75,8 @@ class PromptConfig:
     embedder: str = "minilm"
     """Encoder for kNN demonstrations and embedding mode."""
     threads: int | None = None
+    device: str = "auto"
+    """Where the models run: auto | cpu | cuda | cuda:N | mps (auto = a CUDA GPU when present)."""
     output_dir: str = "runs/prompt"
     overwrite: bool = False
 
@@ -88,6 +97,7 @@ class PromptConfig:
             raise ConfigError("seeds", "needs at least one seed")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        check_device_name(self.device)
 
     @property
     def stochastic(self) -> bool:

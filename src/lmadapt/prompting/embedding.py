@@ -58,12 +58,19 @@ def pooling_mode(model_dir: str) -> str:
 class Embedder:
     """Batched, normalised sentence embeddings from an encoder model."""
 
-    def __init__(self, model: str = "minilm", batch_size: int = 64, max_length: int = 128):
+    def __init__(
+        self,
+        model: str = "minilm",
+        batch_size: int = 64,
+        max_length: int = 128,
+        device: torch.device | str = "cpu",
+    ):
         from transformers import AutoModel
 
         spec = resolve_model(model)
         self.tokenizer = load_tokenizer(spec)
-        self.model = load_model(spec, AutoModel).eval()
+        self.model = load_model(spec, AutoModel).to(device).eval()
+        self.device = torch.device(device)
         self.pool = POOLINGS.get(pooling_mode(spec.path)).impl
         self.batch_size, self.max_length = batch_size, max_length
 
@@ -81,9 +88,10 @@ class Embedder:
                 max_length=self.max_length,
                 return_tensors="pt",
             )
+            enc = enc.to(self.device)
             hidden = self.model(**enc).last_hidden_state
             vec = torch.nn.functional.normalize(self.pool(hidden, enc["attention_mask"]), dim=-1)
-            out[idx] = vec.numpy()
+            out[idx] = vec.float().cpu().numpy()
         return out
 
 

@@ -12,7 +12,7 @@ from lmadapt.prompting.config import PromptConfig, load_prompt_config
 from lmadapt.prompting.modes import MODES
 from lmadapt.rundir import check_output_dir, mark
 from lmadapt.schema import to_dict
-from lmadapt.session import set_threads
+from lmadapt.session import resolve_device, set_threads
 
 
 def run_prompt(
@@ -20,6 +20,7 @@ def run_prompt(
 ) -> dict[str, Any]:
     """Run a prompting evaluation and write output_dir; returns the metrics.json content."""
     cfg = config if isinstance(config, PromptConfig) else load_prompt_config(config, overrides)
+    resolve_device(cfg.device)  # a missing GPU is refused before anything is read or loaded
     out = check_output_dir(cfg.output_dir, cfg.overwrite)
     set_threads(cfg.threads)
     with atomic_dir(out) as tmp:

@@ -71,6 +71,7 @@ class PrefixScorer:
     def __init__(self, model: torch.nn.Module, pad_id: int, batch_size: int = 16):
         self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
         self.config = model.config
+        self.device = next(model.parameters()).device
 
     def _forward(
         self,
@@ -81,15 +82,15 @@ class PrefixScorer:
         keep: int,
     ) -> tuple[torch.Tensor, KV]:
         cache = DynamicCache(ddp_cache_data=past, config=self.config)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
+        out = self.model(  # the KV cache stays on the model's device; log-probs come back
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep,
         )
-        return out.logits.float().log_softmax(-1), _kv(out.past_key_values)
+        return out.logits.float().log_softmax(-1).cpu(), _kv(out.past_key_values)
 
     def _prefixes(self, prefixes: list[list[int]]) -> list[tuple[KV, int]]:
         """Stage A: per prefix, its own (unpadded) KV cache and length."""

@@ -14,26 +14,29 @@ from lmadapt.prompting.config import PromptConfig
 from lmadapt.prompting.demos import SELECTORS, sample_pool
 from lmadapt.prompting.templates import template_verbalizer
 from lmadapt.prompting.verbalizers import Verbalizer
+from lmadapt.session import resolve_device
 
 
 @functools.cache
-def load_lm(name: str) -> tuple[torch.nn.Module, Any]:
-    """(causal LM, tokenizer), loaded once per process (SmolLM2 from GGUF takes 5-20 s)."""
+def load_lm(name: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """(causal LM on `device`, tokenizer), loaded once per process (SmolLM2 from GGUF takes
+    5-20 s). The device is resolved first, so a missing GPU is refused before anything loads."""
     from transformers import AutoModelForCausalLM
 
     from lmadapt.models import load_model, load_tokenizer, resolve_model
 
+    where = resolve_device(device)
     spec = resolve_model(name)
     if spec.kind != "causal":
-        raise ConfigError("model", f"{name} is an encoder; this mode needs a causal LM")
-    return load_model(spec, AutoModelForCausalLM).eval(), load_tokenizer(spec)
+        raise ConfigError("model", f"{name} is a {spec.kind} model; this mode needs a causal LM")
+    return load_model(spec, AutoModelForCausalLM).to(where).eval(), load_tokenizer(spec)
 
 
 @functools.cache
-def load_embedder(name: str) -> Any:
+def load_embedder(name: str, device: str = "cpu") -> Any:
     from lmadapt.prompting.embedding import Embedder
 
-    return Embedder(name)
+    return Embedder(name, device=resolve_device(device))
 
 
 class CachedEmbed:
@@ -99,5 +102,5 @@ def select_demos(
     if not cfg.k:
         return [], [[]]
     pool = sample_pool(train, cfg.data.demo_pool, seed)
-    embed = CachedEmbed(load_embedder(cfg.embedder)) if cfg.selection == "knn" else None
+    embed = CachedEmbed(load_embedder(cfg.embedder, cfg.device)) if cfg.selection == "knn" else None
     return pool, SELECTORS.get(cfg.selection).impl(pool, dev, cfg.k, seed, embed)

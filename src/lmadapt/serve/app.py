@@ -72,6 +72,23 @@ class QARequest(_Strict):
     items: list[QAItem] = Field(min_length=1, description="Question/context pairs.")
 
 
+MAX_EXPLAIN_STEPS = 256
+"""Most integrated-gradients steps a request may ask for (each is a forward and backward pass
+per text and target)."""
+
+
+class ExplainRequest(TextsRequest):
+    method: Literal["ig", "occlusion"] = Field(
+        "ig", description="Integrated gradients or leave-one-word-out."
+    )
+    label: str | None = Field(
+        None,
+        max_length=100,
+        description="Explain this label (NER: entity type) instead of the predicted one.",
+    )
+    steps: int = Field(32, ge=1, le=MAX_EXPLAIN_STEPS, description="Integrated-gradients steps.")
+
+
 Stop = Annotated[str, Field(min_length=1, max_length=64)]
 Stops = Annotated[list[Stop], Field(max_length=4)]
 
@@ -450,6 +467,21 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         server.check_texts([item.context for item in req.items], "contexts")
         items = [item.model_dump() for item in req.items]
         results = await server.results(server.submit(run, run.name, items))
+        return TextsResponse(model=run.name, results=results)
+
+    @app.post("/v1/explain")
+    async def explain(req: ExplainRequest) -> TextsResponse:
+        """Per-word attributions of each text's prediction (a classification or NER run), as
+        `lmadapt explain` prints them; computed outside the micro-batcher (it needs gradients)."""
+        run = server.run_for(req.model)
+        server.check_texts(req.texts)
+        group = server.group_of[run.name]
+        try:
+            results = await asyncio.to_thread(
+                group.explain, run.name, req.texts, req.method, req.label, req.steps
+            )
+        except LmadaptError as e:
+            raise HTTPException(400, str(e)) from None
         return TextsResponse(model=run.name, results=results)
 
     @app.post("/v1/generate")

@@ -150,6 +150,17 @@ class ModelGroup:
                 self.batch_size,
             )
 
+    def explain(
+        self, name: str, texts: list[str], method: str, label: str | None, steps: int
+    ) -> list[dict[str, Any]]:
+        """`lmadapt.api.explain` on texts with `name`'s adapter active. It needs gradients, so
+        it runs on its own, not in a micro-batch."""
+        run = self.runs[name]
+        with self.lock:
+            self._activate(name)
+            loaded = api.LoadedRun(run.config, run.task, self.model, run.tokenizer, run.spec)
+            return api.explain(loaded, texts, method=method, label=label, steps=steps)
+
     def generate(self, key: tuple[str, Any], jobs: list[GenerationJob]) -> list[Completion]:
         """One `decode_ids` call of the generation task over jobs that share a run (`key[0]`)
         and decoding settings, with that run's adapter active."""

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from lmadapt.data.validation import BadRows
-from lmadapt.errors import ConfigError
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.evaluate.explain import Explainable
 from lmadapt.evaluate.metrics import Evaluation
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.inference import batched_logits
 from lmadapt.models import ModelSpec
 
@@ -55,6 +57,10 @@ class Task(Protocol):
 
     def fit(self, train: list[Any]) -> None:
         """Learn what the task needs from the training examples (e.g. the label set)."""
+
+    def use_model(self, spec: ModelSpec) -> None:
+        """Learn what the task needs from the model it will run on, before encoding (e.g. an
+        encoder-decoder's split of prompt and response); refuse settings it cannot use."""
 
     def check(self, examples: list[Any], bad: BadRows | None = None) -> list[Any]:
         """Validate non-training examples against what was learned (e.g. unseen labels);
@@ -114,6 +120,27 @@ class Task(Protocol):
         """Settle, after training, what the task decides from the trained model's dev predictions
         (e.g. question answering's no-answer threshold); saved through `state`."""
 
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """After training: fit what calibrates the task's confidences on `evaluations["dev"]`
+        (kept in `state`), add its effect to each evaluation, and return what metrics.json
+        records at its top level (e.g. the temperature); {} where the task calibrates nothing."""
+
+    def perturbed(self, examples: list[Any], p: Perturbation, seed: int) -> list[Any] | None:
+        """Copies of labelled examples with their input perturbed by `p` and their labels kept
+        (robustness); None when `p` has nothing to change in this task's inputs. A task that
+        cannot be perturbed raises an LmadaptError saying so, whatever the examples."""
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        """`evaluate_model`'s evaluation and each example's text, gold and prediction as the
+        robustness report shows and compares them (one pass where the task can)."""
+
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
 
@@ -122,15 +149,37 @@ class Task(Protocol):
     def examples_from_texts(self, texts: list[str]) -> list[Any]:
         """Unlabelled examples for prediction."""
 
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Any],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """What `lmadapt explain` attributes in each example: its encoded input, its words and
+        one target per output to explain (the predicted label, or `label`; each predicted
+        entity). Refuses, as a LmadaptError, a task it cannot explain or an unknown `label`."""
+
+
+def cannot_explain(task: Task) -> LmadaptError:
+    return LmadaptError(
+        f"task '{task.kind}' cannot be explained: explain attributes classification and "
+        "token_classification runs, and generation runs with label-aware evaluation "
+        "(task.labels)"
+    )
+
 
 def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None:
-    """Refuse a model whose kind the task cannot use, naming the config field."""
+    """Refuse a model whose kind the task cannot use, naming the config field; else tell the
+    task which model it gets (`Task.use_model`)."""
     if spec.kind not in task.model_kinds:
         raise ConfigError(
             field,
             f"{spec.name} is a {spec.kind} model; task '{task.kind}' needs a "
             f"{' or '.join(task.model_kinds)} model",
         )
+    task.use_model(spec)
 
 
 class LogitsTask:
@@ -159,6 +208,12 @@ class LogitsTask:
 
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits
+
+    def use_model(self, spec: ModelSpec) -> None:
+        """A head over the model's output needs nothing from the model in advance."""
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        return {}
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """What evaluation and prediction keep of a batch's logits: all of them by default."""
@@ -197,6 +252,16 @@ class LogitsTask:
             ev.metrics["loss"] = loss
         return ev
 
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Any],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        raise cannot_explain(self)  # type: ignore[arg-type]
+
     def predict_model(
         self,
         model: torch.nn.Module,
@@ -206,3 +271,20 @@ class LogitsTask:
         batch_size: int,
     ) -> list[dict[str, Any]]:
         return self.decode(self.batch_outputs(model, features, collator, batch_size)[0], examples)
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        """One forward pass for both: `evaluate_model`'s evaluation and the task's
+        `robustness_view` of each `predict_model` prediction."""
+        logits, loss = self.batch_outputs(model, features, collator, batch_size)
+        ev = self.evaluate(logits, examples)
+        if loss is not None:
+            ev.metrics["loss"] = loss
+        preds = self.decode(logits, examples)
+        return ev, [self.robustness_view(ex, p) for ex, p in zip(examples, preds)]

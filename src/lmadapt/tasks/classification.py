@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,10 +14,13 @@ from scipy.special import expit, softmax
 from lmadapt.data import Collator
 from lmadapt.data.readers import Record, get_text, read_records
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError
+from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate import metrics as M
-from lmadapt.evaluate import plots
+from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
+from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import classification_report_markdown
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
 
@@ -40,6 +43,10 @@ class ClassificationConfig:
     """Multi-label: a label is predicted when its sigmoid probability reaches this."""
     max_length: int = 128
     """Longer inputs are truncated (tokens)."""
+    calibrate: bool = False
+    """Single-label: predict and serve give temperature-scaled probabilities, softmax(logits / T)
+    with the T fitted on the dev set after training (Guo et al. 2017); labels are unchanged.
+    Needs a dev set. Off by default, so probabilities stay the model's own unless asked."""
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
@@ -48,6 +55,10 @@ class ClassificationConfig:
             raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
         if not self.label_delimiter:
             raise ConfigError("task.label_delimiter", "must not be empty")
+        if self.calibrate and self.problem != "single_label":
+            raise ConfigError(
+                "task.calibrate", f"applies to single_label problems, not {self.problem}"
+            )
 
 
 @dataclass
@@ -72,6 +83,8 @@ class ClassificationTask(LogitsTask):
     def __init__(self, cfg: ClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
         self.labels: list[str] = list(state["labels"]) if state else []
+        self.temperature: float | None = state.get("temperature") if state else None
+        """Single-label: the temperature fitted on dev after training (None before)."""
         if state:
             cfg.text_column = state.get("text_column", cfg.text_column)
             cfg.text_pair_column = state.get("text_pair_column", cfg.text_pair_column)
@@ -87,7 +100,7 @@ class ClassificationTask(LogitsTask):
             if self.regression
             else ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "loss")
             if self.multi
-            else ("accuracy", "macro_f1", "loss")
+            else ("accuracy", "macro_f1", "ece", "loss")
         )
 
     # ------------------------------------------------------------------ data
@@ -186,6 +199,7 @@ class ClassificationTask(LogitsTask):
             "problem": self.cfg.problem,
             "text_column": self.cfg.text_column,
             "text_pair_column": self.cfg.text_pair_column,
+            **({"temperature": self.temperature} if self.label_distribution else {}),
         }
 
     def examples_from_texts(self, texts: list[str]) -> list[Example]:
@@ -202,14 +216,19 @@ class ClassificationTask(LogitsTask):
             return vec
         return index[ex.label]
 
+    def _tokenize(self, examples: list[Example], tokenizer: Any, **extra: Any) -> Any:
+        texts = [ex.text for ex in examples]
+        pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair else None
+        return tokenizer(
+            texts, pairs, truncation=True, max_length=self.cfg.max_length, padding=False, **extra
+        )
+
     def encode(self, examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
         if not examples:
             return []
-        texts = [ex.text for ex in examples]
-        pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair else None
-        enc = tokenizer(
-            texts, pairs, truncation=True, max_length=self.cfg.max_length, padding=False
-        )
+        return self._features(examples, self._tokenize(examples, tokenizer))
+
+    def _features(self, examples: list[Example], enc: Any) -> list[dict[str, Any]]:
         feats = []
         for i, ex in enumerate(examples):
             f = {"input_ids": enc["input_ids"][i]}
@@ -222,6 +241,80 @@ class ClassificationTask(LogitsTask):
 
     def collator(self, tokenizer: Any) -> Collator:
         return Collator(tokenizer.pad_token_id)
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Example],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """The predicted label (multi-label: each predicted one), or `label`: its log-probability
+        (a regression run: its score), over the words of the text (and of its pair)."""
+        if label is not None and label not in self.labels:
+            raise LmadaptError(
+                f"unknown label {label!r}; the run's labels are {', '.join(self.labels)}"
+            )
+        if not examples:
+            return []
+        enc = self._tokenize(examples, tokenizer, return_offsets_mapping=True)
+        feats = self._features(examples, enc)
+        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
+        out = []
+        for i, (ex, feat, z) in enumerate(zip(examples, feats, logits)):
+            spans: dict[tuple[int, int], list[int]] = {}  # (sequence, word) -> [start, end]
+            word_ids: list[int | None] = []
+            for seq, w, (start, end) in zip(
+                enc.sequence_ids(i), enc.word_ids(i), enc["offset_mapping"][i]
+            ):
+                if w is None or seq is None:  # a special token
+                    word_ids.append(None)
+                    continue
+                spans.setdefault((seq, w), [start, end])[1] = end
+                word_ids.append(len(spans) - 1)  # a word's pieces are consecutive
+            words = [
+                {"word": (ex.text_pair if seq else ex.text)[a:b], "start": a, "end": b}
+                | ({"in": "text_pair"} if seq else {})
+                for (seq, _), (a, b) in spans.items()
+            ]
+            out.append(
+                Explainable(
+                    text=ex.text,
+                    input_ids=feat["input_ids"],
+                    words=words,
+                    word_ids=word_ids,
+                    targets=self._targets(z, label),
+                    extra_inputs={k: v for k, v in feat.items() if k == "token_type_ids"},
+                    fields={"text_pair": ex.text_pair} if ex.text_pair else {},
+                )
+            )
+        return out
+
+    def _targets(self, logits: np.ndarray, label: str | None) -> list[Target]:
+        if self.regression:
+            value = round(float(logits[0]), 6)
+            return [Target({"label": "score", "value": value}, None, lambda z: z[:, 0])]
+        probs = self._probs(logits)
+        if label is not None:
+            chosen = [self.labels.index(label)]
+        elif self.multi:
+            chosen = [int(i) for i in np.flatnonzero(probs >= self.cfg.threshold)]
+            chosen = chosen or [int(probs.argmax())]
+        else:
+            chosen = [int(probs.argmax())]
+
+        def log_prob(z: torch.Tensor, c: int) -> torch.Tensor:
+            return F.logsigmoid(z[:, c]) if self.multi else F.log_softmax(z, -1)[:, c]
+
+        return [
+            Target(
+                {"label": self.labels[c]},
+                round(float(probs[c]), 6),
+                lambda z, c=c: log_prob(z, c),
+            )
+            for c in chosen
+        ]
 
     # ------------------------------------------------------------------ model
     def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -276,13 +369,53 @@ class ClassificationTask(LogitsTask):
             pred = (probs >= self.cfg.threshold).astype(int)
             return M.multilabel_metrics(pred, gold, self.labels)
         gold = np.array([self._target(ex) for ex in examples])
-        return M.single_label_metrics(probs.argmax(-1), gold, self.labels)
+        ev = M.single_label_metrics(probs.argmax(-1), gold, self.labels)
+        calibration.add_calibration(ev, logits, gold, self.temperature)
+        ev.details |= self._error_analysis(probs, gold, examples)
+        return ev
+
+    def _error_analysis(
+        self, probs: np.ndarray, gold: np.ndarray, examples: list[Example]
+    ) -> dict[str, Any]:
+        """Details for report.md: the most confident errors, the least confident correct
+        predictions (by the model's own top-label probability) and accuracy per length slice."""
+        pred, confidence = probs.argmax(-1), probs.max(-1)
+        correct = pred == gold
+
+        def row(i: int) -> dict[str, Any]:
+            ex = examples[i]
+            text = ex.text + (f" ‖ {ex.text_pair}" if ex.text_pair else "")
+            return {
+                "text": text,
+                "gold": self.labels[gold[i]],
+                "predicted": self.labels[pred[i]],
+                "confidence": float(confidence[i]),
+            }
+
+        lengths = [len(ex.text.split()) + len((ex.text_pair or "").split()) for ex in examples]
+        return {
+            "confident_errors": [row(i) for i in ranked(confidence, ~correct)],
+            "unsure_correct": [row(i) for i in ranked(confidence, correct, highest=False)],
+            "length_slices": length_slices(lengths, lambda idx: correct[idx].mean()),
+        }
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """Single-label: temperature scaling fitted on the dev logits (kept in `state`), with
+        each evaluation's calibrated ECE added; nothing for other problems or without dev."""
+        if not self.label_distribution:
+            return {}
+        self.temperature = calibration.fit_on_dev(evaluations)
+        return {} if self.temperature is None else {"temperature": self.temperature}
 
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
         logits = np.stack(logits)  # (N, C)
         if self.regression:
             return [{"text": ex.text, "score": float(v)} for ex, v in zip(examples, logits[:, 0])]
-        probs = self._probs(logits)
+        if self.cfg.calibrate:  # softmax(logits / T): the same labels, calibrated confidences
+            t = calibration.require_fitted(self.temperature)
+            probs = calibration.scaled_probs(logits, t)
+        else:
+            probs = self._probs(logits)
         out = []
         for ex, p in zip(examples, probs):
             scores = {n: round(float(v), 6) for n, v in zip(self.labels, p)}
@@ -296,8 +429,45 @@ class ClassificationTask(LogitsTask):
             out.append(row)
         return out
 
+    # ------------------------------------------------------------------ robustness
+    def perturbed(self, examples: list[Example], p: Perturbation, seed: int) -> list[Example]:
+        """Copies with the text and text_pair perturbed (each with a seed of its own); the
+        labels stay as they are."""
+        return [
+            replace(
+                ex,
+                text=p.on_text(ex.text, seed, i, 0),
+                text_pair=p.on_text(ex.text_pair, seed, i, 1) if ex.text_pair else ex.text_pair,
+            )
+            for i, ex in enumerate(examples)
+        ]
+
+    def robustness_view(self, example: Example, prediction: dict[str, Any]) -> View:
+        """Label names (joined for multi-label); a regression score has no value that flips."""
+        text = example.text + (f" || {example.text_pair}" if example.text_pair else "")
+        if self.regression:
+            return View(text, f"{example.label:g}", f"{prediction['score']:.4g}", None)
+        if self.multi:
+            gold, pred = ", ".join(example.label), ", ".join(prediction["label"])
+        else:
+            gold, pred = str(example.label), str(prediction["label"])
+        return View(text, gold, pred, pred)
+
     def report(self, evaluation: Evaluation) -> str:
-        return classification_report_markdown(evaluation)
+        parts = [classification_report_markdown(evaluation)]
+        d = evaluation.details
+        if "reliability" in d:
+            parts.append(calibration.calibration_markdown(evaluation, "text"))
+        if "confident_errors" in d:
+            columns = ["text", "gold", "predicted", "confidence"]
+            parts += [
+                "### Most confident errors\n\n" + examples_markdown(d["confident_errors"], columns),
+                "### Least confident correct predictions\n\n"
+                + examples_markdown(d["unsure_correct"], columns),
+                "### Accuracy by input length\n\n"
+                + slices_markdown(d["length_slices"], "words", "accuracy"),
+            ]
+        return "\n\n".join(p for p in parts if p)
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
         cm = evaluation.details.get("confusion_matrix")
@@ -305,4 +475,4 @@ class ClassificationTask(LogitsTask):
             return []
         path = out_dir / f"{prefix}confusion_matrix.png"
         plots.confusion_matrix(np.array(cm), self.labels, path, title=f"{prefix}confusion matrix")
-        return [path]
+        return [path, *calibration.reliability_plot(evaluation, out_dir, prefix)]

@@ -1,9 +1,10 @@
 """Generation: instruction tuning and continued pre-training of causal LMs, scored by decoding.
 
-Loss: next-token cross-entropy on response tokens only by default; `lm_loss_weight` α also trains
-prompt tokens with weight α (per-token weights, see `loss`). Evaluation decodes (greedy by default)
-and scores the text, so this task brings its own `evaluate_model` / `predict_model` instead of
-the logits path.
+Loss: next-token cross-entropy on response tokens only by default; `lm_loss_weight` β also trains
+prompt tokens with weight β (per-token weights, see `loss`); `align_weight` α gives instruction
+tuning's L = L_LM + α·L_align instead (two token means, see GenerationConfig.align_weight).
+Evaluation decodes (greedy by default) and scores the text, so this task brings its own
+`evaluate_model` / `predict_model` instead of the logits path.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from lmadapt.data import Collator
-from lmadapt.data.batching import PackingCollator, token_budget_batches
+from lmadapt.data.batching import PackingCollator, Seq2SeqCollator, token_budget_batches
 from lmadapt.data.chat import CHAT_FORMATS, Conversation, read_conversations
+from lmadapt.data.tagged import split_words
 from lmadapt.data.templates import TEMPLATES, MarkupTemplate, Segment, build_template
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import cell, classification_report_markdown, markdown_table
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.text import exact_match, overlap_metrics
 from lmadapt.inference import (
     Decoded,
@@ -38,7 +42,7 @@ from lmadapt.inference import (
     on_model_device,
 )
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import Evaluation, cannot_explain
 
 IGNORE = -100
 EVAL_TOKENS_PER_BATCH = 4096
@@ -59,8 +63,16 @@ class GenerationConfig:
     max_length: int = 1024
     """Longer examples are cut at the end (tokens); an example left without response is an error."""
     lm_loss_weight: float = 0.0
-    """α: prompt tokens (everything but responses) train with weight α, responses with 1;
-    0 = response-only loss."""
+    """β: prompt tokens (everything but responses) train with weight β, responses with 1, in one
+    token mean: Σ_resp ce + β·Σ_prompt ce over N_resp + β·N_prompt. 0 = response-only loss."""
+    align_weight: float | None = None
+    """α of the instruction-tuning objective L = L_LM + α·L_align: L_LM is the mean next-token
+    cross-entropy over every token of the sequence (prompt and response), L_align the mean over
+    response tokens only; each a mean over the batch's tokens. Per token that is weight 1/N_all
+    on prompt tokens and 1/N_all + α/N_resp on response tokens, i.e. lm_loss_weight
+    β = 1 / (1 + α·N_all/N_resp), which changes with each batch's mix; α -> ∞ gives α times the
+    response-only loss (lm_loss_weight 0), α = 0 plain language modelling. None = not used
+    (lm_loss_weight decides). Dev loss stays the response-only loss, comparable across runs."""
     packing: bool = False
     """Pack each batch's examples into rows of up to max_length tokens, attention kept within
     each example (positions restart per example). For methods that keep the input as it is
@@ -73,6 +85,8 @@ class GenerationConfig:
     """Greedy decoding by default; sampling uses temperature and top_p."""
     temperature: float = 1.0
     top_p: float = 1.0
+    num_beams: int = 1
+    """Beam search with this many beams (1 = greedy or sampling)."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the template's end-of-turn marker always stops)."""
     answer_pattern: str | None = None
@@ -98,6 +112,7 @@ class GenerationConfig:
             "top_p": self.top_p,
             "stop": list(self.stop),
             "seed": self.seed,
+            "num_beams": self.num_beams,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return GenerationSettings(**values)
@@ -114,6 +129,14 @@ class GenerationConfig:
                 raise ConfigError(f"task.{name}", f"must be >= {low}, got {getattr(self, name)}")
         if self.lm_loss_weight < 0:
             raise ConfigError("task.lm_loss_weight", f"must be >= 0, got {self.lm_loss_weight}")
+        if self.align_weight is not None:
+            if self.align_weight < 0:
+                raise ConfigError("task.align_weight", f"must be >= 0, got {self.align_weight}")
+            if self.lm_loss_weight:
+                raise ConfigError(
+                    "task.align_weight",
+                    "replaces lm_loss_weight (L_LM already trains prompt tokens); set one of them",
+                )
         try:
             self.settings()  # the decoding values, checked where every caller's are
         except ConfigError as e:
@@ -131,13 +154,17 @@ class GenerationConfig:
             raise ConfigError("task.labels", f"needs at least 2 distinct labels, got {self.labels}")
 
 
+NOT_PERTURBABLE = "robustness covers classification and token classification runs, not generation"
+
+
 @TASKS.register("generation", GenerationConfig)
 class GenerationTask:
-    """Causal-LM generation: chat/instruction tuning or continued pre-training, no new head."""
+    """Generation with the model's own LM head: chat/instruction tuning or continued
+    pre-training of a causal LM, or prompt -> response with an encoder-decoder (T5, BART), whose
+    encoder reads the prompt and whose decoder is trained on the response."""
 
     kind = "generation"
-    peft_task_type = "CAUSAL_LM"
-    model_kinds = ("causal",)
+    model_kinds = ("causal", "seq2seq")
     endpoint = "generate"
     shares_backbone = False  # the LM head is the pretrained one, not a task head
     label_distribution = False
@@ -148,6 +175,8 @@ class GenerationTask:
         self.cfg = cfg
         self.labels = list(cfg.labels or [])
         self.template_name: str | None = (state or {}).get("template")
+        self.seq2seq = (state or {}).get("model_kind") == "seq2seq"
+        self.decoder_start: int | None = (state or {}).get("decoder_start")
         self.tokenizer: Any = None
         self.pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
         self.label_patterns = [
@@ -187,13 +216,117 @@ class GenerationTask:
         return ex
 
     def state(self) -> dict[str, Any]:
-        return {"template": self.template_name, "labels": self.cfg.labels}
+        state = {"template": self.template_name, "labels": self.cfg.labels}
+        if self.seq2seq:
+            state |= {"model_kind": "seq2seq", "decoder_start": self.decoder_start}
+        return state
+
+    @property
+    def peft_task_type(self) -> str:
+        return "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
+
+    def use_model(self, spec: Any) -> None:
+        """An encoder-decoder takes the prompt on the encoder and learns the response on the
+        decoder, which starts from the config's decoder_start_token_id; what only a causal LM
+        can do (train prompt tokens, pack rows, continue raw text) is refused here."""
+        self.seq2seq = spec.kind == "seq2seq"
+        if not self.seq2seq:
+            return
+        for name, value in (
+            ("packing", self.cfg.packing),
+            ("lm_loss_weight", self.cfg.lm_loss_weight),
+            ("align_weight", self.cfg.align_weight is not None),
+        ):
+            if value:
+                raise ConfigError(
+                    f"task.{name}",
+                    f"needs a causal LM; {spec.name} is an encoder-decoder, whose decoder "
+                    "learns the response alone",
+                )
+        from transformers import AutoConfig
+
+        kw = spec.load_kwargs()
+        kw.pop("use_safetensors", None)
+        config = AutoConfig.from_pretrained(spec.path, **kw)
+        start = config.decoder_start_token_id
+        if start is None:
+            start = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.decoder_start = int(start)
 
     def examples_from_texts(self, texts: list[str]) -> list[Conversation]:
         return [
             Conversation([{"role": "user", "content": t}], file="<input>", line=i + 1)
             for i, t in enumerate(texts)
         ]
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Conversation],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """With label-aware evaluation (task.labels): the log-probability of the predicted
+        label's first token as the answer's first token (the label whose first token the model
+        ranks highest), or of `label`'s, over the words of the last user turn."""
+        labels = self.cfg.labels
+        if not labels:
+            raise cannot_explain(self)
+        if label is not None and label not in labels:
+            raise LmadaptError(f"unknown label {label!r}; the run's labels are {', '.join(labels)}")
+        firsts = [tokenizer(name, add_special_tokens=False)["input_ids"][0] for name in labels]
+        if len(set(firsts)) < len(firsts):
+            raise LmadaptError(
+                f"task.labels ({', '.join(labels)}) share a first token: explain attributes "
+                "the first token, which would not tell them apart"
+            )
+        template = self.template(tokenizer)
+        bos = self._bos(tokenizer, template)
+        forward = on_model_device(model)
+        out = []
+        for ex in examples:
+            if ex.text is not None or ex.reference is not None:
+                raise LmadaptError(
+                    f"{ex.file} line {ex.line}: explain takes prompts (a last user turn)"
+                )
+            content = ex.messages[-1]["content"]
+            spans = split_words(content)
+            segs = self.segments(ex, template)
+            where = next((i for i in reversed(range(len(segs))) if content in segs[i].text), -1)
+            ids, word_ids = list(bos), [None] * len(bos)
+            for i, seg in enumerate(segs):
+                enc = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                start = seg.text.rfind(content) if i == where else -1
+                for a, b in enc["offset_mapping"]:
+                    word_ids.append(None if start < 0 else _word_at(spans, a - start, b - start))
+            if len(ids) > self.cfg.max_length:
+                raise LmadaptError(
+                    f"{ex.file} line {ex.line}: the prompt has {len(ids)} tokens, more than "
+                    f"task.max_length = {self.cfg.max_length}"
+                )
+            with torch.no_grad():
+                last = forward(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            log_probs = F.log_softmax(last, -1)
+            k = labels.index(label) if label is not None else int(log_probs[firsts].argmax())
+            about = {"label": labels[k], "token": tokenizer.convert_ids_to_tokens(firsts[k])}
+            out.append(
+                Explainable(
+                    text=content,
+                    input_ids=ids,
+                    words=[{"word": content[a:b], "start": a, "end": b} for a, b in spans],
+                    word_ids=word_ids,
+                    targets=[
+                        Target(
+                            about,
+                            round(float(log_probs[firsts[k]].exp()), 6),
+                            lambda z, t=firsts[k]: F.log_softmax(z[:, -1], -1)[:, t],
+                        )
+                    ],
+                )
+            )
+        return out
 
     def template(self, tokenizer: Any) -> Any:
         """The prompt template; `auto` is resolved once and then kept in the run's state."""
@@ -226,7 +359,10 @@ class GenerationTask:
         per_example = [self.segments(ex, template) for ex in examples]
         flat = [s.text for segs in per_example for s in segs]
         ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"]
-        alpha, limit = float(self.cfg.lm_loss_weight), self.cfg.max_length
+        # L = L_LM + α·L_align reads every token's loss (weight 1) and the response mask (labels)
+        seed = self.cfg.align_weight is not None
+        beta = 1.0 if seed else float(self.cfg.lm_loss_weight)
+        limit = self.cfg.max_length
         feats, k = [], 0
         for ex, segs in zip(examples, per_example):
             ids, train = list(bos), [False] * len(bos)
@@ -234,6 +370,9 @@ class GenerationTask:
                 ids += ids_flat[k]
                 train += [s.train] * len(ids_flat[k])
                 k += 1
+            if self.seq2seq:
+                feats.append(self._seq2seq_feature(ex, ids, train, tokenizer))
+                continue
             n = len(ids)
             if ex.reference is None and ex.text is None:  # a prompt: keep its end
                 ids, train = ids[-limit:], train[-limit:]
@@ -246,24 +385,55 @@ class GenerationTask:
                     ex.line,
                 )
             labels = [t if on else IGNORE for t, on in zip(ids, train)]
-            weights = [1.0 if on else alpha for on in train]
+            weights = [1.0 if on else beta for on in train]
             labels[0], weights[0] = IGNORE, 0.0  # never a target (also not across packed rows)
             feats.append({"input_ids": ids, "labels": labels, "loss_weights": weights})
         return feats
 
-    def collator(self, tokenizer: Any) -> Collator | PackingCollator:
+    def _seq2seq_feature(
+        self, ex: Conversation, ids: list[int], train: list[bool], tokenizer: Any
+    ) -> dict[str, Any]:
+        """Encoder input = everything before the last response, its end kept within max_length
+        and ending in eos (as T5 and BART saw inputs in pretraining); labels = that response,
+        cut at max_length, ending in eos."""
+        if ex.text is not None:
+            raise DataError(
+                ex.file,
+                "raw text (continued pre-training) needs a causal LM; an encoder-decoder "
+                "learns prompt -> response pairs",
+                ex.line,
+            )
+        limit = self.cfg.max_length
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+        def ended(part: list[int]) -> list[int]:
+            return part if not eos or part[-1:] == eos else part + eos
+
+        end = max((i + 1 for i, on in enumerate(train) if on), default=0)
+        start = end
+        while start and train[start - 1]:  # the last response: the last run of trained tokens
+            start -= 1
+        if ex.reference is None:  # a prompt to answer: all of it
+            return {"input_ids": ended(ids[-(limit - len(eos)) :])}
+        source = ended(ids[:start][-(limit - len(eos)) :])
+        return {"input_ids": source, "labels": ended(ids[start:end][: limit - len(eos)])}
+
+    def collator(self, tokenizer: Any) -> Collator | PackingCollator | Seq2SeqCollator:
         self.tokenizer = tokenizer
+        if self.seq2seq:
+            return Seq2SeqCollator(tokenizer.pad_token_id, self.decoder_start, IGNORE)
         if self.cfg.packing:
             return PackingCollator(tokenizer.pad_token_id, self.cfg.max_length)
         return Collator(tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
 
     # ------------------------------------------------------------------ model
     def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         from lmadapt.models import load_model
 
-        model = load_model(spec, AutoModelForCausalLM, trust_remote_code)
+        auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+        model = load_model(spec, auto, trust_remote_code)
         # No KV cache in training forward passes: it is useless there, and transformers only
         # honours packed position_ids without one. generate() turns it back on.
         model.config.use_cache = False
@@ -281,21 +451,38 @@ class GenerationTask:
         saves their time and most of the logits' memory. `loss` sees fewer positions than
         tokens and picks the same ones again.
         """
-        if not (self.cfg.loss_positions_only and _keeps_logits(model)):
+        if self.seq2seq or not (self.cfg.loss_positions_only and _keeps_logits(model)):
             return {}
         return {"logits_to_keep": _loss_positions(batch["loss_weights"])}
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted mean next-token cross-entropy: Σ w·ce / Σ w over shifted tokens.
 
-        With w = 1 on responses and α on prompt tokens this is the per-token form of
-        L = L_response + α·L_prompt (each prompt token counts α of a response token).
+        With w = 1 on responses and β on prompt tokens this is the per-token form of
+        L = L_response + β·L_prompt (each prompt token counts β of a response token). With
+        align_weight α, w = 1 on every token and the loss is L_LM + α·L_align, L_align the
+        mean over the response tokens (those with a label).
         """
+        if self.seq2seq:  # decoder logits (B, T_dec, V) line up with the labels, unshifted
+            labels = batch["labels"]
+            return _ce(_align(logits, {"input_ids": labels}), labels, (labels != IGNORE).float())
         ids, w = batch["input_ids"], batch["loss_weights"]
         if logits.shape[1] < ids.shape[1]:  # only the loss positions (forward_kwargs)
-            pos = _loss_positions(w)
-            return _ce(logits, ids[:, pos + 1], w[:, pos + 1])
-        return _weighted_ce(_align(logits, batch), ids, w)
+            pos = _loss_positions(w) + 1
+
+            def targets(m: torch.Tensor) -> torch.Tensor:
+                return m[:, pos]
+        else:
+            logits = _align(logits, batch)[:, :-1]
+
+            def targets(m: torch.Tensor) -> torch.Tensor:
+                return m[:, 1:]
+
+        loss = _ce(logits, targets(ids), targets(w))
+        if self.cfg.align_weight is not None:
+            response = targets((batch["labels"] != IGNORE).float())
+            loss = loss + self.cfg.align_weight * _ce(logits, targets(ids), response)
+        return loss
 
     # ------------------------------------------------------------------ decoding
     def settings(self, **overrides: Any) -> GenerationSettings:
@@ -324,6 +511,8 @@ class GenerationTask:
     def prompt_ids(self, feature: dict[str, Any], example: Conversation) -> list[int]:
         """The tokens before the last response (the whole input for an unlabelled prompt;
         raw text without its end-of-text token, to be continued)."""
+        if self.seq2seq:  # the encoder's input is the prompt
+            return feature["input_ids"]
         if example.text is not None:
             return feature["input_ids"][:-1] or feature["input_ids"]
         labels = feature["labels"]
@@ -369,7 +558,11 @@ class GenerationTask:
     @torch.no_grad()
     def response_loss(self, model: torch.nn.Module, features: list[dict[str, Any]]) -> float:
         """Mean cross-entropy over response tokens (teacher forcing), fp32, token-weighted."""
-        collate = Collator(self.tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+        collate = (
+            self.collator(self.tokenizer)
+            if self.seq2seq
+            else Collator(self.tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+        )
         forward = on_model_device(model)
         was_training = model.training
         model.eval()
@@ -379,8 +572,11 @@ class GenerationTask:
                 [len(f["input_ids"]) for f in features], EVAL_TOKENS_PER_BATCH
             ):
                 batch = collate([features[i] for i in idx])
-                batch["loss_weights"] = (batch["labels"] != IGNORE).float()
-                n = float(batch["loss_weights"][:, 1:].sum())
+                if self.seq2seq:
+                    n = float((batch["labels"] != IGNORE).sum())
+                else:
+                    batch["loss_weights"] = (batch["labels"] != IGNORE).float()
+                    n = float(batch["loss_weights"][:, 1:].sum())
                 if n:
                     inputs = model_inputs(batch) | self.forward_kwargs(model, batch)
                     total += float(self.loss(forward(**inputs).logits, batch)) * n
@@ -511,7 +707,27 @@ class GenerationTask:
     ) -> None:
         """Nothing to settle after training."""
 
+    # ------------------------------------------------------------------ robustness
+    # Refused: scoring a perturbed prompt means decoding it again, for a metric (loss, text
+    # overlap) whose change says little about how robust the model is.
+    def perturbed(self, examples: list[Conversation], p: Perturbation, seed: int) -> list:
+        raise LmadaptError(NOT_PERTURBABLE)
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Conversation],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        raise LmadaptError(NOT_PERTURBABLE)
+
     # ------------------------------------------------------------------ report
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """Generated text has no label confidence to calibrate."""
+        return {}
+
     def report(self, evaluation: Evaluation) -> str:
         parts = []
         samples = evaluation.details.get("samples")
@@ -537,6 +753,11 @@ class GenerationTask:
         names = evaluation.details["labels"]
         plots.confusion_matrix(np.array(cm), names, path, title=f"{prefix}confusion matrix")
         return [path]
+
+
+def _word_at(spans: list[tuple[int, int]], start: int, end: int) -> int | None:
+    """The first word whose [start, end) overlaps a token's, None for a token outside them."""
+    return next((k for k, (a, b) in enumerate(spans) if a < end and start < b), None)
 
 
 def _align(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -567,13 +788,6 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
 def _forward_takes(cls: type, name: str) -> bool:
     """Asked every training step; the signature is read once per model class."""
     return name in inspect.signature(cls.forward).parameters
-
-
-def _weighted_ce(
-    logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Σ w·ce / Σ w of predicting token t+1 at position t."""
-    return _ce(logits[:, :-1], input_ids[:, 1:], weights[:, 1:])
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

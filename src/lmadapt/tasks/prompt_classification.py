@@ -22,6 +22,7 @@ from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import classification_report_markdown
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.prompting.templates import Renderer, load_template, template_verbalizer
 from lmadapt.prompting.verbalizers import Continuations, Verbalizer
 from lmadapt.tasks import TASKS
@@ -248,6 +249,13 @@ class PromptClassificationTask(LogitsTask):
                 row["text_pair"] = ex.text_pair
             out.append(row)
         return out
+
+    def perturbed(self, examples: list[Example], p: Perturbation, seed: int) -> list[Example]:
+        """As a classification task does: the texts, never the labels."""
+        return self.reader.perturbed(examples, p, seed)
+
+    def robustness_view(self, example: Example, prediction: dict[str, Any]) -> View:
+        return self.reader.robustness_view(example, prediction)
 
     def report(self, evaluation: Evaluation) -> str:
         return classification_report_markdown(evaluation)

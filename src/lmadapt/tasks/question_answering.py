@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, markdown_table
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.text import squad_exact, squad_f1
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
@@ -434,6 +435,19 @@ class QuestionAnsweringTask(LogitsTask):
         )
         f1_null = np.array([0.0 if ex.answers else 1.0 for ex in examples])
         self.threshold = best_threshold(diff, f1_span, f1_null, saved)
+
+    # ------------------------------------------------------------------ robustness
+    def perturbed(self, examples: list[QAExample], p: Perturbation, seed: int) -> list[QAExample]:
+        """Copies with the question perturbed; the context stays as it is, since the gold
+        answers are character spans of it."""
+        return [
+            replace(ex, question=p.on_text(ex.question, seed, i, 0), windows=[])
+            for i, ex in enumerate(examples)
+        ]
+
+    def robustness_view(self, example: QAExample, prediction: dict[str, Any]) -> View:
+        gold = example.answers[0].text if example.answers else ""
+        return View(example.question, gold, prediction["answer"], prediction["answer"])
 
     def report(self, evaluation: Evaluation) -> str:
         d = evaluation.details

@@ -21,9 +21,12 @@ from scipy.special import softmax
 from lmadapt.data import Collator
 from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, split_words
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError
-from lmadapt.evaluate import plots
+from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.evaluate import calibration, plots
+from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
+from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import markdown_table
+from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
@@ -59,6 +62,10 @@ class TokenClassificationConfig:
     """JSONL: raw text (split into words by the task) ..."""
     spans_field: str = "spans"
     """... and its entities as [{start, end, label}] character offsets (end exclusive)."""
+    calibrate: bool = False
+    """Entity scores in predict and serve come from temperature-scaled word probabilities,
+    softmax(logits / T) with the T fitted on the dev words after training (Guo et al. 2017);
+    tags are unchanged. Needs a dev set. Off by default: scores stay the model's own."""
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -105,11 +112,13 @@ class TokenClassificationTask(LogitsTask):
     description = "token_classification"
     per_token = True
     default_metric = "f1"
-    metric_names = ("f1", "precision", "recall", "macro_f1", "accuracy", "loss")
+    metric_names = ("f1", "precision", "recall", "macro_f1", "accuracy", "ece", "loss")
 
     def __init__(self, cfg: TokenClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
         self.labels: list[str] = list(state["labels"]) if state else []
+        self.temperature: float | None = state.get("temperature") if state else None
+        """The temperature fitted on the dev words after training (None before)."""
 
     @property
     def types(self) -> list[str]:
@@ -161,7 +170,7 @@ class TokenClassificationTask(LogitsTask):
         return ex
 
     def state(self) -> dict[str, Any]:
-        return {"labels": self.labels}
+        return {"labels": self.labels, "temperature": self.temperature}
 
     def examples_from_texts(self, texts: list[str]) -> list[Example]:
         out = []
@@ -290,37 +299,218 @@ class TokenClassificationTask(LogitsTask):
         return out
 
     def predicted_tags(self, logits: list[np.ndarray], examples: list[Example]) -> list[list[str]]:
-        return [[self.labels[i] for i in w.argmax(-1)] for w in self.word_logits(logits, examples)]
+        return self._tags(self.word_logits(logits, examples))
+
+    def _tags(self, word_logits: list[np.ndarray]) -> list[list[str]]:
+        return [[self.labels[i] for i in w.argmax(-1)] for w in word_logits]
 
     def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
-        pred = self.predicted_tags(logits, examples)
+        words = self.word_logits(logits, examples)
+        pred = self._tags(words)
         gold = [ex.tags or [] for ex in examples]
-        return sequence_metrics(gold, pred, self.labels, self.cfg.strict)
+        ev = sequence_metrics(gold, pred, self.labels, self.cfg.strict)
+        ev.details |= self._error_analysis(gold, pred, examples)
+        if words:  # calibration of the per-word tag distribution
+            index = {t: i for i, t in enumerate(self.labels)}
+            flat = np.concatenate(words)  # (total words, C)
+            tags = np.array([index[t] for seq in gold for t in seq])
+            scored = np.isfinite(flat).all(-1)  # words without a subword have no distribution
+            calibration.add_calibration(ev, flat[scored], tags[scored], self.temperature)
+        return ev
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        """Temperature scaling fitted on the dev words' logits (kept in `state`), with each
+        evaluation's calibrated ECE added; nothing without a dev set."""
+        self.temperature = calibration.fit_on_dev(evaluations)
+        return {} if self.temperature is None else {"temperature": self.temperature}
+
+    def _error_analysis(
+        self, gold: list[list[str]], pred: list[list[str]], examples: list[Example]
+    ) -> dict[str, Any]:
+        """Details for report.md: the sentences with the most entity errors (gold entities
+        missed plus predicted ones not in gold, matched exactly as seqeval does) and entity F1
+        per sentence-length slice."""
+        strict = self.cfg.strict
+        found = [(set(entities(g, strict)), set(entities(p, strict))) for g, p in zip(gold, pred)]
+        errors = [len(g ^ p) for g, p in found]
+
+        def shown(ex: Example, spans: set[tuple[str, int, int]]) -> str:
+            return "; ".join(
+                f"{k}: {' '.join(ex.words[s:e])}" for k, s, e in sorted(spans, key=lambda x: x[1])
+            )
+
+        def row(i: int) -> dict[str, Any]:
+            ex, (g, p) = examples[i], found[i]
+            return {
+                "sentence": " ".join(ex.words),
+                "errors": errors[i],
+                "gold": shown(ex, g) or "–",
+                "predicted": shown(ex, p) or "–",
+            }
+
+        def f1(idx: np.ndarray) -> float:
+            part = sequence_metrics(
+                [gold[i] for i in idx], [pred[i] for i in idx], self.labels, strict
+            )
+            return part.metrics["f1"]
+
+        return {
+            "worst_sentences": [row(i) for i in ranked(errors, [e > 0 for e in errors])],
+            "length_slices": length_slices([len(ex.words) for ex in examples], f1),
+        }
 
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
         """Entities with type, text, character offsets into `text`, and a confidence score.
 
-        The score is the mean over the entity's words of the top softmax probability.
+        The score is the mean over the entity's words of the top softmax probability
+        (temperature-scaled under `task.calibrate`).
         """
+        t = calibration.require_fitted(self.temperature) if self.cfg.calibrate else 1.0
         out = []
         for ex, rows in zip(examples, self.word_logits(logits, examples)):
-            probs = softmax(rows, axis=-1)
-            tags = [self.labels[i] for i in probs.argmax(-1)]
-            top = probs.max(-1)
-            found = []
-            for kind, s, e in entities(tags, self.cfg.strict):
-                start, end = ex.offsets[s][0], ex.offsets[e - 1][1]
-                found.append(
-                    {
-                        "type": kind,
-                        "text": ex.text[start:end],
-                        "start": start,
-                        "end": end,
-                        "score": round(float(top[s:e].mean()), 6),
-                    }
-                )
-            out.append({"text": ex.text, "entities": found, "tokens": ex.words, "tags": tags})
+            tags, found = self._entities(ex, rows, t)
+            out.append(
+                {
+                    "text": ex.text,
+                    "entities": [entity for entity, _, _ in found],
+                    "tokens": ex.words,
+                    "tags": tags,
+                }
+            )
         return out
+
+    def _entities(
+        self, ex: Example, rows: np.ndarray, temperature: float = 1.0
+    ) -> tuple[list[str], list[tuple[dict[str, Any], int, int]]]:
+        """The predicted tag of each word, and each entity with its [start, end) words; the
+        temperature rescales the entity scores, not the tags."""
+        probs = softmax(rows / temperature, axis=-1)  # (n_words, C)
+        tags = [self.labels[i] for i in probs.argmax(-1)]
+        top = probs.max(-1)
+        found = []
+        for kind, s, e in entities(tags, self.cfg.strict):
+            start, end = ex.offsets[s][0], ex.offsets[e - 1][1]
+            entity = {
+                "type": kind,
+                "text": ex.text[start:end],
+                "start": start,
+                "end": end,
+                "score": round(float(top[s:e].mean()), 6),
+            }
+            found.append((entity, s, e))
+        return tags, found
+
+    def explainables(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        examples: list[Example],
+        label: str | None,
+        batch_size: int,
+    ) -> list[Explainable]:
+        """One target per predicted entity (of type `label` when given): the sum of its words'
+        logits for their predicted tags, at each word's first piece.
+
+        Each sentence is one input, not cut into task.max_length windows (attributions need one
+        forward pass over the whole sentence), up to the tokenizer's model_max_length; so a
+        sentence longer than task.max_length may be tagged slightly otherwise than by predict.
+        """
+        if label is not None and label not in self.types:
+            raise LmadaptError(
+                f"unknown entity type {label!r}; the run's types are {', '.join(self.types)}"
+            )
+        if not examples:
+            return []
+        enc = tokenizer([ex.words for ex in examples], is_split_into_words=True)
+        feats = []
+        for i, ex in enumerate(examples):
+            if len(enc["input_ids"][i]) > tokenizer.model_max_length:
+                raise LmadaptError(
+                    f"{ex.file} line {ex.line}: {len(enc['input_ids'][i])} tokens, more than "
+                    f"the model takes in one input ({tokenizer.model_max_length})"
+                )
+            ex.windows = []
+            feats.append(self._feature(ex, enc, i, 0, 0, len(ex.words)))  # one whole window
+        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
+        out, word_rows = [], self.word_logits(logits, examples)
+        for i, (ex, feat, rows) in enumerate(zip(examples, feats, word_rows)):
+            word_ids = enc.word_ids(i)
+            first = {w: pos for pos, w in reversed(list(enumerate(word_ids))) if w is not None}
+            tags, found = self._entities(ex, rows)
+            targets = []
+            for entity, s, e in found:
+                if label is not None and entity["type"] != label:
+                    continue
+                cells = [(first[w], self.labels.index(tags[w])) for w in range(s, e) if w in first]
+                pos = torch.tensor([p for p, _ in cells])
+                tag = torch.tensor([t for _, t in cells])
+                n = len(word_ids)
+
+                def score(
+                    z: torch.Tensor, pos: torch.Tensor = pos, tag: torch.Tensor = tag, n: int = n
+                ) -> torch.Tensor:
+                    # (B, T', C) -> (B,); prompt methods prepend T' - T virtual tokens
+                    return z[:, z.shape[1] - n + pos, tag].sum(-1)
+
+                about = {k: v for k, v in entity.items() if k != "score"}
+                targets.append(Target({"entity": about}, entity["score"], score))
+            words = [{"word": w, "start": a, "end": b} for w, (a, b) in zip(ex.words, ex.offsets)]
+            out.append(
+                Explainable(
+                    text=ex.text,
+                    input_ids=feat["input_ids"],
+                    words=words,
+                    word_ids=word_ids,
+                    targets=targets,
+                    extra_inputs={k: v for k, v in feat.items() if k == "token_type_ids"},
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ robustness
+    def perturbed(
+        self, examples: list[Example], p: Perturbation, seed: int
+    ) -> list[Example] | None:
+        """Entity-preserving copies: only words tagged O change or go, each dropped word with
+        its tag, so words and tags stay aligned. None for a perturbation of the spacing alone:
+        words reach the model already split, so it would change nothing."""
+        if p.spacing:
+            return None
+        out = []
+        for i, ex in enumerate(examples):
+            tags = ex.tags or ["O"] * len(ex.words)
+            w = p.on_words(ex.words, [t != "O" for t in tags], seed, i)
+            text = " ".join(w.words)
+            starts = np.cumsum([0] + [len(word) + 1 for word in w.words[:-1]]).tolist()
+            out.append(
+                Example(
+                    w.words,
+                    text,
+                    [(s, s + len(word)) for s, word in zip(starts, w.words)],
+                    [ex.tags[k] for k in w.origin] if ex.tags is not None else None,
+                    ex.file,
+                    ex.line,
+                    [ex.word_line(k) for k in w.origin] if ex.lines else None,
+                    origin=[ex.origin[k] for k in w.origin] if ex.origin else w.origin,
+                )
+            )
+        return out
+
+    def robustness_view(self, example: Example, prediction: dict[str, Any]) -> View:
+        """Entities shown as `TYPE: words`, compared by type and source words: a perturbation
+        that changes the words of a predicted entity but not the entity is no flip."""
+        source = example.origin or list(range(len(example.words)))
+        found = entities(prediction["tags"], self.cfg.strict)
+        return View(
+            " ".join(example.words),
+            self._entity_list(example.words, example.tags or []),
+            self._entity_list(example.words, prediction["tags"]),
+            tuple((k, source[s], source[e - 1]) for k, s, e in found),
+        )
+
+    def _entity_list(self, words: list[str], tags: list[str]) -> str:
+        found = [f"{k}: {' '.join(words[s:e])}" for k, s, e in entities(tags, self.cfg.strict)]
+        return "; ".join(found) or "(none)"
 
     def report(self, evaluation: Evaluation) -> str:
         d = evaluation.details
@@ -349,6 +539,14 @@ class TokenClassificationTask(LogitsTask):
                 [[f"**{g}**", *row] for g, row in zip(d["labels"], d["confusion_matrix"])],
             ),
         ]
+        if "reliability" in d:
+            parts.append(calibration.calibration_markdown(evaluation, "word"))
+        parts += [
+            "### Sentences with the most entity errors (missed + spurious entities)\n\n"
+            + examples_markdown(d["worst_sentences"], ["sentence", "errors", "gold", "predicted"]),
+            f"### Entity F1 by sentence length ({mode} mode)\n\n"
+            + slices_markdown(d["length_slices"], "words", "entity f1"),
+        ]
         return "\n\n".join(parts)
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
@@ -368,4 +566,4 @@ class TokenClassificationTask(LogitsTask):
             cm_path,
             title=f"{prefix}tag confusion matrix",
         )
-        return [f1_path, cm_path]
+        return [f1_path, cm_path, *calibration.reliability_plot(evaluation, out_dir, prefix)]

@@ -32,7 +32,13 @@ from lmadapt.data.batching import length_grouped_batches, shuffled_batches
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.metrics import metric_direction
 from lmadapt.hooks import Hook
-from lmadapt.inference import autocast, model_inputs, use_bf16
+from lmadapt.inference import (
+    autocast,
+    autocast_bf16,
+    bf16_castable,
+    bf16_frozen_base,
+    model_inputs,
+)
 from lmadapt.io import write_text
 from lmadapt.train.checkpoint import (
     checkpoint_dir,
@@ -169,11 +175,20 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _bf16(precision: str, device: torch.device) -> bool:
-    """Autocast where it pays: the CPU's bf16 units decide on the CPU, the GPU's support on CUDA."""
-    if device.type == "cuda":
-        return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-    return use_bf16(precision)
+def frozen_in_bf16(model: torch.nn.Module) -> Any:
+    """Cast the frozen floating-point weights to bf16 (the trained ones stay fp32, as AdamW
+    needs); returns a function that puts the original fp32 tensors back. The originals are kept
+    where they are (on the CPU, before the model moves to a GPU), not copied."""
+    frozen = bf16_castable(model)
+    originals = [p.data for p in frozen]
+    for p in frozen:
+        p.data = p.data.to(torch.bfloat16)
+
+    def restore() -> None:
+        for p, data in zip(frozen, originals):
+            p.data = data
+
+    return restore
 
 
 class Trainer:
@@ -200,7 +215,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or []
         self.state = TrainState()
-        self.bf16 = _bf16(cfg.precision, dist.device)
+        self.bf16 = autocast_bf16(cfg.precision, dist.device)
+        self.bf16_base = bf16_frozen_base(cfg.base_dtype, self.bf16, dist.device, dist.strategy)
         self.metric, self.mode = checkpoint_metric(cfg, task)
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
         self.lengths = [len(f["input_ids"]) for f in train_features]
@@ -226,6 +242,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, dist, strategy = self.cfg, self.dist, self.strategy
         plain = self.model
+        # before the model moves to its device, so the fp32 originals stay on the host
+        restore_base = frozen_in_bf16(plain) if self.bf16_base else None
         self.model, net = strategy.wrap(plain, dist)  # net: what the training step calls
         model = self.model
         total = self.total_steps()
@@ -340,6 +358,8 @@ class Trainer:
                 )
             ) from None
         finally:
+            if restore_base:
+                restore_base()
             interrupt.restore()
             self._tick()
             bar.close()
@@ -406,13 +426,15 @@ class Trainer:
         self._tick()
         metrics = None
         if self.takes_part:
-            ev = self.task.evaluate_model(  # on the training device (inference.on_model_device)
-                self.model,
-                self.dev_features,
-                self.dev_examples,
-                self.collator,
-                self.cfg.eval_batch_size,
-            )
+            # on the training device (inference.on_model_device); bf16 weights need autocast
+            with autocast(self.bf16_base, self.dist.device.type):
+                ev = self.task.evaluate_model(
+                    self.model,
+                    self.dev_features,
+                    self.dev_examples,
+                    self.collator,
+                    self.cfg.eval_batch_size,
+                )
             metrics = dict(ev.metrics)
         metrics = self.dist.broadcast(metrics)  # process 0's numbers decide for every process
         if self.metric not in metrics:  # e.g. text metrics asked of a dev set with no references

@@ -52,7 +52,7 @@ def score_seed(
     seed: int,
 ) -> SeedScores:
     """Label probabilities of every dev example under one seed's demonstrations."""
-    model, tok = load_lm(cfg.model)
+    model, tok = load_lm(cfg.model, cfg.device)
     renderer = Renderer(template, tok)
     conts = verbalizer.tokenize(tok, template.answer)
     pool, selection = select_demos(cfg, train, dev, seed)
@@ -201,7 +201,7 @@ def embedding_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
     described = Verbalizer.from_config(raw, "label_descriptions")
     dev, _ = read_labelled(cfg, described.labels)
     texts = [ex.text if ex.text_pair is None else f"{ex.text}\n{ex.text_pair}" for ex in dev]
-    embedder = load_embedder(cfg.embedder)
+    embedder = load_embedder(cfg.embedder, cfg.device)
     t0 = time.perf_counter()
     sims = zero_shot_scores(embedder, texts, [described.words[n] for n in described.labels])
     seconds = time.perf_counter() - t0

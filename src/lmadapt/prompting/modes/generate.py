@@ -31,7 +31,7 @@ class _GenExample:
 @MODES.register("generate", summary="greedy generation for open tasks (QA, summaries), exact match")
 def generate_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
     template = load_template(cfg.template)
-    model, tok = load_lm(cfg.model)
+    model, tok = load_lm(cfg.model, cfg.device)
     renderer = Renderer(template, tok)
 
     def read(path: str) -> list[_GenExample]:
