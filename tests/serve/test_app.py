@@ -695,6 +695,6 @@ def test_cli_serve_help_lists_every_endpoint(client):
 
     help_text = COMMANDS["serve"][0]
     paths = list(client.get("/openapi.json").json()["paths"])
-    assert len(paths) == 7
+    assert len(paths) == 8
     for path in paths:
         assert path in help_text
