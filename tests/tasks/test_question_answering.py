@@ -427,12 +427,11 @@ def qa_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_bert, qa_files):
-    import os
-
-    os.environ["LMADAPT_TENSORBOARD"] = "0"
     out = tmp_path_factory.mktemp("full")
     cfg = qa_config(out, tiny_bert, qa_files, {"name": "full"}, epochs=8, lr=2e-3)
-    return train(cfg)
+    with pytest.MonkeyPatch.context() as mp:  # not for the tests that come after
+        mp.setenv("LMADAPT_TENSORBOARD", "0")
+        return train(cfg)
 
 
 def test_full_fine_tuning_learns_the_toy_task(full_run, tiny_bert, qa_files, tmp_path):
