@@ -32,9 +32,9 @@ PROBE_TEXTS = [
 
 
 @torch.no_grad()
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: Any) -> torch.Tensor:
     model.eval()
-    return on_model_device(model)(**model_inputs(batch)).logits.float()
+    return task.logits(on_model_device(model)(**model_inputs(batch))).float()
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,12 +65,12 @@ def export_merged(
             "methods (lora, adalora, ia3) can"
         )
     task = run.task
-    feats = task.encode(task.examples_from_texts(PROBE_TEXTS), run.tokenizer)
+    feats = task.encode(task.probe_examples(PROBE_TEXTS), run.tokenizer)
     batch = task.collator(run.tokenizer)(feats)
-    unmerged = _logits(run.model, batch)
+    unmerged = _logits(run.model, batch, task)
     _unwrap_modules_to_save(run.model)
     merged_model = run.model.merge_and_unload()
-    diff_merged = max_abs_diff(_logits(merged_model, batch), unmerged)
+    diff_merged = max_abs_diff(_logits(merged_model, batch, task), unmerged)
     _check(diff_merged, tolerance, "merged")
     with atomic_dir(out) as tmp:
         mark(tmp, "export")
@@ -78,7 +78,7 @@ def export_merged(
         run.tokenizer.save_pretrained(tmp)
         spec = ModelSpec(run.spec.name, str(tmp), run.spec.kind)
         reloaded = task.build_model(spec, run.config.trust_remote_code)
-        diff_reloaded = max_abs_diff(_logits(reloaded, batch), unmerged)
+        diff_reloaded = max_abs_diff(_logits(reloaded, batch, task), unmerged)
         _check(diff_reloaded, tolerance, "merged and reloaded")
         result = {
             "source_run": str(Path(run_dir).resolve()),

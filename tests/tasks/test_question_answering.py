@@ -514,6 +514,19 @@ def test_methods_train_and_reload_the_same_predictions(tmp_path, tiny_bert, qa_f
     assert ev.metrics == pytest.approx(m["dev"], abs=1e-5)
 
 
+def test_a_lora_qa_run_exports_merged_with_the_same_answers(tmp_path, tiny_bert, qa_files):
+    from lmadapt.export import export_merged
+
+    lora = {"name": "lora", "target_modules": ["all-linear"]}
+    m = train(qa_config(tmp_path, tiny_bert, qa_files, lora, epochs=2, lr=1e-2))
+    result = export_merged(m["run_dir"], tmp_path / "merged")  # start/end logits checked
+    assert result["max_abs_diff"] <= 1e-4
+    merged = load_run(m["run_dir"])
+    merged.model = merged.task.build_model(resolve_model(str(tmp_path / "merged")))
+    pair = ['{"question": "What is the code?", "context": "The code is red. It rained."}']
+    assert predict(merged, pair) == predict(m["run_dir"], pair)
+
+
 def test_v2_run_stores_its_tuned_null_threshold(tmp_path, tiny_bert):
     files = {
         "train": write_jsonl(tmp_path / "train.jsonl", qa_rows(48, 1, unanswerable_every=3)),

@@ -149,6 +149,10 @@ class Task(Protocol):
     def examples_from_texts(self, texts: list[str]) -> list[Any]:
         """Unlabelled examples for prediction."""
 
+    def probe_examples(self, sentences: list[str]) -> list[Any]:
+        """Unlabelled examples made from plain sentences, for checks that need some input of
+        this task (export's merged-vs-unmerged logits)."""
+
     def explainables(
         self,
         model: torch.nn.Module,
@@ -208,6 +212,9 @@ class LogitsTask:
 
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits
+
+    def probe_examples(self, sentences: list[str]) -> list[Any]:
+        return self.examples_from_texts(sentences)
 
     def use_model(self, spec: ModelSpec) -> None:
         """A head over the model's output needs nothing from the model in advance."""

@@ -253,6 +253,9 @@ class GenerationTask:
             start = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self.decoder_start = int(start)
 
+    def probe_examples(self, sentences: list[str]) -> list[Conversation]:
+        return self.examples_from_texts(sentences)
+
     def examples_from_texts(self, texts: list[str]) -> list[Conversation]:
         return [
             Conversation([{"role": "user", "content": t}], file="<input>", line=i + 1)

@@ -195,6 +195,11 @@ class QuestionAnsweringTask(LogitsTask):
     def state(self) -> dict[str, Any]:
         return {"version": self.version, "null_score_diff_threshold": self.threshold}
 
+    def probe_examples(self, sentences: list[str]) -> list[QAExample]:
+        """Each sentence as the context of one question about it."""
+        pairs = [{"question": "What is this about?", "context": s} for s in sentences]
+        return self.examples_from_texts(pairs)
+
     def examples_from_texts(self, texts: list[str | dict[str, Any]]) -> list[QAExample]:
         """Question/context pairs, as objects or JSON text `{"question": ..., "context": ...}`."""
         out = []

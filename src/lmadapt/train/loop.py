@@ -271,7 +271,8 @@ class Trainer:
             desc="train",
             unit="step",
             mininterval=1.0,
-            disable=not dist.is_main,
+            # only process 0 shows it; otherwise tqdm's own settings decide (TQDM_DISABLE=1)
+            **({} if dist.is_main else {"disable": True}),
         )
         self._clock = time.perf_counter()
         interrupt = DeferredInterrupt()
