@@ -220,6 +220,7 @@ class Trainer:
         self.metric, self.mode = checkpoint_metric(cfg, task)
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
         self.lengths = [len(f["input_ids"]) for f in train_features]
+        self._loss_sum = torch.zeros((), dtype=torch.float64)  # set on the device by `fit`
         if cfg.dropout is not None:
             set_dropout(model, cfg.dropout)
 
@@ -253,6 +254,8 @@ class Trainer:
         if resume:
             self._restore()
         state = self.state
+        # the running loss (float64, as the state keeps it) summed on the device between logs
+        self._loss_sum = torch.tensor(state.running_loss, dtype=torch.float64, device=dist.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         # a task may ask the model for less (e.g. logits only where its loss reads them)
         forward_kwargs = self.task.forward_kwargs
@@ -284,6 +287,7 @@ class Trainer:
                     idx = batches[i]
                     rows, share = dist.shard(idx)
                     batch = self.collator([self.train_features[j] for j in rows])
+                    tokens = float(batch["attention_mask"].sum()) if share else 0.0  # host batch
                     batch = {k: v.to(dist.device) for k, v in batch.items()}
                     # accumulate gradients over grad_accum batches, exchanging them on the last
                     accumulate = (i + 1) % cfg.grad_accum and i + 1 < len(batches)
@@ -297,13 +301,16 @@ class Trainer:
                                 loss = loss + extra
                         # the engine averages over processes: weigh each by its share of the batch
                         (loss * (share * dist.world_size) / cfg.grad_accum).backward()
-                    tokens = float(batch["attention_mask"].sum()) if share else 0.0
-                    # one exchange: the batch's loss, its tokens, and whether any process was
-                    # interrupted (so that all of them stop at the same step)
-                    batch_loss, tokens, stops = dist.sum(
-                        [float(loss.detach()) * share, tokens, float(interrupt.requested)]
-                    )
-                    state.running_loss += batch_loss
+                    if dist.enabled:
+                        # one exchange: the batch's loss, its tokens, and whether any process
+                        # was interrupted (so that all of them stop at the same step)
+                        batch_loss, tokens, stops = dist.sum(
+                            [float(loss.detach()) * share, tokens, float(interrupt.requested)]
+                        )
+                        state.running_loss += batch_loss
+                    else:  # no host sync: the loss stays on the device until it is logged
+                        self._loss_sum += loss.detach().double() * share
+                        stops = float(interrupt.requested)
                     state.running_n += 1
                     state.samples += len(idx)
                     state.tokens += int(tokens)
@@ -320,10 +327,12 @@ class Trainer:
                     for h in self.hooks:
                         h.on_step_end(self)
                     if state.step % cfg.log_every == 0 or state.step == total:
+                        self._read_loss()
                         mean = state.running_loss / state.running_n
                         self.log({"loss": mean, "lr": scheduler.get_last_lr()[0]})
                         bar.set_postfix(loss=f"{mean:.4f}")
                         state.running_loss, state.running_n = 0.0, 0
+                        self._loss_sum.zero_()
                     evaluated = bool(cfg.eval_every) and state.step % cfg.eval_every == 0
                     if evaluated:
                         self.evaluate()
@@ -381,6 +390,12 @@ class Trainer:
         )
         return TrainResult(state, best, stopped_early=state.should_stop)
 
+    def _read_loss(self) -> None:
+        """The state's running loss from the device's sum (one sync; under several processes
+        the state sums it itself, from the per-step exchange)."""
+        if not self.dist.enabled:
+            self.state.running_loss = float(self._loss_sum)
+
     def _tick(self) -> None:
         """Add the time since the last tick to train_seconds (eval and checkpoints excluded)."""
         now = time.perf_counter()
@@ -393,6 +408,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
         self._tick()
+        self._read_loss()  # the saved state holds the running loss
         root = self.run_dir / "checkpoints"
         if self.takes_part:
             save_checkpoint(
