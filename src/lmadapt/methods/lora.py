@@ -41,13 +41,18 @@ class Lora(PeftMethod):
         from peft import LoraConfig
 
         target: Any = self.cfg.target_modules
+        heads = task.head_modules(model)
+        exclude = None
         if target == ["all-linear"]:
-            target = "all-linear"
+            # peft leaves out the heads it knows by name (classifier, score); the task's own
+            # (question answering's qa_outputs) train fully, so no LoRA may sit inside them
+            target, exclude = "all-linear", heads or None
         return LoraConfig(
             task_type=task_type,
             r=self.cfg.r,
             lora_alpha=self.cfg.alpha,
             lora_dropout=self.cfg.dropout,
             target_modules=target,
-            modules_to_save=task.head_modules(model),
+            exclude_modules=exclude,
+            modules_to_save=heads,
         )

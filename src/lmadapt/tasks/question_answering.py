@@ -269,9 +269,11 @@ class QuestionAnsweringTask(LogitsTask):
             cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
             window = QAWindow(offsets, cls)
             ex.windows.append(window)
+            # No token_type_ids, for any method: peft 0.21's PeftModelForQuestionAnswering drops
+            # them for LoRA, IA3 and AdaLoRA, so a PEFT run would train without segments while
+            # its merged export (plain transformers) used them. The model reads every window
+            # as segment 0, in training, evaluation, serving and export alike.
             feat: dict[str, Any] = {"input_ids": ids}
-            if "token_type_ids" in enc:
-                feat["token_type_ids"] = enc["token_type_ids"][k]
             if ex.answers is not None:  # the first gold answer trains (SQuAD train has one)
                 feat["labels"] = window.target(ex.answers[0] if ex.answers else None)
             feats.append(feat)
