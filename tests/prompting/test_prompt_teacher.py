@@ -57,7 +57,7 @@ def test_prompt_teacher_gives_the_prompt_runs_calibrated_distribution(
     got = teacher.label_distribution(dev)
     assert teacher.labels == ["0", "1"] and got.shape == (16, 2)
     np.testing.assert_allclose(got, expected, atol=1e-5)  # predictions are rounded to 6 places
-    assert "2-shot balanced, calibrated" in teacher.name
+    assert "2-shot balanced, calibrated (contextual)" in teacher.name
 
 
 def test_distil_prompt_teacher_without_gold_labels(
@@ -77,7 +77,7 @@ def test_distil_prompt_teacher_without_gold_labels(
 
 
 def test_prompt_teacher_needs_verbalizer_mode(tiny_llama, sst_files, tmp_path):
-    path = _prompt_yaml(tmp_path, tiny_llama, sst_files, mode="embedding")
+    path = _prompt_yaml(tmp_path, tiny_llama, sst_files, mode="embedding", calibration="none")
     cfg = _distill(tmp_path, "minilm", sst_files, path)
     with pytest.raises(ConfigError, match="'mode'"):
         build_teacher(cfg.options.teacher)
