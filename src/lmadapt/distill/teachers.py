@@ -101,7 +101,7 @@ class PromptTeacher:
         self.labels = self.scorer.labels
         self.num_parameters = count_parameters(load_lm(pcfg.model, pcfg.device)[0])[1]
         shots = f"{pcfg.k}-shot {pcfg.selection}" if pcfg.k else "zero-shot"
-        calibrated = ", calibrated" if pcfg.calibration else ""
+        calibrated = f", calibrated ({pcfg.calibration})" if pcfg.calibration != "none" else ""
         self.name = f"prompt {cfg.config} ({pcfg.model}, {shots}{calibrated})"
 
     def label_distribution(self, examples: list[Any]) -> np.ndarray:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmadapt.errors import ConfigError
+from lmadapt.prompting.calibration import CALIBRATIONS
 from lmadapt.prompting.demos import SELECTORS
 from lmadapt.schema import (
     apply_overrides,
@@ -53,7 +54,9 @@ class PromptConfig:
     """verbalizer (LM label scoring), embedding (encoder cosine zero-shot), generate (open)."""
     model: str = "smollm2-135m-instruct"
     template: Any = "sentiment"
-    """A named template (see `lmadapt prompt --templates`), a YAML path, or an inline mapping."""
+    """A named template (see `lmadapt prompt --templates`), a YAML path, or an inline mapping; a
+    list of them is an ensemble: each template is scored (and calibrated) on its own and the
+    label log-probabilities are averaged (verbalizer mode)."""
     verbalizer: dict[str, Any] | None = None
     """label -> word or list of words; None takes the named template's."""
     label_descriptions: dict[str, Any] | None = None
@@ -63,8 +66,10 @@ class PromptConfig:
     selection: str = "random"
     """random, balanced or knn."""
     seeds: list[int] = field(default_factory=lambda: [0])
-    calibration: bool = False
-    """Also report contextual calibration (Zhao et al. 2021) beside the raw scores."""
+    calibration: bool | str = "none"
+    """Also report calibrated scores beside the raw ones: none, contextual (content-free strings,
+    Zhao et al. 2021) or domain (divide out the mean predicted distribution over the unlabelled
+    evaluation inputs, Fei et al. 2023; no labels are read). true/false mean contextual/none."""
     length_normalize: bool = False
     """Divide each verbalizer's log-prob by its token count."""
     prefix_reuse: bool = True
@@ -98,6 +103,23 @@ class PromptConfig:
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         check_device_name(self.device)
+        if isinstance(self.calibration, bool):  # the boolean spelling from before `domain`
+            self.calibration = "contextual" if self.calibration else "none"
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(
+                "calibration", f"unknown {self.calibration!r}; one of: {', '.join(CALIBRATIONS)}"
+            )
+        if self.calibration == "contextual" and self.mode == "embedding":
+            raise ConfigError("calibration", "contextual needs mode verbalizer; embedding: domain")
+        if not self.templates:
+            raise ConfigError("template", "an ensemble needs at least one template")
+        if len(self.templates) > 1 and self.mode != "verbalizer":
+            raise ConfigError("template", f"an ensemble needs mode verbalizer, not {self.mode!r}")
+
+    @property
+    def templates(self) -> list[Any]:
+        """The template specs: one, or the members of an ensemble."""
+        return self.template if isinstance(self.template, list) else [self.template]
 
     @property
     def stochastic(self) -> bool:

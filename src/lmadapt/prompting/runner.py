@@ -34,7 +34,8 @@ def run_prompt(
             f"- **model**: {cfg.model}",
             f"- **mode**: {cfg.mode}",
             f"- **demonstrations**: k={cfg.k}" + (f", {cfg.selection}" if cfg.k else ""),
-            f"- **template**: {cfg.template if isinstance(cfg.template, str) else 'inline'}",
+            "- **template**: "
+            + ", ".join(t if isinstance(t, str) else "inline" for t in cfg.templates),
             "",
         ]
         lines += [s + "\n" for s in outcome.sections]

@@ -58,8 +58,8 @@ def fields_of(ex: Any) -> dict[str, Any]:
 
 def resolve_verbalizer(cfg: PromptConfig) -> Verbalizer:
     raw = cfg.verbalizer
-    if raw is None and isinstance(cfg.template, str):
-        raw = template_verbalizer(cfg.template)
+    if raw is None and isinstance(cfg.templates[0], str):  # an ensemble shares its first's
+        raw = template_verbalizer(cfg.templates[0])
     if raw is None:
         raise ConfigError("verbalizer", "is required (the template suggests none)")
     return Verbalizer.from_config(raw)

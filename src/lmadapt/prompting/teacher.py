@@ -9,7 +9,7 @@ import numpy as np
 
 from lmadapt.errors import ConfigError
 from lmadapt.prompting.config import PromptConfig
-from lmadapt.prompting.modes.classify import score_seed
+from lmadapt.prompting.modes.classify import score_ensemble
 from lmadapt.prompting.sources import read_labelled_file, resolve_verbalizer
 from lmadapt.prompting.templates import load_template
 
@@ -25,7 +25,7 @@ class LabelScorer:
         if cfg.mode != "verbalizer":
             raise ConfigError("mode", f"must be 'verbalizer' for label scores, not {cfg.mode!r}")
         self.cfg = cfg
-        self.template = load_template(cfg.template)
+        self.templates = [load_template(t) for t in cfg.templates]
         self.verbalizer = resolve_verbalizer(cfg)
         self.labels = self.verbalizer.labels
         self.train = (
@@ -34,7 +34,7 @@ class LabelScorer:
 
     def __call__(self, examples: list[Any]) -> np.ndarray:
         """(N, C) probabilities over `labels`; example labels are not looked at."""
-        s = score_seed(
-            self.cfg, self.template, self.verbalizer, examples, self.train, self.cfg.seeds[0]
+        s = score_ensemble(
+            self.cfg, self.templates, self.verbalizer, examples, self.train, self.cfg.seeds[0]
         )
         return s.calibrated if s.calibrated is not None else s.probs

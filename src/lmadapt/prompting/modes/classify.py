@@ -1,5 +1,6 @@
 """Classification by prompting: verbalizer scoring (LM log-probs of each label's words, with
-KV-prefix reuse and contextual calibration) and embedding similarity; metrics per seed."""
+KV-prefix reuse, contextual or domain calibration, template ensembles) and embedding similarity;
+metrics per seed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from scipy.special import softmax
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.metrics import single_label_metrics
 from lmadapt.evaluate.report import classification_report_markdown
-from lmadapt.prompting.calibration import CONTENT_FREE, calibrate, content_free_prior
+from lmadapt.prompting.calibration import (
+    CONTENT_FREE,
+    calibrate,
+    content_free_prior,
+    domain_prior,
+    log_mean,
+)
 from lmadapt.prompting.config import PromptConfig
 from lmadapt.prompting.modes import MODES, Outcome, mean_sd, plus_minus
 from lmadapt.prompting.scoring import Group, PrefixScorer, without_reuse
@@ -76,7 +83,7 @@ def score_seed(
         if prefix not in groups:
             groups[prefix] = Group(encode(prefix, not renderer.chat), [])
             owners[prefix] = []
-            if cfg.calibration:
+            if cfg.calibration == "contextual":
                 for cf in CONTENT_FREE:
                     _, cf_suffix = renderer.render(
                         demos, {"text": cf, "text_pair": cf if pair else None}
@@ -92,7 +99,7 @@ def score_seed(
     seconds = time.perf_counter() - t0
     scores = conts.label_scores(torch.from_numpy(raw), cfg.length_normalize).numpy()
     probs = np.zeros((len(dev), len(verbalizer.labels)))
-    cal = np.zeros_like(probs) if cfg.calibration else None
+    cal = np.zeros_like(probs) if cfg.calibration == "contextual" else None
     row = 0
     for key in groups:
         own = np.array(owners[key])
@@ -102,7 +109,30 @@ def score_seed(
         probs[own[own >= 0]] = p
         if cal is not None:
             cal[own[own >= 0]] = calibrate(p, content_free_prior(block[own < 0]))
+    if cfg.calibration == "domain":  # one prior over all inputs: a kNN prefix holds one query
+        cal = calibrate(probs, domain_prior(probs))
     return SeedScores(seed, probs, cal, seconds, first_prompt)
+
+
+def score_ensemble(
+    cfg: PromptConfig,
+    templates: list[TemplateConfig],
+    verbalizer: Verbalizer,
+    dev: list[Any],
+    train: list[Any],
+    seed: int,
+) -> SeedScores:
+    """One seed scored under every template, each calibrated on its own (its bias is its own),
+    then combined by the mean of the label log-probabilities."""
+    members = [score_seed(cfg, t, verbalizer, dev, train, seed) for t in templates]
+    if len(members) == 1:
+        return members[0]
+    cal = None
+    if members[0].calibrated is not None:
+        cal = log_mean([m.calibrated for m in members])  # type: ignore[misc]
+    seconds = sum(m.seconds for m in members)
+    prompt = "\n\n---\n\n".join(m.prompt for m in members)
+    return SeedScores(seed, log_mean([m.probs for m in members]), cal, seconds, prompt)
 
 
 def classification_outcome(
@@ -112,7 +142,7 @@ def classification_outcome(
     index = {n: i for i, n in enumerate(labels)}
     gold = np.array([index[ex.label] for ex in dev])
     variants = {"uncalibrated": lambda s: s.probs}
-    if cfg.calibration:
+    if cfg.calibration != "none":
         variants["calibrated"] = lambda s: s.calibrated
     per_seed, rows, evals = [], [], {}
     for s in seeds:
@@ -144,6 +174,8 @@ def classification_outcome(
         "mode": cfg.mode,
         "model": cfg.model,
         "k": cfg.k,
+        "calibration": cfg.calibration,
+        "templates": len(cfg.templates),
         "selection": cfg.selection if cfg.k else None,
         "n_eval": len(dev),
         "seeds": [s.seed for s in seeds],
@@ -185,11 +217,11 @@ def classification_outcome(
 
 @MODES.register("verbalizer", summary="score each label by the LM log-prob of its verbalizer")
 def verbalizer_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
-    template = load_template(cfg.template)
+    templates = [load_template(t) for t in cfg.templates]
     verbalizer = resolve_verbalizer(cfg)
     dev, train = read_labelled(cfg, verbalizer.labels)
     seeds = cfg.seeds if cfg.stochastic else cfg.seeds[:1]
-    results = [score_seed(cfg, template, verbalizer, dev, train, s) for s in seeds]
+    results = [score_ensemble(cfg, templates, verbalizer, dev, train, s) for s in seeds]
     return classification_outcome(cfg, verbalizer.labels, dev, results, out_dir)
 
 
@@ -205,5 +237,7 @@ def embedding_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
     t0 = time.perf_counter()
     sims = zero_shot_scores(embedder, texts, [described.words[n] for n in described.labels])
     seconds = time.perf_counter() - t0
-    scores = SeedScores(cfg.seeds[0], softmax(sims * 100.0, axis=-1), None, seconds, "")
+    probs = softmax(sims * 100.0, axis=-1)
+    cal = calibrate(probs, domain_prior(probs)) if cfg.calibration == "domain" else None
+    scores = SeedScores(cfg.seeds[0], probs, cal, seconds, "")
     return classification_outcome(cfg, described.labels, dev, [scores], out_dir)
