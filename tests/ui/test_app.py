@@ -24,7 +24,9 @@ def _rows(client) -> dict[str, dict]:
 def test_runs_lists_every_entry_with_its_status(client):
     rows = _rows(client)
     assert {
-        i: (r["kind"], r["status"]) for i, r in rows.items() if i not in ("lora-run", "bitfit-run", "chat-run")
+        i: (r["kind"], r["status"])
+        for i, r in rows.items()
+        if i not in ("lora-run", "bitfit-run", "chat-run")
     } == {
         "running": ("run", "running"),
         "interrupted": ("run", "interrupted"),

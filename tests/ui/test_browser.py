@@ -116,14 +116,19 @@ def test_runs_run_compare_and_playground_in_chromium(browser):
     assert (statuses["running"], statuses["bad-yaml"]) == ("running", "bad")
     shot("runs")
     driver.find_element(By.ID, "filter").send_keys("bitfit")
-    assert [tr.get_attribute("data-id") for tr in driver.find_elements(By.CSS_SELECTOR, "#runs tbody tr")] == ["bitfit-run"]
+    assert [
+        tr.get_attribute("data-id")
+        for tr in driver.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+    ] == ["bitfit-run"]
 
     # Run page: Plotly draws the curves (an svg inside the graph div) and the confusion matrix.
     driver.get(url + "/run?id=lora-run")
     wait(driver, "#loss-plot .main-svg")
     wait(driver, "#confusion-0 .main-svg")
     assert "lmadapt run" in driver.find_element(By.ID, "report").text
-    assert driver.find_elements(By.CSS_SELECTOR, "#report img")[0].get_attribute("naturalWidth") != "0"
+    assert (
+        driver.find_elements(By.CSS_SELECTOR, "#report img")[0].get_attribute("naturalWidth") != "0"
+    )
     shot("run")
 
     # Compare: two runs overlaid, side by side, config diff naming the method.
@@ -154,6 +159,7 @@ def test_runs_run_compare_and_playground_in_chromium(browser):
     wait(driver, "#explain-box[hidden]", timeout=60)
     driver.find_element(By.ID, "input").clear()
     driver.find_element(By.ID, "input").send_keys("what is 2 plus 2?")
+    driver.find_element(By.ID, "temperature").send_keys("0.8")  # greedy: the tiny model is mute
     driver.find_element(By.ID, "go").click()
     answer = wait(driver, "#output .answer[data-finish]", timeout=60)
     assert answer.get_attribute("data-finish") in ("stop", "length")

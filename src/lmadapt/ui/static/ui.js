@@ -108,7 +108,7 @@ function lineTraces(series, prefix = "") {
 }
 
 function heatmap(div, title, z, x, y, xtitle, ytitle) {
-  Plotly.newPlot(div, [{ z, x, y, type: "heatmap", colorscale: "Blues", texttemplate: "%{z}", hovertemplate: `${ytitle} %{y}<br>${xtitle} %{x}<br>%{z}<extra></extra>` }],
+  Plotly.newPlot(div, [{ z, x, y, type: "heatmap", colorscale: "Blues", reversescale: true, texttemplate: "%{z}", hovertemplate: `${ytitle} %{y}<br>${xtitle} %{x}<br>%{z}<extra></extra>` }],
     { title: { text: title }, xaxis: { title: { text: xtitle } }, yaxis: { title: { text: ytitle }, autorange: "reversed" }, height: 380 }, PLOT);
 }
 
@@ -218,9 +218,11 @@ function highlight(text, spans, label, color) {
 }
 
 async function streamChat(card, text, out) {
+  const t = $("#temperature").value;
+  const decoding = t === "" ? {} : { temperature: Number(t) };
   const r = await fetch("/serve/v1/chat/completions", {
     method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ model: card.name, messages: [{ role: "user", content: text }], stream: true }),
+    body: JSON.stringify({ model: card.name, messages: [{ role: "user", content: text }], stream: true, ...decoding }),
   });
   if (!r.ok) throw new Error((await r.json().catch(() => ({}))).detail || r.statusText);
   const answer = el("p", { class: "answer" });
@@ -258,6 +260,7 @@ async function playgroundPage() {
     $("#try").hidden = false;
     $("#explain-box").hidden = c.endpoint !== "classify" && c.endpoint !== "ner";
     $("#qa-context-box").hidden = c.endpoint !== "qa";
+    $("#temperature-box").hidden = c.endpoint !== "generate";
     $("#output").replaceChildren();
   }
   $("#load").addEventListener("click", async () => {
