@@ -58,6 +58,24 @@ def _train_chat(root: Path, tiny_llama: str) -> None:
     train(build_run_config(cfg))
 
 
+def _train_ner(root: Path, tiny_bert: str) -> None:
+    """An NER run of the toy names-and-places set (full fine-tuning learns it in seconds)."""
+    from lmadapt.api import train
+    from lmadapt.config import build_run_config
+    from tests.tasks.test_token_classification import ner_sentences, write_conll
+
+    data = write_conll(root.parent / "ner.conll", ner_sentences(48, seed=1))
+    cfg = {
+        "model": tiny_bert,
+        "task": {"type": "token_classification", "max_length": 16, "stride": 4},
+        "method": {"name": "full"},
+        "data": {"train": str(data)},
+        "train": {"epochs": 10, "batch_size": 8, "lr": 2e-3, "precision": "fp32", "threads": 1},
+        "output_dir": str(root / "ner-run"),
+    }
+    train(build_run_config(cfg))
+
+
 def _study(path: Path) -> None:
     """A real Optuna study as `lmadapt hpo` stores it (no training: the values are made up)."""
     import optuna
@@ -90,6 +108,7 @@ def ui_root(tmp_path_factory, tiny_bert, tiny_llama) -> Path:
     _train(root, data, tiny_bert, "lora-run", "lora")
     _train(root, data, tiny_bert, "bitfit-run", "bitfit")
     _train_chat(root, tiny_llama)
+    _train_ner(root, tiny_bert)
 
     for name, age in (("running", 0), ("interrupted", 3600)):
         shutil.copytree(root / "lora-run", root / name, ignore=shutil.ignore_patterns("model"))

@@ -99,9 +99,9 @@ def wait(driver, css: str, timeout: float = 20):
     )
 
 
-def test_runs_run_compare_and_playground_in_chromium(browser):
+def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver, url, shot, shots = browser
 
@@ -115,6 +115,14 @@ def test_runs_run_compare_and_playground_in_chromium(browser):
     assert statuses["lora-run"] == statuses["bitfit-run"] == "finished"
     assert (statuses["running"], statuses["bad-yaml"]) == ("running", "bad")
     shot("runs")
+
+    # A run still training: its row follows the log without a reload.
+    with open(ui_root / "running" / "log.jsonl", "a") as f:
+        f.write('\n{"step": 19, "epoch": 1, "loss": 0.125}\n')
+    live = '#runs tr[data-id="running"] .progress'
+    WebDriverWait(driver, 10).until(
+        lambda d: "step 19" in d.find_element(By.CSS_SELECTOR, live).text
+    )
     driver.find_element(By.ID, "filter").send_keys("bitfit")
     assert [
         tr.get_attribute("data-id")
@@ -153,6 +161,22 @@ def test_runs_run_compare_and_playground_in_chromium(browser):
     assert driver.find_element(By.CSS_SELECTOR, "#output .prediction").text.startswith("label: ")
     shot("playground")
 
+    # An NER run: the entities it finds are highlighted in the text.
+    Select(driver.find_element(By.ID, "run-select")).select_by_value("ner-run")
+    driver.find_element(By.ID, "load").click()
+    wait(driver, "#explain-box:not([hidden])", timeout=60)
+    wait(driver, "#loaded", timeout=60)
+    WebDriverWait(driver, 60).until(lambda d: "ner-run" in d.find_element(By.ID, "loaded").text)
+    driver.find_element(By.ID, "input").clear()
+    driver.find_element(By.ID, "input").send_keys(
+        "Yesterday , Alice Smith flew to New York again ."
+    )
+    driver.find_element(By.ID, "explain").click()  # off: entities only
+    driver.find_element(By.ID, "go").click()
+    wait(driver, "#output .highlighted", timeout=60)
+    assert driver.find_element(By.CSS_SELECTOR, "#output .prediction").text.endswith("entities")
+    shot("ner")
+
     # ... and a chat run answers in a stream of chunks, through the same serving code.
     Select(driver.find_element(By.ID, "run-select")).select_by_value("chat-run")
     driver.find_element(By.ID, "load").click()
@@ -173,5 +197,6 @@ def test_runs_run_compare_and_playground_in_chromium(browser):
         "run.png",
         "compare.png",
         "playground.png",
+        "ner.png",
         "chat.png",
     }

@@ -25,7 +25,8 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmadapt.errors import LmadaptError
 from lmadapt.serve.settings import ServeSettings
@@ -128,6 +129,27 @@ class Playground:
         await app(scope, receive, send)
 
 
+class SecurityHeaders:
+    """CSP and nosniff on every response, as plain ASGI middleware: streamed chat answers pass
+    through untouched (no buffering, and a client leaving still cancels the decoding)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("Content-Security-Policy", CSP)
+                headers["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+
 class LoadRequest(BaseModel):
     id: str
 
@@ -153,12 +175,7 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
     app = FastAPI(title="lmadapt ui", version="1", lifespan=lifespan)
     app.state.root, app.state.playground = root, playground
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
+    app.add_middleware(SecurityHeaders)
 
     def where(entry: str) -> Path:
         try:

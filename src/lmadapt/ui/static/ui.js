@@ -203,14 +203,17 @@ async function comparePage() {
 
 // ---------------------------------------------------------------------- playground
 
-function highlight(text, spans, label, color) {
-  // spans: [{start, end, ...}] sorted; label(span) -> the tooltip, color(span) -> the background
+function highlight(text, spans, label, color, tag) {
+  // spans: [{start, end, ...}]; label(span): the tooltip, color(span): the background,
+  // tag(span): a short name shown after the span (optional)
   const out = el("p", { class: "highlighted" });
   let at = 0;
   for (const s of [...spans].sort((a, b) => a.start - b.start)) {
     if (s.start < at) continue;
     out.append(text.slice(at, s.start));
-    out.append(el("mark", { title: label(s), style: "background:" + color(s) }, text.slice(s.start, s.end)));
+    const mark = el("mark", { title: label(s), style: "background:" + color(s) }, text.slice(s.start, s.end));
+    if (tag) mark.append(el("sub", { text: " " + tag(s) }));
+    out.append(mark);
     at = s.end;
   }
   out.append(text.slice(at));
@@ -286,7 +289,7 @@ async function playgroundPage() {
       } else if (card.endpoint === "ner") {
         const row = (await post("/v1/ner", { texts: [text] })).results[0];
         out.replaceChildren(el("p", { class: "prediction", text: `${row.entities.length} entities` }),
-          highlight(text, row.entities, (e) => `${e.type} ${fmt(e.score)}`, () => "#ffe08a"));
+          highlight(text, row.entities, (e) => `${e.type} ${fmt(e.score)}`, () => "#ffe08a", (e) => e.type));
       } else if (card.endpoint === "qa") {
         const row = (await post("/v1/qa", { items: [{ question: text, context: $("#qa-context").value }] })).results[0];
         out.replaceChildren(el("pre", { class: "prediction", text: JSON.stringify(row, null, 2) }));
