@@ -27,7 +27,7 @@ function fmt(v) {
   if (v === null || v === undefined) return "";
   if (typeof v === "number") {
     if (Number.isInteger(v)) return v.toLocaleString("en");
-    return Math.abs(v) >= 100 ? v.toFixed(1) : v.toPrecision(4);
+    return Math.abs(v) >= 100 ? v.toFixed(1) : String(parseFloat(v.toPrecision(4)));
   }
   return String(v);
 }
