@@ -74,6 +74,7 @@ def test_progress_of_a_running_run_reads_the_log_tail(client):
     assert row["status"] == "running"
     assert (row["progress"]["step"], row["progress"]["loss"]) == (17, 0.25)  # half line skipped
     assert row["progress"]["epochs"] == 2
+    assert "best" not in row and row["metric"] == "accuracy" and isinstance(row["latest"], float)
 
 
 @pytest.mark.parametrize(

@@ -211,13 +211,9 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 
 def _run_summary(path: Path, row: dict[str, Any]) -> None:
-    cfg = (
-        _mapping(read_yaml(path / "config.yaml"), "config.yaml")
-        if (path / "config.yaml").is_file()
-        else None
-    )
-    if cfg is None:
+    if not (path / "config.yaml").is_file():
         raise ValueError("no config.yaml: not a run directory, or one still being created")
+    cfg = _mapping(read_yaml(path / "config.yaml"), "config.yaml")
     task, method, train = (cfg.get(k) or {} for k in ("task", "method", "train"))
     row |= {
         "task": task.get("type"),
@@ -244,9 +240,9 @@ def _run_summary(path: Path, row: dict[str, Any]) -> None:
     row["status"] = "running" if recent else "interrupted"
     if not recent:
         row["hint"] = f"lmadapt train --resume {path}"
-    if log.is_file():
+    if log.is_file():  # an unfinished run has no best yet: its latest dev score stands in
         row["progress"] = progress(path, cfg)
-        row["best"] = row["progress"].get("dev")
+        row["latest"] = row["progress"].get("dev")
         row["metric"] = row["progress"].get("metric")
 
 
@@ -291,7 +287,7 @@ def _hpo_summary(path: Path, row: dict[str, Any]) -> None:
     trials = hpo_trials(path)
     done = [t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None]
     row["trials"] = len(trials)
-    if done and trials:
+    if done:
         row["metric"] = trials[0]["metric"]
         best = max if trials[0]["direction"] == "maximize" else min
         row["best"] = best(t["value"] for t in done)

@@ -68,7 +68,8 @@ function runsPage() {
     body.replaceChildren(...shown.map((r) => {
       const box = el("input", { type: "checkbox", onchange: (e) => { e.target.checked ? selected.add(r.id) : selected.delete(r.id); update(); } });
       box.checked = selected.has(r.id);
-      const best = r.best === undefined || r.best === null ? "" : `${fmt(r.best)} ${r.metric || ""}`;
+      const score = r.best ?? r.latest;
+      const best = score === undefined || score === null ? "" : `${fmt(score)} ${r.metric || ""}${r.best == null ? " (latest)" : ""}`;
       return el("tr", { "data-id": r.id, "data-status": r.status || "bad" },
         el("td", {}, box), el("td", {}, runLink(r.id)), el("td", { text: r.kind }),
         el("td", { text: fmt(r.task) }), el("td", { text: fmt(r.method) }), el("td", { class: "model", text: fmt(r.model) }),
@@ -132,7 +133,7 @@ async function runPage() {
   const d = await getJSON("/api/run?id=" + encodeURIComponent(id)).catch((e) => ({ summary: { problems: [e.message] } }));
   const s = d.summary;
   const facts = [["kind", s.kind], ["status", s.status], ["task", s.task], ["method", s.method], ["model", s.model],
-    ["best dev " + (s.metric || ""), s.best], ["trainable params", s.trainable_params], ["total params", s.total_params],
+    ["best dev " + (s.metric || ""), s.best], ["latest dev " + (s.metric || ""), s.latest], ["trainable params", s.trainable_params], ["total params", s.total_params],
     ["wall seconds", s.wall_seconds], ["samples/s", s.samples_per_second], ["resume with", s.hint]].filter(([, v]) => v !== undefined && v !== null);
   $("#summary").replaceChildren(el("dl", {}, ...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: fmt(v) })])));
   $("#problems").replaceChildren(...(s.problems || []).map((p) => el("li", { text: p })));
