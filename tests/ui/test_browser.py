@@ -139,6 +139,15 @@ def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
     )
     shot("run")
 
+    # A continual stream's accuracy matrix and an hpo study's trials, drawn as well.
+    driver.get(url + "/run?id=stream")
+    wait(driver, "#continual-plot .main-svg")
+    shot("continual")
+    driver.get(url + "/run?id=search_hpo")
+    wait(driver, "#trials-plot .main-svg")
+    assert "COMPLETE" in driver.find_element(By.ID, "trials").text
+    shot("hpo")
+
     # Compare: two runs overlaid, side by side, config diff naming the method.
     driver.get(url + "/compare?id=lora-run&id=bitfit-run")
     wait(driver, "#overlay-loss .main-svg")
@@ -195,6 +204,8 @@ def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
     assert {p.name for p in shots.iterdir()} == {
         "runs.png",
         "run.png",
+        "continual.png",
+        "hpo.png",
         "compare.png",
         "playground.png",
         "ner.png",

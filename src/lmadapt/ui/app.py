@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 from xml.etree.ElementTree import Element
 
 import markdown
@@ -62,8 +63,6 @@ class _RunLinks(markdown.treeprocessors.Treeprocessor):
         self.entry = entry
 
     def run(self, root: Element) -> None:
-        from urllib.parse import urlencode
-
         for img in root.iter("img"):
             src = img.get("src", "")
             if "://" in src or src.startswith(("/", "data:")):

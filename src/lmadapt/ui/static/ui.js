@@ -120,7 +120,7 @@ function table(head, rows) {
 
 function drawCurves(d) {
   const c = d.curves;
-  if (!c) { $("#curves").replaceChildren(el("p", { class: "small", text: "no log.jsonl in this run" })); return; }
+  if (!c) { $("#curves-section").hidden = true; return; }  // hpo, continual: no log of their own
   const loss = lineTraces({ "train loss": c.train.loss || [[], []] });
   if (c.dev.loss) loss.push(...lineTraces({ "dev loss": c.dev.loss }));
   Plotly.react("loss-plot", loss, { title: { text: "loss" }, xaxis: { title: { text: "step" } }, height: 340 }, PLOT);
