@@ -35,7 +35,7 @@ demo: setup
 # those tests are skipped, never failed.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q && apt-get install -y -q chromium chromium-driver; } >/dev/null 2>&1 || \
 	    echo "no chromium: browser tests will be skipped"
 
 test: setup browser
