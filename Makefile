@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.lmadapt-installed
 LOCKED  := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
            --find-links /opt/wheels -c constraints.txt --no-emit-package torch --no-header
 
-.PHONY: setup demo test bench style lock
+.PHONY: setup demo test bench style lock browser
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
@@ -31,7 +31,14 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/lmadapt train configs/demo.yaml output_dir=runs/demo overwrite=true
 	HF_HUB_OFFLINE=1 $(BIN)/lmadapt predict runs/demo "The soundtrack was wonderful." "I thought the ending was painfully slow."
 
-test: setup
+# Chromium for the dashboard's browser tests (tests/ui), where apt can install it; without it
+# those tests are skipped, never failed.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	    { apt-get update -q && apt-get install -y -q chromium chromium-driver; } >/dev/null 2>&1 || \
+	    echo "no chromium: browser tests will be skipped"
+
+test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: setup

@@ -37,6 +37,7 @@ _HOME = {
     "run_prompt": "lmadapt.prompting",
     "robustness": "lmadapt.api",
     "explain": "lmadapt.api",
+    "ui": "lmadapt.ui",
 }
 __all__ = sorted(_HOME)
 

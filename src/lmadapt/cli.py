@@ -607,5 +607,34 @@ def _explain(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+@command(
+    "ui",
+    "web dashboard of the runs under a directory: curves, reports, compare, playground",
+    api="ui",
+)
+def _ui(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs_root", nargs="?", default="runs", metavar="RUNS_ROOT")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--allow-no-auth",
+        action="store_true",
+        help="bind a non-loopback --host although the dashboard has no authentication",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _device_arg(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.serve.settings import ServeSettings
+        from lmadapt.ui import ui
+
+        settings = ServeSettings(
+            host=a.host, port=a.port, allow_no_auth=a.allow_no_auth, device=a.device
+        )
+        ui(a.runs_root, settings, a.log_level)
+
+    p.set_defaults(run=run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

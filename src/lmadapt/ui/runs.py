@@ -1,0 +1,382 @@
+"""What the dashboard knows about a directory of runs: found by walking it, read from the files
+each command writes, never trusted.
+
+Every entry is named by its path relative to the runs root, and every name that comes back from
+a browser is turned into a directory by `locate`, which resolves it (symlinks included) and
+refuses anything outside the root. Files are parsed defensively: a run being written, a foreign
+directory or an unparsable json/yaml becomes an entry with `status: "bad"` and the problem, never
+an exception that takes the page down.
+
+A training run holds no lock, so "running" is inferred: no metrics.json (written last) and a
+log.jsonl changed within `RUNNING_WINDOW_S`; older unfinished runs are "interrupted".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmadapt.rundir import MARKER
+
+RUNNING_WINDOW_S = 120.0
+"""An unfinished run whose log changed this recently counts as running (evaluations on a
+large dev set can leave the log quiet for a minute)."""
+MAX_DEPTH = 6
+"""How deep under the root runs are looked for (hpo trials sit at study/trials/N)."""
+TAIL_BYTES = 16 * 1024
+"""How much of log.jsonl the runs table reads: enough for the latest loss and evaluation."""
+IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+}
+"""Files a run page may show; nothing else in a run directory is served (no SVG: it can hold
+scripts)."""
+RUN_FILES = ("config.yaml", "run.json", "metrics.json", "log.jsonl")
+
+
+class OutsideRoot(ValueError):
+    """A path from a request that does not name a directory under the runs root."""
+
+
+def locate(root: Path, rel: str) -> Path:
+    """The directory `rel` names under `root`, resolved; OutsideRoot for `..`, absolute paths,
+    symlinks leading out, or anything that is not a directory."""
+    base = root.resolve()
+    if "\x00" in rel:
+        raise OutsideRoot(rel)
+    path = (base / rel).resolve()
+    if path != base and base not in path.parents:
+        raise OutsideRoot(rel)
+    if not path.is_dir():
+        raise OutsideRoot(rel)
+    return path
+
+
+def locate_file(root: Path, rel: str, name: str) -> Path:
+    """A file `name` inside entry `rel`, resolved and still inside it, of a type in IMAGE_TYPES."""
+    entry = locate(root, rel)
+    path = (entry / name).resolve()
+    if entry not in path.parents or path.suffix.lower() not in IMAGE_TYPES or not path.is_file():
+        raise OutsideRoot(name)
+    return path
+
+
+# ---------------------------------------------------------------------- reading files
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader where PyYAML has it: the runs table parses every config.yaml, and the
+pure-Python parser took 4 times as long (8 ms a config here)."""
+
+
+def read_yaml(path: Path) -> Any:
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)  # noqa: S506 (safe)
+
+
+def records(path: Path, tail: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """log.jsonl records (only the last `tail` bytes when given) and how many lines were not
+    records (a line being written, foreign text)."""
+    with open(path, "rb") as f:
+        if tail is not None:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail))
+        data = f.read()
+    lines = data.split(b"\n")
+    if tail is not None and len(data) >= tail:
+        lines = lines[1:]  # the first line read is cut
+    out, bad = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad += 1
+    return out, bad
+
+
+def kind_of(path: Path, files: set[str]) -> str | None:
+    """What wrote this directory: its marker names the command; without one, its files tell."""
+    if MARKER in files:
+        try:
+            command = read_json(path / MARKER).get("lmadapt")
+        except (OSError, ValueError, AttributeError):
+            command = None
+        if command == "continual" or "continual.json" in files:
+            return "continual"
+        return "run"
+    if "study.db" in files:
+        return "hpo"
+    if "compare.json" in files:
+        return "compare"
+    if "continual.json" in files:
+        return "continual"
+    if files & set(RUN_FILES):
+        return "run"
+    return None
+
+
+DESCEND = {"hpo": {"trials"}, "compare": None, "run": set(), "continual": set()}
+"""Which subdirectories of an entry may hold further entries (None: all of them)."""
+
+
+def scan(root: Path) -> list[dict[str, Any]]:
+    """Every entry under `root` (not following symlinks), sorted by path."""
+    base = root.resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        here = Path(dirpath)
+        depth = len(here.relative_to(base).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kind = kind_of(here, set(filenames))
+        if kind is not None:
+            found.append(summary(base, here, kind))
+            allowed = DESCEND[kind]
+            if allowed is not None:
+                dirnames[:] = [d for d in dirnames if d in allowed]
+        if depth >= MAX_DEPTH:
+            dirnames[:] = []
+    return found
+
+
+def entry_id(base: Path, path: Path) -> str:
+    return path.relative_to(base).as_posix() if path != base else "."
+
+
+# ---------------------------------------------------------------------- one entry
+
+
+WATCHED = (*RUN_FILES, MARKER, "continual.json", "study.db", "compare.json", "report.md")
+"""The files a row is read from: while none of them changes, the row is the one read before."""
+_rows: dict[tuple[Path, str], tuple[tuple, dict[str, Any]]] = {}
+
+
+def forget() -> None:
+    """Drop the kept rows, so that the next scan reads every file (bench/ui_load.py: cold)."""
+    _rows.clear()
+
+
+def _stamp(path: Path) -> tuple:
+    out = []
+    for name in WATCHED:
+        try:
+            st = (path / name).stat()
+        except OSError:
+            continue
+        out.append((name, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def summary(base: Path, path: Path, kind: str) -> dict[str, Any]:
+    """One row of the runs table; a problem reading it gives status "bad" and the reason. Rows
+    are kept while their files are unchanged (a running one is always read again: it turns
+    "interrupted" by the clock alone)."""
+    stamp = _stamp(path)
+    kept = _rows.get((path, kind))
+    if kept is not None and kept[0] == stamp:
+        return {**kept[1], "id": entry_id(base, path), "problems": list(kept[1]["problems"])}
+    row: dict[str, Any] = {"id": entry_id(base, path), "kind": kind, "problems": []}
+    try:
+        {"run": _run_summary, "continual": _continual_summary, "hpo": _hpo_summary}.get(
+            kind, _compare_summary
+        )(path, row)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as e:
+        row["status"] = "bad"
+        row["problems"].append(f"{type(e).__name__}: {e}")
+    if row["status"] != "running":
+        _rows[(path, kind)] = (stamp, {**row, "problems": list(row["problems"])})
+    return row
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not a mapping")
+    return value
+
+
+def _run_summary(path: Path, row: dict[str, Any]) -> None:
+    if not (path / "config.yaml").is_file():
+        raise ValueError("no config.yaml: not a run directory, or one still being created")
+    cfg = _mapping(read_yaml(path / "config.yaml"), "config.yaml")
+    task, method, train = (cfg.get(k) or {} for k in ("task", "method", "train"))
+    row |= {
+        "task": task.get("type"),
+        "method": method.get("name"),
+        "model": cfg.get("model"),
+        "metric": train.get("metric"),
+    }
+    metrics_path, log = path / "metrics.json", path / "log.jsonl"
+    if metrics_path.is_file():
+        m = _mapping(read_json(metrics_path), "metrics.json")
+        dev = m.get("dev") or {}
+        metric = row["metric"] or next(iter(dev), None)
+        row |= {
+            "status": "finished",
+            "metric": metric,
+            "best": dev.get(metric) if metric else None,
+            "trainable_params": m.get("trainable_params"),
+            "total_params": m.get("total_params"),
+            "wall_seconds": m.get("wall_seconds"),
+            "samples_per_second": m.get("samples_per_second"),
+        }
+        return
+    recent = log.is_file() and time.time() - log.stat().st_mtime < RUNNING_WINDOW_S
+    row["status"] = "running" if recent else "interrupted"
+    if not recent:
+        row["hint"] = f"lmadapt train --resume {path}"
+    if log.is_file():  # an unfinished run has no best yet: its latest dev score stands in
+        row["progress"] = progress(path, cfg)
+        row["latest"] = row["progress"].get("dev")
+        row["metric"] = row["progress"].get("metric")
+
+
+def progress(path: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where a run is: its latest step, epoch, train loss and dev metric (from the log's tail),
+    against the configured length."""
+    recs, _ = records(path / "log.jsonl", TAIL_BYTES)
+    if cfg is None:
+        cfg = _mapping(read_yaml(path / "config.yaml"), "config.yaml")
+    train = cfg.get("train") or {}
+    out: dict[str, Any] = {"epochs": train.get("epochs"), "max_steps": train.get("max_steps")}
+    for rec in recs:
+        out["step"], out["epoch"] = rec.get("step"), rec.get("epoch")
+        if "loss" in rec:
+            out["loss"] = rec["loss"]
+        if isinstance(rec.get("dev"), dict) and rec["dev"]:
+            metric = train.get("metric") or next(iter(rec["dev"]))
+            out["metric"], out["dev"] = metric, rec["dev"].get(metric)
+    return out
+
+
+def _continual_summary(path: Path, row: dict[str, Any]) -> None:
+    cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    cfg = _mapping(cfg or {}, "config.yaml")
+    row |= {"task": "continual", "model": cfg.get("model")}
+    if not (path / "continual.json").is_file():
+        row["status"] = "interrupted"
+        return
+    s = _mapping(read_json(path / "continual.json"), "continual.json")
+    row |= {
+        "status": "finished",
+        "method": s.get("strategy"),
+        "model": s.get("model"),
+        "metric": "average_accuracy",
+        "best": s.get("average_accuracy"),
+        "wall_seconds": s.get("wall_seconds"),
+    }
+
+
+def _hpo_summary(path: Path, row: dict[str, Any]) -> None:
+    row |= {"task": "hpo", "status": "finished" if (path / "report.md").is_file() else "running"}
+    trials = hpo_trials(path)
+    done = [t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None]
+    row["trials"] = len(trials)
+    if done:
+        row["metric"] = trials[0]["metric"]
+        best = max if trials[0]["direction"] == "maximize" else min
+        row["best"] = best(t["value"] for t in done)
+
+
+def _compare_summary(path: Path, row: dict[str, Any]) -> None:
+    c = _mapping(read_json(path / "compare.json"), "compare.json")
+    row |= {"task": "compare", "status": "finished", "metric": c.get("metric")}
+
+
+def hpo_trials(path: Path) -> list[dict[str, Any]]:
+    """Every trial of the Optuna study in `path`/study.db: number, state, value, parameters and
+    the dev metric at each evaluation (read with optuna, the library that wrote it)."""
+    import optuna
+
+    from lmadapt.hpo import STUDY_NAME
+
+    # A read-only URI, so that looking never writes (optuna would create missing tables).
+    uri = f"sqlite:///file:{(path / 'study.db').resolve()}?mode=ro&uri=true"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=uri)
+    objective = (study.user_attrs.get("fingerprint") or {}).get("objective", "")
+    metric = objective.partition(" dev ")[2] or "objective"  # hpo writes "maximize dev accuracy"
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "intermediate": sorted(t.intermediate_values.items()),
+            "metric": metric,
+            "direction": study.direction.name.lower(),
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
+def curves(path: Path) -> dict[str, Any]:
+    """Series for the interactive plots: train loss and learning rate by step, each dev metric
+    by step, and how many log lines could not be read."""
+    recs, bad = records(path / "log.jsonl")
+    out: dict[str, Any] = {"train": {}, "dev": {}, "unreadable_lines": bad}
+    for rec in recs:
+        step = rec.get("step")
+        for key in ("loss", "lr"):
+            if isinstance(rec.get(key), int | float):
+                out["train"].setdefault(key, ([], []))
+                out["train"][key][0].append(step)
+                out["train"][key][1].append(rec[key])
+        if isinstance(rec.get("dev"), dict):
+            for key, value in rec["dev"].items():
+                if isinstance(value, int | float):
+                    out["dev"].setdefault(key, ([], []))
+                    out["dev"][key][0].append(step)
+                    out["dev"][key][1].append(value)
+    return out
+
+
+def confusion_matrices(report: str) -> list[dict[str, Any]]:
+    """The confusion matrices in a report.md, as evaluate.report writes them (a markdown table
+    under "### Confusion matrix", in a "## " section naming the split). Read back from the
+    report because it is the only file of a run that holds them as numbers."""
+    out = []
+    section = ""
+    lines = report.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            section = line[3:].strip()
+        if not line.startswith("### Confusion matrix"):
+            continue
+        table = []
+        for row in lines[i + 1 :]:
+            if row.startswith("|"):
+                table.append([c.strip().strip("*") for c in row.strip().strip("|").split("|")])
+            elif table:
+                break
+        if len(table) < 3:
+            continue
+        labels = table[0][1:]
+        try:
+            matrix = [[int(c) for c in r[1:]] for r in table[2:]]
+        except ValueError:
+            continue
+        out.append(
+            {
+                "title": section,
+                "labels": labels,
+                "gold": [r[0] for r in table[2:]],
+                "matrix": matrix,
+            }
+        )
+    return out
