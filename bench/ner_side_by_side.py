@@ -70,6 +70,7 @@ def write_sample(n: int, out: Path) -> Path:
 
 
 def run_lmadapt(train: Path, epochs: int, opts: dict, out: Path) -> dict:
+    """One lmadapt run, or the finished one already in `out` (same settings) read back."""
     overrides = [
         "task.type=token_classification",
         "task.scheme=iob2",
@@ -83,15 +84,15 @@ def run_lmadapt(train: Path, epochs: int, opts: dict, out: Path) -> dict:
         f"output_dir={out}",
         "overwrite=true",
     ] + [f"train.{k}={v}" for k, v in opts.items()]
-    base = out.parent / "base.yaml"
-    base.write_text("model: minilm\n")
-    cmd = [sys.executable, "-m", "lmadapt", "train", str(base), *overrides]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env())
-    wall = time.perf_counter() - start
+    if not (out / "metrics.json").is_file():
+        base = out.parent / "base.yaml"
+        base.write_text("model: minilm\n")
+        cmd = [sys.executable, "-m", "lmadapt", "train", str(base), *overrides]
+        subprocess.run(cmd, check=True, cwd=ROOT, env=_env())
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     f1 = [r["dev"]["f1"] for r in log if "dev" in r]
-    return {"dev_f1_by_epoch": f1, "wall_seconds": round(wall, 1), "overrides": overrides[4:]}
+    wall = json.loads((out / "metrics.json").read_text())["wall_seconds"]
+    return {"dev_f1_by_epoch": f1, "wall_seconds": round(wall, 1), "overrides": overrides[3:]}
 
 
 def run_peer(train: Path, epochs: int, out: Path) -> dict:
@@ -114,8 +115,9 @@ def markdown(results: dict, epochs: int) -> str:
     head = "| run | " + " | ".join(f"dev F1 epoch {e + 1}" for e in range(epochs))
     lines = [head + " | wall s |", "|---" * (epochs + 2) + "|"]
     for name, r in results["runs"].items():
-        f1 = " | ".join(f"{v:.3f}" for v in r["dev_f1_by_epoch"])
-        lines.append(f"| {name} | {f1} | {r['wall_seconds']} |")
+        f1 = [f"{v:.3f}" for v in r["dev_f1_by_epoch"]]
+        f1 += ["(stopped)"] * (epochs - len(f1))
+        lines.append(f"| {name} | {' | '.join(f1)} | {r.get('wall_seconds', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,22 +131,26 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train = write_sample(args.train_sentences, work)
-    results = {"machine": machine_info(), "train_sentences": args.train_sentences, "runs": {}}
+    out_json = RESULTS / "ner_side_by_side.json"
+    # runs already measured are kept, so some can be re-run (or added) alone with --only
+    results = json.loads(out_json.read_text()) if out_json.exists() else {"runs": {}}
+    results.update(machine=machine_info(), train_sentences=args.train_sentences)
     names = ["peer"] + list(VARIANTS)
-    for name in names:
-        if args.only and name not in args.only:
-            continue
+    for name in args.only or names:
         out = work / f"run_{names.index(name)}"
         if name == "peer":
             r = run_peer(train, args.epochs, out)
             name = "HF Trainer (peer)"
         else:
             r = run_lmadapt(train, args.epochs, VARIANTS[name], out)
-        results["runs"][name] = r
         print(name, r["dev_f1_by_epoch"], r["wall_seconds"], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ner_side_by_side.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "ner_side_by_side.md").write_text(markdown(results, args.epochs))
+        RESULTS.mkdir(exist_ok=True)
+        # re-read before writing: another invocation may have added runs meanwhile
+        if out_json.exists():
+            results["runs"] = json.loads(out_json.read_text())["runs"]
+        results["runs"][name] = r
+        out_json.write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / "ner_side_by_side.md").write_text(markdown(results, args.epochs))
 
 
 if __name__ == "__main__":
