@@ -1,0 +1,55 @@
+"""Examples read again from their file each time they are iterated, instead of held in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from lmadapt.data.validation import BadRows
+from lmadapt.errors import LmadaptError
+
+
+class Reread:
+    """A re-iterable of examples that holds none: each iteration reads the file again.
+
+    `read(bad)` yields the examples, recording bad rows in `bad`. The first iteration records
+    into the collector given here (the caller's policy) and counts the examples; later ones
+    into one of their own that nobody reads, since the first pass reported them already. With
+    `limit`, iterations yield the first `limit` examples, the first still reading the whole
+    file so that every bad row is found."""
+
+    def __init__(
+        self,
+        read: Callable[[BadRows], Iterable[Any]],
+        bad: BadRows,
+        count: int | None = None,
+        limit: int | None = None,
+    ):
+        self.read, self.bad, self.count, self.limit = read, bad, count, limit
+
+    def __iter__(self) -> Iterator[Any]:
+        first = self.count is None
+        into = self.bad if first else BadRows(self.bad.file, "skip")
+        n = 0
+        for example in self.read(into):
+            if self.limit is None or n < self.limit:
+                n += 1
+                yield example
+            elif not first:
+                return
+        if first:
+            self.count = n
+
+    def __len__(self) -> int:
+        if self.count is None:
+            raise LmadaptError(f"{self.bad.file}: examples counted before the file was read")
+        return self.count
+
+
+def limited(examples: Iterable[Any], n: int | None) -> Iterable[Any]:
+    """The first `n` examples (all with None): a list's slice, or a `Reread` that stops there."""
+    if n is None:
+        return examples
+    if isinstance(examples, Reread):
+        return Reread(examples.read, examples.bad, None, n)
+    return list(examples)[:n]
