@@ -106,6 +106,7 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
     else:  # what the build learned: the task's fitted state and the rows it skipped
         task = build_task(config.task, store.manifest["task_state"])
         bad["train"].rows = [BadRow(**r) for r in store.manifest["bad_rows"]]
+        bad["train"].total = store.manifest["rows"]
         train = Reread(
             lambda into: limited(task.stream(d.train, d.format, into), d.max_train_samples),
             bad["train"],
@@ -121,11 +122,15 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
         dev, test = dev[: d.max_eval_samples], test[: d.max_eval_samples]
     check_model_suits(task, spec)
     if store is None:
-        skipped = [dataclasses.asdict(r) for r in bad["train"].rows]
+        kept = {
+            "task_state": task.state(),
+            "bad_rows": [dataclasses.asdict(r) for r in bad["train"].rows],
+            "rows": bad["train"].total,
+        }
         store = cache.build(
             key,
             cache.encoded(train, lambda rows: task.encode(rows, tokenizer), num_proc=d.num_proc),
-            lambda: {"task_state": task.state(), "bad_rows": skipped, "examples": len(train)},
+            lambda: {**kept, "examples": len(train)},
         )
     features = {
         "train": store,
