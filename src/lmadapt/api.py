@@ -17,7 +17,7 @@ import torch
 from lmadapt.config import RunConfig, build_run_config, load_config
 from lmadapt.data import cache
 from lmadapt.data.batching import feature_lengths
-from lmadapt.data.streams import Reread, limited
+from lmadapt.data.streams import Reread, limited, read_through
 from lmadapt.data.validation import BadRow, BadRows
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import (
@@ -99,8 +99,9 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
         train = limited(task.stream(d.train, d.format, bad["train"]), d.max_train_samples)
         try:
             task.fit(train)  # the first pass over a streamed file: every row is checked
-        except DataError:
-            bad["train"].finish()  # the file's bad rows, if any, before what fit found
+            read_through(train)  # in case fit did not need every row
+        except Exception:  # what fit made of the rows left: the file's bad rows come first
+            bad["train"].finish()
             raise
         bad["train"].finish()  # a refused file is never encoded
     else:  # what the build learned: the task's fitted state and the rows it skipped

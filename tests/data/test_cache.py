@@ -197,3 +197,15 @@ def test_table_errors_name_file_row_and_field(tmp_path, run_config, fmt):
     task = build_task(parse_section(TASKS, "type", "classification", "task"))
     with pytest.raises(DataError, match="line 5, field 'text'"):
         task.read(str(path))
+
+
+def test_bad_rows_are_refused_when_fit_reads_no_example(tmp_path, run_config, builds):
+    """A regression task's fit learns nothing from the rows; the file is still checked whole."""
+    rows = [(t, str(i / 10)) for i, (t, _) in enumerate(sentiment_rows(20))]
+    rows[6] = (rows[6][0], "high")
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{v}\n" for t, v in rows), encoding="utf-8")
+    over = {"task": {"type": "classification", "problem": "regression"}}
+    with pytest.raises(DataError, match="line 8, field 'label': expected a number"):
+        prepare(build_run_config(run_config(data={"train": str(path)}, **over)))
+    assert builds == []

@@ -29,6 +29,13 @@ class Batches(Sequence):
         k = self.sequence[i]
         return self.order[self.starts[k] : self.starts[k + 1]].tolist()
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  (mutable arrays inside)
+
 
 def _order(n: int, rng: np.random.Generator) -> np.ndarray:
     order = np.arange(n, dtype=np.int32)

@@ -12,11 +12,12 @@ from lmadapt.errors import LmadaptError
 class Reread:
     """A re-iterable of examples that holds none: each iteration reads the file again.
 
-    `read(bad)` yields the examples, recording bad rows in `bad`. The first iteration records
-    into the collector given here (the caller's policy) and counts the examples; later ones
-    into one of their own that nobody reads, since the first pass reported them already. With
-    `limit`, iterations yield the first `limit` examples, the first still reading the whole
-    file so that every bad row is found."""
+    `read(bad)` yields the examples, recording bad rows in `bad`. The first iteration that
+    reads the file through counts the examples and hands its bad rows (and rows read) to the
+    collector given here, the caller's policy; the other iterations record into collectors
+    nobody reads, since that pass reported them. With `limit`, iterations yield the first
+    `limit` examples, the first full pass still reading the whole file so that every bad row is
+    found."""
 
     def __init__(
         self,
@@ -29,7 +30,7 @@ class Reread:
 
     def __iter__(self) -> Iterator[Any]:
         first = self.count is None
-        into = self.bad if first else BadRows(self.bad.file, "skip")
+        into = BadRows(self.bad.file, "skip")
         n = 0
         for example in self.read(into):
             if self.limit is None or n < self.limit:
@@ -37,13 +38,23 @@ class Reread:
                 yield example
             elif not first:
                 return
-        if first:
+        if first and self.count is None:  # read through: this pass reports the file
             self.count = n
+            self.bad.rows += into.rows
+            self.bad.total += into.total
 
     def __len__(self) -> int:
         if self.count is None:
             raise LmadaptError(f"{self.bad.file}: examples counted before the file was read")
         return self.count
+
+
+def read_through(examples: Iterable[Any]) -> None:
+    """Make sure a `Reread` has had its first full pass (bad rows recorded, examples counted)
+    even when what iterated it (e.g. a task's fit) did not need every example."""
+    if isinstance(examples, Reread) and examples.count is None:
+        for _ in examples:
+            pass
 
 
 def limited(examples: Iterable[Any], n: int | None) -> Iterable[Any]:
