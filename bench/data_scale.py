@@ -10,7 +10,8 @@ processes, one after the other: cold (empty cache) and warm (the cache the cold 
 run is LoRA (r=8, alpha=16) on MiniLM, batch 32, 20 optimizer steps, no dev set, and reports:
 
 - prepare_s: reading, validating and tokenizing the file into the cache (cold), or finding and
-  checking the cache (warm): lmadapt's `prepare`, the peer's `load_dataset` + `map`;
+  checking the cache (warm): lmadapt's `prepare`, the peer's `load_dataset` + `map` (the
+  tokenizer's first load is outside it on both sides);
 - first_step_s: from the process's launch to the end of optimizer step 1 (imports and model
   load included, the same for both sides);
 - peak_rss_mb: the process's peak RSS (ru_maxrss) at step 20, the cold build included;
@@ -99,7 +100,10 @@ def child_lmadapt(file: Path, probe: Probe) -> None:
     import lmadapt.api as api
     from lmadapt.config import build_run_config
     from lmadapt.hooks import Hook
+    from lmadapt.models import load_tokenizer, resolve_model
 
+    # the tokenizer's first load (and the imports behind it) outside prepare_s, as the peer's
+    load_tokenizer(resolve_model("minilm"))
     real = api.prepare
 
     def timed(*args, **kwargs):

@@ -306,6 +306,21 @@ def _place(tmp: Path, final: Path) -> None:
             raise
 
 
+def features_once(
+    parts: list[Any],
+    examples: Iterable[Any],
+    encode: Callable[[list[Any]], list[dict[str, Any]]],
+    num_proc: int = 1,
+) -> FeatureStore:
+    """The store keyed by `parts` (`cache_key`), built from `encode` of `examples` only when
+    there is none: for callers that hold their examples already (continual learning)."""
+    key = cache_key(*parts)
+    store = load(key)
+    if store is None:
+        store = build(key, encoded(examples, encode, num_proc=num_proc), dict)
+    return store
+
+
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     for item in items:
