@@ -209,3 +209,20 @@ def test_bad_rows_are_refused_when_fit_reads_no_example(tmp_path, run_config, bu
     with pytest.raises(DataError, match="line 8, field 'label': expected a number"):
         prepare(build_run_config(run_config(data={"train": str(path)}, **over)))
     assert builds == []
+
+
+def test_batches_are_those_of_python_lists():
+    """The int32 batching draws exactly the permutations random.Random gave on Python lists,
+    so training runs see the same batches as before the cache."""
+    import random
+
+    lengths = [random.Random(0).randint(1, 30) for _ in range(203)]
+    rng = random.Random(3)
+    order = list(range(203))
+    rng.shuffle(order)
+    expected = []
+    for start in range(0, 203, 32):
+        chunk = sorted(order[start : start + 32], key=lambda i: -lengths[i])
+        expected += [chunk[i : i + 8] for i in range(0, len(chunk), 8)]
+    rng.shuffle(expected)
+    assert list(length_grouped_batches(lengths, 8, seed=3, bucket_batches=4)) == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,10 +39,12 @@ class Batches(Sequence):
     __hash__ = None  # type: ignore[assignment]  (mutable arrays inside)
 
 
-def _order(n: int, rng: np.random.Generator) -> np.ndarray:
-    order = np.arange(n, dtype=np.int32)
-    rng.shuffle(order)  # in place: no int64 copy of n indices
-    return order
+def _order(n: int, rng: random.Random) -> np.ndarray:
+    """range(n) shuffled by `rng`: the very permutation `rng.shuffle(list(range(n)))` gives,
+    held as 4-byte ints (array.array, shared with numpy) instead of 36-byte Python ints."""
+    order = array("i" if n < 2**31 else "q", range(n))
+    rng.shuffle(order)
+    return np.frombuffer(order, dtype=np.int32 if order.typecode == "i" else np.int64)
 
 
 def length_grouped_batches(
@@ -52,7 +56,7 @@ def length_grouped_batches(
     HF's LengthGroupedSampler; deterministic for a given seed. Reads only `lengths` (a stored
     feature cache's memory-mapped array serves), one mega-bucket at a time.
     """
-    rng = np.random.default_rng(seed)
+    rng = random.Random(seed)
     lengths = np.asarray(lengths)
     order = _order(len(lengths), rng)
     mega = batch_size * bucket_batches
@@ -63,11 +67,13 @@ def length_grouped_batches(
         chunk[:] = chunk[np.argsort(-lengths[chunk], kind="stable")]
         starts.append(np.arange(start, start + len(chunk), batch_size))
     bounds = np.append(np.concatenate(starts) if starts else np.zeros(0, np.int64), len(order))
-    return Batches(order, bounds, rng.permutation(len(bounds) - 1))
+    sequence = array("q", range(len(bounds) - 1))
+    rng.shuffle(sequence)
+    return Batches(order, bounds, np.frombuffer(sequence, dtype=np.int64))
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int) -> Batches:
-    order = _order(n, np.random.default_rng(seed))
+    order = _order(n, random.Random(seed))
     bounds = np.append(np.arange(0, n, batch_size), n)
     return Batches(order, bounds, np.arange(len(bounds) - 1))
 
