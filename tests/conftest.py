@@ -42,6 +42,14 @@ def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) 
     return path
 
 
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own feature cache (lmadapt.data.cache), never the user's."""
+    root = tmp_path_factory.mktemp("lmadapt-cache")
+    monkeypatch.setenv("LMADAPT_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     from lmadapt.models import resolve_model

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,11 @@ from typing import Any
 import torch
 
 from lmadapt.config import RunConfig, build_run_config, load_config
+from lmadapt.data import cache
+from lmadapt.data.batching import feature_lengths
+from lmadapt.data.streams import Reread, limited, read_through
 from lmadapt.data.validation import BadRow, BadRows
-from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import (
     bad_rows_metrics,
     bad_rows_section,
@@ -59,20 +64,26 @@ class Prepared:
     task: Any
     tokenizer: Any
     spec: ModelSpec
-    train: list[Any]
+    train: Iterable[Any]
+    """The training examples: a list, or (for a task that streams its file) a sized
+    `lmadapt.data.streams.Reread` that reads the file again when iterated."""
     dev: list[Any]
     test: list[Any]
-    features: dict[str, list[dict[str, Any]]]
+    features: dict[str, Sequence[dict[str, Any]]]
+    """Split -> features; the train split's is a memory-mapped `lmadapt.data.cache.FeatureStore`."""
     bad_rows: dict[str, list[BadRow]]
     """Split -> the `lmadapt.data.validation.BadRow`s left out under data.bad_rows=skip (empty
     lists under error, which refuses any); one entry per split read."""
 
 
 def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
-    """Read and validate every data file, then tokenize. Nothing is written.
+    """Read and validate every data file, then tokenize. Nothing is written but the feature cache.
 
     Bad rows follow data.bad_rows: each file is refused with all of its bad rows listed, or
-    they are left out and kept in `Prepared.bad_rows`.
+    they are left out and kept in `Prepared.bad_rows`. The training file's features are
+    built once per input (file bytes, tokenizer, task and data settings) into the cache
+    (`lmadapt.data.cache`) and memory-mapped from there; a second run on the same file reads
+    neither the file nor the tokenizer's output again.
     """
     task = build_task(config.task, task_state)
     d = config.data
@@ -80,28 +91,77 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
         raise ConfigError("data.train", "is required")
     paths = {"train": d.train, "dev": d.dev, "test": d.test}
     bad = {s: BadRows(p, d.bad_rows, d.max_bad_fraction) for s, p in paths.items() if p}
-    read = {s: task.read(b.file, d.format, bad=b) for s, b in bad.items()}
-    bad["train"].finish()  # fit must not learn from a refused file
-    train = read["train"]
-    if d.max_train_samples:
-        train = train[: d.max_train_samples]
-    task.fit(train)
+    spec = resolve_model(config.model)
+    tokenizer = load_tokenizer(spec, config.trust_remote_code)
+    key = _train_key(config, task_state, spec, tokenizer)
+    store = cache.load(key)
+    if store is None:
+        train = limited(task.stream(d.train, d.format, bad["train"]), d.max_train_samples)
+        try:
+            task.fit(train)  # the first pass over a streamed file: every row is checked
+            read_through(train)  # in case fit did not need every row
+        except Exception:  # what fit made of the rows left: the file's bad rows come first
+            bad["train"].finish()
+            raise
+        bad["train"].finish()  # a refused file is never encoded
+    else:  # what the build learned: the task's fitted state and the rows it skipped
+        task = build_task(config.task, store.manifest["task_state"])
+        bad["train"].rows = [BadRow(**r) for r in store.manifest["bad_rows"]]
+        bad["train"].total = store.manifest["rows"]
+        train = Reread(
+            lambda into: limited(task.stream(d.train, d.format, into), d.max_train_samples),
+            bad["train"],
+            count=store.manifest["examples"],
+        )
     # What fit learned (the label set) can show more bad rows in dev and test.
+    read = {s: task.read(bad[s].file, d.format, bad=bad[s]) for s in ("dev", "test") if s in bad}
     dev = task.check(read["dev"], bad["dev"]) if d.dev else []
     test = task.check(read["test"], bad["test"]) if d.test else []
     for b in bad.values():
         b.finish()
     if d.max_eval_samples:
         dev, test = dev[: d.max_eval_samples], test[: d.max_eval_samples]
-    spec = resolve_model(config.model)
     check_model_suits(task, spec)
-    tokenizer = load_tokenizer(spec, config.trust_remote_code)
+    if store is None:
+        kept = {
+            "task_state": task.state(),
+            "bad_rows": [dataclasses.asdict(r) for r in bad["train"].rows],
+            "rows": bad["train"].total,
+        }
+        store = cache.build(
+            key,
+            cache.encoded(train, lambda rows: task.encode(rows, tokenizer), num_proc=d.num_proc),
+            lambda: {**kept, "examples": len(train)},
+        )
     features = {
-        name: task.encode(rows, tokenizer)
-        for name, rows in (("train", train), ("dev", dev), ("test", test))
+        "train": store,
+        "dev": task.encode(dev, tokenizer),
+        "test": task.encode(test, tokenizer),
     }
     bad_rows = {s: b.rows for s, b in bad.items()}
     return Prepared(task, tokenizer, spec, train, dev, test, features, bad_rows)
+
+
+def _train_key(config: RunConfig, task_state: dict | None, spec: ModelSpec, tokenizer: Any) -> str:
+    """The feature cache's key for the training file: its bytes and everything that changes
+    what its features are (task and data settings, model, tokenizer)."""
+    d = config.data
+    return cache.cache_key(
+        cache.file_digest(_existing(d.train)),
+        d.format,
+        dataclasses.asdict(config.task),
+        task_state,
+        [d.bad_rows, d.max_bad_fraction, d.max_train_samples],
+        [spec.name, spec.path, spec.kind],
+        cache.tokenizer_digest(tokenizer),
+    )
+
+
+def _existing(path: str) -> str:
+    """`path`, refused with the readers' own words when there is nothing to read."""
+    if not Path(path).exists():
+        raise DataError(path, "file not found")
+    return path
 
 
 def train(
@@ -170,7 +230,7 @@ def _run(
     checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
     method = build_method(config.method)
     check_quantize(config.quantize, method)
-    longest = max((len(f["input_ids"]) for f in data.features["train"]), default=1)
+    longest = int(max(feature_lengths(data.features["train"]), default=1))
     check_fits(config, spec, task, method, longest, dist.device, report=dist.is_main)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
     base = task.build_model(spec, config.trust_remote_code)

@@ -37,7 +37,9 @@ class DataConfig:
     """Dev file: evaluated during training; drives early stopping and the best checkpoint."""
     test: str | None = None
     """Optional test file, evaluated once with the best model at the end."""
-    format: Literal["auto", "csv", "tsv", "jsonl", "conll"] = "auto"
+    format: Literal["auto", "csv", "tsv", "jsonl", "conll", "parquet", "dataset"] = "auto"
+    """auto: from the extension (.csv, .tsv, .jsonl, .json, .conll, .parquet), or a directory
+    written by datasets' save_to_disk ("dataset")."""
     max_train_samples: int | None = None
     """Keep only the first N training rows (after validation)."""
     max_eval_samples: int | None = None
@@ -48,12 +50,18 @@ class DataConfig:
     always errors."""
     max_bad_fraction: float = 0.1
     """With bad_rows=skip, a file with more than this fraction of bad rows is refused anyway."""
+    num_proc: int = 1
+    """Processes that tokenize the training file when its feature cache is built (once per
+    file, tokenizer and settings; later runs memory-map it). A fast tokenizer already uses
+    several threads on its own, so more processes pay mainly for slow tokenizers."""
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"data.{name}", f"must be > 0, got {v}")
+        if self.num_proc < 1:
+            raise ConfigError("data.num_proc", f"must be >= 1, got {self.num_proc}")
         if not 0 <= self.max_bad_fraction < 1:
             raise ConfigError(
                 "data.max_bad_fraction", f"must be in [0, 1), got {self.max_bad_fraction}"

@@ -7,8 +7,10 @@ transfer and forgetting (see `metrics.py`). Writes `continual.json`, `report.md`
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from lmadapt.continual.metrics import (
 )
 from lmadapt.continual.model import MultiTaskModel
 from lmadapt.continual.strategies import Strategy, build_strategy
+from lmadapt.data import cache
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text, write_yaml
@@ -48,7 +51,7 @@ class TaskSlot:
     test: list[Any] = field(default_factory=list)
     test_features: list[dict[str, Any]] = field(default_factory=list)
     train: list[Any] = field(default_factory=list)
-    train_features: list[dict[str, Any]] = field(default_factory=list)
+    train_features: Sequence[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -109,7 +112,19 @@ class Learner:
             self.slots[entry.name] = slot
             self.seen.append(entry.name)
         slot.train = train[: d.max_train_samples]
-        slot.train_features = slot.task.encode(slot.train, self.tokenizer)
+        # encoded once per file, task state and tokenizer (lmadapt.data.cache); memory-mapped
+        parts = [
+            cache.file_digest(d.train),
+            d.format,
+            dataclasses.asdict(entry.task),
+            slot.task.state(),
+            d.max_train_samples,
+            [self.spec.name, self.spec.path, self.spec.kind],
+            cache.tokenizer_digest(self.tokenizer),
+        ]
+        slot.train_features = cache.features_once(
+            parts, slot.train, lambda rows: slot.task.encode(rows, self.tokenizer), d.num_proc
+        )
         return slot
 
     def evaluate(self, name: str, split: str = "dev") -> Evaluation:

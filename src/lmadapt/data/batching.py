@@ -3,36 +3,87 @@
 from __future__ import annotations
 
 import random
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+
+from lmadapt.data.cache import FeatureStore
+
+
+class Batches(Sequence):
+    """An epoch's batches as index lists, held as one int32 array of example indices in batch
+    order (4 bytes an example) rather than as lists of Python ints (about 36), so that millions
+    of examples cost megabytes; `batches[i]` is batch i's indices."""
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray, sequence: np.ndarray):
+        self.order, self.starts, self.sequence = order, starts, sequence
+        """Indices chunked into batches at `starts` (with the end); batch i is `sequence[i]`."""
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        k = self.sequence[i]
+        return self.order[self.starts[k] : self.starts[k + 1]].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  (mutable arrays inside)
+
+
+def _order(n: int, rng: random.Random) -> np.ndarray:
+    """range(n) shuffled by `rng`: the very permutation `rng.shuffle(list(range(n)))` gives,
+    held as 4-byte ints (array.array, shared with numpy) instead of 36-byte Python ints."""
+    order = array("i" if n < 2**31 else "q", range(n))
+    rng.shuffle(order)
+    return np.frombuffer(order, dtype=np.int32 if order.typecode == "i" else np.int64)
 
 
 def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, bucket_batches: int = 50
-) -> list[list[int]]:
+    lengths: Sequence[int] | np.ndarray, batch_size: int, seed: int, bucket_batches: int = 50
+) -> Batches:
     """Shuffle, sort by length inside mega-buckets of `bucket_batches` batches, shuffle batches.
 
     Batches hold similar lengths (little padding) while their order stays random, the scheme of
-    HF's LengthGroupedSampler; deterministic for a given seed.
+    HF's LengthGroupedSampler; deterministic for a given seed. Reads only `lengths` (a stored
+    feature cache's memory-mapped array serves), one mega-bucket at a time.
     """
     rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
+    lengths = np.asarray(lengths)
+    order = _order(len(lengths), rng)
     mega = batch_size * bucket_batches
-    batches = []
+    starts = []
     for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+        chunk = order[start : start + mega]
+        # longest first; stable, so equal lengths keep their shuffled order
+        chunk[:] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        starts.append(np.arange(start, start + len(chunk), batch_size))
+    bounds = np.append(np.concatenate(starts) if starts else np.zeros(0, np.int64), len(order))
+    sequence = array("q", range(len(bounds) - 1))
+    rng.shuffle(sequence)
+    return Batches(order, bounds, np.frombuffer(sequence, dtype=np.int64))
 
 
-def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Batches:
+    order = _order(n, random.Random(seed))
+    bounds = np.append(np.arange(0, n, batch_size), n)
+    return Batches(order, bounds, np.arange(len(bounds) - 1))
+
+
+def feature_lengths(features: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Each feature's input_ids length: a feature store's stored array (no feature read), or
+    counted from the features in memory."""
+    if isinstance(features, FeatureStore):
+        return features.lengths
+    return np.fromiter((len(f["input_ids"]) for f in features), np.int32, len(features))
 
 
 def sequential_batches(

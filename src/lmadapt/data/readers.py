@@ -2,6 +2,7 @@
 
 A row that cannot become a record (wrong field count, invalid JSON line) is a bad row: the
 readers record it in a `BadRows` collector and go on, so one pass reports all of them.
+`iter_records` streams the same records (and errors) without holding the file in memory.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,15 @@ from typing import Any
 from lmadapt.data.validation import BadRows, FileError, collect
 from lmadapt.errors import DataError
 
-FORMATS = ("csv", "tsv", "jsonl", "json")
-_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet", "dataset")
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
         if fmt not in FORMATS:
             raise DataError(str(path), f"unknown format {fmt!r}; one of: {', '.join(FORMATS)}")
         return fmt
+    if Path(path).is_dir() and (Path(path) / "dataset_info.json").is_file():
+        return "dataset"  # written by datasets' save_to_disk
     ext = Path(path).suffix.lower()
     if ext not in _EXTENSIONS:
         raise DataError(
@@ -74,26 +85,80 @@ def read_text(path: str | Path) -> str:
 
 
 def read_records(path: str | Path, fmt: str = "auto", bad: BadRows | None = None) -> list[Record]:
-    """Read csv/tsv (header row), jsonl (one object a line) or json (a list of objects).
+    """Read csv/tsv (header row), jsonl (one object a line), json (a list of objects), Parquet
+    or a `datasets` save_to_disk directory.
 
     Bad rows go to `bad`; without one, they are all raised together at the end.
     """
     fmt = detect_format(path, fmt)
-    text = read_text(path)
-    with collect(str(path), bad) as bad:
-        records = _READERS[fmt](str(path), text, bad)
-        bad.total = len(records) + len(bad.rows)
-        if not records:
+    if fmt in _TEXT_FORMATS:
+        text = read_text(path)
+        newline = "\n" if fmt == "jsonl" else ""
+        return list(_records(str(path), fmt, io.StringIO(text, newline=newline), bad))
+    return list(iter_records(path, fmt, bad))
+
+
+def iter_records(
+    path: str | Path, fmt: str = "auto", bad: BadRows | None = None
+) -> Iterator[Record]:
+    """`read_records` one record at a time, the file read as the records are asked for, so a
+    file larger than memory can be validated and encoded (the cache build streams it). The
+    errors are `read_records`' own; a file that is not UTF-8 is reported by `read_text`."""
+    fmt = detect_format(path, fmt)
+    file = str(path)
+    if fmt == "json":  # one JSON value: there is nothing to stream
+        yield from read_records(path, fmt, bad)
+        return
+    if fmt in _TEXT_FORMATS:
+        _check_file(path)
+        yield from _records(file, fmt, _file_lines(path, "\n" if fmt == "jsonl" else ""), bad)
+        return
+    yield from _records(file, fmt, _TABLES[fmt](file), bad)
+
+
+def _check_file(path: str | Path) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(str(path), "file not found")
+    if not p.is_file():
+        raise DataError(str(path), "not a regular file")
+
+
+def _file_lines(path: str | Path, newline: str) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            yield from f
+    except UnicodeDecodeError:
+        read_text(path)  # raises the DataError that names the line
+        raise
+
+
+def _records(file: str, fmt: str, source: Any, bad: BadRows | None) -> Iterator[Record]:
+    """The records a row reader yields; every row, good or bad, counts in `bad.total`."""
+    with collect(file, bad) as bad:
+        kept = 0
+        for record in _READERS[fmt](file, source, bad):
+            bad.total += 1
+            if record is not None:
+                kept += 1
+                yield record
+        if not kept:
             bad.finish()  # every row was bad: refused under any policy
-            raise DataError(str(path), "no data rows (only a header or blank lines)")
-        return records
+            raise DataError(file, "no data rows (only a header or blank lines)")
 
 
-def _read_delimited(file: str, text: str, delimiter: str, bad: BadRows) -> list[Record]:
-    if "\x00" in text:
-        line = text[: text.index("\x00")].count("\n") + 1
-        raise DataError(file, "binary data (NUL byte) in a text file", line)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _no_nul(file: str, lines: Iterable[str]) -> Iterator[str]:
+    for i, line in enumerate(lines, start=1):
+        if "\x00" in line:
+            raise DataError(file, "binary data (NUL byte) in a text file", i)
+        yield line
+
+
+def _read_delimited(
+    file: str, lines: Iterable[str], delimiter: str, bad: BadRows
+) -> Iterator[Record | None]:
+    """Records of a csv/tsv file's lines; None for a bad row (recorded in `bad`)."""
+    reader = csv.reader(_no_nul(file, lines), delimiter=delimiter)
     kind = "TSV" if delimiter == "\t" else "CSV"
     try:
         # The header is the first non-blank row; csv.Error (e.g. a huge field) is a data error.
@@ -110,14 +175,14 @@ def _read_delimited(file: str, text: str, delimiter: str, bad: BadRows) -> list[
         raise DataError(file, f"header has a single column {header!r}{hint}", header_line)
     if len(set(header)) != len(header) or any(not h for h in header):
         raise DataError(file, f"header has empty or repeated column names: {header}", header_line)
-    records = []
     while True:
         try:
             row = next(reader)
         except StopIteration:
-            return records
+            return
         except csv.Error as e:  # e.g. a huge field; the reader goes on with the next row
             bad.add(DataError(file, f"malformed {kind}: {e}", reader.line_num))
+            yield None
             continue
         if not row or all(not c.strip() for c in row):
             continue
@@ -130,8 +195,9 @@ def _read_delimited(file: str, text: str, delimiter: str, bad: BadRows) -> list[
                     reader.line_num,
                 )
             )
+            yield None
             continue
-        records.append(Record(file, reader.line_num, dict(zip(header, row)), tabular=True))
+        yield Record(file, reader.line_num, dict(zip(header, row)), tabular=True)
 
 
 def _loads(file: str, text: str, line: int | None) -> Any:
@@ -145,40 +211,84 @@ def _loads(file: str, text: str, line: int | None) -> Any:
         raise DataError(file, f"unreadable JSON value ({e})", line) from None
 
 
-def _read_jsonl(file: str, text: str, bad: BadRows) -> list[Record]:
-    records = []
-    # split on \n only: str.splitlines() also breaks at U+2028 etc., which JSON strings may hold.
-    for i, line in enumerate(text.split("\n"), start=1):
+def _read_jsonl(file: str, lines: Iterable[str], bad: BadRows) -> Iterator[Record | None]:
+    # lines split on \n only: str.splitlines() also breaks at U+2028 etc., which JSON strings
+    # may hold.
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        record = None
         with bad.row():
             obj = _loads(file, line, i)
             if not isinstance(obj, dict):
                 raise DataError(file, f"expected a JSON object, got {type(obj).__name__}", i)
-            records.append(Record(file, i, obj))
-    return records
+            record = Record(file, i, obj)
+        yield record
 
 
-def _read_json(file: str, text: str, bad: BadRows) -> list[Record]:
-    data = _loads(file, text, None)
+def _read_json(file: str, lines: Iterable[str], bad: BadRows) -> Iterator[Record | None]:
+    data = _loads(file, "".join(lines), None)
     if not isinstance(data, list):
         raise DataError(file, f"expected a JSON list of objects, got {type(data).__name__}", 1)
     # json.loads keeps no positions; index i is reported as "line" i+1 of the list (1-based item).
-    records = []
     for i, obj in enumerate(data, start=1):
         if not isinstance(obj, dict):
             bad.add(DataError(file, f"item {i}: expected a JSON object, got {type(obj).__name__}"))
+            yield None
             continue
-        records.append(Record(file, i, obj))
-    return records
+        yield Record(file, i, obj)
+
+
+def _read_table(file: str, rows: Iterable[dict[str, Any]], bad: BadRows) -> Iterator[Record]:
+    """Rows of a columnar file; "line" N is its N-th row (1-based), as errors name it."""
+    for i, row in enumerate(rows, start=1):
+        yield Record(file, i, row, tabular=True)
+
+
+_BATCH = 4096
+"""Rows a columnar reader converts to Python at a time."""
+
+
+def _parquet_rows(file: str) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    _check_file(file)
+    try:
+        table = pq.ParquetFile(file)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file it cannot read
+        raise DataError(file, f"not a readable Parquet file ({e})") from None
+    for batch in table.iter_batches(batch_size=_BATCH):
+        yield from batch.to_pylist()
+
+
+def _dataset_rows(file: str) -> Iterator[dict[str, Any]]:
+    """A `datasets` save_to_disk directory: its Arrow files are memory-mapped, not loaded."""
+    import datasets
+
+    if not Path(file).is_dir():
+        raise DataError(file, "not a directory (a datasets save_to_disk directory is one)")
+    try:
+        ds = datasets.load_from_disk(file)
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, ... for a bad dir
+        raise DataError(file, f"not a readable datasets directory ({e})") from None
+    if not isinstance(ds, datasets.Dataset):
+        splits = ", ".join(ds)
+        raise DataError(file, f"holds several splits ({splits}); name one split's directory")
+    for batch in ds.iter(batch_size=_BATCH):
+        columns = list(batch)
+        yield from (dict(zip(columns, values)) for values in zip(*batch.values()))
 
 
 _READERS = {
-    "csv": lambda f, t, b: _read_delimited(f, t, ",", b),
-    "tsv": lambda f, t, b: _read_delimited(f, t, "\t", b),
+    "csv": lambda f, lines, b: _read_delimited(f, lines, ",", b),
+    "tsv": lambda f, lines, b: _read_delimited(f, lines, "\t", b),
     "jsonl": _read_jsonl,
     "json": _read_json,
+    "parquet": _read_table,
+    "dataset": _read_table,
 }
+_TABLES = {"parquet": _parquet_rows, "dataset": _dataset_rows}
+_TEXT_FORMATS = ("csv", "tsv", "jsonl", "json")
 
 
 def get_text(record: Record, column: str) -> str:

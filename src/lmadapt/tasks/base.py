@@ -6,6 +6,7 @@ evaluated, decoded and served): callers ask the task and keep no table of task n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -55,8 +56,15 @@ class Task(Protocol):
         the file is refused; without `bad`, every bad row is raised in one DataError.
         """
 
-    def fit(self, train: list[Any]) -> None:
-        """Learn what the task needs from the training examples (e.g. the label set)."""
+    def stream(self, path: str, fmt: str, bad: BadRows) -> Iterable[Any]:
+        """The labelled examples of a training file, as `read` gives them, to be iterated once
+        or more (validated and fitted, then encoded into the feature cache). A task that can
+        reads them lazily, as a `lmadapt.data.streams.Reread`, so that no example is held in
+        memory; the others return `read`'s list. Bad rows go to `bad` on the first pass."""
+
+    def fit(self, train: Iterable[Any]) -> None:
+        """Learn what the task needs from the training examples (e.g. the label set): a list,
+        or what `stream` returned, iterated once."""
 
     def use_model(self, spec: ModelSpec) -> None:
         """Learn what the task needs from the model it will run on, before encoding (e.g. an
@@ -199,6 +207,10 @@ class LogitsTask:
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
         return {}
+
+    def stream(self, path: str, fmt: str, bad: BadRows) -> Iterable[Any]:
+        """`read`'s list: examples are held in memory unless the task streams them."""
+        return self.read(path, fmt, bad=bad)  # type: ignore[attr-defined]
 
     def tune(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from scipy.special import expit, softmax
 
 from lmadapt.data import Collator
-from lmadapt.data.readers import Record, get_text, read_records
+from lmadapt.data.readers import Record, get_text, iter_records, read_records
+from lmadapt.data.streams import Reread
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import calibration, plots
@@ -144,32 +146,50 @@ class ClassificationTask(LogitsTask):
     ) -> list[Example]:
         """Examples of the rows that pass; bad rows go to `bad` (raised at the end without one)."""
         with collect(path, bad) as bad:
-            records = read_records(path, fmt, bad)
-            text_col, pair_col = self._columns(records[0])
-            return bad.keep(
-                records,
-                lambda r: Example(
+            return list(self._examples(read_records(path, fmt, bad), labelled, bad))
+
+    def stream(self, path: str, fmt: str, bad: BadRows) -> Reread:
+        """The training file's examples read lazily, each pass reading the file again."""
+        return Reread(lambda into: self._examples(iter_records(path, fmt, into), True, into), bad)
+
+    def _examples(
+        self, records: Iterable[Record], labelled: bool, bad: BadRows
+    ) -> Iterator[Example]:
+        """An example of each record that passes; the others are bad rows in `bad`."""
+        columns = None
+        for r in records:
+            if columns is None:
+                columns = self._columns(r)
+            text_col, pair_col = columns
+            example = None
+            with bad.row():
+                example = Example(
                     text=get_text(r, text_col),
                     text_pair=get_text(r, pair_col) if pair_col else None,
                     label=self._label(r) if labelled else None,
                     file=r.file,
                     line=r.line,
-                ),
-            )
+                )
+            if example is not None:
+                yield example
 
-    def fit(self, train: list[Example]) -> None:
+    def fit(self, train: Iterable[Example]) -> None:
         if self.regression:
             self.labels = ["score"]
             return
-        names = {n for ex in train for n in (ex.label if self.multi else [ex.label])}
+        names: set[str] = set()
+        file = ""
+        for ex in train:  # one pass: `train` may be a stream of a file larger than memory
+            file = file or ex.file
+            names.update(ex.label if self.multi else [ex.label])
         if len(names) < 2 and not self.multi:
             raise DataError(
-                train[0].file,
+                file,
                 f"needs at least 2 distinct labels, found {sorted(names)}",
                 field=self.cfg.label_column,
             )
         if not names:
-            raise DataError(train[0].file, "no labels found", field=self.cfg.label_column)
+            raise DataError(file, "no labels found", field=self.cfg.label_column)
         numeric = all(n.lstrip("-").isdigit() for n in names)
         self.labels = sorted(names, key=int) if numeric else sorted(names)
 

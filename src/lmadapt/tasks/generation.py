@@ -194,6 +194,10 @@ class GenerationTask:
             convs = read_conversations(path, fmt, self.cfg.data_format, labelled, bad)
             return self.check(convs, bad)
 
+    def stream(self, path: str, fmt: str, bad: BadRows) -> list[Conversation]:
+        """`read`'s list: conversations are held in memory."""
+        return self.read(path, fmt, bad=bad)
+
     def fit(self, train: list[Conversation]) -> None:
         self.check(train)
 

@@ -28,7 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lmadapt.config import TrainConfig
-from lmadapt.data.batching import length_grouped_batches, shuffled_batches
+from lmadapt.data.batching import (
+    Batches,
+    feature_lengths,
+    length_grouped_batches,
+    shuffled_batches,
+)
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.metrics import metric_direction
 from lmadapt.hooks import Hook
@@ -219,13 +224,13 @@ class Trainer:
         self.bf16_base = bf16_frozen_base(cfg.base_dtype, self.bf16, dist.device, dist.strategy)
         self.metric, self.mode = checkpoint_metric(cfg, task)
         self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
-        self.lengths = [len(f["input_ids"]) for f in train_features]
+        self.lengths = feature_lengths(train_features)  # a feature store's, read from disk
         self._loss_sum = torch.zeros((), dtype=torch.float64)  # set on the device by `fit`
         if cfg.dropout is not None:
             set_dropout(model, cfg.dropout)
 
     # ------------------------------------------------------------------ schedule
-    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
+    def batches_for_epoch(self, epoch: int) -> Batches:
         seed = self.cfg.seed + epoch
         if self.cfg.group_by_length:
             return length_grouped_batches(self.lengths, self.cfg.batch_size, seed)
