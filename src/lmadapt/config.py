@@ -114,8 +114,9 @@ class TrainConfig:
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less memory for about a third more compute. Non-reentrant (correct with frozen inputs,
     so with PEFT methods too); the loss and gradients are those of a run without it."""
-    group_by_length: bool = True
-    """Length-grouped batches (shuffled buckets) to cut padding."""
+    group_by_length: bool | None = None
+    """Length-grouped batches (shuffled buckets) to cut padding; None = the task's choice
+    (random batches for token classification, where grouping slowed learning)."""
     optimizer: Literal["fused", "foreach"] = "fused"
     """AdamW kernel: fused updates each parameter in one pass over weights, gradients and
     moments, the faster on CPU (see bench/); foreach is torch's multi-tensor kernel."""

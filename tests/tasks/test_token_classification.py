@@ -12,9 +12,11 @@ import pytest
 from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.cli import main
 from lmadapt.config import ConfigError, build_run_config
+from lmadapt.data.batching import length_grouped_batches, shuffled_batches
 from lmadapt.data.tagged import split_words
 from lmadapt.errors import DataError, LmadaptError
 from lmadapt.evaluate.sequence import entities, sequence_metrics
+from lmadapt.hooks import Hook
 from lmadapt.methods import METHODS
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
@@ -342,6 +344,26 @@ def ner_config(tmp_path, model, files, method, **train):
             "output_dir": str(tmp_path / f"run_{method['name']}"),
         }
     )
+
+
+class _FirstBatches(Hook):
+    def on_train_start(self, trainer):
+        self.batches = [list(b) for b in trainer.batches_for_epoch(0)]
+        self.lengths = trainer.lengths
+
+
+@pytest.mark.parametrize("group_by_length", [None, True])
+def test_random_batches_unless_asked(tmp_path, tiny_bert, ner_files, group_by_length):
+    """NER trains on random batches by default (length-grouped ones learned slower, see
+    TokenClassificationTask.groups_by_length); train.group_by_length: true still groups."""
+    seen = _FirstBatches()
+    cfg = ner_config(tmp_path, tiny_bert, ner_files, {"name": "full"}, max_steps=1, batch_size=8)
+    cfg.train.group_by_length = group_by_length
+    train(cfg, hooks=[seen])
+    grouped = [list(b) for b in length_grouped_batches(seen.lengths, 8, cfg.train.seed)]
+    random = [list(b) for b in shuffled_batches(len(seen.lengths), 8, cfg.train.seed)]
+    assert grouped != random
+    assert seen.batches == (random if group_by_length is None else grouped)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,8 @@ class Task(Protocol):
     label_distribution: bool
     """Whether it predicts one probability distribution over `labels` per example, from its
     logits (what distillation's teacher and student exchange)."""
+    groups_by_length: bool
+    """Whether training batches are length-grouped unless `train.group_by_length` says."""
     labels: list[str]
     """The label set its predictions name (empty where predictions are free text)."""
     description: str
@@ -202,6 +204,7 @@ class LogitsTask:
     """Whether logits are per token, (T, C), rather than per sequence, (C,)."""
     shares_backbone = True
     label_distribution = False
+    groups_by_length = True
 
     def forward_kwargs(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]

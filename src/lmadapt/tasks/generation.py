@@ -168,6 +168,7 @@ class GenerationTask:
     endpoint = "generate"
     shares_backbone = False  # the LM head is the pretrained one, not a task head
     label_distribution = False
+    groups_by_length = True
     description = "generation"
     default_metric = "loss"
 

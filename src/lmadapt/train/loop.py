@@ -232,7 +232,8 @@ class Trainer:
     # ------------------------------------------------------------------ schedule
     def batches_for_epoch(self, epoch: int) -> Batches:
         seed = self.cfg.seed + epoch
-        if self.cfg.group_by_length:
+        grouped = self.cfg.group_by_length
+        if grouped if grouped is not None else self.task.groups_by_length:
             return length_grouped_batches(self.lengths, self.cfg.batch_size, seed)
         return shuffled_batches(len(self.lengths), self.cfg.batch_size, seed)
 
