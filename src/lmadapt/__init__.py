@@ -37,6 +37,7 @@ _HOME = {
     "run_prompt": "lmadapt.prompting",
     "robustness": "lmadapt.api",
     "explain": "lmadapt.api",
+    "auto": "lmadapt.auto",
 }
 __all__ = sorted(_HOME)
 
