@@ -119,6 +119,20 @@ def test_budget_exhaustion_skips_the_remaining_routes(tmp_path, tiny_bert, monke
     assert len(preds) == 1
 
 
+def test_prefer_speed_distils_the_best_head_into_half_the_blocks(tmp_path, tiny_bert, monkeypatch):
+    monkeypatch.setattr(auto_mod, "FEW_PER_LABEL", 5)
+    monkeypatch.setattr(auto_mod, "TARGET_SAMPLES", 60)
+    rows = [(t, "1" if y == "pos" else "0") for t, y in sentiment_rows(40)]
+    train = write_csv(tmp_path / "train.csv", rows)
+    models = {"lora": tiny_bert, "full": tiny_bert, "distill": tiny_bert}
+    result = auto(train, budget="5m", out=tmp_path / "o", prefer="speed", models=models)
+    by_route = {r["route"]: r for r in result["rows"]}
+    assert by_route["distill"]["status"] == "done", by_route["distill"]
+    assert by_route["zero_shot"]["status"] == "skipped"  # numeric labels, no template
+    distilled = load_run(by_route["distill"]["run_dir"], "cpu")
+    assert distilled.model.config.num_hidden_layers == 1  # of the tiny BERT's 2
+
+
 def test_deadline_stops_the_loop(tmp_path, run_config):
     from lmadapt.api import train
     from lmadapt.auto import Deadline

@@ -309,12 +309,11 @@ class PromptFinetune(PromptRoute):
 
 @ROUTES.register("distill")
 class Distill(Route):
-    """Only with prefer='speed': the best head classifier found so far taught to a 3-layer
-    MiniLM (half its blocks), trained in full with `run_distill`."""
+    """Only with prefer='speed': the best head classifier found so far taught to the first half
+    of MiniLM's blocks (3 of 6), trained in full with `run_distill`."""
 
     model = "minilm"
     method = "full"
-    student_layers = 3
 
     def unfit(self, plan: Plan) -> str | None:
         if plan.prefer != "speed":
@@ -325,18 +324,23 @@ class Distill(Route):
         return None
 
     def run(self, plan: Plan, run_dir: Path, until: float) -> Outcome:
+        from transformers import AutoConfig
+
         from lmadapt.distill import run_distill
         from lmadapt.distill.runner import build_distill_config
+        from lmadapt.models import resolve_model
 
         teachers = [r for r in plan.done if r["teaches"] and r["status"] in OK]
         if not teachers:
             raise _Skip("no finished head classifier to teach the student")
         teacher = _best(teachers, plan.mode)
+        model = plan.models.get(self.name, self.model)
+        blocks = AutoConfig.from_pretrained(resolve_model(model).path).num_hidden_layers
         config = build_distill_config(
             {
                 "teacher": {"type": "run", "run_dir": teacher["run_dir"]},
-                "student_layers": self.student_layers,
-                "model": plan.models.get(self.name, self.model),
+                "student_layers": max(1, blocks // 2),
+                "model": model,
                 "task": to_dict(plan.task_section),
                 "method": {"name": "full"},
                 "data": {"train": str(plan.train), "dev": str(plan.dev), "format": plan.fmt},
