@@ -189,6 +189,9 @@ class TrainedRoute(Route):
     def train_section(self, plan: Plan) -> dict[str, Any]:
         raise NotImplementedError
 
+    def data_section(self, plan: Plan) -> dict[str, Any]:
+        return {}
+
     def deadline(self, until: float) -> Deadline:
         return Deadline(until)
 
@@ -198,7 +201,12 @@ class TrainedRoute(Route):
                 "model": plan.models.get(self.name, self.model),
                 "task": self.task(plan),
                 "method": self.method_section(plan),
-                "data": {"train": str(plan.train), "dev": str(plan.dev), "format": plan.fmt},
+                "data": {
+                    "train": str(plan.train),
+                    "dev": str(plan.dev),
+                    "format": plan.fmt,
+                    **self.data_section(plan),
+                },
                 "train": {"seed": plan.seed, "metric": plan.metric, **self.train_section(plan)},
                 "output_dir": str(run_dir),
                 "device": plan.device,
@@ -237,6 +245,10 @@ class ZeroShot(PromptRoute):
 
     def train_section(self, plan: Plan) -> dict[str, Any]:
         return {"max_steps": 1, "batch_size": 8, "eval_batch_size": 32}
+
+    def data_section(self, plan: Plan) -> dict[str, Any]:
+        # nothing trains: a few rows instead of templating and tokenizing all of train
+        return {"max_train_samples": 8}
 
     def deadline(self, until: float) -> Deadline:
         return Deadline(-math.inf)  # trains nothing, whatever the budget
@@ -634,6 +646,7 @@ def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dic
             reason="",
             run_dir=str(run_dir),
             dev_metric=m["dev"][plan.metric],
+            dev_loss=m["dev"].get("loss"),  # distillation reports none
             steps=m["steps"],
             train_seconds=m["train_seconds"],
             predict_per_second=round(_predict_speed(run_dir, speed_file, plan.device), 1),
@@ -659,9 +672,15 @@ def _predict_speed(run_dir: Path, speed_file: Path, device: str) -> float:
 
 
 def _best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
-    """The best dev metric; on a tie the earlier (cheaper) route."""
+    """The best dev metric. Ties are common on a small dev set (accuracy moves in steps of
+    1/n): the lower dev loss breaks them, then the earlier (cheaper) route."""
     sign = 1 if mode == "max" else -1
-    return max(rows, key=lambda r: sign * r["dev_metric"])  # max keeps the first of equals
+
+    # max keeps the first of equals
+    def key(r: dict[str, Any]) -> tuple[float, float]:
+        return sign * r["dev_metric"], -(math.inf if r["dev_loss"] is None else r["dev_loss"])
+
+    return max(rows, key=key)
 
 
 def _ranked(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
