@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -145,8 +146,9 @@ class Plan:
 @dataclass
 class Outcome:
     metrics: dict[str, Any]
-    run_dir: Path
+    """The run's metrics.json content."""
     budget_stop: bool
+    """Whether the Deadline ended training (after some steps)."""
 
 
 class Route:
@@ -214,7 +216,7 @@ class TrainedRoute(Route):
         )
         hook = self.deadline(until)
         metrics = train(config, hooks=[hook])
-        return Outcome(metrics, run_dir, hook.fired and metrics["steps"] > 0)
+        return Outcome(metrics, hook.fired and metrics["steps"] > 0)
 
 
 class PromptRoute(TrainedRoute):
@@ -261,6 +263,7 @@ class HeadLora(TrainedRoute):
 
     model = "minilm"
     method = "lora"
+    teaches = True
 
     def unfit(self, plan: Plan) -> str | None:
         return None if "encoder" in plan.task.model_kinds else "the task takes no encoder"
@@ -272,8 +275,6 @@ class HeadLora(TrainedRoute):
         # dropout 0: 1.35x faster on CPU at equal accuracy (configs/sst2_lora.yaml)
         batch = 8 if plan.few else 32
         return {"epochs": plan.epochs(20), "batch_size": batch, "dropout": 0.0}
-
-    teaches = True
 
 
 @ROUTES.register("full")
@@ -363,7 +364,7 @@ class Distill(Route):
         )
         hook = Deadline(until)
         metrics = run_distill(config, hooks=[hook])
-        return Outcome(metrics, run_dir, hook.fired and metrics["steps"] > 0)
+        return Outcome(metrics, hook.fired and metrics["steps"] > 0)
 
 
 class _Skip(Exception):
@@ -405,17 +406,16 @@ def carve_dev(profile: DataProfile, seed: int) -> tuple[list[int], list[int]]:
     examples, at most DEV_MAX, at least one per stratum. Strata with a single example cannot be
     split in proportion and join a common 'rare' stratum."""
     n = profile.examples
-    counts: dict[str, int] = {}
-    for s in profile.strata:
-        counts[s] = counts.get(s, 0) + 1
+    counts = Counter(profile.strata)
     strata = [s if counts[s] > 1 else "\x00rare" for s in profile.strata]
-    kinds = len(set(strata))
+    merged = Counter(strata)
+    kinds = len(merged)
     size = min(DEV_MAX, max(kinds, round(DEV_FRACTION * n)))
     if n - size < kinds:
         raise DataError(
             "train", f"{n} examples are too few to carve a dev set out of; pass a DEV file"
         )
-    stratify = strata if min(strata.count(s) for s in set(strata)) > 1 else None
+    stratify = strata if min(merged.values()) > 1 else None  # a lone rare example: unstratified
     tr, dv = train_test_split(
         list(range(n)), test_size=size, stratify=stratify, random_state=seed, shuffle=True
     )
