@@ -143,6 +143,33 @@ def test_deadline_stops_the_loop(tmp_path, run_config):
     assert hook.fired and metrics["steps"] == 0 and metrics["dev"]["accuracy"] >= 0
 
 
+def test_deadline_anneals_the_rate_into_the_time_left(monkeypatch):
+    import torch
+
+    from lmadapt.config import TrainConfig
+    from lmadapt.train.loop import TrainState, linear_schedule
+
+    clock = [100.0]
+    monkeypatch.setattr(auto_mod.time, "monotonic", lambda: clock[0])
+
+    class Trainer:  # what the hook reads of the loop
+        state, cfg = TrainState(), TrainConfig(warmup_ratio=0.0)
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(2)]
+        scheduler = linear_schedule(torch.optim.SGD(groups, lr=1.0), 0, 1000)
+
+        def total_steps(self):
+            return 1000
+
+    trainer, hook = Trainer(), auto_mod.Deadline(130.0)
+    hook.on_train_start(trainer)
+    while not trainer.state.should_stop:
+        clock[0] += 1.0  # one second a step: 30 steps fit, not 1000
+        trainer.state.step += 1
+        hook.on_step_end(trainer)
+    assert hook.rescheduled_to == 30 and trainer.state.step == 30 and hook.fired
+    assert [f(20) for f in trainer.scheduler.lr_lambdas] == [pytest.approx(1 / 3)] * 2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -44,7 +44,7 @@ from lmadapt.schema import parse_section, to_dict
 from lmadapt.session import run_directory
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import DataProfile
-from lmadapt.train.loop import Trainer, TrainingInterrupted, checkpoint_metric
+from lmadapt.train.loop import Trainer, TrainingInterrupted, checkpoint_metric, linear_factor
 
 INFERRED = ("token_classification", "classification")
 """Task types `auto` tells apart by reading the file: the first whose reader accepts it wins.
@@ -61,6 +61,8 @@ SPEED_ROWS = 200
 """Dev examples the prediction-speed probe of each route predicts (tokenisation included)."""
 RESERVE = 0.25
 """Share of a route's time kept for loading, the final evaluation and the speed probe."""
+PROBE_STEPS = 10
+"""Steps a Deadline times before it estimates how many steps the route's time allows."""
 TARGET_SAMPLES = 3000
 """Training examples a route aims to see (epochs = this / train size, within the route's
 bounds): a few thousand steps' worth of samples converge the shipped recipes on small sets."""
@@ -87,13 +89,20 @@ def parse_budget(budget: str | float) -> float:
 
 
 class Deadline(Hook):
-    """Stops the training loop at the first step boundary past `at` (time.monotonic()); checked
-    before the first step too, so a deadline already passed trains nothing and the loop only
-    evaluates (and keeps) the untrained weights."""
+    """Fits training into the time up to `at` (time.monotonic()).
+
+    After PROBE_STEPS steps it estimates how many steps the time allows; when that is fewer
+    than the schedule's, the learning rate is re-scheduled to decay to 0 at that step (a
+    schedule cut off halfway would end at a high rate). It then stops the loop at the first
+    step boundary past `at`; checked before the first step too, so a deadline already passed
+    trains nothing and the loop only evaluates (and keeps) the untrained weights."""
 
     def __init__(self, at: float):
         self.at = at
         self.fired = False
+        self.rescheduled_to: int | None = None
+        """The step the learning rate now decays to, when the deadline shortened the run."""
+        self._start = (0.0, 0)
 
     def _check(self, trainer: Trainer) -> None:
         if time.monotonic() >= self.at:
@@ -101,10 +110,24 @@ class Deadline(Hook):
             trainer.state.should_stop = True
 
     def on_train_start(self, trainer: Trainer) -> None:
+        self._start = (time.monotonic(), trainer.state.step)
         self._check(trainer)
 
     def on_step_end(self, trainer: Trainer) -> None:
         self._check(trainer)
+        t0, step0 = self._start
+        step = trainer.state.step
+        if self.rescheduled_to is not None and step >= self.rescheduled_to:
+            self.fired = trainer.state.should_stop = True  # the rate is 0 from here on
+        if step - step0 != PROBE_STEPS:
+            return
+        now = time.monotonic()
+        reachable = step + int((self.at - now) / ((now - t0) / PROBE_STEPS))
+        if reachable < trainer.total_steps():
+            warmup = int(trainer.cfg.warmup_ratio * reachable)
+            groups = len(trainer.scheduler.lr_lambdas)  # one multiplier per parameter group
+            trainer.scheduler.lr_lambdas = [linear_factor(warmup, reachable)] * groups
+            self.rescheduled_to = max(reachable, step + 1)
 
 
 # ---------------------------------------------------------------------- what the routes see
