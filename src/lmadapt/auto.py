@@ -653,13 +653,15 @@ def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dic
         t0 = time.monotonic()
         try:
             outcome = route.run(plan, run_dir, time.monotonic() + share * (1 - RESERVE))
+            speed = _predict_speed(run_dir, speed_file, plan.device)  # also: it reloads
         except _Skip as e:
             row.update(status="skipped", reason=str(e))
             continue
         except (TrainingInterrupted, KeyboardInterrupt):
             raise
         except Exception as e:  # one failing route must not lose the others
-            row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            first = (str(e).splitlines() or [""])[0]
+            row.update(status="failed", reason=f"{type(e).__name__}: {first}")
             (out / "routes").mkdir(exist_ok=True)
             write_text(out / "routes" / f"{name}.error.txt", traceback.format_exc())
             continue
@@ -672,7 +674,7 @@ def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dic
             dev_loss=m["dev"].get("loss"),  # distillation reports none
             steps=m["steps"],
             train_seconds=m["train_seconds"],
-            predict_per_second=round(_predict_speed(run_dir, speed_file, plan.device), 1),
+            predict_per_second=round(speed, 1),
             size_mb=round(dir_bytes(run_dir / "model") / 2**20, 2),
             wall_seconds=round(time.monotonic() - t0, 1),
         )
