@@ -525,6 +525,7 @@ def auto(
             models=models or {},
         )
         t, profile, metric, mode = plan.task, plan.profile, plan.metric, plan.mode
+        speed_rows = len(plan.task.read(str(speed_file), fmt, labelled=False))
         rows = _run_routes(plan, out, end, speed_file)
         ok = [r for r in rows if r["status"] in OK]
         winner = _best(ok, mode) if ok else None
@@ -547,6 +548,7 @@ def auto(
             "metric": metric,
             "direction": mode,
             "prefer": prefer,
+            "speed_rows": speed_rows,
             "winner": winner and winner["route"],
             "winner_dir": winner and winner["run_dir"],
             "test_metrics": test,
@@ -779,7 +781,8 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
     lines += [
         "",
         "Predict speed: `lmadapt predict` on "
-        f"{SPEED_ROWS} dev examples, tokenisation included, loading excluded. Size: the run's "
+        f"{result['speed_rows']} dev examples, tokenisation included, loading excluded. Size: "
+        "the run's "
         "model/ directory (an adapter with its base named, or every weight).",
     ]
     if result["test_metrics"]:
