@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 
 from lmadapt.api import load_run, predict
-from lmadapt.auto import auto, carve_dev, fitting_routes, make_plan, parse_budget, read_train
+from lmadapt.auto import auto, parse_budget
+from lmadapt.auto.plan import carve_dev, make_plan, read_train
+from lmadapt.auto.routes import fitting_routes
 from lmadapt.cli import main
 from lmadapt.errors import ConfigError
 from tests.conftest import sentiment_rows, write_csv
 from tests.tasks.test_token_classification import ner_sentences, write_conll
 
-auto_mod = importlib.import_module("lmadapt.auto")  # `lmadapt.auto` is the function
+plan_mod = importlib.import_module("lmadapt.auto.plan")  # `lmadapt.auto` is the function
+routes_mod = importlib.import_module("lmadapt.auto.routes")
 
 
 @pytest.mark.parametrize(
@@ -56,7 +59,7 @@ def test_route_choice_follows_the_data(tmp_path, monkeypatch):
     plan.prefer = "speed"
     assert fitting_routes(plan) == ["zero_shot", "lora", "prompt_ft", "distill"]
 
-    monkeypatch.setattr(auto_mod, "FEW_PER_LABEL", 10)  # 16 per label now counts as many
+    monkeypatch.setattr(plan_mod, "FEW_PER_LABEL", 10)  # 16 per label now counts as many
     many = make_plan(few, None, tmp_path / "b")[0]
     assert fitting_routes(many) == ["zero_shot", "lora", "full"]
 
@@ -77,7 +80,7 @@ def test_route_choice_follows_the_data(tmp_path, monkeypatch):
 
 
 def test_auto_runs_the_routes_and_the_winner_reloads(tmp_path, tiny_bert, tiny_llama, monkeypatch):
-    monkeypatch.setattr(auto_mod, "TARGET_SAMPLES", 60)  # 2 epochs: seconds, not minutes
+    monkeypatch.setattr(plan_mod, "TARGET_SAMPLES", 60)  # 2 epochs: seconds, not minutes
     train = write_csv(tmp_path / "train.csv", sentiment_rows(32, seed=1))
     test = write_csv(tmp_path / "test.csv", sentiment_rows(12, seed=3))
     out = tmp_path / "auto"
@@ -104,10 +107,10 @@ def test_auto_runs_the_routes_and_the_winner_reloads(tmp_path, tiny_bert, tiny_l
 
 
 def test_budget_exhaustion_skips_the_remaining_routes(tmp_path, tiny_bert, monkeypatch):
-    monkeypatch.setattr(auto_mod.HeadLora, "min_seconds", 1.0)
-    monkeypatch.setattr(auto_mod.HeadFull, "min_seconds", 10_000.0)
-    monkeypatch.setattr(auto_mod, "FEW_PER_LABEL", 5)
-    monkeypatch.setattr(auto_mod, "TARGET_SAMPLES", 60)
+    monkeypatch.setattr(routes_mod.HeadLora, "min_seconds", 1.0)
+    monkeypatch.setattr(routes_mod.HeadFull, "min_seconds", 10_000.0)
+    monkeypatch.setattr(plan_mod, "FEW_PER_LABEL", 5)
+    monkeypatch.setattr(plan_mod, "TARGET_SAMPLES", 60)
     train = write_conll(tmp_path / "train.conll", ner_sentences(30))
     out = tmp_path / "auto"
     result = auto(train, budget="16s", out=out, models={"lora": tiny_bert, "full": tiny_bert})
@@ -120,8 +123,8 @@ def test_budget_exhaustion_skips_the_remaining_routes(tmp_path, tiny_bert, monke
 
 
 def test_prefer_speed_distils_the_best_head_into_half_the_blocks(tmp_path, tiny_bert, monkeypatch):
-    monkeypatch.setattr(auto_mod, "FEW_PER_LABEL", 5)
-    monkeypatch.setattr(auto_mod, "TARGET_SAMPLES", 60)
+    monkeypatch.setattr(plan_mod, "FEW_PER_LABEL", 5)
+    monkeypatch.setattr(plan_mod, "TARGET_SAMPLES", 60)
     rows = [(t, "1" if y == "pos" else "0") for t, y in sentiment_rows(40)]
     train = write_csv(tmp_path / "train.csv", rows)
     models = {"lora": tiny_bert, "full": tiny_bert, "distill": tiny_bert}
@@ -135,7 +138,7 @@ def test_prefer_speed_distils_the_best_head_into_half_the_blocks(tmp_path, tiny_
 
 def test_deadline_stops_the_loop(tmp_path, run_config):
     from lmadapt.api import train
-    from lmadapt.auto import Deadline
+    from lmadapt.auto.routes import Deadline
     from lmadapt.config import build_run_config
 
     hook = Deadline(0.0)  # long past
@@ -150,7 +153,7 @@ def test_deadline_anneals_the_rate_into_the_time_left(monkeypatch):
     from lmadapt.train.loop import TrainState, linear_schedule
 
     clock = [100.0]
-    monkeypatch.setattr(auto_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(routes_mod.time, "monotonic", lambda: clock[0])
 
     class Trainer:  # what the hook reads of the loop
         state, cfg = TrainState(), TrainConfig(warmup_ratio=0.0)
@@ -160,7 +163,7 @@ def test_deadline_anneals_the_rate_into_the_time_left(monkeypatch):
         def total_steps(self):
             return 1000
 
-    trainer, hook = Trainer(), auto_mod.Deadline(130.0)
+    trainer, hook = Trainer(), routes_mod.Deadline(130.0)
     hook.on_train_start(trainer)
     while not trainer.state.should_stop:
         clock[0] += 1.0  # one second a step: 30 steps fit, not 1000
