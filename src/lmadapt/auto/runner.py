@@ -24,8 +24,9 @@ from lmadapt.train.loop import TrainingInterrupted
 
 RESERVE = 0.25
 """Share of a route's time kept for loading, the final evaluation and the speed probe."""
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([hms]?)")
-_UNITS = {"h": 3600, "m": 60, "s": 1, "": 1}
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_DURATION = re.compile(f"(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s?)?")
+"""Hours, minutes, seconds, each optional and in that order: 90s, 10m, 1h30m, 45."""
 
 
 def parse_budget(budget: str | float) -> float:
@@ -33,13 +34,11 @@ def parse_budget(budget: str | float) -> float:
     if isinstance(budget, (int, float)):
         seconds = float(budget)
     else:
-        text = budget.strip().lower()
-        parts = list(_DURATION.finditer(text))
-        if not parts or "".join(m.group(0) for m in parts).replace(" ", "") != text.replace(
-            " ", ""
-        ):
+        match = _DURATION.fullmatch(budget.replace(" ", "").lower())
+        if match is None or not any(match.groups()):
             raise ConfigError("--budget", f"expected e.g. 90s, 10m, 1h or 1h30m, got {budget!r}")
-        seconds = sum(float(m.group(1)) * _UNITS[m.group(2)] for m in parts)
+        h, m, s = (float(g or 0) for g in match.groups())
+        seconds = 3600 * h + 60 * m + s
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError("--budget", f"must be a positive duration, got {budget!r}")
     return seconds
@@ -66,7 +65,8 @@ def auto(
     returns the leaderboard. `models` maps route names to models replacing their defaults;
     `template`/`verbalizer` give the prompting routes their words (see `prompt_recipe`)."""
     seconds = parse_budget(budget)
-    end = time.monotonic() + seconds
+    started = time.monotonic()
+    end = started + seconds
     if prefer not in ("accuracy", "speed"):
         raise ConfigError("--prefer", f"must be accuracy or speed, got {prefer!r}")
     unknown = sorted(set(models or {}) - set(ROUTES.names()))
@@ -110,7 +110,7 @@ def auto(
             "task": t.description,
             "profile": profile.to_dict(),
             "budget_seconds": seconds,
-            "wall_seconds": round(seconds - (end - time.monotonic()), 1),
+            "wall_seconds": round(time.monotonic() - started, 1),
             "metric": metric,
             "direction": mode,
             "prefer": prefer,
