@@ -619,7 +619,12 @@ def _auto(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/auto", help="output directory (runs/auto)")
     p.add_argument("--test", help="test file, scored for the winner only (never for selection)")
     p.add_argument("--task", help="classification or token_classification (default: inferred)")
-    p.add_argument("--prefer", choices=["accuracy", "speed"], default="accuracy")
+    p.add_argument(
+        "--prefer",
+        choices=["accuracy", "speed"],
+        default="accuracy",
+        help="speed: also distil the best head classifier into a smaller student",
+    )
     p.add_argument("--template", help="prompt template for the prompting routes (e.g. sentiment)")
     p.add_argument(
         "--verbalizer", metavar="LABEL=WORD,...", help="words the prompting routes score"
