@@ -39,13 +39,15 @@ def test_bad_budget_names_the_option(text):
 def test_dev_carve_is_stratified_disjoint_and_reads_back(tmp_path):
     # 3:1 imbalance: a carve that ignored labels could drift from it
     rows = [(f"good {i}", "pos") for i in range(60)] + [(f"bad {i}", "neg") for i in range(20)]
+    rows.append(("so so", "meh"))  # alone in its label: it must stay in train
     path = write_csv(tmp_path / "train.csv", rows)
     plan, carved, _ = make_plan(path, None, tmp_path / "out")
-    assert carved == {"train": 64, "dev": 16}
+    assert carved == {"train": 65, "dev": 16}
     train = plan.task.read(str(plan.train))
     dev = plan.task.read(str(plan.dev))
     assert Counter(ex.label for ex in dev) == {"pos": 12, "neg": 4}  # the 3:1 share kept
     assert not {ex.text for ex in train} & {ex.text for ex in dev}
+    assert "so so" in {ex.text for ex in train}
     assert {ex.text for ex in train} | {ex.text for ex in dev} == {t for t, _ in rows}
     _, task, examples = read_train(path, "auto", None)
     profile = task.profile(examples)

@@ -103,23 +103,26 @@ def read_train(path: str | Path, fmt: str, task: str | None) -> tuple[Any, Any, 
 
 def carve_dev(profile: DataProfile, seed: int) -> tuple[list[int], list[int]]:
     """(train indices, dev indices), stratified by the profile's strata: DEV_FRACTION of the
-    examples, at most DEV_MAX, at least one per stratum. Strata with a single example cannot be
-    split in proportion and join a common 'rare' stratum."""
-    n = profile.examples
+    examples, at most DEV_MAX, at least one per stratum. An example alone in its stratum (a
+    label seen once) stays in train: in dev it would be a label no route had learned."""
     counts = Counter(profile.strata)
-    strata = [s if counts[s] > 1 else "\x00rare" for s in profile.strata]
-    merged = Counter(strata)
-    kinds = len(merged)
-    size = min(DEV_MAX, max(kinds, round(DEV_FRACTION * n)))
-    if n - size < kinds:
+    alone = [i for i, s in enumerate(profile.strata) if counts[s] == 1]
+    rest = [i for i, s in enumerate(profile.strata) if counts[s] > 1]
+    kinds = sum(1 for c in counts.values() if c > 1)
+    size = min(DEV_MAX, max(kinds, round(DEV_FRACTION * len(rest))))
+    if not kinds or len(rest) - size < kinds:
         raise DataError(
-            "train", f"{n} examples are too few to carve a dev set out of; pass a DEV file"
+            "train",
+            f"{profile.examples} examples are too few to carve a dev set out of; pass a DEV file",
         )
-    stratify = strata if min(merged.values()) > 1 else None  # a lone rare example: unstratified
     tr, dv = train_test_split(
-        list(range(n)), test_size=size, stratify=stratify, random_state=seed, shuffle=True
+        rest,
+        test_size=size,
+        stratify=[profile.strata[i] for i in rest],
+        random_state=seed,
+        shuffle=True,
     )
-    return sorted(tr), sorted(dv)
+    return sorted(tr + alone), sorted(dv)
 
 
 def prompt_recipe(
