@@ -38,6 +38,7 @@ _HOME = {
     "robustness": "lmadapt.api",
     "explain": "lmadapt.api",
     "ui": "lmadapt.ui",
+    "auto": "lmadapt.auto",
 }
 __all__ = sorted(_HOME)
 

@@ -636,5 +636,73 @@ def _ui(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+@command(
+    "auto",
+    "try the routes that fit the data within a time budget; keep the best as OUT/winner",
+    api="auto",
+)
+def _auto(p: argparse.ArgumentParser) -> None:
+    p.add_argument("train", help="labelled training file (csv, tsv, jsonl, CoNLL)")
+    p.add_argument("dev", nargs="?", help="dev file; default: a stratified share of TRAIN")
+    p.add_argument("--budget", default="10m", help="time for all routes: 90s, 10m, 1h (10m)")
+    p.add_argument("--out", default="runs/auto", help="output directory (runs/auto)")
+    p.add_argument("--test", help="test file, scored for the winner only (never for selection)")
+    p.add_argument("--task", help="classification or token_classification (default: inferred)")
+    p.add_argument(
+        "--prefer",
+        choices=["accuracy", "speed"],
+        default="accuracy",
+        help="speed: also distil the best head classifier into a smaller student",
+    )
+    p.add_argument("--template", help="prompt template for the prompting routes (e.g. sentiment)")
+    p.add_argument(
+        "--verbalizer", metavar="LABEL=WORD,...", help="words the prompting routes score"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="ROUTE=MODEL",
+        help="replace a route's model (repeatable)",
+    )
+    p.add_argument("--format", default="auto")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _device_arg(p)
+
+    def pairs(text: str, option: str) -> dict[str, str]:
+        out = {}
+        for item in filter(None, text.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise LmadaptError(f"{option}: expected KEY=VALUE, got {item!r}")
+            out[key.strip()] = value.strip()
+        return out
+
+    def run(a: argparse.Namespace) -> None:
+        from lmadapt.auto import auto
+
+        result = auto(
+            a.train,
+            a.dev,
+            budget=a.budget,
+            out=a.out,
+            test_file=a.test,
+            task=a.task,
+            prefer=a.prefer,
+            template=a.template,
+            verbalizer=pairs(a.verbalizer, "--verbalizer") if a.verbalizer else None,
+            models=pairs(",".join(a.model), "--model"),
+            fmt=a.format,
+            seed=a.seed,
+            device=a.device,
+            overwrite=a.overwrite,
+        )
+        print((Path(a.out) / "report.md").read_text(encoding="utf-8"))
+        print(f"winner: {result['winner_dir']}")
+
+    p.set_defaults(run=run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,7 +52,7 @@ from lmadapt.session import (
 )
 from lmadapt.tasks import build_task
 from lmadapt.train.distributed import Distributed
-from lmadapt.train.loop import Trainer
+from lmadapt.train.loop import Hook, Trainer
 
 
 @dataclass
@@ -123,9 +123,13 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
 
 
 def run_distill(
-    config: DistillConfig | str | Path, overrides: list[str] | None = None
+    config: DistillConfig | str | Path,
+    overrides: list[str] | None = None,
+    hooks: list[Hook] | None = None,
 ) -> dict[str, Any]:
-    """Distil the configured teacher into the student; returns the run's metrics.json content."""
+    """Distil the configured teacher into the student; returns the run's metrics.json content.
+
+    `hooks` join the training loop (e.g. `lmadapt auto`'s deadline)."""
     if not isinstance(config, DistillConfig):
         config = load_distill_config(config, overrides)
     run, opt = config.student, config.options
@@ -194,7 +198,8 @@ def run_distill(
             dev_examples=dev,
             dist=Distributed(device=device),  # one process; back on the CPU when it returns
         )
-        trainer.hooks += method.hooks(model, trainer.total_steps())  # e.g. AdaLoRA's rank budget
+        # e.g. AdaLoRA's rank budget
+        trainer.hooks += method.hooks(model, trainer.total_steps()) + (hooks or [])
         result = trainer.fit()
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         with atomic_dir(out / "model") as tmp:

@@ -7,6 +7,7 @@ evaluated, decoded and served): callers ask the task and keep no table of task n
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -174,6 +175,38 @@ class Task(Protocol):
         """What `lmadapt explain` attributes in each example: its encoded input, its words and
         one target per output to explain (the predicted label, or `label`; each predicted
         entity). Refuses, as a LmadaptError, a task it cannot explain or an unknown `label`."""
+
+
+@dataclass
+class DataProfile:
+    """What a task says about a labelled training set (`profile`): what `lmadapt auto` chooses
+    its routes by and carves a stratified dev set with. Only tasks that `lmadapt auto` can
+    adapt describe their data this way."""
+
+    examples: int
+    label_counts: dict[str, int]
+    """Examples per label (classification) or entity mentions per type (token classification):
+    the "examples per class" that decides between few-shot and many-shot routes."""
+    strata: list[str]
+    """One per example: what a stratified split keeps in proportion (e.g. its label)."""
+    source_lines: list[list[int]]
+    """One per example: the lines of its file it was read from, so a subset of the file can be
+    written in the file's own format (and read back by the same task config)."""
+    mean_words: float
+    max_words: int
+
+    @property
+    def min_per_label(self) -> int:
+        return min(self.label_counts.values(), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "label_counts": self.label_counts,
+            "min_per_label": self.min_per_label,
+            "mean_words": round(self.mean_words, 1),
+            "max_words": self.max_words,
+        }
 
 
 def cannot_explain(task: Task) -> LmadaptError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation, LogitsTask
+from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask
 
 TEXT_DEFAULTS = ("text", "sentence", "sentence1", "question")
 PAIR_DEFAULTS = {"sentence1": "sentence2", "question": "passage", "premise": "hypothesis"}
@@ -192,6 +193,27 @@ class ClassificationTask(LogitsTask):
             raise DataError(file, "no labels found", field=self.cfg.label_column)
         numeric = all(n.lstrip("-").isdigit() for n in names)
         self.labels = sorted(names, key=int) if numeric else sorted(names)
+
+    def profile(self, examples: list[Example]) -> DataProfile:
+        """Examples per label (each label of a multi-label row counts), stratified by the label
+        (multi-label: the row's label set; regression: its quartile)."""
+        if self.regression:
+            cuts = np.quantile([ex.label for ex in examples], [0.25, 0.5, 0.75])
+            strata = [f"q{int(np.searchsorted(cuts, ex.label))}" for ex in examples]
+            counts = {"score": len(examples)}
+        else:
+            strata = ["+".join(ex.label) if self.multi else ex.label for ex in examples]
+            names = [n for ex in examples for n in (ex.label if self.multi else [ex.label])]
+            counts = dict(sorted(Counter(names).items()))
+        words = [len(ex.text.split()) + len((ex.text_pair or "").split()) for ex in examples]
+        return DataProfile(
+            examples=len(examples),
+            label_counts=counts,
+            strata=strata,
+            source_lines=[[ex.line] for ex in examples],
+            mean_words=float(np.mean(words)) if words else 0.0,
+            max_words=max(words, default=0),
+        )
 
     def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
         """The examples whose labels occur in the training data; the others are bad rows."""

@@ -9,6 +9,7 @@ Reading tagged sentences lives in `lmadapt.data.tagged`, the metrics in `lmadapt
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from lmadapt.evaluate.report import markdown_table
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation, LogitsTask
+from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask
 
 IGNORE = -100
 """Label of positions the loss skips (special tokens, non-first subwords, padding)."""
@@ -153,6 +154,25 @@ class TokenClassificationTask(LogitsTask):
         if not kinds:
             raise DataError(train[0].file, "no entities in the training data (every tag is O)")
         self.labels = ["O"] + [f"{p}-{k}" for k in sorted(kinds) for p in "BI"]
+
+    def profile(self, examples: list[Example]) -> DataProfile:
+        """Entity mentions per type; a sentence's stratum is its most frequent entity type (O
+        without entities), so a carved dev set keeps each type's share of sentences."""
+        counts: Counter[str] = Counter()
+        strata = []
+        for ex in examples:
+            mentions = Counter(t[2:] for t in ex.tags or [] if t.startswith("B-"))
+            counts.update(mentions)
+            strata.append(mentions.most_common(1)[0][0] if mentions else "O")
+        words = [len(ex.words) for ex in examples]
+        return DataProfile(
+            examples=len(examples),
+            label_counts=dict(sorted(counts.items())),
+            strata=strata,
+            source_lines=[list(ex.lines) if ex.lines else [ex.line] for ex in examples],
+            mean_words=float(np.mean(words)) if words else 0.0,
+            max_words=max(words, default=0),
+        )
 
     def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
         """The sentences whose entity types occur in the training data; the others are bad."""

@@ -171,13 +171,20 @@ def build_optimizer(
     )
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
+def linear_factor(warmup: int, total: int) -> Any:
+    """The learning-rate multiplier at each step: linear warm-up, then linear decay to 0 at
+    `total` (a hook that shortens the run swaps it in, e.g. `lmadapt auto`'s deadline)."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, linear_factor(warmup, total))
 
 
 def frozen_in_bf16(model: torch.nn.Module) -> Any:

@@ -1,0 +1,24 @@
+"""`lmadapt auto`: pick the adaptation route that fits the data, within a time budget.
+
+It reads the training file with the task that accepts it (or the one named), asks the task to
+describe the data (`DataProfile`: examples per label, lengths), carves a stratified dev set out of
+train when none is given (written as files, so every route reads the same dev; a test file is
+never used for selection and is scored for the winner only), then runs the routes that fit,
+cheapest first, each an ordinary `lmadapt.api.train` run (distillation: `run_distill`) with a
+`Deadline` hook that fits the one training loop into the route's share of the budget. The best
+dev metric wins; its run directory is moved to OUT/winner, where predict, serve and export read
+it as they read any run. report.md and leaderboard.json list every route: its dev metric,
+training time, prediction speed, artifact size and status (or why it was skipped).
+
+The budget bounds training; loading, the final evaluation and the speed probe of the route
+running when it ends come on top (each route keeps a quarter of its share for them).
+
+    plan.py    the data: task, profile, carved dev set, prompt
+    routes.py  the routes (one class each, registered cheapest first) and the Deadline hook
+    runner.py  the budget, the routes in turn, the winner, report.md and leaderboard.json
+"""
+
+from lmadapt.auto.routes import ROUTES, Deadline
+from lmadapt.auto.runner import auto, parse_budget
+
+__all__ = ["ROUTES", "Deadline", "auto", "parse_budget"]

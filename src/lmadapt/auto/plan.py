@@ -1,0 +1,212 @@
+"""What `lmadapt auto` knows before any route runs: the task that reads the training file, the
+task's profile of the data (examples per label, lengths), a stratified dev set carved out of train
+when none is given (written as files in the file's own format, so every route reads the same
+dev), and the prompt the prompting routes would use."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sklearn.model_selection import train_test_split
+
+from lmadapt.config import TrainConfig
+from lmadapt.data.subset import write_subset
+from lmadapt.errors import ConfigError, DataError
+from lmadapt.prompting.templates import template_verbalizer
+from lmadapt.schema import parse_section
+from lmadapt.tasks import TASKS, build_task
+from lmadapt.tasks.base import DataProfile
+from lmadapt.train.loop import checkpoint_metric
+
+INFERRED = ("token_classification", "classification")
+"""Task types `auto` tells apart by reading the file: the first whose reader accepts it wins.
+Tagged sentences come first: a CoNLL file is no table, and a table has no tokens and tags."""
+FEW_PER_LABEL = 100
+"""Below this many training examples for some label the data counts as few-shot: prompt-based
+fine-tuning through the LM head beat a new classifier head on the same model by 0.31 at 16 and
+0.14 at 64 per class on SST-2 (bench/results/prompt_ft_vs_head.md)."""
+DEV_FRACTION = 0.2
+DEV_MAX = 500
+"""A carved dev set takes this share of train, at most this many examples: enough to rank the
+routes (a standard error of about 2 points of accuracy), cheap to score after every epoch."""
+SPEED_ROWS = 200
+"""Dev examples the prediction-speed probe of each route predicts (tokenisation included)."""
+TARGET_SAMPLES = 3000
+"""Training examples a route aims to see (epochs = this / train size, within the route's
+bounds): a few thousand steps' worth of samples converge the shipped recipes on small sets."""
+
+
+@dataclass
+class Plan:
+    """What every route reads: the data, its task and profile, the dev split, the prompt."""
+
+    task_section: Any
+    task: Any
+    profile: DataProfile
+    train: Path
+    dev: Path
+    fmt: str
+    metric: str
+    mode: str
+    prompt: dict[str, Any] | None
+    """{'template': ..., 'verbalizer': ...} for the prompting routes, None when they cannot run."""
+    prompt_reason: str
+    """Why there is no prompt (labels are not words and none was given)."""
+    prefer: str
+    seed: int
+    device: str
+    models: dict[str, str] = field(default_factory=dict)
+    """Route name -> model, replacing the route's default (tests use tiny models)."""
+    done: list[dict[str, Any]] = field(default_factory=list)
+    """Leaderboard rows of the routes finished so far (distillation picks its teacher here)."""
+
+    @property
+    def few_limit(self) -> int:
+        return FEW_PER_LABEL
+
+    @property
+    def few(self) -> bool:
+        return self.profile.min_per_label < self.few_limit
+
+    def epochs(self, most: int) -> int:
+        """Passes over train: TARGET_SAMPLES' worth, 1 to `most`."""
+        return max(1, min(most, round(TARGET_SAMPLES / max(1, self.profile.examples))))
+
+
+def read_train(path: str | Path, fmt: str, task: str | None) -> tuple[Any, Any, list[Any]]:
+    """(task section, task fitted on train, examples) for the named task type, or the first of
+    INFERRED whose reader accepts the file."""
+    names = [task] if task else list(INFERRED)
+    refusals = []
+    for name in names:
+        if name not in INFERRED:
+            raise ConfigError("--task", f"auto adapts {' and '.join(INFERRED)}, not {name!r}")
+        section = parse_section(TASKS, "type", name, "--task")
+        t = build_task(section)
+        try:
+            examples = t.read(str(path), fmt)
+        except DataError as e:
+            if task:
+                raise
+            refusals.append(f"{name}: {str(e).splitlines()[0]}")
+            continue
+        t.fit(examples)
+        return section, t, examples
+    raise DataError(
+        str(path), "no task reads this file (" + "; ".join(refusals) + "); pass --task TYPE"
+    )
+
+
+def carve_dev(profile: DataProfile, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, dev indices), stratified by the profile's strata: DEV_FRACTION of the
+    examples, at most DEV_MAX, at least one per stratum. An example alone in its stratum (a
+    label seen once) stays in train: in dev it would be a label no route had learned."""
+    counts = Counter(profile.strata)
+    alone = [i for i, s in enumerate(profile.strata) if counts[s] == 1]
+    rest = [i for i, s in enumerate(profile.strata) if counts[s] > 1]
+    kinds = sum(1 for c in counts.values() if c > 1)
+    size = min(DEV_MAX, max(kinds, round(DEV_FRACTION * len(rest))))
+    if not kinds or len(rest) - size < kinds:
+        raise DataError(
+            "train",
+            f"{profile.examples} examples are too few to carve a dev set out of; pass a DEV file",
+        )
+    tr, dv = train_test_split(
+        rest,
+        test_size=size,
+        stratify=[profile.strata[i] for i in rest],
+        random_state=seed,
+        shuffle=True,
+    )
+    return sorted(tr + alone), sorted(dv)
+
+
+def prompt_recipe(
+    labels: list[str], template: Any, verbalizer: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, str]:
+    """The template and verbalizer of the prompting routes, or why they cannot run.
+
+    Given a template, its suggested verbalizer (or the given one); without one, labels that are
+    words are their own verbalizer under a generic instruction naming them. Numeric labels say
+    nothing an LM could score, so the user must name the words (e.g. --template sentiment)."""
+    if template is None:
+        template = {
+            "instruction": f"Classify the text as one of: {', '.join(labels)}.",
+            "input": "Text: {text}",
+            "output": "Answer: {label}",
+        }
+        if verbalizer is None:
+            if not all(re.fullmatch(r"[A-Za-z][A-Za-z _-]*", name) for name in labels):
+                return None, (
+                    f"labels {', '.join(labels[:5])} are not words an LM could score; "
+                    "pass --template (e.g. sentiment) or --verbalizer"
+                )
+            verbalizer = {name: name.replace("_", " ") for name in labels}
+    elif verbalizer is None:
+        verbalizer = template_verbalizer(template) if isinstance(template, str) else None
+        if verbalizer is None:
+            return None, "the template suggests no verbalizer; pass --verbalizer"
+    missing = [name for name in labels if name not in verbalizer]
+    if missing:
+        return None, f"the verbalizer has no word for label(s) {', '.join(missing)}"
+    return {"template": template, "verbalizer": verbalizer}, ""
+
+
+def make_plan(
+    train_file: str | Path,
+    dev_file: str | Path | None,
+    out: Path,
+    *,
+    fmt: str = "auto",
+    task: str | None = None,
+    template: str | dict[str, Any] | None = None,
+    verbalizer: dict[str, Any] | None = None,
+    prefer: str = "accuracy",
+    seed: int = 42,
+    device: str = "auto",
+    models: dict[str, str] | None = None,
+) -> tuple[Plan, dict[str, int] | None, Path]:
+    """Read and profile the data, carve a dev set into OUT/data when none is given, and write
+    the speed probe's file there: (plan, carved split sizes or None, speed file)."""
+    section, t, examples = read_train(train_file, fmt, task)
+    profile = t.profile(examples)
+    train_path, dev_path, carved = Path(train_file), dev_file, None
+    suffix = Path(train_file).suffix
+    if dev_file is None:
+        tr, dv = carve_dev(profile, seed)
+        lines = profile.source_lines
+        data = out / "data"
+        train_path = write_subset(train_file, fmt, [lines[i] for i in tr], data / f"train{suffix}")
+        dev_path = write_subset(train_file, fmt, [lines[i] for i in dv], data / f"dev{suffix}")
+        carved = {"train": len(tr), "dev": len(dv)}
+        profile = t.profile([examples[i] for i in tr])  # what the routes train on
+    dev_examples = t.check(t.read(str(dev_path), fmt))
+    speed_file = write_subset(
+        dev_path,
+        fmt,
+        t.profile(dev_examples).source_lines[:SPEED_ROWS],
+        out / "data" / f"speed{Path(dev_path).suffix}",
+    )
+    metric, mode = checkpoint_metric(TrainConfig(), t)
+    prompt, prompt_reason = prompt_recipe(list(t.labels), template, verbalizer)
+    plan = Plan(
+        section,
+        t,
+        profile,
+        train_path,
+        Path(dev_path),
+        fmt,
+        metric,
+        mode,
+        prompt,
+        prompt_reason,
+        prefer,
+        seed,
+        device,
+        dict(models or {}),
+    )
+    return plan, carved, speed_file

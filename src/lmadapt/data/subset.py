@@ -1,0 +1,44 @@
+"""Write a subset of a data file in the file's own format, so that the same task config reads it.
+
+Used to carve a dev set out of a training file (`lmadapt auto`): each kept example is named by
+the lines it was read from (`tasks.base.DataProfile.source_lines`), and the subset keeps its
+columns, header and format, rather than a re-encoding that could read back differently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from lmadapt.data.conll import is_conll
+from lmadapt.data.readers import detect_format, read_records, read_text
+
+
+def write_subset(src: str | Path, fmt: str, groups: list[list[int]], out: str | Path) -> Path:
+    """Write the examples whose source lines are `groups` (one list per example, in the order
+    to write them) from `src` to `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if is_conll(src, fmt):  # one sentence a block of token lines, blocks split by blank lines
+        lines = read_text(src).split("\n")
+        blocks = ["\n".join(lines[i - 1] for i in group) for group in groups]
+        out.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+        return out
+    fmt = detect_format(src, fmt)
+    if fmt == "jsonl":  # one object a line: copied as it is
+        lines = read_text(src).split("\n")
+        out.write_text("".join(lines[g[0] - 1] + "\n" for g in groups), encoding="utf-8")
+        return out
+    # csv/tsv rows may span lines (quoted newlines) and json is one document: go through records,
+    # whose line numbers are the ones the examples were read with.
+    by_line = {r.line: r.fields for r in read_records(src, fmt)}
+    rows = [by_line[g[0]] for g in groups]
+    if fmt == "json":
+        out.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+        return out
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
