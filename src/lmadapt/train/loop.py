@@ -240,7 +240,9 @@ class Trainer:
     def batches_for_epoch(self, epoch: int) -> Batches:
         seed = self.cfg.seed + epoch
         grouped = self.cfg.group_by_length
-        if grouped if grouped is not None else self.task.groups_by_length:
+        if grouped is None:  # the task's choice
+            grouped = self.task.groups_by_length
+        if grouped:
             return length_grouped_batches(self.lengths, self.cfg.batch_size, seed)
         return shuffled_batches(len(self.lengths), self.cfg.batch_size, seed)
 
