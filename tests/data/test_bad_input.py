@@ -179,7 +179,24 @@ GOOD_FILES = [
     # one TSV column is legal (an unlabelled file); the task then reports the missing columns
     ("csv-as-tsv", "a.tsv", b"text,label\nhi,pos\n", {"text,label": "hi,pos"}, 2),
     ("json-pretty", "a.json", b'[\n  {"text": "hi"}\n]\n', {"text": "hi"}, 1),
+    # TSV has no quoting: a quote is text (SUBJ's test.tsv has such rows)
+    (
+        "tsv-quote-is-text",
+        "a.tsv",
+        b'text\tlabel\n"so" it\t1\n',
+        {"text": '"so" it', "label": "1"},
+        2,
+    ),
 ]
+
+
+def test_tsv_stray_quote_does_not_merge_rows(tmp_path):
+    """Default csv quoting read these three rows as one, silently (SUBJ: 2,000 rows as 1,907)."""
+    path = tmp_path / "a.tsv"
+    path.write_bytes(b'text\tlabel\n"a quote opens it\t1\nmiddle\t0\nand one closes"\t1\n')
+    records = read_records(path)
+    assert [r.fields["text"] for r in records] == ['"a quote opens it', "middle", 'and one closes"']
+    assert [r.line for r in records] == [2, 3, 4]
 
 
 @pytest.mark.parametrize(

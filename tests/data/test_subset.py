@@ -11,16 +11,23 @@ from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 
 ROWS = [("a plain one", "pos"), ('with "quotes", and a comma', "neg"), ("two\nlines", "pos")]
+ROWS_TSV = [
+    ("a plain one", "pos"),
+    ('with "quotes", and a comma', "neg"),
+    ('"an open quote', "pos"),
+]
 
 
 def _write(path, fmt):
-    if fmt in ("csv", "tsv"):
+    if fmt == "csv":
         import csv
 
         with open(path, "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f, delimiter="," if fmt == "csv" else "\t")
+            w = csv.writer(f)
             w.writerow(["text", "label"])
             w.writerows(ROWS)
+    elif fmt == "tsv":  # no quoting in TSV: a row is a line, a quote is text
+        path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in ROWS_TSV))
     elif fmt == "jsonl":
         path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in ROWS))
     else:
@@ -36,7 +43,8 @@ def test_tabular_subset_reads_back(tmp_path, fmt):
     lines = task.profile(examples).source_lines
     out = write_subset(src, "auto", [lines[2], lines[1]], tmp_path / f"sub.{fmt}")
     back = task.read(str(out))
-    assert [(ex.text, ex.label) for ex in back] == [ROWS[2], ROWS[1]]  # in the order asked
+    rows = ROWS_TSV if fmt == "tsv" else ROWS
+    assert [(ex.text, ex.label) for ex in back] == [rows[2], rows[1]]  # in the order asked
 
 
 def test_conll_subset_keeps_whole_sentences(tmp_path):

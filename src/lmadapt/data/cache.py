@@ -40,8 +40,9 @@ import numpy as np
 
 from lmadapt.errors import LmadaptError
 
-FORMAT = 1
-"""The store layout's version; part of every key, so a new layout never reads an old store."""
+FORMAT = 2
+"""The store layout's (and readers') version; part of every key, so a new layout or a reader that
+reads a file differently never reuses an old store. 2: TSV read without quoting."""
 
 _CHUNK = 1 << 20
 """Bytes hashed at a time."""

@@ -157,8 +157,14 @@ def _no_nul(file: str, lines: Iterable[str]) -> Iterator[str]:
 def _read_delimited(
     file: str, lines: Iterable[str], delimiter: str, bad: BadRows
 ) -> Iterator[Record | None]:
-    """Records of a csv/tsv file's lines; None for a bad row (recorded in `bad`)."""
-    reader = csv.reader(_no_nul(file, lines), delimiter=delimiter)
+    """Records of a csv/tsv file's lines; None for a bad row (recorded in `bad`).
+
+    TSV has no quoting (IANA text/tab-separated-values; GLUE, SUBJ and HF's GLUE loaders read it
+    with QUOTE_NONE): a `"` is text. With csv's default quoting a stray quote at a field's start
+    silently merged every row up to the next quote into one field.
+    """
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(_no_nul(file, lines), delimiter=delimiter, quoting=quoting)
     kind = "TSV" if delimiter == "\t" else "CSV"
     try:
         # The header is the first non-blank row; csv.Error (e.g. a huge field) is a data error.

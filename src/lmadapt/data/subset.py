@@ -26,11 +26,12 @@ def write_subset(src: str | Path, fmt: str, groups: list[list[int]], out: str | 
         out.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
         return out
     fmt = detect_format(src, fmt)
-    if fmt == "jsonl":  # one object a line: copied as it is
+    if fmt in ("jsonl", "tsv"):  # one record a line (TSV has no quoting): lines copied as they are
         lines = read_text(src).split("\n")
-        out.write_text("".join(lines[g[0] - 1] + "\n" for g in groups), encoding="utf-8")
+        header = next(line + "\n" for line in lines if line.strip()) if fmt == "tsv" else ""
+        out.write_text(header + "".join(lines[g[0] - 1] + "\n" for g in groups), encoding="utf-8")
         return out
-    # csv/tsv rows may span lines (quoted newlines) and json is one document: go through records,
+    # csv rows may span lines (quoted newlines) and json is one document: go through records,
     # whose line numbers are the ones the examples were read with.
     by_line = {r.line: r.fields for r in read_records(src, fmt)}
     rows = [by_line[g[0]] for g in groups]
@@ -38,7 +39,7 @@ def write_subset(src: str | Path, fmt: str, groups: list[list[int]], out: str | 
         out.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
         return out
     with open(out, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+        writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return out
