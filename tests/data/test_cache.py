@@ -4,6 +4,7 @@ streamed (Parquet and save_to_disk inputs too) with the readers' per-row errors.
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 
@@ -124,6 +125,23 @@ def test_two_builders_of_one_key_both_finish_and_one_store_stays(feature_cache):
         t.join()
     assert len(stores) == 2 and all(list(s) == feats for s in stores)
     assert [p.name for p in (feature_cache / "features").iterdir()] == ["k"]  # no temp left
+
+
+def test_store_reads_fields_by_position_without_mapping_them(feature_cache):
+    """Ragged ints, floats and scalars come back as written, by index, negative index, slice
+    and after pickling (a spawned worker's copy); no feature file is memory-mapped, so pages
+    read by random access never count in the process's RSS (#23)."""
+    feats = [
+        {"input_ids": list(range(i + 1)), "weights": [0.5 * i] * 2, "labels": i} for i in range(7)
+    ]
+    store = cache.build("k", iter([feats[:3], feats[3:]]), lambda: {})
+    assert list(store) == feats and store[-1] == feats[6] and store[2:4] == feats[2:4]
+    assert store.lengths.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert list(pickle.loads(pickle.dumps(store))) == feats
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        mapped = maps.read_text()
+        assert ".values" not in mapped and ".offsets" not in mapped
 
 
 def test_num_proc_gives_the_same_features(run_config):

@@ -1,4 +1,4 @@
-"""Tokenized examples kept on disk, memory-mapped, built once per input and reused.
+"""Tokenized examples kept on disk, read by position, built once per input and reused.
 
 A store is a directory: per feature field a flat array of every example's values
 (`<field>.values`, raw little-endian) and, for per-token fields, where each example's values
@@ -7,10 +7,11 @@ each example); and `manifest.json` (sizes, checksums, and what the build learned
 fitted state, the rows it skipped). `FeatureStore` reads it back as a Sequence of the feature
 dicts `Task.encode` returns, so the collators and the training loop see no difference.
 
-Why numpy memmaps rather than Arrow through `datasets`: features are a handful of int columns,
-read one batch at a time by index. A memmap slice is one `tolist()` (no Arrow -> Python row
-conversion), a store needs no schema, and the writer appends chunks as they are encoded, so the
-build holds one chunk at a time. Arrow is still read as an input format (Parquet, save_to_disk).
+Why flat numpy files rather than Arrow through `datasets`: features are a handful of int
+columns, read one example at a time by index. An example is two `os.pread`s per field and one
+`tolist()` (no Arrow -> Python row conversion), a store needs no schema, and the writer appends
+chunks as they are encoded, so the build holds one chunk at a time. Arrow is still read as an
+input format (Parquet, save_to_disk).
 
 Stores live in `cache_root()/features/<key>`; the key hashes the input file's bytes, the
 tokenizer, the task's settings and whatever else changes the encoding (`cache_key`). A store is
@@ -95,23 +96,44 @@ def cache_key(*parts: Any) -> str:
 
 
 class FeatureStore(Sequence):
-    """A store's features as a read-only Sequence of dicts, each field memory-mapped.
+    """A store's features as a read-only Sequence of dicts.
 
     `store[i]` is what `Task.encode` gave for example i (lists of ints or floats, and
-    scalars); a slice gives a list of them. `lengths` is memory-mapped too, so batching by
-    length touches no feature."""
+    scalars); a slice gives a list of them. Fields are read with `os.pread`, not memory-mapped:
+    a mapped page touched by random access stays in the process's RSS (and the kernel maps ~64 KB
+    around each touch), which at 5M examples added ~200 MB by step 20; a read goes through the
+    page cache, which RSS does not count. `lengths` stays memory-mapped: batching by length reads
+    all of it once, sequentially, and touches no feature."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path, self.manifest = path, manifest
         self.n = manifest["features"]
-        self._values: dict[str, np.ndarray] = {}
-        self._offsets: dict[str, np.ndarray | None] = {}
-        for name, spec in manifest["fields"].items():
-            self._values[name] = _map(path / f"{name}.values", spec["dtype"], spec["count"])
-            self._offsets[name] = (
-                _map(path / f"{name}.offsets", "int64", self.n + 1) if spec["ragged"] else None
-            )
+        self.fields = {
+            name: (np.dtype(spec["dtype"]), spec["ragged"])
+            for name, spec in manifest["fields"].items()
+        }
         self.lengths = _map(path / "lengths", "int32", self.n)
+        self._fds: dict[str, int] = {}  # file -> descriptor; pread has no shared file position
+
+    def __getstate__(self) -> dict[str, Any]:  # descriptors are per process: reopened on use
+        return {"path": self.path, "manifest": self.manifest}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["manifest"])
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def _read(self, file: str, dtype: np.dtype, start: int, count: int) -> np.ndarray:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.path / file, os.O_RDONLY)
+        size = dtype.itemsize
+        data = os.pread(fd, count * size, start * size)
+        if len(data) != count * size:
+            raise LmadaptError(f"cached features {self.path / file} are shorter than the manifest")
+        return np.frombuffer(data, dtype)
 
     def __len__(self) -> int:
         return self.n
@@ -124,16 +146,19 @@ class FeatureStore(Sequence):
         if not 0 <= i < self.n:
             raise IndexError(i)
         out = {}
-        for name, values in self._values.items():
-            offsets = self._offsets[name]
-            if offsets is None:
-                out[name] = values[i].item()
+        for name, (dtype, ragged) in self.fields.items():
+            if ragged:
+                a, b = self._read(f"{name}.offsets", _OFFSET, i, 2).tolist()
+                out[name] = self._read(f"{name}.values", dtype, a, b - a).tolist()
             else:
-                out[name] = values[offsets[i] : offsets[i + 1]].tolist()
+                out[name] = self._read(f"{name}.values", dtype, i, 1)[0].item()
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(self.n))
+
+
+_OFFSET = np.dtype("<i8")
 
 
 def _map(path: Path, dtype: str, count: int) -> np.ndarray:
