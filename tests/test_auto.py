@@ -21,6 +21,7 @@ from tests.tasks.test_token_classification import ner_sentences, write_conll
 
 plan_mod = importlib.import_module("lmadapt.auto.plan")  # `lmadapt.auto` is the function
 routes_mod = importlib.import_module("lmadapt.auto.routes")
+runner_mod = importlib.import_module("lmadapt.auto.runner")
 
 
 @pytest.mark.parametrize(
@@ -122,6 +123,24 @@ def test_budget_exhaustion_skips_the_remaining_routes(tmp_path, tiny_bert, monke
     assert result["winner"] == "lora" and result["metric"] == "f1"
     preds = predict(out / "winner", texts=["Anna flew to Paris ."], device="cpu")
     assert len(preds) == 1
+
+
+def test_time_to_score_test_is_kept_back_from_later_routes(tmp_path, tiny_bert, monkeypatch):
+    """A finished route that predicts 0.5 examples a second would need 22s for 10 test
+    sentences: the next route is left what the budget has beyond that, here too little."""
+    monkeypatch.setattr(plan_mod, "FEW_PER_LABEL", 5)
+    monkeypatch.setattr(plan_mod, "TARGET_SAMPLES", 60)
+    monkeypatch.setattr(routes_mod.HeadFull, "min_seconds", 30.0)
+    monkeypatch.setattr(runner_mod, "_predict_speed", lambda *a: (1.0, 0.5))
+    train = write_conll(tmp_path / "train.conll", ner_sentences(30))
+    test = write_conll(tmp_path / "test.conll", ner_sentences(10, seed=5))
+    models = {"lora": tiny_bert, "full": tiny_bert}
+    result = auto(train, budget="50s", out=tmp_path / "o", test_file=test, models=models)
+    rows = {r["route"]: r for r in result["rows"]}
+    assert result["test_reserve_seconds"] == pytest.approx(1.1 * (1.0 + 10 / 0.5), abs=0.1)
+    assert rows["full"]["status"] == "skipped" and "of the budget left" in rows["full"]["reason"]
+    assert result["test_rows"] == 10 and result["test_seconds"] > 0
+    assert "were kept back for it" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_prefer_speed_distils_the_best_head_into_half_the_blocks(tmp_path, tiny_bert, monkeypatch):

@@ -92,16 +92,19 @@ def auto(
         )
         t, profile, metric, mode = plan.task, plan.profile, plan.metric, plan.mode
         speed_rows = len(plan.task.read(str(speed_file), fmt, labelled=False))
-        rows = _run_routes(plan, out, end, speed_file)
+        test_rows = len(t.read(str(test_file), fmt, labelled=False)) if test_file else 0
+        rows = _run_routes(plan, out, end, speed_file, test_rows)
         ok = [r for r in rows if r["status"] in OK]
         winner = best(ok, mode) if ok else None
-        test = None
+        test = test_seconds = None
         if winner is not None:
             dest = out / "winner"
             shutil.move(winner["run_dir"], dest)
             winner["run_dir"] = str(dest)
             if test_file is not None:
+                t0 = time.monotonic()
                 test = evaluate(dest, test_file, fmt, device)[0].metrics
+                test_seconds = round(time.monotonic() - t0, 1)
         result = {
             "train": str(train_file),
             "dev": str(dev_file) if dev_file else None,
@@ -118,6 +121,9 @@ def auto(
             "winner": winner and winner["route"],
             "winner_dir": winner and winner["run_dir"],
             "test_metrics": test,
+            "test_rows": test_rows,
+            "test_seconds": test_seconds,
+            "test_reserve_seconds": round(_test_reserve(rows, test_rows), 1),
             "rows": _ranked(rows, mode),
         }
         write_json(out / "leaderboard.json", result)
@@ -127,9 +133,27 @@ def auto(
     return result
 
 
-def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dict[str, Any]]:
+def _test_reserve(rows: list[dict[str, Any]], test_rows: int) -> float:
+    """Seconds kept back for scoring the test file with the winner, whichever finished route it
+    turns out to be: the slowest one's measured load time and predict speed, 10% spare."""
+    if not test_rows:
+        return 0.0
+    costs = [
+        r["load_seconds"] + test_rows / r["predict_per_second"]
+        for r in rows
+        if r.get("status") in OK
+    ]
+    return 1.1 * max(costs, default=0.0)
+
+
+def _run_routes(
+    plan: Plan, out: Path, end: float, speed_file: Path, test_rows: int = 0
+) -> list[dict[str, Any]]:
     """Every route in order: skipped with its reason, or run within its share of what is left
-    (what is left divided among the fitting routes still to run)."""
+    (what is left divided among the fitting routes still to run). What is left excludes the
+    time scoring `test_rows` test examples would take with any route finished so far, so the
+    whole command, test included, fits the budget (a route's own predict speed is known only
+    once it has run: a later, slower route can still overrun, by its test time at most)."""
     rows = []
     routes = [(e.name, e.impl(e.name)) for e in ROUTES]
     fitting = fitting_routes(plan)
@@ -145,7 +169,7 @@ def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dic
         if why is not None:
             row.update(status="skipped", reason=why)
             continue
-        left = end - time.monotonic()
+        left = end - time.monotonic() - _test_reserve(rows, test_rows)
         if left < route.min_seconds:
             row.update(
                 status="skipped",
@@ -160,7 +184,7 @@ def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dic
         t0 = time.monotonic()
         try:
             outcome = route.run(plan, run_dir, time.monotonic() + share * (1 - RESERVE))
-            speed = _predict_speed(run_dir, speed_file, plan.device)  # also: it reloads
+            load, speed = _predict_speed(run_dir, speed_file, plan.device)  # also: it reloads
         except Skip as e:
             row.update(status="skipped", reason=str(e))
             continue
@@ -182,6 +206,7 @@ def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dic
             steps=m["steps"],
             train_seconds=m["train_seconds"],
             predict_per_second=round(speed, 1),
+            load_seconds=round(load, 1),
             size_mb=round(dir_bytes(run_dir / "model") / 2**20, 2),
             wall_seconds=round(time.monotonic() - t0, 1),
         )
@@ -194,13 +219,14 @@ def _run_routes(plan: Plan, out: Path, end: float, speed_file: Path) -> list[dic
     return rows
 
 
-def _predict_speed(run_dir: Path, speed_file: Path, device: str) -> float:
-    """Examples per second of `lmadapt predict` on the speed file, loading excluded (it also
-    proves the run reloads)."""
-    loaded = load_run(run_dir, device)
+def _predict_speed(run_dir: Path, speed_file: Path, device: str) -> tuple[float, float]:
+    """(seconds to load the run, examples per second of `lmadapt predict` on the speed file,
+    loading excluded); loading also proves the run reloads."""
     t0 = time.perf_counter()
+    loaded = load_run(run_dir, device)
+    t1 = time.perf_counter()
     n = len(predict(loaded, file=speed_file))
-    return n / max(time.perf_counter() - t0, 1e-9)
+    return t1 - t0, n / max(time.perf_counter() - t1, 1e-9)
 
 
 def _ranked(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -231,8 +257,9 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
         f"{p['mean_words']} words on average, {p['max_words']} at most",
         f"- **dev**: {dev}",
         f"- **selection**: dev {metric} ({result['direction']}); test never read for it",
-        f"- **budget**: {result['budget_seconds']:.0f}s, used {result['wall_seconds']:.0f}s; "
-        f"prefer {result['prefer']}",
+        f"- **budget**: {result['budget_seconds']:.0f}s, used {result['wall_seconds']:.0f}s"
+        + _test_time(result)
+        + f"; prefer {result['prefer']}",
     ]
     if result["winner"]:
         lines.append(f"- **winner**: {result['winner']} -> `{result['winner_dir']}`")
@@ -304,3 +331,13 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
 def _status(row: dict[str, Any]) -> str:
     reason = row["reason"].replace("|", "/")
     return f"{row['status']}: {reason}"
+
+
+def _test_time(result: dict[str, Any]) -> str:
+    if result["test_seconds"] is None:
+        return ""
+    return (
+        f" (scoring {result['test_rows']:,} test examples with the winner took "
+        f"{result['test_seconds']:.0f}s of it; {result['test_reserve_seconds']:.0f}s were kept "
+        "back for it)"
+    )
