@@ -1,6 +1,6 @@
 """The peer for bench/ner_side_by_side.py: HF Trainer token classification at its usual settings.
 
-    python -m bench.ner_peer TRAIN DEV EPOCHS LR BATCH OUT
+    python -m bench.ner_peer TRAIN DEV EPOCHS LR BATCH OUT [SEED]
 
 MiniLM with AutoModelForTokenClassification, the first subword of each word labelled (the others
 -100), truncation at 128 subwords, linear decay, no warmup, no weight decay, fp32, dev entity F1
@@ -47,7 +47,8 @@ def read_conll(path: str) -> list[tuple[list[str], list[str]]]:
 
 def main() -> None:
     train_path, dev_path, epochs, lr, batch, out = sys.argv[1:7]
-    torch.manual_seed(42)
+    seed = int(sys.argv[7]) if len(sys.argv) > 7 else 42
+    torch.manual_seed(seed)
     train, dev = read_conll(train_path), read_conll(dev_path)
     labels = sorted({t for _, tags in train for t in tags})
     index = {t: i for i, t in enumerate(labels)}
@@ -94,7 +95,7 @@ def main() -> None:
         save_strategy="no",
         logging_strategy="no",
         report_to=[],
-        seed=42,
+        seed=seed,
         use_cpu=True,
         disable_tqdm=True,
     )

@@ -1,6 +1,6 @@
 """NER learning speed, lmadapt vs HF Trainer at the peer's settings, then lmadapt's differences.
 
-    .venv/bin/python -m bench.ner_side_by_side [--train-sentences 3400] [--epochs 3]
+    .venv/bin/python -m bench.ner_side_by_side [--train-sentences 3400] [--epochs 3] [--seed 42]
 
 A seeded sample of CoNLL-2003 training sentences (../shared/data/conll2003, not committed) trains
 MiniLM (`method: full`) at the peer's settings: lr 5e-5, batch 32, linear decay, no warmup, no
@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict] = {
     "+ dropout 0": {**EQUAL, "dropout": 0.0},
     "lmadapt defaults": {},
     "lmadapt defaults, dropout 0": {"dropout": 0.0},
+    "lmadapt defaults, head lr 1e-3": {"head_lr": 1e-3},
+    "+ head lr 1e-3": {**EQUAL, "head_lr": 1e-3},
 }
 
 
@@ -69,7 +71,7 @@ def write_sample(n: int, out: Path) -> Path:
     return path
 
 
-def run_lmadapt(train: Path, epochs: int, opts: dict, out: Path) -> dict:
+def run_lmadapt(train: Path, epochs: int, opts: dict, out: Path, seed: int) -> dict:
     """One lmadapt run, or the finished one already in `out` (same settings) read back."""
     overrides = [
         "task.type=token_classification",
@@ -81,6 +83,7 @@ def run_lmadapt(train: Path, epochs: int, opts: dict, out: Path) -> dict:
         f"train.lr={PEER['lr']}",
         f"train.batch_size={PEER['batch_size']}",
         "train.eval_batch_size=128",
+        f"train.seed={seed}",
         f"output_dir={out}",
         "overwrite=true",
     ] + [f"train.{k}={v}" for k, v in opts.items()]
@@ -95,9 +98,9 @@ def run_lmadapt(train: Path, epochs: int, opts: dict, out: Path) -> dict:
     return {"dev_f1_by_epoch": f1, "wall_seconds": round(wall, 1), "overrides": overrides[3:]}
 
 
-def run_peer(train: Path, epochs: int, out: Path) -> dict:
+def run_peer(train: Path, epochs: int, out: Path, seed: int) -> dict:
     cmd = [sys.executable, "-m", "bench.ner_peer", str(train), str(CONLL / "valid.txt")]
-    cmd += [str(epochs), str(PEER["lr"]), str(PEER["batch_size"]), str(out)]
+    cmd += [str(epochs), str(PEER["lr"]), str(PEER["batch_size"]), str(out), str(seed)]
     start = time.perf_counter()
     line = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, env=_env())
     wall = time.perf_counter() - start
@@ -127,6 +130,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--only", nargs="*", help="run only these variants (and the peer if 'peer')")
     p.add_argument("--work", default="/tmp/ner_side_by_side")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="both sides' seed (runs of another seed are named '... (seed S)')",
+    )
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -137,12 +146,14 @@ def main() -> None:
     results.update(machine=machine_info(), train_sentences=args.train_sentences)
     names = ["peer"] + list(VARIANTS)
     for name in args.only or names:
-        out = work / f"run_{names.index(name)}"
+        out = work / f"run_{names.index(name)}_seed{args.seed}"
         if name == "peer":
-            r = run_peer(train, args.epochs, out)
+            r = run_peer(train, args.epochs, out, args.seed)
             name = "HF Trainer (peer)"
         else:
-            r = run_lmadapt(train, args.epochs, VARIANTS[name], out)
+            r = run_lmadapt(train, args.epochs, VARIANTS[name], out, args.seed)
+        if args.seed != 42:
+            name = f"{name} (seed {args.seed})"
         print(name, r["dev_f1_by_epoch"], r["wall_seconds"], flush=True)
         RESULTS.mkdir(exist_ok=True)
         # re-read before writing: another invocation may have added runs meanwhile

@@ -117,6 +117,9 @@ class TrainConfig:
     group_by_length: bool | None = None
     """Length-grouped batches (shuffled buckets) to cut padding; None = the task's choice
     (random batches for token classification, where grouping slowed learning)."""
+    head_lr: float | None = None
+    """Learning rate of the task head's parameters (`Task.head_modules`: a new classifier);
+    None = the task's choice, at least `Task.head_lr_floor`, else the run's rate."""
     optimizer: Literal["fused", "foreach"] = "fused"
     """AdamW kernel: fused updates each parameter in one pass over weights, gradients and
     moments, the faster on CPU (see bench/); foreach is torch's multi-tensor kernel."""

@@ -142,3 +142,30 @@ def test_run_directory_contents(method, run_config, tmp_path):
     report = (run / "report.md").read_text()
     assert "Confusion matrix" in report and f"{m['trainable_params']:,}" in report
     assert not list(run.rglob("*.tmp"))
+
+
+class _Groups(Hook):
+    """The optimizer's (learning rate, parameter names) groups when training starts."""
+
+    def on_train_start(self, trainer) -> None:
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        self.groups = [
+            (g["lr"], sorted(names[id(p)] for p in g["params"]))
+            for g in trainer.optimizer.param_groups
+        ]
+
+
+@pytest.mark.parametrize(
+    ("head_lr", "expected"),
+    [(None, 1e-4), (3e-3, 3e-3)],  # None: the run's rate (classification sets no floor)
+)
+def test_head_trains_at_its_own_rate(run_config, head_lr, expected):
+    hook = _Groups()
+    config = run_config(
+        method={"name": "full", "lr": 1e-4}, train={"max_steps": 1, "head_lr": head_lr}
+    )
+    train(build_run_config(config), hooks=[hook])
+    rate = {n: lr for lr, names in hook.groups for n in names}
+    head = {n for n in rate if {"classifier", "pooler"} & set(n.split("."))}  # head_modules
+    assert head and {rate[n] for n in head} == {expected}
+    assert {lr for n, lr in rate.items() if n not in head} == {1e-4}

@@ -42,6 +42,9 @@ class Task(Protocol):
     logits (what distillation's teacher and student exchange)."""
     groups_by_length: bool
     """Whether training batches are length-grouped unless `train.group_by_length` says."""
+    head_lr_floor: float | None
+    """The least learning rate of the parameters of `head_modules` unless `train.head_lr` says
+    (None: they train at the run's rate like the rest)."""
     labels: list[str]
     """The label set its predictions name (empty where predictions are free text)."""
     description: str
@@ -238,6 +241,7 @@ class LogitsTask:
     shares_backbone = True
     label_distribution = False
     groups_by_length = True
+    head_lr_floor = None
 
     def forward_kwargs(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]

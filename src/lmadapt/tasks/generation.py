@@ -169,6 +169,7 @@ class GenerationTask:
     shares_backbone = False  # the LM head is the pretrained one, not a task head
     label_distribution = False
     groups_by_length = True
+    head_lr_floor = None
     description = "generation"
     default_metric = "loss"
 

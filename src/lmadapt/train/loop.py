@@ -151,24 +151,34 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
 
 
 def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, impl: str = "fused"
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    impl: str = "fused",
+    heads: tuple[list[str], float] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only; no decay on biases and norms (1-D tensors).
 
-    `impl` picks torch's fused kernel (one pass over each parameter's weights, gradients and
-    moments) or its foreach kernel (several multi-tensor passes); the numbers are the same."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    `heads` = (module names, rate): parameters under a module of one of those names train at
+    that rate. `impl` picks torch's fused kernel (one pass over each parameter's weights,
+    gradients and moments) or its foreach kernel (several multi-tensor passes); the numbers are
+    the same."""
+    names, head_lr = heads or ([], lr)
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            head = head_lr != lr and not set(name.split(".")).isdisjoint(names)
+            buckets.setdefault((p.ndim < 2, head), []).append(p)
     groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            **({"lr": head_lr} if head else {}),
+        }
+        for (no_decay, head), params in sorted(buckets.items())
     ]
     fused = impl == "fused"
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=lr, fused=fused or None, foreach=not fused or None
-    )
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None, foreach=not fused or None)
 
 
 def linear_factor(warmup: int, total: int) -> Any:
@@ -246,6 +256,12 @@ class Trainer:
             return length_grouped_batches(self.lengths, self.cfg.batch_size, seed)
         return shuffled_batches(len(self.lengths), self.cfg.batch_size, seed)
 
+    def head_lr(self) -> float:
+        """The head's rate: `train.head_lr`, else the run's, raised to the task's floor."""
+        if self.cfg.head_lr is not None:
+            return self.cfg.head_lr
+        return max(self.lr, self.task.head_lr_floor or 0.0)
+
     def total_steps(self) -> int:
         if self.cfg.max_steps:
             return self.cfg.max_steps
@@ -263,7 +279,8 @@ class Trainer:
         self.model, net = strategy.wrap(plain, dist)  # net: what the training step calls
         model = self.model
         total = self.total_steps()
-        optimizer = build_optimizer(model, self.lr, cfg.weight_decay, cfg.optimizer)
+        heads = (self.task.head_modules(plain), self.head_lr())
+        optimizer = build_optimizer(model, self.lr, cfg.weight_decay, cfg.optimizer, heads)
         scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
         self.optimizer, self.scheduler = optimizer, scheduler
         if resume:
