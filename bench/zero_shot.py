@@ -108,15 +108,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--out", default="bench/results/zero_shot.json")
     a = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    result = {
-        "command": f"python -m bench.zero_shot --n {a.n} --sets {' '.join(a.sets)}",
-        "sets": {name: measure(name, a.n) for name in a.sets},
-    }
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    names = list(result["sets"][a.sets[0]]["accuracy"])
+    out = Path(a.out)
+    # sets measured before are kept: one set can be re-measured alone
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.pop("command", None), result.pop("seconds", None)  # per set now
+    sets = result.setdefault("sets", {})
+    for name in a.sets:
+        t0 = time.perf_counter()
+        sets[name] = measure(name, a.n)
+        sets[name]["command"] = f"python -m bench.zero_shot --n {a.n} --sets {name}"
+        sets[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    names = list(sets[a.sets[0]]["accuracy"])
     result["mean_accuracy"] = {
-        k: round(float(np.mean([s["accuracy"][k] for s in result["sets"].values()])), 4)
+        k: round(float(np.mean([s["accuracy"][k] for s in sets.values() if k in s["accuracy"]])), 4)
         for k in names
     }
     write_json(Path(a.out), result)

@@ -644,7 +644,11 @@ def _ui(p: argparse.ArgumentParser) -> None:
 def _auto(p: argparse.ArgumentParser) -> None:
     p.add_argument("train", help="labelled training file (csv, tsv, jsonl, CoNLL)")
     p.add_argument("dev", nargs="?", help="dev file; default: a stratified share of TRAIN")
-    p.add_argument("--budget", default="10m", help="time for all routes: 90s, 10m, 1h (10m)")
+    p.add_argument(
+        "--budget",
+        default="10m",
+        help="time for the whole command, --test scoring included: 90s, 10m, 1h (10m)",
+    )
     p.add_argument("--out", default="runs/auto", help="output directory (runs/auto)")
     p.add_argument("--test", help="test file, scored for the winner only (never for selection)")
     p.add_argument("--task", help="classification or token_classification (default: inferred)")
