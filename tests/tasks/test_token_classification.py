@@ -350,6 +350,11 @@ class _FirstBatches(Hook):
     def on_train_start(self, trainer):
         self.batches = [list(b) for b in trainer.batches_for_epoch(0)]
         self.lengths = trainer.lengths
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        self.groups = [
+            {"lr": g["lr"], "names": [names[id(p)] for p in g["params"]]}
+            for g in trainer.optimizer.param_groups
+        ]
 
 
 @pytest.mark.parametrize("group_by_length", [None, True])
@@ -364,6 +369,19 @@ def test_random_batches_unless_asked(tmp_path, tiny_bert, ner_files, group_by_le
     random = [list(b) for b in shuffled_batches(len(seen.lengths), 8, cfg.train.seed)]
     assert grouped != random
     assert seen.batches == (random if group_by_length is None else grouped)
+
+
+@pytest.mark.parametrize(("method", "head"), [({"name": "full"}, 1e-3), ({"name": "lora"}, 5e-3)])
+def test_head_learns_at_least_at_the_floor(tmp_path, tiny_bert, ner_files, method, head):
+    """The new classifier trains at max(run's rate, 1e-3); the backbone at the run's rate."""
+    seen = _FirstBatches()
+    lr = 5e-5 if method["name"] == "full" else 5e-3
+    cfg = ner_config(tmp_path, tiny_bert, ner_files, method, max_steps=1, lr=lr)
+    train(cfg, hooks=[seen])
+    rate = {n: g["lr"] for g in seen.groups for n in g["names"]}
+    heads = {n for n in rate if "classifier" in n.split(".")}
+    assert heads and {rate[n] for n in heads} == {head}
+    assert {r for n, r in rate.items() if n not in heads} == {lr}
 
 
 @pytest.mark.parametrize(
