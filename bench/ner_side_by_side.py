@@ -43,8 +43,7 @@ VARIANTS: dict[str, dict] = {
     "+ dropout 0": {**EQUAL, "dropout": 0.0},
     "lmadapt defaults": {},
     "lmadapt defaults, dropout 0": {"dropout": 0.0},
-    "lmadapt defaults, head lr 1e-3": {"head_lr": 1e-3},
-    "+ head lr 1e-3": {**EQUAL, "head_lr": 1e-3},
+    "lmadapt, peer's settings + head lr 1e-3": {**EQUAL, "head_lr": 1e-3},
 }
 
 
