@@ -13,7 +13,7 @@ import pytest
 from lmadapt.api import load_run, predict
 from lmadapt.auto import auto, parse_budget
 from lmadapt.auto.plan import carve_dev, make_plan, read_train
-from lmadapt.auto.routes import fitting_routes
+from lmadapt.auto.routes import best, fitting_routes
 from lmadapt.cli import main
 from lmadapt.errors import ConfigError
 from tests.conftest import sentiment_rows, write_csv
@@ -95,6 +95,7 @@ def test_auto_runs_the_routes_and_the_winner_reloads(tmp_path, tiny_bert, tiny_l
     assert [r["route"] for r in board["rows"] if r["status"] == "done"][0] == board["winner"]
     assert {by_route[n]["status"] for n in ("zero_shot", "lora", "prompt_ft")} == {"done"}
     assert by_route["zero_shot"]["steps"] == 0 and by_route["prompt_ft"]["steps"] > 0
+    assert by_route["prompt_ft"]["favoured"] and not by_route["lora"]["favoured"]  # few per label
     assert by_route["full"]["status"] == "skipped" and "few examples" in by_route["full"]["reason"]
     for name in ("zero_shot", "lora", "prompt_ft"):
         row = by_route[name]
@@ -123,6 +124,15 @@ def test_budget_exhaustion_skips_the_remaining_routes(tmp_path, tiny_bert, monke
     assert result["winner"] == "lora" and result["metric"] == "f1"
     preds = predict(out / "winner", texts=["Anna flew to Paris ."], device="cpu")
     assert len(preds) == 1
+
+
+def test_a_tie_goes_to_the_route_favoured_for_the_data_then_the_lower_loss():
+    lora = {"route": "lora", "dev_metric": 1.0, "dev_loss": 0.05, "favoured": False}
+    prompt = {"route": "prompt_ft", "dev_metric": 1.0, "dev_loss": 0.4, "favoured": True}
+    worse = {"route": "full", "dev_metric": 0.8, "dev_loss": 0.01, "favoured": True}
+    assert best([lora, prompt, worse], "max")["route"] == "prompt_ft"
+    assert best([lora, {**prompt, "favoured": False}], "max")["route"] == "lora"
+    assert best([{**lora, "dev_metric": 0.9}, worse], "min")["route"] == "full"
 
 
 def test_time_to_score_test_is_kept_back_from_later_routes(tmp_path, tiny_bert, monkeypatch):

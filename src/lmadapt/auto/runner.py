@@ -207,6 +207,7 @@ def _run_routes(
             train_seconds=m["train_seconds"],
             predict_per_second=round(speed, 1),
             load_seconds=round(load, 1),
+            favoured=route.favoured(plan),
             size_mb=round(dir_bytes(run_dir / "model") / 2**20, 2),
             wall_seconds=round(time.monotonic() - t0, 1),
         )
