@@ -174,7 +174,7 @@ def train(
     `hooks` join the training loop (e.g. hyperparameter search reporting each evaluation)."""
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
-    out = check_output_dir(config.output_dir, config.overwrite)
+    out = check_output_dir(config.output_dir, config.overwrite, inputs=config.to_dict())
     return _run(config, out, resume=False, hooks=hooks or [])
 
 

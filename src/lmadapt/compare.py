@@ -41,7 +41,7 @@ def _method_configs(
         # not fit other methods. Overrides after it still apply (e.g. train.max_steps).
         run_overrides = [f"method={name}", *overrides, f"output_dir={out / name}"]
         config = load_config(config_path, run_overrides)
-        check_output_dir(config.output_dir, config.overwrite)
+        check_output_dir(config.output_dir, config.overwrite, inputs=config.to_dict())
         runs[name] = (run_overrides, config)
     return runs
 

@@ -56,7 +56,9 @@ def export_merged(
     """
     if tolerance < 0:
         raise LmadaptError(f"tolerance must be >= 0, got {tolerance}")
-    out = check_output_dir(out_dir, overwrite, "--merge", "--overwrite", "--overwrite")
+    out = check_output_dir(
+        out_dir, overwrite, "--merge", "--overwrite", "--overwrite", inputs={"RUN": run_dir}
+    )
     run = load_run(run_dir, device)
     name = run.config.method.name
     if not build_method(run.config.method).mergeable:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lmadapt.errors import ConfigError
 
@@ -23,9 +25,14 @@ def check_output_dir(
     field: str = "output_dir",
     overwrite_field: str = "overwrite",
     overwrite_hint: str = "overwrite=true",
+    inputs: Any = None,
 ) -> Path:
     """Raise a ConfigError (naming `field`, or `overwrite_field` for what overwrite may not
-    delete) unless `path` can be written; writes nothing."""
+    delete) unless `path` can be written; writes nothing.
+
+    `inputs` is what the command will read (a config as a dict, or {field: path}): overwrite is
+    refused when any path named in it lies inside `path`, since replacing `path` would delete it
+    before it is read."""
     out = Path(path)
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
@@ -41,6 +48,7 @@ def check_output_dir(
                 f"{out} was not created by lmadapt (it has no {MARKER} marker), so overwrite "
                 "will not delete it; choose another output_dir or remove it yourself",
             )
+        _refuse_inputs_inside(out, inputs, overwrite_field)
     probe = out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -49,6 +57,40 @@ def check_output_dir(
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(field, f"{probe} is not writable")
     return out
+
+
+def _paths(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every (dotted field, string) leaf of a nested config, as candidate paths."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            yield from _paths(v, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _paths(v, f"{where}[{i}]")
+    elif isinstance(value, (str, os.PathLike)) and str(value).strip():
+        yield where, str(value)
+
+
+def _refuse_inputs_inside(out: Path, inputs: Any, overwrite_field: str) -> None:
+    """Refuse to replace `out` when a file or directory the command reads lies inside it (or is
+    it): `overwrite` would delete the user's data, model or run before reading it."""
+    root = out.resolve()
+    for where, value in _paths(inputs):
+        if where.rsplit(".", 1)[-1] == "output_dir":  # where the command writes, not an input
+            continue
+        try:
+            path = Path(value).expanduser()
+            if not path.exists():
+                continue
+            resolved = path.resolve()
+        except (OSError, ValueError):  # not a path at all (NUL, too long): nothing to protect
+            continue
+        if resolved == root or root in resolved.parents:
+            raise ConfigError(
+                overwrite_field,
+                f"{out} holds {value} ({where}), an input of this command; replacing {out} "
+                "would delete it: choose another output directory or move the input out",
+            )
 
 
 def made_by_lmadapt(out: Path) -> bool:

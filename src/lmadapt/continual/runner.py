@@ -173,7 +173,7 @@ def run_continual(
 
     if not isinstance(config, ContinualConfig):
         config = load_continual_config(config, overrides)
-    out = check_output_dir(config.output_dir, config.overwrite)
+    out = check_output_dir(config.output_dir, config.overwrite, inputs=to_dict(config))
     with run_directory(out, "continual"):
         write_yaml(out / "config.yaml", _config_dict(config))
         first = config.stream[0].train

@@ -133,7 +133,7 @@ def run_distill(
     if not isinstance(config, DistillConfig):
         config = load_distill_config(config, overrides)
     run, opt = config.student, config.options
-    out = check_output_dir(run.output_dir, run.overwrite)
+    out = check_output_dir(run.output_dir, run.overwrite, inputs=to_dict(config))
     check_quantize(run.quantize, build_method(run.method))
     device = resolve_device(run.device)
     start(run.train.threads, run.train.seed)

@@ -21,7 +21,7 @@ def run_prompt(
     """Run a prompting evaluation and write output_dir; returns the metrics.json content."""
     cfg = config if isinstance(config, PromptConfig) else load_prompt_config(config, overrides)
     resolve_device(cfg.device)  # a missing GPU is refused before anything is read or loaded
-    out = check_output_dir(cfg.output_dir, cfg.overwrite)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite, inputs=to_dict(cfg))
     set_threads(cfg.threads)
     with atomic_dir(out) as tmp:
         mark(tmp, "prompt")
