@@ -4,6 +4,7 @@ streamed (Parquet and save_to_disk inputs too) with the readers' per-row errors.
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from lmadapt.config import build_run_config
 from lmadapt.data import cache
 from lmadapt.data.batching import length_grouped_batches
 from lmadapt.data.streams import Reread
-from lmadapt.errors import DataError
+from lmadapt.errors import DataError, LmadaptError
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
@@ -82,7 +83,9 @@ def test_changed_settings_rebuild(run_config, builds):
     assert len(builds) == 3
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "manifest", "missing"])
+@pytest.mark.parametrize(
+    "damage", ["flipped byte", "truncated", "manifest", "labels reordered", "missing"]
+)
 def test_a_damaged_cache_is_rebuilt_not_read(run_config, builds, feature_cache, damage, capsys):
     config = build_run_config(run_config())
     expected = list(prepare(config).features["train"])
@@ -96,13 +99,18 @@ def test_a_damaged_cache_is_rebuilt_not_read(run_config, builds, feature_cache, 
         values.write_bytes(values.read_bytes()[:-4])
     elif damage == "manifest":
         (store / "manifest.json").write_text("{not json", encoding="utf-8")
+    elif damage == "labels reordered":  # still valid JSON: read, it would invert every label
+        manifest = json.loads((store / "manifest.json").read_text(encoding="utf-8"))
+        labels = manifest["task_state"]["labels"]
+        manifest["task_state"]["labels"] = labels[::-1]
+        (store / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     else:
         (store / "lengths").unlink()
     data = prepare(build_run_config(run_config()))
     assert builds == [builds[0]] * 2  # the same key, built again
     assert "damaged" in capsys.readouterr().err
     assert list(data.features["train"]) == expected
-    assert cache._damage(store) is None
+    assert cache._sound_manifest(store)[1] is None
 
 
 def test_two_builders_of_one_key_both_finish_and_one_store_stays(feature_cache):
@@ -244,3 +252,28 @@ def test_batches_are_those_of_python_lists():
         expected += [chunk[i : i + 8] for i in range(0, len(chunk), 8)]
     rng.shuffle(expected)
     assert list(length_grouped_batches(lengths, 8, seed=3, bucket_batches=4)) == expected
+
+
+def test_an_unwritable_cache_names_lmadapt_cache(run_config, feature_cache, monkeypatch):
+    blocker = feature_cache.parent / "not_a_dir"
+    blocker.write_text("a file where the cache should be")
+    monkeypatch.setenv("LMADAPT_CACHE", str(blocker))
+    with pytest.raises(LmadaptError, match="LMADAPT_CACHE"):
+        prepare(build_run_config(run_config()))
+
+
+def test_a_store_open_at_exit_closes_quietly(tmp_path):
+    """Its descriptors are closed by a finalizer: no "Exception ignored in __del__" at exit."""
+    import subprocess
+    import sys
+
+    script = (
+        "from lmadapt.data import cache\n"
+        "store = cache.build('k', [[{'input_ids': [1, 2, 3], 'labels': 0}]], lambda: {})\n"
+        "assert store[0]['input_ids'] == [1, 2, 3]\n"
+        "import builtins; builtins.kept = store\n"  # alive until the interpreter tears down
+    )
+    env = {**__import__("os").environ, "LMADAPT_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr

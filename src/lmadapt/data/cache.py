@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -41,9 +42,10 @@ import numpy as np
 
 from lmadapt.errors import LmadaptError
 
-FORMAT = 2
+FORMAT = 3
 """The store layout's (and readers') version; part of every key, so a new layout or a reader that
-reads a file differently never reuses an old store. 2: TSV read without quoting."""
+reads a file differently never reuses an old store. 2: TSV read without quoting; 3: the manifest
+carries its own checksum."""
 
 _CHUNK = 1 << 20
 """Bytes hashed at a time."""
@@ -114,16 +116,15 @@ class FeatureStore(Sequence):
         }
         self.lengths = _map(path / "lengths", "int32", self.n)
         self._fds: dict[str, int] = {}  # file -> descriptor; pread has no shared file position
+        # closed by a finalizer, not __del__: at interpreter exit __del__ may run after `os` is
+        # torn down ("Exception ignored in FeatureStore.__del__"); finalizers run before that.
+        weakref.finalize(self, _close_all, self._fds)
 
     def __getstate__(self) -> dict[str, Any]:  # descriptors are per process: reopened on use
         return {"path": self.path, "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"], state["manifest"])
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
 
     def _read(self, file: str, dtype: np.dtype, start: int, count: int) -> np.ndarray:
         fd = self._fds.get(file)
@@ -159,6 +160,13 @@ class FeatureStore(Sequence):
 
 
 _OFFSET = np.dtype("<i8")
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 def _map(path: Path, dtype: str, count: int) -> np.ndarray:
@@ -245,23 +253,33 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "blake2b": file_digest(path)}
 
 
-def _damage(path: Path) -> str | None:
-    """Why the store at `path` cannot be read (None when it can): a manifest that does not
-    parse, a file missing or of another size or checksum than the manifest records."""
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """blake2b of the manifest's content without its own checksum: a manifest edited by hand
+    (labels reordered, still valid JSON) would silently invert the labels of every run."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=20).hexdigest()
+
+
+def _sound_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The store's manifest when the store at `path` can be read, else why not: a manifest that
+    does not parse or does not match its own checksum, a file missing or of another size or
+    checksum than the manifest records."""
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable manifest ({e})"
-    for name, entry in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != entry["size"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
-        if file_digest(f) != entry["blake2b"]:
-            return f"{name} does not match its checksum"
-    return None
+        if manifest.get("checksum") != _manifest_digest(manifest):
+            return None, "manifest.json does not match its checksum"
+        for name, entry in files.items():
+            f = path / name
+            if not f.is_file():
+                return None, f"{name} is missing"
+            if f.stat().st_size != entry["size"]:
+                return None, f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+            if file_digest(f) != entry["blake2b"]:
+                return None, f"{name} does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"unreadable manifest ({e})"
+    return manifest, None
 
 
 def load(key: str) -> FeatureStore | None:
@@ -269,11 +287,10 @@ def load(key: str) -> FeatureStore | None:
     path = cache_root() / "features" / key
     if not path.exists():
         return None
-    why = _damage(path)
-    if why is not None:
+    manifest, why = _sound_manifest(path)
+    if manifest is None:
         print(f"lmadapt: cached features {path} are damaged ({why}); rebuilding", file=sys.stderr)
         return None
-    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     return FeatureStore(path, manifest)
 
 
@@ -289,9 +306,15 @@ def build(
     renamed into place, so a reader never sees half a store; when another process has placed
     a sound store for the key meanwhile, that one is used and ours dropped."""
     root = cache_root() / "features"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+    except OSError as e:
+        raise LmadaptError(
+            f"cannot write the feature cache in {root} ({e.strerror or e}); set LMADAPT_CACHE "
+            "to a writable directory"
+        ) from None
     final = root / key
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
     try:
         t0 = time.perf_counter()
         writer = _Writer(tmp)
@@ -307,6 +330,7 @@ def build(
             "build_seconds": round(time.perf_counter() - t0, 3),
             **info(),
         }
+        manifest["checksum"] = _manifest_digest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
         _place(tmp, final)
     finally:
@@ -320,7 +344,7 @@ def build(
 def _place(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; a damaged `final` is moved aside first, a sound one (another
     process's, built from the same inputs) is kept."""
-    if final.exists() and _damage(final) is not None:
+    if final.exists() and _sound_manifest(final)[0] is None:
         trash = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
         with contextlib.suppress(FileNotFoundError):  # another process moved it first
             os.rename(final, trash)
