@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -14,11 +15,11 @@ from typing import Any
 
 import torch
 
-from lmadapt.config import RunConfig, build_run_config, load_config
+from lmadapt.config import RunConfig, build_run_config, check_dev_needs, load_config
 from lmadapt.data import cache
 from lmadapt.data.batching import feature_lengths
 from lmadapt.data.streams import Reread, limited, read_through
-from lmadapt.data.validation import BadRow, BadRows
+from lmadapt.data.validation import BadRow, BadRows, text_problem
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import (
     bad_rows_metrics,
@@ -32,7 +33,7 @@ from lmadapt.evaluate.robustness import robustness as perturbed_evaluation
 from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
 from lmadapt.memory import check_fits
 from lmadapt.methods import Method, build_method, count_parameters
-from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
+from lmadapt.models import ModelSpec, check_weights, load_tokenizer, resolve_model
 from lmadapt.rundir import check_output_dir
 from lmadapt.schema import config_source, read_yaml
 from lmadapt.session import (
@@ -174,6 +175,7 @@ def train(
     `hooks` join the training loop (e.g. hyperparameter search reporting each evaluation)."""
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
+    check_dev_needs(config)
     out = check_output_dir(config.output_dir, config.overwrite, inputs=config.to_dict())
     return _run(config, out, resume=False, hooks=hooks or [])
 
@@ -345,14 +347,17 @@ def _train_and_report(
         f"{result.state.train_seconds:.1f}s, {result.samples_per_second:.1f} samples/s, "
         f"{result.tokens_per_second:.0f} tokens/s" + (" (resumed)" if resume else ""),
         "best checkpoint": f"step {result.state.best_step} by dev {trainer.metric}"
-        + (" (stopped early)" if result.stopped_early else ""),
+        + (" (stopped early)" if result.stopped_early else "")
+        if data.dev
+        else "no dev set: the last step's weights",
         "peak RSS": f"{peak_rss_mb():.0f} MB",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}"
         + (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else ""),
     }
+    weights = "best checkpoint" if data.dev else "last step"
     sections = [
-        evaluation_section(f"{split.capitalize()} set (best checkpoint)", ev, task)
+        evaluation_section(f"{split.capitalize()} set ({weights})", ev, task)
         for split, ev in evals.items()
     ]
     skipped = bad_rows_section(data.bad_rows)
@@ -379,7 +384,8 @@ def _robustness_report(config: RunConfig, out: Path, data: Prepared, model: torc
         config.report.perturbations,
     )
     write_json(out / "robustness.json", {"split": split, **result.to_dict()})
-    return result.markdown(f"Robustness ({split} set, best checkpoint)")
+    weights = "best checkpoint" if data.dev else "last step"
+    return result.markdown(f"Robustness ({split} set, {weights})")
 
 
 # ---------------------------------------------------------------------- saved runs
@@ -413,16 +419,41 @@ def read_run(run_dir: str | Path) -> RunInfo:
         if not (run_dir / name).exists():
             raise LmadaptError(f"{run_dir} is not a finished lmadapt run (no {name})")
     config = saved_config(run_dir)
-    info = json.loads((run_dir / "run.json").read_text())
+    info = _run_json(run_dir / "run.json")
     try:
         spec = resolve_model(config.model)
     except LmadaptError:  # a model dir named by a path that has moved: use the recorded one
         m = info["model"]
         spec = ModelSpec(m["name"], m["path"], m["kind"], m.get("gguf_file"))
-    task = build_task(config.task, info["task"])
+    try:
+        task = build_task(config.task, info["task"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        path = str(run_dir / "run.json")
+        raise DataError(path, f"unusable task state ({e!r})", field="task") from None
     check_model_suits(task, spec)
+    check_weights(run_dir / "model", "saved model")
     tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind))
     return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
+
+
+def _run_json(path: Path) -> dict[str, Any]:
+    """run.json checked for the fields a saved run needs, its errors naming the file and field
+    (a hand-edited or truncated file is one line, not a KeyError)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(str(path), f"not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(str(path), f"expected a JSON object, got {type(info).__name__}")
+    if not isinstance(info.get("task"), dict):
+        raise DataError(str(path), "missing or not an object", field="task")
+    model = info.get("model")
+    if not isinstance(model, dict):
+        raise DataError(str(path), "missing or not an object", field="model")
+    for key in ("name", "path", "kind"):
+        if not isinstance(model.get(key), str):
+            raise DataError(str(path), "missing or not text", field=f"model.{key}")
+    return info
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
@@ -466,6 +497,10 @@ def input_examples(
         return task.read(str(file), fmt, labelled=False)
     if not texts:
         raise LmadaptError(f"{command} needs at least one text or --file")
+    for i, text in enumerate(texts, start=1):
+        problem = text_problem(text)
+        if problem is not None:  # refused here as serve refuses it, not by the tokenizer
+            raise DataError("<input>", problem, i)
     return task.examples_from_texts(list(texts))
 
 
@@ -505,7 +540,9 @@ def methods(model: str | None = "minilm") -> list[dict[str, Any]]:
         trainable = total = None
         if spec is not None:
             method = build_method(parse_section(METHODS, "name", entry.name, "method"))
-            trainable, total = count_parameters(method.apply(task.build_model(spec), task))
+            # a method that cannot adapt this model (bitfit without biases) has no counts
+            with contextlib.suppress(ConfigError):
+                trainable, total = count_parameters(method.apply(task.build_model(spec), task))
         rows.append(
             {"name": entry.name, "about": entry.summary, "trainable": trainable, "total": total}
         )

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,10 +130,24 @@ def _models(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+def _allowed_host_arg(p: argparse.ArgumentParser) -> None:
+    """`--allowed-host` of serve and ui (ServeSettings.allowed_hosts)."""
+    p.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name requests may give besides loopback and --host, e.g. the one a reverse "
+        "proxy forwards (repeatable); others get 400, so a web page cannot rebind its own name "
+        "to this server",
+    )
+
+
 @command(
     "serve",
     "serve finished runs over HTTP: /v1/classify, /v1/ner, /v1/qa, /v1/generate, "
-    "/v1/chat/completions, /v1/explain, /v1/models, /health",
+    "/v1/chat/completions, /v1/explain, /v1/models, /v1/models/{model}, /health",
     api="serve",
 )
 def _serve(p: argparse.ArgumentParser) -> None:
@@ -158,6 +173,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve a non-loopback --host without an API key (anyone who reaches it may call)",
     )
+    _allowed_host_arg(p)
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="texts per forward pass")
     p.add_argument(
         "--max-wait-ms",
@@ -199,6 +215,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
             api_key=key,
             allow_no_auth=a.allow_no_auth,
             device=a.device,
+            allowed_hosts=a.allowed_hosts,
         )
         from lmadapt.serve import serve
 
@@ -599,8 +616,15 @@ def _explain(p: argparse.ArgumentParser) -> None:
         if not a.texts and not a.file:
             raise LmadaptError("explain needs TEXT arguments or --file")
         rows = explain(a.run_dir, a.texts, a.file, a.format, a.method, a.label, a.steps, a.device)
-        for row in rows:
+        for i, row in enumerate(rows, start=1):
             print(json.dumps(row, ensure_ascii=False))
+            if "truncated" in row:
+                cut = row["truncated"]
+                print(
+                    f"lmadapt: text {i}: the model reads only its first {cut['words_scored']} of "
+                    f"{cut['words']} words; the rest are not scored",
+                    file=sys.stderr,
+                )
         if a.html:
             write_text(a.html, html_page(rows, f"lmadapt explain {Path(a.run_dir).name}"))
 
@@ -621,6 +645,7 @@ def _ui(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="bind a non-loopback --host although the dashboard has no authentication",
     )
+    _allowed_host_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _device_arg(p)
 
@@ -629,7 +654,11 @@ def _ui(p: argparse.ArgumentParser) -> None:
         from lmadapt.ui import ui
 
         settings = ServeSettings(
-            host=a.host, port=a.port, allow_no_auth=a.allow_no_auth, device=a.device
+            host=a.host,
+            port=a.port,
+            allow_no_auth=a.allow_no_auth,
+            device=a.device,
+            allowed_hosts=a.allowed_hosts,
         )
         ui(a.runs_root, settings, a.log_level)
 
@@ -647,7 +676,8 @@ def _auto(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget",
         default="10m",
-        help="time for the whole command, --test scoring included: 90s, 10m, 1h (10m)",
+        help="time for the whole command from its start, loading, scoring and --test "
+        "included: 90s, 10m, 1h, 1h30 (10m)",
     )
     p.add_argument("--out", default="runs/auto", help="output directory (runs/auto)")
     p.add_argument("--test", help="test file, scored for the winner only (never for selection)")
@@ -701,11 +731,13 @@ def _auto(p: argparse.ArgumentParser) -> None:
             seed=a.seed,
             device=a.device,
             overwrite=a.overwrite,
+            started=a.started,
         )
         print((Path(a.out) / "report.md").read_text(encoding="utf-8"))
         print(f"winner: {result['winner_dir']}")
 
-    p.set_defaults(run=run)
+    # main builds the parser first thing: the budget counts from there, library imports included
+    p.set_defaults(run=run, started=time.monotonic())
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmadapt.config import RunConfig, load_config
+from lmadapt.config import RunConfig, check_dev_needs, load_config
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.io import write_json, write_text
 from lmadapt.methods import METHODS
-from lmadapt.rundir import check_output_dir
+from lmadapt.rundir import MARKER, check_output_dir, made_by_lmadapt, mark
+from lmadapt.session import run_directory
 from lmadapt.tasks import build_task
 
 
@@ -41,6 +42,7 @@ def _method_configs(
         # not fit other methods. Overrides after it still apply (e.g. train.max_steps).
         run_overrides = [f"method={name}", *overrides, f"output_dir={out / name}"]
         config = load_config(config_path, run_overrides)
+        check_dev_needs(config)
         check_output_dir(config.output_dir, config.overwrite, inputs=config.to_dict())
         runs[name] = (run_overrides, config)
     return runs
@@ -57,44 +59,58 @@ def compare(
         raise ConfigError("--methods", f"a method is listed twice: {','.join(methods)}")
     base = load_config(config_path, overrides)
     out = Path(base.output_dir)
+    if out.is_dir() and not made_by_lmadapt(out):
+        raise ConfigError(
+            "output_dir",
+            f"{out} exists and was not created by lmadapt (it has no {MARKER} marker); compare "
+            "writes its table and one log per method there, replacing files of those names: "
+            "choose another output_dir",
+        )
     runs = _method_configs(config_path, out, methods, overrides)
-    out.mkdir(parents=True, exist_ok=True)
     metric = base.train.metric or build_task(base.task).default_metric
     rows = []
-    for i, (name, (run_overrides, config)) in enumerate(runs.items(), 1):
-        print(f"[{i}/{len(runs)}] {name} ...", file=sys.stderr, flush=True)
-        log = out / f"{name}.log"
-        cmd = [sys.executable, "-m", "lmadapt", "train", str(config_path), *run_overrides]
-        t0 = time.perf_counter()
-        with open(log, "w", encoding="utf-8") as f:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-        wall = time.perf_counter() - t0
-        row = _row(name, Path(config.output_dir), metric, wall, code, log)
-        rows.append(row)
-        dev = row["dev_metric"]
-        outcome = f"dev {metric} {dev:.4f}" if dev is not None else "done, no dev metric"
-        outcome = outcome if row["ok"] else f"FAILED, see {log}"
-        print(f"[{i}/{len(runs)}] {name}: {outcome} ({wall:.0f}s)", file=sys.stderr, flush=True)
 
-    result = {
-        "config": str(config_path),
-        "overrides": overrides,
-        "output_dir": str(out),
-        "metric": metric,
-        "rows": rows,
-    }
-    write_json(out / "compare.json", result)
-    done = [r for r in rows if r["ok"] and r["dev_metric"] is not None]
-    chart = out / "compare.png"
-    if done:
-        plots.bars(
-            [r["method"] for r in done],
-            [r["dev_metric"] for r in done],
-            chart,
-            title=f"dev {metric} by method",
-            ylabel=metric,
-        )
-    write_text(out / "compare.md", markdown(result, chart.name if done else None))
+    def kept() -> bool:
+        """A method's run directory (train removes one with nothing to resume) or the table."""
+        return any(p.is_dir() for p in out.iterdir()) or (out / "compare.json").is_file()
+
+    with run_directory(out, "compare", create=not out.exists(), keep=kept):
+        if not (out / MARKER).is_file():  # an empty directory given as output_dir
+            mark(out, "compare")
+        for i, (name, (run_overrides, config)) in enumerate(runs.items(), 1):
+            print(f"[{i}/{len(runs)}] {name} ...", file=sys.stderr, flush=True)
+            log = out / f"{name}.log"
+            cmd = [sys.executable, "-m", "lmadapt", "train", str(config_path), *run_overrides]
+            t0 = time.perf_counter()
+            with open(log, "w", encoding="utf-8") as f:
+                code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            wall = time.perf_counter() - t0
+            row = _row(name, Path(config.output_dir), metric, wall, code, log)
+            rows.append(row)
+            dev = row["dev_metric"]
+            outcome = f"dev {metric} {dev:.4f}" if dev is not None else "done, no dev metric"
+            outcome = outcome if row["ok"] else f"FAILED, see {log}"
+            print(f"[{i}/{len(runs)}] {name}: {outcome} ({wall:.0f}s)", file=sys.stderr, flush=True)
+
+        result = {
+            "config": str(config_path),
+            "overrides": overrides,
+            "output_dir": str(out),
+            "metric": metric,
+            "rows": rows,
+        }
+        write_json(out / "compare.json", result)
+        done = [r for r in rows if r["ok"] and r["dev_metric"] is not None]
+        chart = out / "compare.png"
+        if done:
+            plots.bars(
+                [r["method"] for r in done],
+                [r["dev_metric"] for r in done],
+                chart,
+                title=f"dev {metric} by method",
+                ylabel=metric,
+            )
+        write_text(out / "compare.md", markdown(result, chart.name if done else None))
     failed = [r["method"] for r in rows if not r["ok"]]
     if failed:
         raise LmadaptError(

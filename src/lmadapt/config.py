@@ -237,6 +237,29 @@ class RunConfig:
         return to_dict(self)
 
 
+def check_dev_needs(config: RunConfig) -> None:
+    """Refuse, before a new run starts, what only a dev set can serve when there is none: early
+    stopping watches a dev metric, and task.calibrate applies a temperature fitted on dev.
+
+    Not checked in `RunConfig.__post_init__`, which also reads finished runs' config.yaml:
+    runs made before this check still load for predict and serve."""
+    if config.data.dev:
+        return
+    if config.train.early_stopping.patience is not None:
+        raise ConfigError(
+            "train.early_stopping.patience",
+            "needs data.dev: early stopping watches a dev metric and this run has no dev set; "
+            "add data.dev or leave train.early_stopping.patience out",
+        )
+    # Only the tasks that calibrate a label distribution have the field.
+    if getattr(config.task, "calibrate", False):
+        raise ConfigError(
+            "task.calibrate",
+            "needs data.dev: the temperature is fitted on the dev set after training, and "
+            "this run has none; add data.dev or set task.calibrate to false",
+        )
+
+
 def build_run_config(data: dict[str, Any]) -> RunConfig:
     """A RunConfig from a mapping: task and method through their registries (each brings its
     own typed config), every other key typed by RunConfig's own fields."""

@@ -220,13 +220,16 @@ def generate_ids(
     stop_texts: list[str],
     batch_size: int,
     streamer: Any = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Decoded:
     """The one decoder: continue each prompt (left-padded batches, shortest first) until an id in
     `eos_ids`, a string in `stop_texts` (cut from the text) or `max_new_tokens`; greedy unless
     `settings.do_sample`, beam search with `settings.num_beams` > 1. A transformers streamer
     (one prompt, one beam) receives the tokens as they are generated. An encoder-decoder reads
-    the prompt on its encoder and returns only new tokens after its decoder's start token."""
+    the prompt on its encoder and returns only new tokens after its decoder's start token.
+    `cancelled() == True` (whoever asked has gone) ends every sequence after its next token."""
     from transformers import GenerationConfig as HFGenerationConfig
+    from transformers import StoppingCriteriaList
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     gen = HFGenerationConfig(
@@ -262,7 +265,9 @@ def generate_ids(
             for row, i in enumerate(idx):
                 ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]) :] = 1
-            extra = {"tokenizer": tok} if stop_texts else {}
+            extra: dict[str, Any] = {"tokenizer": tok} if stop_texts else {}
+            if cancelled is not None:
+                extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -284,6 +289,16 @@ def generate_ids(
         model.train(was_training)
     seconds = time.perf_counter() - t0
     return Decoded(texts, seconds, lengths, finish)  # type: ignore[arg-type]
+
+
+class _Cancelled:
+    """A transformers stopping criterion (duck-typed): every row is done once `cancelled()`."""
+
+    def __init__(self, cancelled: Callable[[], bool]):
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.cancelled(), device=input_ids.device)
 
 
 def cut_at_stops(text: str, stops: list[str]) -> str:

@@ -16,37 +16,52 @@ import yaml
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename. Stopped
+    anywhere (Ctrl-C included), `path` is old or new and the temp file is gone."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp: str | None = None
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # the user asked for `path`: the temp name means nothing to them
+        raise _about(e, path) from None
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _about(error: OSError, path: Path) -> OSError:
+    """`error` as if it were about `path` (same errno and reason)."""
+    return type(error)(error.errno, error.strerror or str(error), str(path))
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; on success it replaces `path` whole."""
+    """Yield a temp directory beside `path`; on success it replaces `path` whole.
+
+    The old `path` is first moved into the new directory (as `.NAME.old`, removed last), so
+    wherever Ctrl-C lands `path` holds the old content or the new, and nothing stays beside it
+    (the user's directory, for an output directory): at worst that hidden folder inside."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         yield tmp
+        stash = tmp / f".{path.name}.old"
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+            os.replace(path, stash)
+        os.replace(tmp, path)
+        shutil.rmtree(path / stash.name, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            stash = tmp / f".{path.name}.old"
+            if stash.exists() and not path.exists():  # stopped between the two renames
+                os.replace(stash, path)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clean_orphans(directory: str | os.PathLike) -> list[Path]:

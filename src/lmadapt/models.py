@@ -64,6 +64,25 @@ def refuse_pickled(directory: str | Path, what: str = "model directory") -> None
         )
 
 
+def check_weights(directory: str | Path, what: str = "model directory") -> None:
+    """Refuse, in one line naming the file, a saved model whose weights cannot be read: pickles
+    only, no weights file at all, or a safetensors file that is truncated or not safetensors
+    (its header and sizes are checked; nothing is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    refuse_pickled(directory, what)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files and not any(directory.glob("*.gguf")):
+        raise LmadaptError(f"{what} {directory} holds no weights (no *.safetensors file)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as e:
+            raise LmadaptError(f"{what} {f} cannot be read as safetensors ({e})") from None
+
+
 def _safetensors_name(pickle_name: str) -> str:
     """The file name transformers / peft look for in place of a pickled one."""
     if pickle_name.startswith("adapter_model"):

@@ -12,7 +12,7 @@ import os
 import random
 import resource
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,31 +151,47 @@ def apply_method(
     return model
 
 
+FINISHED = ("metrics.json", "continual.json")
+"""The file a run writes last (train and distill; continual): once it exists the run is done."""
+
+
 @contextlib.contextmanager
-def run_directory(out: Path, command: str, create: bool = True) -> Iterator[Path]:
+def run_directory(
+    out: Path, command: str, create: bool = True, keep: Callable[[], bool] | None = None
+) -> Iterator[Path]:
     """The run directory for the body's writes: created (marked as lmadapt's) when `create`,
-    else reused as it is (a resumed run). If the body fails and the run has no checkpoint to
-    resume from, a directory created here is removed, so nothing half-written stays; a failed
-    write (disk full, permissions) becomes one line that says what survived."""
-    if create:
-        create_output_dir(out, command)
+    else reused as it is (a resumed run). If the body fails and nothing in it is worth keeping
+    (`keep`, by default: a finished run, or a checkpoint to resume from), a directory created
+    here is removed, so nothing half-written stays; a failed write (disk full, permissions)
+    becomes one line that says what survived. Creating is inside the guard too: Ctrl-C between
+    the directory's creation and its marker leaves nothing."""
 
     def resumable() -> bool:
         return latest_checkpoint(out / "checkpoints") is not None
 
+    def finished() -> bool:
+        return any((out / name).is_file() for name in FINISHED)
+
+    kept = keep or (lambda: finished() or resumable())
     try:
+        if create:
+            create_output_dir(out, command)
         yield out
     except OSError as e:
-        if create and not resumable():
+        if create and not kept():
             shutil.rmtree(out, ignore_errors=True)
         what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-        if resumable():
+        if keep is not None:
+            hint = f"what had finished is kept in {out}" if kept() else f"{out} was removed"
+        elif finished():
+            hint = f"the run had finished and is kept in {out}"
+        elif resumable():
             hint = f"free space (or fix the cause), then resume with: lmadapt train --resume {out}"
         else:
             hint = "no checkpoint had been saved, so the run directory was removed"
         raise LmadaptError(f"could not write the run ({what}); {hint}") from None
     except BaseException:
-        if create and not resumable():
+        if create and not kept():
             shutil.rmtree(out, ignore_errors=True)
         raise
 

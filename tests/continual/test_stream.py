@@ -12,8 +12,9 @@ from lmadapt.cli import main
 from lmadapt.continual import run_continual, run_continual_many
 from lmadapt.continual.config import build_continual_config, load_continual_config
 from lmadapt.continual.strategies import STRATEGIES
-from lmadapt.errors import ConfigError
+from lmadapt.errors import ConfigError, DataError
 from tests.conftest import sentiment_rows, write_csv
+from tests.data.test_bad_rows import csv_with_bad_rows
 from tests.tasks.test_token_classification import ner_sentences, write_conll
 
 TRAIN = {"epochs": 1, "batch_size": 8, "log_every": 2, "precision": "fp32", "threads": 1}
@@ -139,3 +140,29 @@ def test_cli_and_many_strategies(tiny_bert, stream_files, tmp_path, capsys):
     s = run_continual_many(path, ["naive", "adapters"], [f"output_dir={tmp_path / 'many'}"])
     assert set(s["runs"]) == {"naive", "adapters"}
     assert "| adapters |" in (tmp_path / "many/summary.md").read_text()
+
+
+# #29 item 14: data.bad_rows means the same here as in train
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_continual_honours_bad_rows(policy, tiny_bert, stream_files, tmp_path):
+    bad_file, bad_lines = csv_with_bad_rows(tmp_path / "bad_train.csv", good=40)
+    raw = _config(
+        tiny_bert,
+        {**stream_files, "cls_train": bad_file},
+        tmp_path / "out",
+        {"name": "naive", **SMALL["naive"]},
+    )
+    raw["stream"] = raw["stream"][:1]
+    raw["stream"][0]["data"].update(bad_rows=policy, max_bad_fraction=0.2)
+    config = build_continual_config(raw)
+    if policy == "error":
+        with pytest.raises(DataError, match="3 bad rows"):
+            run_continual(config)
+        return
+    summary = run_continual(config)
+    assert summary["bad_rows_skipped"] == {
+        f"sent: {bad_file}": 3,
+        f"sent: {stream_files['cls_dev']}": 0,
+    }
+    assert summary["steps"][0]["train_samples"] == 40
+    assert "bad rows left out" in (tmp_path / "out" / "report.md").read_text()

@@ -16,8 +16,9 @@ from lmadapt.distill import runner as distill_runner
 from lmadapt.distill.loss import DistillationTask, soft_kl
 from lmadapt.distill.runner import build_distill_config
 from lmadapt.distill.teachers import build_teacher
-from lmadapt.errors import ConfigError
+from lmadapt.errors import ConfigError, DataError
 from tests.conftest import sentiment_rows, write_csv
+from tests.data.test_bad_rows import csv_with_bad_rows
 
 
 class _Task:
@@ -178,3 +179,23 @@ def test_student_methods_bring_their_hooks(tmp_path, tiny_bert, teacher_run, sen
     saved = json.loads((tmp_path / "student" / "model" / "adapter_config.json").read_text())
     ranks = [sum(mask) for mask in (saved["rank_pattern"] or {}).values()]
     assert ranks and min(ranks) < 4, saved["rank_pattern"]
+
+
+# #29 item 14: data.bad_rows means the same here as in train
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_distill_honours_bad_rows(policy, tmp_path, tiny_bert, teacher_run, sentiment_files):
+    bad_file, _ = csv_with_bad_rows(tmp_path / "bad_train.csv", good=40)
+    data = {
+        "train": str(bad_file),
+        "dev": str(sentiment_files["dev"]),
+        "bad_rows": policy,
+        "max_bad_fraction": 0.2,
+    }
+    cfg = _distill_cfg(tmp_path, tiny_bert, teacher_run, sentiment_files, data=data)
+    if policy == "error":
+        with pytest.raises(DataError, match="3 bad rows"):
+            run_distill(cfg)
+        return
+    metrics = run_distill(cfg)
+    assert metrics["train_samples"] == 40
+    assert metrics["bad_rows_skipped"]["train"] == 3

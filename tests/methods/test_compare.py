@@ -46,3 +46,13 @@ def test_compare_checks_every_method_before_running(run_config, tmp_path, capsys
     assert cli.main(["compare", str(path), "--methods", "lora,nosuch"]) == 2
     assert "nosuch" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_refuses_a_setting_that_needs_dev_before_running(run_config, tmp_path, capsys):
+    cfg = run_config(output_dir=str(tmp_path / "cmp"), task={"calibrate": True})
+    cfg["data"].pop("dev")
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["compare", str(path), "--methods", "lora,bitfit"]) == 2
+    assert "task.calibrate" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

@@ -106,7 +106,9 @@ def test_calibrated_run_keeps_its_temperature_and_reports_errors(
     metrics = train(cfg)
     run_dir = tmp_path / "run"
     t = metrics["temperature"]
-    assert t > 0 and t != 1.0  # a tiny model after 16 steps is not calibrated already
+    # The random tiny model learns nothing (dev accuracy 0.5): its NLL still falls at the
+    # search's bound, so no temperature is applied and the report says why.
+    assert t == 1.0
     assert json.loads((run_dir / "run.json").read_text())["task"]["temperature"] == t
     for split in ("dev", "test"):
         assert 0 <= metrics[split]["ece"] <= 1 and 0 <= metrics[split]["ece_calibrated"] <= 1
@@ -120,11 +122,12 @@ def test_calibrated_run_keeps_its_temperature_and_reports_errors(
         "### Per class",
     ):
         assert report.count(heading) == 2, heading  # dev and test
-    assert f"T = {t:.4f}" in report
+    assert report.count("Temperature scaling not applied (T = 1): the dev NLL still falls") == 2
     assert (run_dir / "plots" / "test_reliability.png").is_file()
     assert "logits" not in json.dumps(metrics)  # per-example data stays out of metrics.json
 
     run = load_run(run_dir)
+    run.task.temperature = 3.0  # as if fitted: predict applies it
     texts = ["the film was good", "the plot was awful", "the cast was fine"]
     calibrated = predict(run, texts)
     run.task.cfg.calibrate = False

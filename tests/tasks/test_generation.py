@@ -522,10 +522,12 @@ def test_every_method_trains_and_generates(tiny_llama, tok, name):
         tok,
     )
     method = build_method(parse_section(METHODS, "name", name, "method"))
-    model = method.apply(task.build_model(resolve_model(tiny_llama)), task)
-    if count_parameters(model)[0] == 0:
-        assert name == "bitfit"  # Llama (and SmolLM2) have no bias terms: nothing to train
+    if name == "bitfit":  # Llama (and SmolLM2) have no bias terms: refused, nothing to train
+        with pytest.raises(ConfigError, match="has none"):
+            method.apply(task.build_model(resolve_model(tiny_llama)), task)
         return
+    model = method.apply(task.build_model(resolve_model(tiny_llama)), task)
+    assert count_parameters(model)[0] > 0
     batch = task.collator(tok)(feats * 2)
     loss = task.loss(model(**model_inputs(batch)).logits, batch)
     loss.backward()

@@ -11,7 +11,7 @@ from lmadapt.ui.app import create_ui_app, report_html
 
 @pytest.fixture(scope="module")
 def client(ui_root):
-    with TestClient(create_ui_app(ui_root)) as c:
+    with TestClient(create_ui_app(ui_root), base_url="http://localhost") as c:
         yield c
 
 

@@ -10,8 +10,11 @@ dev metric wins; its run directory is moved to OUT/winner, where predict, serve 
 it as they read any run. report.md and leaderboard.json list every route: its dev metric,
 training time, prediction speed, artifact size and status (or why it was skipped).
 
-The budget bounds training; loading, the final evaluation and the speed probe of the route
-running when it ends come on top (each route keeps a quarter of its share for them).
+The budget bounds the whole command: each route's Deadline fits its training and dev scoring
+into its share (sampling a dev set too large to score down to what fits), and `time_limit` stops
+whatever is still running where a share, or the budget, ends (loading, a hanging route, the test
+file). Every input is checked before the first route; Ctrl-C or an error keeps the routes that
+finished.
 
     plan.py    the data: task, profile, carved dev set, prompt
     routes.py  the routes (one class each, registered cheapest first) and the Deadline hook

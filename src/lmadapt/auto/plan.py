@@ -1,7 +1,9 @@
 """What `lmadapt auto` knows before any route runs: the task that reads the training file, the
 task's profile of the data (examples per label, lengths), a stratified dev set carved out of train
 when none is given (written as files in the file's own format, so every route reads the same
-dev), and the prompt the prompting routes would use."""
+dev), and the prompt the prompting routes would use. Every input is checked here (dev and test
+labels against train's, the template, the verbalizer's words for every label, the models), so
+that nothing the user gave fails once the budget is being spent."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from sklearn.model_selection import train_test_split
 
 from lmadapt.config import TrainConfig
 from lmadapt.data.subset import write_subset
-from lmadapt.errors import ConfigError, DataError
-from lmadapt.prompting.templates import template_verbalizer
+from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.models import resolve_model
+from lmadapt.prompting.templates import load_template, template_verbalizer
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import DataProfile
@@ -65,6 +68,12 @@ class Plan:
     """Route name -> model, replacing the route's default (tests use tiny models)."""
     done: list[dict[str, Any]] = field(default_factory=list)
     """Leaderboard rows of the routes finished so far (distillation picks its teacher here)."""
+    test_rows: int = 0
+    """Examples in the test file (0 without one), checked against train's labels."""
+
+    @property
+    def single_label_text(self) -> bool:
+        return single_label_text(self.task)
 
     @property
     def few_limit(self) -> int:
@@ -77,6 +86,12 @@ class Plan:
     def epochs(self, most: int) -> int:
         """Passes over train: TARGET_SAMPLES' worth, 1 to `most`."""
         return max(1, min(most, round(TARGET_SAMPLES / max(1, self.profile.examples))))
+
+
+def single_label_text(task: Any) -> bool:
+    """Whether the task is single-label text classification (what prompting and distillation
+    take)."""
+    return bool(task.label_distribution and task.shares_backbone)
 
 
 def read_train(path: str | Path, fmt: str, task: str | None) -> tuple[Any, Any, list[Any]]:
@@ -151,11 +166,42 @@ def prompt_recipe(
     elif verbalizer is None:
         verbalizer = template_verbalizer(template) if isinstance(template, str) else None
         if verbalizer is None:
-            return None, "the template suggests no verbalizer; pass --verbalizer"
+            return None, f"template {template!r} suggests no verbalizer; pass --verbalizer"
     missing = [name for name in labels if name not in verbalizer]
     if missing:
-        return None, f"the verbalizer has no word for label(s) {', '.join(missing)}"
+        return None, (
+            f"the verbalizer has no word for label(s) {', '.join(missing)} "
+            f"(it has words for {', '.join(map(str, verbalizer)) or 'none'}); "
+            "pass --verbalizer LABEL=WORD,..."
+        )
     return {"template": template, "verbalizer": verbalizer}, ""
+
+
+def check_models(models: dict[str, str]) -> None:
+    """Refuse a model that cannot resolve (`--model ROUTE=MODEL`) before any route runs: an
+    embedded name, a model directory or .gguf file, or a hub id (owner/name, resolved when its
+    route runs: it may download)."""
+    for route, name in models.items():
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) and not Path(name).exists():
+            continue
+        try:
+            resolve_model(name)
+        except LmadaptError as e:
+            raise ConfigError("--model", f"{route}={name}: {e}") from None
+
+
+def _check_prompt(
+    template: Any, verbalizer: dict[str, Any] | None, prompt: Any, reason: str
+) -> None:
+    """A template or verbalizer the user gave must serve: a named template that exists, words
+    for every label; without them prompting is skipped, with them it is an error."""
+    if isinstance(template, str):
+        try:
+            load_template(template)
+        except ConfigError as e:
+            raise ConfigError("--template", e.message) from None
+    if prompt is None and (template is not None or verbalizer is not None):
+        raise ConfigError("--verbalizer" if verbalizer is not None else "--template", reason)
 
 
 def make_plan(
@@ -163,6 +209,7 @@ def make_plan(
     dev_file: str | Path | None,
     out: Path,
     *,
+    test_file: str | Path | None = None,
     fmt: str = "auto",
     task: str | None = None,
     template: str | dict[str, Any] | None = None,
@@ -172,9 +219,13 @@ def make_plan(
     device: str = "auto",
     models: dict[str, str] | None = None,
 ) -> tuple[Plan, dict[str, int] | None, Path]:
-    """Read and profile the data, carve a dev set into OUT/data when none is given, and write
-    the speed probe's file there: (plan, carved split sizes or None, speed file)."""
+    """Read, check and profile the data, carve a dev set into OUT/data when none is given, and
+    write the speed probe's file there: (plan, carved split sizes or None, speed file)."""
     section, t, examples = read_train(train_file, fmt, task)
+    prompt, prompt_reason = prompt_recipe(list(t.labels), template, verbalizer)
+    if single_label_text(t):
+        _check_prompt(template, verbalizer, prompt, prompt_reason)
+    test_rows = len(t.check(t.read(str(test_file), fmt))) if test_file is not None else 0
     profile = t.profile(examples)
     train_path, dev_path, carved = Path(train_file), dev_file, None
     suffix = Path(train_file).suffix
@@ -194,7 +245,6 @@ def make_plan(
         out / "data" / f"speed{Path(dev_path).suffix}",
     )
     metric, mode = checkpoint_metric(TrainConfig(), t)
-    prompt, prompt_reason = prompt_recipe(list(t.labels), template, verbalizer)
     plan = Plan(
         section,
         t,
@@ -210,5 +260,6 @@ def make_plan(
         seed,
         device,
         dict(models or {}),
+        test_rows=test_rows,
     )
     return plan, carved, speed_file

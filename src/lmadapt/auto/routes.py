@@ -1,13 +1,18 @@
 """The routes `lmadapt auto` can take, one class each, registered in running order (cheapest
 first). A route says whether it fits the data (`unfit` gives the reason it does not) and runs as
 one ordinary training run (`lmadapt.api.train`, or `run_distill`) with a `Deadline` hook that
-fits it into its share of the budget."""
+fits it into its share of the budget; `time_limit` stops whatever the hook cannot (loading, a
+route that hangs or fails slowly)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +26,71 @@ from lmadapt.train.loop import Trainer, linear_factor
 
 PROBE_STEPS = 10
 """Steps a Deadline times before it estimates how many steps the route's time allows."""
+EVAL_SHARE = 0.25
+"""At most this share of a training route's time goes to scoring dev (the evaluation that may
+straddle the deadline, the loop's final one and the report's); a larger dev set is sampled down
+to what fits. A route that trains nothing (zero-shot) may spend the rest, 1 - EVAL_SHARE, of its
+time scoring (what is left absorbs a misestimate)."""
+EVALS_AFTER = 3
+"""Dev scorings that can come after a training route's deadline: an epoch's evaluation begun
+just before it, the loop's final one, and the report's (the report's alone when nothing trains:
+two then)."""
+
+
+class OutOfTime(BaseException):
+    """Raised by `time_limit`. A BaseException, as KeyboardInterrupt is, so that library code
+    catching Exception does not swallow it."""
+
+
+@contextlib.contextmanager
+def time_limit(at: float) -> Iterator[None]:
+    """Raise OutOfTime in the body once time.monotonic() passes `at`, and each second after in
+    case something swallowed it: this bounds what no hook reaches (loading a model, scoring a
+    test file, a route failing slowly). It uses SIGALRM, so it only bounds the main thread of a
+    POSIX process; elsewhere the body runs unbounded. The SIGINT handler is restored on the way
+    out, whatever the body left set (the loop's deferred Ctrl-C, if it was cut short)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not (main and hasattr(signal, "setitimer")):
+        yield
+        return
+
+    def fire(signum: int, frame: Any) -> None:
+        raise OutOfTime
+
+    alarm = signal.signal(signal.SIGALRM, fire)
+    interrupt = signal.getsignal(signal.SIGINT)
+    signal.setitimer(signal.ITIMER_REAL, max(at - time.monotonic(), 1e-3), 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if alarm is None else alarm)
+        signal.signal(signal.SIGINT, signal.default_int_handler if interrupt is None else interrupt)
 
 
 class Deadline(Hook):
-    """Fits training into the time up to `at` (time.monotonic()).
+    """Fits training, and the dev scoring after it, into the time up to `end` (time.monotonic()).
 
-    After PROBE_STEPS steps it estimates how many steps the time allows; when that is fewer
-    than the schedule's, the learning rate is re-scheduled to decay to 0 at that step (a
-    schedule cut off halfway would end at a high rate). It then stops the loop at the first
-    step boundary past `at`; checked before the first step too, so a deadline already passed
-    trains nothing and the loop only evaluates (and keeps) the untrained weights."""
+    Training stops at `at` (-inf: trains nothing, the loop only evaluates and keeps the
+    untrained weights), or earlier when the route must be done by `end`: at the start it times
+    the scoring of one batch of dev, samples dev down to the rows whose scorings fit (keeping
+    `after` seconds, plus as long again as loading took, for what the caller does once the run
+    is saved: reloading it) and moves `at` to leave time for the scorings after it. After
+    PROBE_STEPS steps it estimates how many steps the time allows; when that is fewer than the
+    schedule's, the learning rate is re-scheduled to decay to 0 at that step (a schedule cut off
+    halfway would end at a high rate). It stops the loop at the first step boundary past `at`."""
 
-    def __init__(self, at: float):
-        self.at = at
+    def __init__(
+        self, at: float, end: float = math.inf, started: float | None = None, after: float = 0.0
+    ):
+        self.at, self.end, self.after = at, end, after
+        self.started = time.monotonic() if started is None else started
+        """When the route began: the time to its first step is about what reloading costs."""
         self.fired = False
         self.rescheduled_to: int | None = None
         """The step the learning rate now decays to, when the deadline shortened the run."""
+        self.dev_rows: tuple[int, int] | None = None
+        """(rows scored, rows in dev) when dev was sampled down to fit the time."""
         self._start = (0.0, 0)
 
     def _check(self, trainer: Trainer) -> None:
@@ -45,8 +99,34 @@ class Deadline(Hook):
             trainer.state.should_stop = True
 
     def on_train_start(self, trainer: Trainer) -> None:
+        if math.isfinite(self.end) and trainer.dev_features:
+            self._fit_dev(trainer)
         self._start = (time.monotonic(), trainer.state.step)
         self._check(trainer)
+
+    def _fit_dev(self, trainer: Trainer) -> None:
+        """Sample dev down to what its scorings can take of the time, in place: the loop and
+        the run's report read the same lists."""
+        feats, examples = trainer.dev_features, trainer.dev_examples
+        t0 = time.monotonic()
+        k = min(len(feats), trainer.cfg.eval_batch_size)
+        trainer.task.evaluate_model(
+            trainer.model, feats[:k], examples[:k], trainer.collator, trainer.cfg.eval_batch_size
+        )
+        now = time.monotonic()
+        per_row = max(now - t0, 1e-6) / k
+        # kept for after the run: reloading it (about what loading took) and `after`
+        after = (t0 - self.started) + self.after
+        spare = self.end - now - after
+        trains = self.at > now
+        evals = EVALS_AFTER if trains else EVALS_AFTER - 1
+        fits = int(spare * (EVAL_SHARE if trains else 1 - EVAL_SHARE) / (evals * per_row))
+        if fits < len(feats):
+            keep = sorted(random.Random(trainer.cfg.seed).sample(range(len(feats)), max(1, fits)))
+            self.dev_rows = (len(keep), len(feats))
+            feats[:] = [feats[i] for i in keep]
+            examples[:] = [examples[i] for i in keep]
+        self.at = min(self.at, self.end - after - evals * per_row * len(feats))
 
     def on_step_end(self, trainer: Trainer) -> None:
         self._check(trainer)
@@ -65,14 +145,6 @@ class Deadline(Hook):
             self.rescheduled_to = max(reachable, step + 1)
 
 
-@dataclass
-class Outcome:
-    metrics: dict[str, Any]
-    """The run's metrics.json content."""
-    budget_stop: bool
-    """Whether the Deadline ended training (after some steps)."""
-
-
 class Route:
     """One way to adapt a model to the data. Subclasses say when they fit and how they run."""
 
@@ -84,6 +156,8 @@ class Route:
     route left less than this of the budget is skipped rather than started."""
     teaches = False
     """Whether its run can be a distillation teacher (a classifier head's logits)."""
+    trains = True
+    """False for a route that only scores the pretrained model (its Deadline is already past)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -93,7 +167,9 @@ class Route:
         """Why the route does not fit the data (None when it does)."""
         raise NotImplementedError
 
-    def run(self, plan: Plan, run_dir: Path, until: float) -> Outcome:
+    def run(self, plan: Plan, run_dir: Path, deadline: Deadline) -> None:
+        """One run into `run_dir`, `deadline` among its loop's hooks: finished once its
+        metrics.json is written (the last file a run writes)."""
         raise NotImplementedError
 
     def favoured(self, plan: Plan) -> bool:
@@ -121,10 +197,7 @@ class TrainedRoute(Route):
     def data_section(self, plan: Plan) -> dict[str, Any]:
         return {}
 
-    def deadline(self, until: float) -> Deadline:
-        return Deadline(until)
-
-    def run(self, plan: Plan, run_dir: Path, until: float) -> Outcome:
+    def run(self, plan: Plan, run_dir: Path, deadline: Deadline) -> None:
         config = build_run_config(
             {
                 "model": plan.models.get(self.name, self.model),
@@ -141,9 +214,7 @@ class TrainedRoute(Route):
                 "device": plan.device,
             }
         )
-        hook = self.deadline(until)
-        metrics = train(config, hooks=[hook])
-        return Outcome(metrics, hook.fired and metrics["steps"] > 0)
+        train(config, hooks=[deadline])
 
 
 class PromptRoute(TrainedRoute):
@@ -153,7 +224,7 @@ class PromptRoute(TrainedRoute):
     model = "smollm2-135m-instruct"
 
     def unfit(self, plan: Plan) -> str | None:
-        if not (plan.task.label_distribution and plan.task.shares_backbone):
+        if not plan.single_label_text:
             return f"prompting classifies single-label text; this is {plan.task.description}"
         if plan.prompt is None:
             return plan.prompt_reason
@@ -171,6 +242,7 @@ class ZeroShot(PromptRoute):
 
     method = "lora"
     min_seconds = 30.0
+    trains = False
 
     def train_section(self, plan: Plan) -> dict[str, Any]:
         return {"max_steps": 1, "batch_size": 8, "eval_batch_size": 32}
@@ -178,9 +250,6 @@ class ZeroShot(PromptRoute):
     def data_section(self, plan: Plan) -> dict[str, Any]:
         # nothing trains: a few rows instead of templating and tokenizing all of train
         return {"max_train_samples": 8}
-
-    def deadline(self, until: float) -> Deadline:
-        return Deadline(-math.inf)  # trains nothing, whatever the budget
 
 
 @ROUTES.register("lora")
@@ -263,12 +332,12 @@ class Distill(Route):
     def unfit(self, plan: Plan) -> str | None:
         if plan.prefer != "speed":
             return "only with --prefer speed"
-        if not (plan.task.label_distribution and plan.task.shares_backbone):
+        if not plan.single_label_text:
             what = plan.task.description
             return f"distillation takes single-label classification; this is {what}"
         return None
 
-    def run(self, plan: Plan, run_dir: Path, until: float) -> Outcome:
+    def run(self, plan: Plan, run_dir: Path, deadline: Deadline) -> None:
         from transformers import AutoConfig
 
         from lmadapt.distill import run_distill
@@ -294,9 +363,7 @@ class Distill(Route):
                 "device": plan.device,
             }
         )
-        hook = Deadline(until)
-        metrics = run_distill(config, hooks=[hook])
-        return Outcome(metrics, hook.fired and metrics["steps"] > 0)
+        run_distill(config, hooks=[deadline])
 
 
 class Skip(Exception):

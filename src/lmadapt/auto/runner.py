@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -11,9 +12,19 @@ import traceback
 from pathlib import Path
 from typing import Any, Literal
 
-from lmadapt.api import evaluate, load_run, predict
-from lmadapt.auto.plan import Plan, make_plan
-from lmadapt.auto.routes import OK, ROUTES, Skip, best, fitting_routes
+from lmadapt.api import evaluate, load_run
+from lmadapt.auto.plan import Plan, check_models, make_plan
+from lmadapt.auto.routes import (
+    OK,
+    ROUTES,
+    Deadline,
+    OutOfTime,
+    Route,
+    Skip,
+    best,
+    fitting_routes,
+    time_limit,
+)
 from lmadapt.compare import dir_bytes
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import markdown_table
@@ -24,21 +35,34 @@ from lmadapt.train.loop import TrainingInterrupted
 
 RESERVE = 0.25
 """Share of a route's time kept for loading, the final evaluation and the speed probe."""
+SPEED_SHARE = 0.1
+"""Share of a route's time its prediction-speed probe may take (at least one batch)."""
 _NUMBER = r"(\d+(?:\.\d+)?)"
-_DURATION = re.compile(f"(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s?)?")
-"""Hours, minutes, seconds, each optional and in that order: 90s, 10m, 1h30m, 45."""
+_DURATION = re.compile(f"(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s)?{_NUMBER}?")
+"""Hours, minutes, seconds, each optional and in that order, and a bare number last in the unit
+below the one before it (seconds alone): 90s, 10m, 1h, 1h30m, 1h30 (90 min), 2m30 (150 s), 45."""
+
+
+class AutoInterrupted(LmadaptError):
+    """Ctrl-C during `lmadapt auto`: the message says what was kept."""
+
+    exit_code = 130
 
 
 def parse_budget(budget: str | float) -> float:
-    """Seconds in a budget: a number of seconds or a duration like '90s', '10m', '1h', '1h30m'."""
+    """Seconds in a budget: a number of seconds or a duration like '90s', '10m', '1h', '1h30m'
+    ('1h30' is 1 h 30 min, '2m30' 2 min 30 s)."""
     if isinstance(budget, (int, float)):
         seconds = float(budget)
     else:
         match = _DURATION.fullmatch(budget.replace(" ", "").lower())
-        if match is None or not any(match.groups()):
-            raise ConfigError("--budget", f"expected e.g. 90s, 10m, 1h or 1h30m, got {budget!r}")
-        h, m, s = (float(g or 0) for g in match.groups())
-        seconds = 3600 * h + 60 * m + s
+        if match is None or not any(match.groups()) or (match[3] and match[4]):
+            raise ConfigError(
+                "--budget", f"expected e.g. 90s, 10m, 1h, 1h30m or 1h30, got {budget!r}"
+            )
+        h, m, s, bare = (float(g or 0) for g in match.groups())
+        unit = 60 if match[1] and not match[2] else 1  # 1h30: minutes; 2m30, 45: seconds
+        seconds = 3600 * h + 60 * m + s + unit * bare
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError("--budget", f"must be a positive duration, got {budget!r}")
     return seconds
@@ -59,51 +83,82 @@ def auto(
     seed: int = 42,
     device: str = "auto",
     overwrite: bool = False,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Run the routes that fit the data within `budget`, keep the best by dev metric in
     OUT/winner (an ordinary run directory) and write report.md and leaderboard.json to `out`;
     returns the leaderboard. `models` maps route names to models replacing their defaults;
-    `template`/`verbalizer` give the prompting routes their words (see `prompt_recipe`)."""
+    `template`/`verbalizer` give the prompting routes their words (see `prompt_recipe`).
+
+    The budget bounds the whole call from `started` (time.monotonic(); default: now; the CLI
+    passes its own start): reading the data, every route's loading, training and scoring, and
+    the test file. Every input is checked before the first route. A failure or Ctrl-C keeps
+    the routes that finished (with report.md saying so); only a run with none is removed."""
+    started = time.monotonic() if started is None else started
     seconds = parse_budget(budget)
-    started = time.monotonic()
     end = started + seconds
     if prefer not in ("accuracy", "speed"):
         raise ConfigError("--prefer", f"must be accuracy or speed, got {prefer!r}")
-    unknown = sorted(set(models or {}) - set(ROUTES.names()))
+    models = dict(models or {})
+    unknown = sorted(set(models) - set(ROUTES.names()))
     if unknown:
-        raise ConfigError("models", f"unknown route(s) {unknown}; one of {ROUTES.names()}")
+        raise ConfigError("--model", f"unknown route(s) {unknown}; one of {ROUTES.names()}")
+    check_models(models)
     for path in (train_file, dev_file, test_file):
-        if path is not None and not Path(path).is_file():
+        if path is not None and not Path(path).exists():
             raise DataError(str(path), "no such file")
-    out = check_output_dir(out, overwrite, "--out", "--overwrite", "--overwrite")
-    with run_directory(out, "auto"):
-        plan, carved, speed_file = make_plan(
-            train_file,
-            dev_file,
-            out,
-            fmt=fmt,
-            task=task,
-            template=template,
-            verbalizer=verbalizer,
-            prefer=prefer,
-            seed=seed,
-            device=device,
-            models=models or {},
-        )
+    inputs = {"train": train_file, "dev": dev_file, "--test": test_file, "--model": models}
+    out = check_output_dir(out, overwrite, "--out", "--overwrite", "--overwrite", inputs=inputs)
+    rows: list[dict[str, Any]] = []
+    with run_directory(out, "auto", keep=lambda: any(r.get("status") in OK for r in rows)):
+        try:
+            with time_limit(end):
+                plan, carved, speed_file = make_plan(
+                    train_file,
+                    dev_file,
+                    out,
+                    test_file=test_file,
+                    fmt=fmt,
+                    task=task,
+                    template=template,
+                    verbalizer=verbalizer,
+                    prefer=prefer,
+                    seed=seed,
+                    device=device,
+                    models=models,
+                )
+        except OutOfTime:
+            raise LmadaptError(
+                f"the {seconds:.0f}s budget ran out while the data was read and checked; "
+                "pass a larger --budget"
+            ) from None
         t, profile, metric, mode = plan.task, plan.profile, plan.metric, plan.mode
         speed_rows = len(plan.task.read(str(speed_file), fmt, labelled=False))
-        test_rows = len(t.read(str(test_file), fmt, labelled=False)) if test_file else 0
-        rows = _run_routes(plan, out, end, speed_file, test_rows)
+        try:
+            _run_routes(plan, out, end, speed_file, rows)
+            interrupted = False
+        except (TrainingInterrupted, KeyboardInterrupt):
+            interrupted = True
+            _not_run(plan, rows)
         ok = [r for r in rows if r["status"] in OK]
+        if interrupted and not ok:
+            raise AutoInterrupted(f"interrupted before any route finished; {out} was removed")
         winner = best(ok, mode) if ok else None
         test = test_seconds = None
+        test_note = ""
         if winner is not None:
             dest = out / "winner"
             shutil.move(winner["run_dir"], dest)
             winner["run_dir"] = str(dest)
-            if test_file is not None:
+            if test_file is not None and not interrupted:
                 t0 = time.monotonic()
-                test = evaluate(dest, test_file, fmt, device)[0].metrics
+                try:
+                    with time_limit(end):
+                        test = evaluate(dest, test_file, fmt, device)[0].metrics
+                except OutOfTime:
+                    test_note = "the budget ran out before it was scored"
+                except KeyboardInterrupt:
+                    interrupted, test_note = True, "interrupted while it was scored"
                 test_seconds = round(time.monotonic() - t0, 1)
         result = {
             "train": str(train_file),
@@ -121,16 +176,38 @@ def auto(
             "winner": winner and winner["route"],
             "winner_dir": winner and winner["run_dir"],
             "test_metrics": test,
-            "test_rows": test_rows,
+            "test_rows": plan.test_rows,
             "test_seconds": test_seconds,
-            "test_reserve_seconds": round(_test_reserve(rows, test_rows), 1),
+            "test_note": test_note,
+            "test_reserve_seconds": round(_test_reserve(rows, plan.test_rows), 1),
+            "interrupted": interrupted,
             "rows": _ranked(rows, mode),
         }
         write_json(out / "leaderboard.json", result)
         write_text(out / "report.md", markdown(result, plan))
+    if interrupted:
+        raise AutoInterrupted(_interrupted_message(result, out, test_file))
     if winner is None:
-        raise LmadaptError(f"no route finished within the budget; see {out / 'report.md'}")
+        tried = "; ".join(f"{r['route']}: {r['status']}" for r in rows if r["status"] != "skipped")
+        raise LmadaptError(
+            f"no route finished within the budget ({tried or 'none started'}); "
+            f"see {out / 'report.md'}"
+        )
     return result
+
+
+def _interrupted_message(result: dict[str, Any], out: Path, test_file: Any) -> str:
+    """What Ctrl-C kept: there is no resume for auto, so say how to run it again."""
+    others = [r["route"] for r in result["rows"] if r["status"] in OK][1:]
+    what = (
+        f"interrupted; kept in {out}: report.md and leaderboard.json, the best finished route "
+        f"({result['winner']}) in {result['winner_dir']}"
+    )
+    if others:
+        what += f", the other finished route(s) in {out / 'routes'} ({', '.join(others)})"
+    if test_file is not None and result["test_metrics"] is None:
+        what += f"; score it on the test file with: lmadapt eval {result['winner_dir']} {test_file}"
+    return what + ". auto does not resume: to run it again, pass --overwrite or another --out"
 
 
 def _test_reserve(rows: list[dict[str, Any]], test_rows: int) -> float:
@@ -141,35 +218,30 @@ def _test_reserve(rows: list[dict[str, Any]], test_rows: int) -> float:
     costs = [
         r["load_seconds"] + test_rows / r["predict_per_second"]
         for r in rows
-        if r.get("status") in OK
+        if r.get("status") in OK and r["predict_per_second"]
     ]
     return 1.1 * max(costs, default=0.0)
 
 
 def _run_routes(
-    plan: Plan, out: Path, end: float, speed_file: Path, test_rows: int = 0
-) -> list[dict[str, Any]]:
-    """Every route in order: skipped with its reason, or run within its share of what is left
-    (what is left divided among the fitting routes still to run). What is left excludes the
-    time scoring `test_rows` test examples would take with any route finished so far, so the
-    whole command, test included, fits the budget (a route's own predict speed is known only
-    once it has run: a later, slower route can still overrun, by its test time at most)."""
-    rows = []
-    routes = [(e.name, e.impl(e.name)) for e in ROUTES]
+    plan: Plan, out: Path, end: float, speed_file: Path, rows: list[dict[str, Any]]
+) -> None:
+    """Every route in order, each appended to `rows`: skipped with its reason, or run within its
+    share of what is left (what is left divided among the fitting routes still to run). What is
+    left excludes the time scoring the test file would take with any route finished so far, so
+    the whole command, test included, fits the budget. A route is stopped where its share ends,
+    whatever it is doing (a later, slower route can still leave too little time for the test
+    file: it is then not scored). Ctrl-C stops them, the running route's directory removed."""
     fitting = fitting_routes(plan)
-    for name, route in routes:
-        row = {
-            "route": name,
-            "model": plan.models.get(name, route.model),
-            "method": route.method,
-            "teaches": route.teaches,
-        }
+    for entry in ROUTES:
+        name, route = entry.name, entry.impl(entry.name)
+        row = _row(plan, name, route)
         rows.append(row)
         why = route.unfit(plan)
         if why is not None:
             row.update(status="skipped", reason=why)
             continue
-        left = end - time.monotonic() - _test_reserve(rows, test_rows)
+        left = end - time.monotonic() - _test_reserve(rows, plan.test_rows)
         if left < route.min_seconds:
             row.update(
                 status="skipped",
@@ -182,52 +254,122 @@ def _run_routes(
         run_dir = out / "routes" / name
         print(f"[auto] {name}: up to {share:.0f}s ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
+        deadline = Deadline(
+            t0 + share * (1 - RESERVE) if route.trains else -math.inf,
+            end=t0 + share,
+            started=t0,
+            after=SPEED_SHARE * share,
+        )
+        load = speed = None
         try:
-            outcome = route.run(plan, run_dir, time.monotonic() + share * (1 - RESERVE))
-            load, speed = _predict_speed(run_dir, speed_file, plan.device)  # also: it reloads
+            with time_limit(t0 + share):
+                route.run(plan, run_dir, deadline)
+                load, speed = _predict_speed(run_dir, speed_file, plan, SPEED_SHARE * share)
         except Skip as e:
             row.update(status="skipped", reason=str(e))
-            continue
+        except OutOfTime:
+            row.update(status="out of time", reason=f"still running when its {share:.0f}s ran out")
         except (TrainingInterrupted, KeyboardInterrupt):
+            _finished(plan, route, row, run_dir, deadline, t0)  # a finished run stays
             raise
         except Exception as e:  # one failing route must not lose the others
             first = (str(e).splitlines() or [""])[0]
             row.update(status="failed", reason=f"{type(e).__name__}: {first}")
-            (out / "routes").mkdir(exist_ok=True)
             write_text(out / "routes" / f"{name}.error.txt", traceback.format_exc())
+        if row.get("status") == "failed" and (run_dir / "metrics.json").is_file():
+            continue  # it finished, then did not reload: kept for a look, not ranked
+        if row.get("status") in ("skipped", "failed"):
+            shutil.rmtree(run_dir, ignore_errors=True)  # unfinished: nothing half-written stays
             continue
-        m = outcome.metrics
-        row.update(
-            status="stopped at its time share" if outcome.budget_stop else "done",
-            reason="",
-            run_dir=str(run_dir),
-            dev_metric=m["dev"][plan.metric],
-            dev_loss=m["dev"].get("loss"),  # distillation reports none
-            steps=m["steps"],
-            train_seconds=m["train_seconds"],
-            predict_per_second=round(speed, 1),
-            load_seconds=round(load, 1),
-            favoured=route.favoured(plan),
-            size_mb=round(dir_bytes(run_dir / "model") / 2**20, 2),
-            wall_seconds=round(time.monotonic() - t0, 1),
-        )
-        plan.done.append(row)
+        if not _finished(plan, route, row, run_dir, deadline, t0, load, speed):
+            continue
         print(
             f"[auto] {name}: dev {plan.metric} {row['dev_metric']:.4f} ({row['wall_seconds']}s)",
             file=sys.stderr,
             flush=True,
         )
-    return rows
 
 
-def _predict_speed(run_dir: Path, speed_file: Path, device: str) -> tuple[float, float]:
-    """(seconds to load the run, examples per second of `lmadapt predict` on the speed file,
-    loading excluded); loading also proves the run reloads."""
+def _finished(
+    plan: Plan,
+    route: Route,
+    row: dict[str, Any],
+    run_dir: Path,
+    deadline: Deadline,
+    t0: float,
+    load: float | None = None,
+    speed: float | None = None,
+) -> bool:
+    """Record a route whose run finished (its metrics.json written) in its leaderboard row,
+    and whether it had; a run that had not finished is removed, nothing half-written stays.
+    A run stopped (Ctrl-C, its time) after it finished is kept, its speed unmeasured."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return False
+    stopped = deadline.fired and metrics["steps"] > 0
+    row.update(
+        status="stopped at its time share" if stopped else "done",
+        reason="" if speed is not None else "speed not measured: stopped before it was",
+        run_dir=str(run_dir),
+        dev_metric=metrics["dev"][plan.metric],
+        dev_loss=metrics["dev"].get("loss"),  # distillation reports none
+        dev_rows=deadline.dev_rows,
+        steps=metrics["steps"],
+        train_seconds=metrics["train_seconds"],
+        predict_per_second=None if speed is None else round(speed, 1),
+        load_seconds=None if load is None else round(load, 1),
+        favoured=route.favoured(plan),
+        size_mb=round(dir_bytes(run_dir / "model") / 2**20, 2),
+        wall_seconds=round(time.monotonic() - t0, 1),
+    )
+    plan.done.append(row)
+    return True
+
+
+def _row(plan: Plan, name: str, route: Route) -> dict[str, Any]:
+    return {
+        "route": name,
+        "model": plan.models.get(name, route.model),
+        "method": route.method,
+        "teaches": route.teaches,
+    }
+
+
+def _not_run(plan: Plan, rows: list[dict[str, Any]]) -> None:
+    """After Ctrl-C: the route it stopped is 'interrupted', those after it 'not run'."""
+    for row in rows:
+        row.setdefault("status", "interrupted")
+        row.setdefault("reason", "Ctrl-C")
+    for entry in list(ROUTES)[len(rows) :]:
+        rows.append(
+            {
+                **_row(plan, entry.name, entry.impl(entry.name)),
+                "status": "not run",
+                "reason": "Ctrl-C",
+            }
+        )
+
+
+def _predict_speed(
+    run_dir: Path, speed_file: Path, plan: Plan, seconds: float
+) -> tuple[float, float]:
+    """(seconds to load the run, examples per second of prediction on the speed file,
+    tokenisation included, loading excluded); loading also proves the run reloads. One batch
+    (the run's eval_batch_size) at a time, until the file is done or `seconds` have passed."""
     t0 = time.perf_counter()
-    loaded = load_run(run_dir, device)
+    run = load_run(run_dir, plan.device)
     t1 = time.perf_counter()
-    n = len(predict(loaded, file=speed_file))
-    return t1 - t0, n / max(time.perf_counter() - t1, 1e-9)
+    examples = run.task.read(str(speed_file), plan.fmt, labelled=False)
+    task, batch = run.task, run.config.train.eval_batch_size
+    collate = task.collator(run.tokenizer)
+    done = 0
+    while done < len(examples) and (not done or time.perf_counter() - t1 < seconds):
+        part = examples[done : done + batch]
+        task.predict_model(run.model, task.encode(part, run.tokenizer), part, collate, batch)
+        done += len(part)
+    return t1 - t0, done / max(time.perf_counter() - t1, 1e-9)
 
 
 def _ranked(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -262,8 +404,12 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
         + _test_time(result)
         + f"; prefer {result['prefer']}",
     ]
+    if result["interrupted"]:
+        lines.append("- **interrupted** (Ctrl-C): the routes that had finished are ranked below")
     if result["winner"]:
         lines.append(f"- **winner**: {result['winner']} -> `{result['winner_dir']}`")
+    if result["test_note"]:
+        lines.append(f"- **test** (`{result['test']}`): {result['test_note']}")
     lines += ["", "## Leaderboard", ""]
     rows = []
     for i, r in enumerate(result["rows"], 1):
@@ -274,9 +420,9 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
                     r["route"],
                     r["model"],
                     r["method"],
-                    f"{r['dev_metric']:.4f}",
+                    _dev(r),
                     f"{r['train_seconds']:.0f}s ({r['steps']} steps)",
-                    f"{r['predict_per_second']:.1f}",
+                    "-" if r["predict_per_second"] is None else f"{r['predict_per_second']:.1f}",
                     f"{r['size_mb']:.1f}",
                     r["status"],
                 ]
@@ -306,6 +452,12 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
         "the run's "
         "model/ directory (an adapter with its base named, or every weight).",
     ]
+    if any(r.get("dev_rows") for r in result["rows"]):
+        lines += [
+            "",
+            "A dev metric marked `n of N` was measured on a random n of the N dev examples: "
+            "scoring all of them would not fit in the route's share of the budget.",
+        ]
     if result["test_metrics"]:
         t = result["test_metrics"]
         lines += [
@@ -329,13 +481,18 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dev(row: dict[str, Any]) -> str:
+    part = row.get("dev_rows")
+    return f"{row['dev_metric']:.4f}" + (f" ({part[0]:,} of {part[1]:,})" if part else "")
+
+
 def _status(row: dict[str, Any]) -> str:
     reason = row["reason"].replace("|", "/")
     return f"{row['status']}: {reason}"
 
 
 def _test_time(result: dict[str, Any]) -> str:
-    if result["test_seconds"] is None:
+    if result["test_metrics"] is None:
         return ""
     return (
         f" (scoring {result['test_rows']:,} test examples with the winner took "

@@ -35,7 +35,7 @@ from lmadapt.rundir import check_output_dir
 from lmadapt.schema import to_dict
 from lmadapt.session import peak_rss_mb, run_directory, seed_everything, start
 from lmadapt.tasks import Evaluation, build_task
-from lmadapt.tasks.base import check_model_suits
+from lmadapt.tasks.base import Task, check_model_suits, read_split
 from lmadapt.train.loop import Trainer
 
 
@@ -77,6 +77,8 @@ class Learner:
         self.slots: dict[str, TaskSlot] = {}
         self.seen: list[str] = []
         """Task names in order of first appearance (the columns of R)."""
+        self.bad_rows: dict[str, int] = {}
+        """"task: file" -> rows left out under data.bad_rows=skip."""
 
     def activate(self, name: str) -> None:
         self.model.active = name
@@ -85,18 +87,23 @@ class Learner:
     def load(self, entry: StreamEntry, index: int) -> TaskSlot:
         """Read and encode an entry's data; a new task also gets its head."""
         d = entry.data
+
+        def read(task: Task, path: str, check: bool = True) -> list[Any]:
+            examples, bad = read_split(
+                task, path, d.format, d.bad_rows, d.max_bad_fraction, check=check
+            )
+            self.bad_rows[f"{entry.name}: {path}"] = len(bad)
+            return examples
+
         if entry.name in self.slots:
             slot = self.slots[entry.name]
-            train = slot.task.read(d.train, d.format)
-            slot.task.check(train)
+            train = read(slot.task, d.train)
         else:
             task = build_task(entry.task)
-            train = task.read(d.train, d.format)
-            dev = task.read(d.dev, d.format)[: d.max_eval_samples]
-            test = task.read(d.test, d.format)[: d.max_eval_samples] if d.test else []
+            train = read(task, d.train, check=False)
             task.fit(train[: d.max_train_samples])
-            task.check(dev)
-            task.check(test)
+            dev = read(task, d.dev)[: d.max_eval_samples]
+            test = read(task, d.test)[: d.max_eval_samples] if d.test else []
             check_model_suits(task, self.spec, f"stream[{index}].task.type")
             seed_everything(self.seed)  # head init independent of the stream so far
             self.model.add_task(entry.name, task.build_model(self.spec, self.trust_remote_code))
@@ -269,6 +276,7 @@ def run_continual(
             "average_forgetting": round(average_forgetting(R, at), 6),
             "steps": steps,
             "test": test,
+            "bad_rows_skipped": learner.bad_rows,
             "wall_seconds": round(time.perf_counter() - t_start, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "output_dir": str(out),
@@ -322,6 +330,11 @@ def _write_report(out: Path, s: dict[str, Any]) -> None:
         f"- **model**: {s['model']}, one head per task (task-incremental)",
         f"- **strategy**: {s['strategy_config']}",
         f"- **wall time**: {s['wall_seconds']:.1f}s, peak RSS {s['peak_rss_mb']:.0f} MB",
+        *[
+            f"- **bad rows left out** (data.bad_rows=skip): {n} in {where}"
+            for where, n in s["bad_rows_skipped"].items()
+            if n
+        ],
         "",
         "## Accuracy matrix R[i][j] (dev metric of task j after training step i)",
         "",

@@ -274,7 +274,10 @@ def _sound_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
             if not f.is_file():
                 return None, f"{name} is missing"
             if f.stat().st_size != entry["size"]:
-                return None, f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+                return (
+                    None,
+                    f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}",
+                )
             if file_digest(f) != entry["blake2b"]:
                 return None, f"{name} does not match its checksum"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

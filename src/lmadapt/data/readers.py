@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmadapt.data.validation import BadRows, FileError, collect
+from lmadapt.data.validation import BadRows, FileError, collect, text_problem
 from lmadapt.errors import DataError
 
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet", "dataset")
@@ -302,14 +302,7 @@ def get_text(record: Record, column: str) -> str:
     if column not in record.fields:
         raise record.missing(column)
     value = record.fields[column]
-    if not isinstance(value, str):
-        raise record.error(f"expected text, got {type(value).__name__} {value!r}", column)
-    if not value.strip():
-        raise record.error("empty text", column)
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates
-            message = "text holds an unpaired surrogate (bad \\u escape)"
-            raise record.error(message, column) from None
+    problem = text_problem(value)
+    if problem is not None:
+        raise record.error(problem, column)
     return value.strip()

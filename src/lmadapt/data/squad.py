@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmadapt.data.readers import Record, _loads, detect_format, read_records, read_text
-from lmadapt.data.validation import BadRows, collect
+from lmadapt.data.validation import BadRows, collect, text_problem
 from lmadapt.errors import DataError
 
 
@@ -124,25 +124,10 @@ def _read_squad(path: str, data: dict[str, Any], labelled: bool, bad: BadRows) -
 def _text(fields: dict[str, Any], name: str, ex: QAExample, where: str | None = None) -> str:
     """A required, non-empty text field; `where` names a SQuAD paragraph's field (the context)."""
     value = fields.get(name)
-    if value is None:
-        problem = "missing field"
-    elif not isinstance(value, str):
-        problem = f"expected text, got {type(value).__name__}"
-    elif not value.strip():
-        problem = "empty text"
-    elif not value.isascii() and not _encodable(value):  # JSON "\ud800" decodes to a lone half
-        problem = "text holds an unpaired surrogate (bad \\u escape)"
-    else:
+    problem = "missing field" if value is None else text_problem(value)
+    if problem is None:
         return value
     raise _at(ex, where, problem) if where else ex.error(problem, name)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _at(ex: QAExample, where: str, message: str) -> DataError:

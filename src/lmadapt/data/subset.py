@@ -1,8 +1,9 @@
 """Write a subset of a data file in the file's own format, so that the same task config reads it.
 
 Used to carve a dev set out of a training file (`lmadapt auto`): each kept example is named by
-the lines it was read from (`tasks.base.DataProfile.source_lines`), and the subset keeps its
-columns, header and format, rather than a re-encoding that could read back differently.
+the lines it was read from (`tasks.base.DataProfile.source_lines`; a table's rows), and the subset
+keeps its columns, header and format (Parquet stays Parquet, a `datasets` save_to_disk directory
+stays one), rather than a re-encoding that could read back differently.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def write_subset(src: str | Path, fmt: str, groups: list[list[int]], out: str | 
         out.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
         return out
     fmt = detect_format(src, fmt)
+    if fmt in ("parquet", "dataset"):  # a table's "line" N is its N-th row
+        return _write_table_subset(src, fmt, [g[0] - 1 for g in groups], out)
     if fmt in ("jsonl", "tsv"):  # one record a line (TSV has no quoting): lines copied as they are
         lines = read_text(src).split("\n")
         header = next(line + "\n" for line in lines if line.strip()) if fmt == "tsv" else ""
@@ -42,4 +45,18 @@ def write_subset(src: str | Path, fmt: str, groups: list[list[int]], out: str | 
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return out
+
+
+def _write_table_subset(src: str | Path, fmt: str, rows: list[int], out: Path) -> Path:
+    """The rows (0-based) of a Parquet file or a `datasets` directory, written as the same kind,
+    column types and all."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(pq.read_table(src).take(rows), out)
+        return out
+    import datasets
+
+    datasets.load_from_disk(str(src)).select(rows).save_to_disk(str(out))
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from lmadapt.errors import DataError
 
@@ -22,6 +22,22 @@ MAX_LISTED = 20
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def text_problem(value: Any) -> str | None:
+    """Why `value` cannot be a text input (None when it can): not a string, blank, or holding a
+    lone surrogate that no tokenizer encodes (a JSON "\\ud800" escape, or bytes that are not
+    UTF-8 in a command-line argument, which Python decodes to surrogates)."""
+    if not isinstance(value, str):
+        return f"expected text, got {type(value).__name__} {value!r}"
+    if not value.strip():
+        return "empty text"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text is not valid UTF-8 (an unpaired surrogate: a bad \\u escape or bytes)"
+    return None
 
 
 class FileError(DataError):

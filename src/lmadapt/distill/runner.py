@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmadapt.config import RunConfig, build_run_config
+from lmadapt.config import RunConfig, build_run_config, check_dev_needs
 from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
 from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
@@ -51,6 +51,7 @@ from lmadapt.session import (
     start,
 )
 from lmadapt.tasks import build_task
+from lmadapt.tasks.base import read_split
 from lmadapt.train.distributed import Distributed
 from lmadapt.train.loop import Hook, Trainer
 
@@ -133,6 +134,7 @@ def run_distill(
     if not isinstance(config, DistillConfig):
         config = load_distill_config(config, overrides)
     run, opt = config.student, config.options
+    check_dev_needs(run)
     out = check_output_dir(run.output_dir, run.overwrite, inputs=to_dict(config))
     check_quantize(run.quantize, build_method(run.method))
     device = resolve_device(run.device)
@@ -146,12 +148,22 @@ def run_distill(
     d = run.data
     if not d.train or not d.dev:
         raise ConfigError("data.dev" if d.train else "data.train", "is required")
-    train = task.read(d.train, d.format, labelled=opt.use_gold_labels)[: d.max_train_samples]
-    dev = task.read(d.dev, d.format)[: d.max_eval_samples]
-    test = task.read(d.test, d.format)[: d.max_eval_samples] if d.test else []
-    extra = task.read(opt.unlabeled, d.format, labelled=False) if opt.unlabeled else []
-    for split in (train if opt.use_gold_labels else [], dev, test):
-        task.check(split)
+    splits = {"train": d.train, "dev": d.dev, "test": d.test, "unlabeled": opt.unlabeled}
+    read, bad_rows = {}, {}
+    for split, path in splits.items():
+        labelled = split in ("dev", "test") or (split == "train" and opt.use_gold_labels)
+        read[split], bad = (
+            read_split(task, path, d.format, d.bad_rows, d.max_bad_fraction, labelled)
+            if path
+            else ([], [])
+        )
+        bad_rows[split] = len(bad)
+    train = read["train"][: d.max_train_samples]
+    dev, test, extra = (
+        read["dev"][: d.max_eval_samples],
+        read["test"][: d.max_eval_samples],
+        read["unlabeled"],
+    )
 
     # ---- teacher: one call for every training row, cached in the features
     rows = train + extra
@@ -227,6 +239,7 @@ def run_distill(
             "use_gold_labels": opt.use_gold_labels,
             "train_samples": len(train),
             "unlabeled_samples": len(extra),
+            "bad_rows_skipped": bad_rows,
             "steps": result.state.step,
             "train_seconds": round(result.state.train_seconds, 2),
             "metric": metric,

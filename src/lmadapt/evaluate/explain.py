@@ -117,7 +117,22 @@ def explain(
                 scores = [float(attr[0, first[w]]) if w in first else 0.0 for w in range(n)]
             row["words"] = [{**w, "score": round(s, 6)} for w, s in zip(item.words, scores)]
             out.append(row)
-    return {"text": item.text, **item.fields, "method": method, "explanations": out}
+    result = {"text": item.text, **item.fields, "method": method, "explanations": out}
+    unread = _unread_words(item)
+    if unread:  # the input was cut to the model's length: say so rather than look complete
+        result["truncated"] = {"words_scored": len(item.words), "words": len(item.words) + unread}
+    return result
+
+
+def _unread_words(item: Explainable) -> int:
+    """Words of the input after the last one the model read (cut at its maximum length),
+    counted by whitespace in each text the words point into."""
+    texts = {"text": item.text, **{k: v for k, v in item.fields.items() if isinstance(v, str)}}
+    last: dict[str, int] = {}
+    for w in item.words:
+        key = w.get("in", "text")
+        last[key] = max(last.get(key, 0), w["end"])
+    return sum(len(texts[key][end:].split()) for key, end in last.items() if key in texts)
 
 
 def _scalar(

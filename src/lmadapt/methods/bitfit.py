@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, WholeModelMethod, unfreeze_modules
 
@@ -23,7 +24,18 @@ class BitFit(WholeModelMethod):
     """BitFit: bias terms and the task head train; everything else is frozen."""
 
     def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+        """Refused for a base without bias terms (Llama-style models such as SmolLM2): there
+        BitFit would train the task head alone, or nothing at all for generation."""
+        head = task.head_modules(model)
+        biases = {n for n, _ in model.named_parameters() if n.endswith(".bias") or n == "bias"}
+        if all(set(n.split(".")[:-1]) & set(head) for n in biases):
+            raise ConfigError(
+                "method",
+                f"bitfit trains the base model's bias terms and {type(model).__name__} has none "
+                f"(it would train {'only the task head' if head else 'nothing'}); "
+                "use lora or ia3 instead",
+            )
         for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(".bias") or name == "bias")
-        unfreeze_modules(model, task.head_modules(model))
+            p.requires_grad_(name in biases)
+        unfreeze_modules(model, head)
         return model

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -134,19 +135,22 @@ class PrefixScorer:
         )
         out = np.zeros((len(rows), len(continuations)), dtype=np.float64)
         memo: dict[int, tuple[KV, int]] = {}
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            needed = sorted({rows[r][0] for r in batch})
-            missing = [g for g in needed if g not in memo and groups[g].prefix]
-            if missing:
-                memo.update(zip(missing, self._prefixes([groups[g].prefix for g in missing])))
-            for g in list(memo):
-                if g not in needed:
-                    del memo[g]  # groups are visited in order: a finished prefix is dropped
-            queries = [groups[rows[r][0]].queries[rows[r][1]] for r in batch]
-            prefix = [memo.get(rows[r][0]) for r in batch]
-            scores = self._score_batch(prefix, queries, continuations)
-            out[batch] = scores.numpy()
+        # the trainer's convention: on stderr, tqdm's own settings decide (TQDM_DISABLE=1)
+        with tqdm(total=len(rows), desc="score", unit="query", mininterval=1.0) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                needed = sorted({rows[r][0] for r in batch})
+                missing = [g for g in needed if g not in memo and groups[g].prefix]
+                if missing:
+                    memo.update(zip(missing, self._prefixes([groups[g].prefix for g in missing])))
+                for g in list(memo):
+                    if g not in needed:
+                        del memo[g]  # groups are visited in order: a finished prefix is dropped
+                queries = [groups[rows[r][0]].queries[rows[r][1]] for r in batch]
+                prefix = [memo.get(rows[r][0]) for r in batch]
+                scores = self._score_batch(prefix, queries, continuations)
+                out[batch] = scores.numpy()
+                bar.update(len(batch))
         return out
 
     def _score_batch(

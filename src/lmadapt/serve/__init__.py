@@ -12,7 +12,8 @@ from lmadapt.errors import LmadaptError
 def serve(run_dirs: list[str | Path], settings: Any = None, log_level: str = "info") -> None:
     """Serve finished runs over HTTP until stopped (`settings`: a ServeSettings; None = the
     defaults). Refusals (exposure without an API key, a missing GPU) come before any model
-    loads."""
+    loads. Without an API key, requests must name this server in their Host header (DNS
+    rebinding): loopback, --host or an --allowed-host."""
     from lmadapt.serve.settings import ServeSettings
     from lmadapt.session import resolve_device
 
@@ -27,7 +28,8 @@ def serve(run_dirs: list[str | Path], settings: Any = None, log_level: str = "in
         raise LmadaptError(
             f"serve needs the serve extra ({e.name} is missing): pip install 'lmadapt[serve]'"
         ) from None
-    app = create_app(run_dirs, settings)
+    # a page rebinding its own name to this address has no key to send: the key suffices
+    app = create_app(run_dirs, settings, None if settings.api_key else settings.host_names)
     names = ", ".join(sorted(app.state.server.runs))
     auth = "API key required" if settings.api_key else "no API key"
     where = f"http://{settings.host}:{settings.port}"

@@ -9,7 +9,12 @@ parsed and, with an API key set, callers without it.
 
 Generation runs decode with their task's own `decode_ids` (the code behind `lmadapt generate`),
 in the model group's batcher thread; a streamed chat completion hands that thread a transformers
-streamer and relays its text as Server-Sent Events.
+streamer and relays its text as Server-Sent Events. A client that goes away, streamed or not,
+ends its decoding at the next token.
+
+The OpenAI routes (`/v1/chat/completions`, `/v1/models[/{id}]`) answer errors in OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, and refuse by name (400) the OpenAI request
+fields lmadapt does not implement (tools, logprobs, JSON mode...) rather than ignore them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import secrets
 import time
 import uuid
@@ -26,17 +32,30 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
 from lmadapt.inference import GenerationSettings
 from lmadapt.serve.batching import MicroBatcher, QueueFullError
-from lmadapt.serve.guards import ApiKey, BodyLimit, shorten, validation_error
+from lmadapt.serve.guards import (
+    MAX_ERRORS,
+    MAX_FIELD,
+    ApiKey,
+    BodyLimit,
+    HostCheck,
+    shorten,
+    validation_error,
+)
 from lmadapt.serve.runs import Completion, GenerationJob, ModelGroup, ServedRun, load_groups
 from lmadapt.serve.settings import ServeSettings
 from lmadapt.serve.streaming import StopCutter, TokenStream, sse
@@ -157,15 +176,117 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(Decoding):
-    """OpenAI chat-completions shape; fields lmadapt does not use (n, logprobs...) are ignored."""
+class ContentPart(BaseModel):
+    """One part of a message's content in OpenAI's list form; only text parts are supported
+    (`RequestMessage.text` refuses the others)."""
 
-    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+def _as_parts(content: Any) -> Any:
+    """A string content as one text part, so that errors name `content[j]`, never a member of
+    a union (`content.str`, `content.list[ContentPart]`)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise PydanticCustomError(
+            "content_type", "Input should be a string or a list of content parts"
+        )
+    return content
+
+
+class RequestMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[
+        list[ContentPart],
+        BeforeValidator(_as_parts, json_schema_input_type=str | list[ContentPart]),
+    ] = Field(description="A string, or a list of text parts (joined with newlines, as vLLM does).")
+
+    def text(self, i: int) -> str:
+        """The content as one string; 400 naming the first part that is not text."""
+        texts = []
+        for j, part in enumerate(self.content):
+            field = f"messages[{i}].content[{j}]"
+            if part.type != "text":
+                raise ApiError(
+                    400,
+                    f"{field}.type: only text parts are supported, got {shorten(part.type)!r}",
+                    f"{field}.type",
+                    "unsupported_value",
+                )
+            if part.text is None:
+                raise ApiError(400, f"{field}.text: a text part needs its text", f"{field}.text")
+            texts.append(part.text)
+        return "\n".join(texts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(
+        False, description="Send a last chunk with `usage` (and no choices) before [DONE]."
+    )
+
+
+NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+}
+"""OpenAI chat fields lmadapt does not implement, with the values (besides null) that ask for
+nothing, so a client sending its defaults is served; any other value is refused by name."""
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "parallel_tool_calls",
+    }
+)
+"""OpenAI chat fields that change nothing in the answer (bookkeeping, or tools, which are
+refused anyway): accepted and ignored."""
+
+
+class ChatRequest(Decoding):
+    """OpenAI chat-completions shape. Any other field is refused by name (400), except those in
+    IGNORED_FIELDS and those of NO_OP_VALUES given a value that asks for nothing."""
+
+    model_config = ConfigDict(extra="allow")
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[RequestMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, description="Choices to generate (sampled ones differ).")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def check_supported(self) -> None:
+        """400 for the first field lmadapt would otherwise ignore, or a streaming option
+        without a stream (as OpenAI answers)."""
+        for name, value in (self.model_extra or {}).items():
+            allowed = NO_OP_VALUES.get(name)
+            if name in IGNORED_FIELDS or (allowed is not None and value in (None, *allowed)):
+                continue
+            field = str(shorten(name))
+            if allowed is None:
+                message = f"{field}: not supported by lmadapt serve; leave it out"
+            else:
+                values = " or ".join(json.dumps(v) for v in allowed)
+                message = f"{field}: lmadapt serve supports only {values} (or leaving it out)"
+            raise ApiError(400, message, field, "unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options: only allowed with stream: true", "stream_options")
 
 
 class ChatChoice(BaseModel):
@@ -202,6 +323,117 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ---------------------------------------------------------------------- errors in OpenAI's shape
+
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
+def is_openai_route(scope: Scope) -> bool:
+    """The routes OpenAI clients call, whose errors they read as `{"error": {...}}`."""
+    path = scope["path"].removeprefix(scope.get("root_path", ""))
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
+class ApiError(HTTPException):
+    """A refusal that also names the request field at fault (`param`) and an OpenAI error
+    `code`; the other routes answer its `detail` alone, as for any HTTPException."""
+
+    def __init__(
+        self, status_code: int, detail: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(status_code, detail)
+        self.param, self.code = param, code
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body, which its clients turn into an exception with these fields."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """HTTPExceptions (ours, and routing's 404/405) in OpenAI's shape on its routes."""
+    if not is_openai_route(request.scope):
+        return await http_exception_handler(request, exc)
+    param, code = (exc.param, exc.code) if isinstance(exc, ApiError) else (None, None)
+    body = openai_error(exc.status_code, str(exc.detail), param, code)
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
+
+
+async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 in OpenAI's shape on its routes: where and why for the first errors, `param` the
+    first field at fault; as elsewhere, never the rejected input."""
+    if not is_openai_route(request.scope):
+        return await validation_error(request, exc)
+    errors = exc.errors()
+    fields = [_field(e["loc"]) if e["type"] != "json_invalid" else "body" for e in errors]
+    message = "; ".join(
+        f"{field}: {shorten(str(e['msg']), 4 * MAX_FIELD)}"
+        for field, e in zip(fields[:MAX_ERRORS], errors)
+    )
+    if len(errors) > MAX_ERRORS:
+        message += f" (and {len(errors) - MAX_ERRORS} more errors)"
+    return JSONResponse(openai_error(422, message, fields[0] if fields else None), 422)
+
+
+def _field(loc: tuple[str | int, ...]) -> str:
+    """A validation error's location as a field path: ("body", "messages", 0, "role") ->
+    "messages[0].role"."""
+    path = ""
+    for part in loc[1:]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{shorten(part)}" if path else str(shorten(part))
+    return path or str(loc[0])
+
+
+class OpenAIErrorShape:
+    """Middleware's own refusals on the OpenAI routes (API key 401, body size 413, host name
+    400: a body `{"detail": message}`) put in OpenAI's shape. Errors raised inside the app
+    reach `http_error` and `request_invalid` instead, so this sees only the guards' answers."""
+
+    CODES = {401: "invalid_api_key"}
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_openai_route(scope):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        body = b""
+
+        async def reshape(message: Message) -> None:
+            nonlocal start, body
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # held until the body says whether it is a guard's refusal
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            body += message.get("body", b"")
+            if message.get("more_body", False):
+                return
+            with contextlib.suppress(ValueError):  # not JSON: passed on as it is
+                parsed = json.loads(body)
+                detail = parsed.get("detail") if isinstance(parsed, dict) else None
+                if isinstance(detail, str):
+                    status = start["status"]
+                    shaped = openai_error(status, detail, code=self.CODES.get(status))
+                    body = json.dumps(shaped).encode()
+                    headers = MutableHeaders(raw=list(start["headers"]))
+                    headers["content-length"] = str(len(body))
+                    start = {**start, "headers": headers.raw}
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshape)
+
+
 # ---------------------------------------------------------------------- the app
 
 
@@ -235,9 +467,14 @@ class Server:
         if name is None:
             if len(self.runs) == 1:
                 return next(iter(self.runs.values()))
-            raise HTTPException(400, f"field 'model' is required; served models: {names}")
+            raise ApiError(400, f"field 'model' is required; served models: {names}", "model")
         if name not in self.runs:
-            raise HTTPException(404, f"unknown model {shorten(name)!r}; served models: {names}")
+            raise ApiError(
+                404,
+                f"unknown model {shorten(name)!r}; served models: {names}",
+                "model",
+                "model_not_found",
+            )
         return self.runs[name]
 
     def check_texts(
@@ -246,28 +483,46 @@ class Server:
         """Count and length limits (413), and text a tokenizer cannot take (422)."""
         s = self.settings
         if len(texts) > s.max_texts:
-            raise HTTPException(
-                413, f"{len(texts)} {field} in one request; the limit is {s.max_texts}"
+            raise ApiError(
+                413, f"{len(texts)} {field} in one request; the limit is {s.max_texts}", field
             )
         for i, t in enumerate(texts):
             if len(t) > s.max_chars:
-                raise HTTPException(
-                    413, f"{field}[{i}] has {len(t)} characters; the limit is {s.max_chars}"
+                raise ApiError(
+                    413,
+                    f"{field}[{i}] has {len(t)} characters; the limit is {s.max_chars}",
+                    f"{field}[{i}]",
                 )
             if not allow_empty and not t.strip():
-                raise HTTPException(422, f"{field}[{i}] is empty")
+                raise ApiError(422, f"{field}[{i}] is empty", f"{field}[{i}]")
             if not t.isascii():
                 try:
                     t.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise HTTPException(
-                        422, f"{field}[{i}] holds an unpaired surrogate (bad \\u escape)"
+                    raise ApiError(
+                        422,
+                        f"{field}[{i}] holds an unpaired surrogate (bad \\u escape)",
+                        f"{field}[{i}]",
                     ) from None
+
+    def check_choices(self, n: int, stream: bool) -> None:
+        """`n` choices decode as one batch of at most max_texts and max_batch rows, and not
+        streamed (the stream carries one)."""
+        limit = min(self.settings.max_texts, self.settings.max_batch)
+        if n > 1 and stream:
+            raise ApiError(400, "n: a stream carries one choice; use n: 1", "n")
+        if n > limit:
+            raise ApiError(
+                413,
+                f"n={n} exceeds the server limit {limit} (the smaller of --max-texts and "
+                "--max-batch)",
+                "n",
+            )
 
     def check_new_tokens(self, n: int | None, field: str) -> None:
         if n is not None and n > self.settings.max_new_tokens:
-            raise HTTPException(
-                413, f"{field}={n} exceeds the server limit {self.settings.max_new_tokens}"
+            raise ApiError(
+                413, f"{field}={n} exceeds the server limit {self.settings.max_new_tokens}", field
             )
 
     def run_for_endpoint(self, name: str | None, endpoint: str, path: str) -> ServedRun:
@@ -275,8 +530,10 @@ class Server:
         run = self.run_for(name)
         if run.task.endpoint != endpoint:
             served = " or ".join(e.name for e in TASKS if e.impl.endpoint == endpoint)
-            raise HTTPException(
-                400, f"model {run.name!r} is a {run.kind} model; {path} needs a {served} model"
+            raise ApiError(
+                400,
+                f"model {run.name!r} is a {run.kind} model; {path} needs a {served} model",
+                "model",
             )
         return run
 
@@ -286,7 +543,7 @@ class Server:
         except QueueFullError as e:
             raise HTTPException(503, str(e)) from None
 
-    async def results(self, future: Future) -> list[Any]:
+    async def results(self, future: Future | asyncio.Future) -> list[Any]:
         try:
             return await asyncio.wrap_future(future)
         except LmadaptError as e:
@@ -335,16 +592,18 @@ class Server:
         ids = [run.task.prompt_ids(f, c) for f, c in zip(feats, conversations)]
         for field, prompt in zip(fields, ids):
             if len(prompt) >= limit:
-                raise HTTPException(
+                raise ApiError(
                     413,
                     f"{field} is too long: {limit} tokens or more with the prompt template; "
                     f"model {run.name!r} takes up to {limit - 1} (its task.max_length is {limit})",
+                    field,
                 )
             if context and len(prompt) + max_new_tokens > context:
-                raise HTTPException(
+                raise ApiError(
                     413,
                     f"{field} has {len(prompt)} tokens; with {max_new_tokens} new tokens that "
                     f"exceeds the {context}-token context of model {run.name!r}",
+                    field,
                 )
         return ids
 
@@ -357,18 +616,48 @@ class Server:
             run, (run.name, next(self._solo) if alone else repr(first.settings)), jobs
         )
 
+    async def generation(
+        self, run: ServedRun, jobs: list[GenerationJob], request: Request
+    ) -> list[Completion]:
+        """The jobs' completions, unless the client leaves first: then a queued request is
+        dropped and a running decode ends at its next token (once every request in its batch
+        has gone), and the answer is a 499 nobody reads."""
+        done = asyncio.wrap_future(self.submit_generation(run, jobs))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():
+            for job in jobs:
+                job.cancelled.set()
+            done.cancel()  # cancels the queued request too, if no batch has taken it yet
+            raise HTTPException(499, "the client closed the request")
+        return await self.results(done)
+
     def stream_chat(
-        self, run: ServedRun, ids: list[int], settings: GenerationSettings, head: dict[str, Any]
+        self,
+        run: ServedRun,
+        ids: list[int],
+        settings: GenerationSettings,
+        head: dict[str, Any],
+        include_usage: bool,
     ) -> StreamingResponse:
         """SSE chunks as tokens are generated: the role, the content pieces (which concatenate
-        to the non-streamed answer), a last chunk with finish_reason, then [DONE]."""
+        to the non-streamed answer), a last chunk with finish_reason, with `include_usage` one
+        more with the usage and no choices (each chunk then has a `usage` key, null before),
+        then [DONE]."""
         stream = TokenStream(run.tokenizer)
-        future = self.submit_generation(run, [GenerationJob(ids, settings, stream)])
+        job = GenerationJob(ids, settings, stream)
+        future = self.submit_generation(run, [job])
         cutter = StopCutter(run.task.stop_strings(settings))
+        head = {**head, "object": "chat.completion.chunk"}
+        if include_usage:
+            head["usage"] = None
 
         def chunk(delta: dict[str, str], finish: str | None = None) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+            return sse({**head, "choices": [choice]})
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -381,24 +670,24 @@ class Server:
                 try:
                     (done,) = await asyncio.wrap_future(future)
                 except LmadaptError as e:  # the 200 is already sent: report it in the stream
-                    yield sse({"error": {"message": str(e), "type": "invalid_request_error"}})
+                    yield sse(openai_error(400, str(e)))
                     return
                 yield chunk({}, done.finish_reason)
+                if include_usage:
+                    usage = _usage(done.prompt_tokens, [done]).model_dump()
+                    yield sse({**head, "choices": [], "usage": usage})
                 yield sse("[DONE]")
             finally:
-                stream.cancel()  # a client that went away stops decoding at the next token
+                job.cancelled.set()  # a client that went away stops decoding at the next token
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    def cards(self) -> list[ModelCard]:
-        cards = []
-        for name, run in self.runs.items():
-            base = self.group_of[name].base
-            siblings = sorted(n for n, g in self.group_of.items() if g.base == base and n != name)
-            cards.append(ModelCard(id=name, shares_base_with=siblings, **run.info()))
-        return cards
+    def card(self, name: str) -> ModelCard:
+        base = self.group_of[name].base
+        siblings = sorted(n for n, g in self.group_of.items() if g.base == base and n != name)
+        return ModelCard(id=name, shares_base_with=siblings, **self.runs[name].info())
 
     def health(self) -> dict[str, Any]:
         batches = sum(b.stats.batches for b in self.batchers.values())
@@ -413,8 +702,14 @@ class Server:
         }
 
 
-def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None) -> FastAPI:
-    """Load the runs (adapters over one base model share its weights) and build the app."""
+def create_app(
+    run_dirs: list[str | Path],
+    settings: ServeSettings | None = None,
+    hosts: frozenset[str] | None = None,
+) -> FastAPI:
+    """Load the runs (adapters over one base model share its weights) and build the app.
+    `hosts`: the Host names requests must give (`serve` passes settings.host_names when there
+    is no API key); None: any."""
     settings = settings or ServeSettings()
     if not run_dirs:
         raise LmadaptError("serve needs at least one run directory")
@@ -433,10 +728,14 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         lifespan=lifespan,
     )
     app.state.server = server
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(RequestValidationError, request_invalid)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(BodyLimit, limit=settings.body_limit)
     if settings.api_key is not None:  # added last, so it runs first: no body is read unchecked
         app.add_middleware(ApiKey, key=settings.api_key)
+    if hosts is not None:
+        app.add_middleware(HostCheck, hosts=hosts)
+    app.add_middleware(OpenAIErrorShape)  # outermost: it sees every guard's refusal
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -446,7 +745,12 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
     @app.get("/v1/models")
     async def models() -> ModelList:
         """Served runs (OpenAI list shape) with task, method, base model and labels."""
-        return ModelList(data=server.cards())
+        return ModelList(data=[server.card(name) for name in server.runs])
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> ModelCard:
+        """One served run, as listed by /v1/models (OpenAI's models.retrieve)."""
+        return server.card(server.run_for(model).name)
 
     @app.post("/v1/classify")
     async def classify(req: TextsRequest) -> TextsResponse:
@@ -485,7 +789,7 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         return TextsResponse(model=run.name, results=results)
 
     @app.post("/v1/generate")
-    async def generate(req: GenerateRequest) -> GenerateResponse:
+    async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
         """Answers to prompts (a generation run), decoded as `lmadapt generate` decodes them."""
         many = req.prompts is not None
         server.check_texts(req.texts, "prompts" if many else "prompt")
@@ -498,11 +802,11 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         fields = [f"prompts[{i}]" for i in range(len(convs))] if many else ["prompt"]
         ids = server.prompt_ids(run, convs, fields, settings.max_new_tokens)
         jobs = [GenerationJob(p, settings) for p in ids]
-        done = await server.results(server.submit_generation(run, jobs))
+        done = await server.generation(run, jobs, request)
         return GenerateResponse(
             model=run.name,
             results=[GenerationOutput(**asdict(c)) for c in done],
-            usage=_usage(done),
+            usage=_usage(sum(c.prompt_tokens for c in done), done),
         )
 
     @app.post(
@@ -510,18 +814,22 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
         response_model=ChatCompletion,
         responses={200: {"content": {"text/event-stream": {}}}},
     )
-    async def chat(req: ChatRequest) -> ChatCompletion | StreamingResponse:
+    async def chat(req: ChatRequest, request: Request) -> ChatCompletion | StreamingResponse:
         """OpenAI-compatible chat completion (a generation run) in the run's chat template;
-        `stream: true` answers with Server-Sent Events (chat.completion.chunk objects)."""
-        server.check_texts([m.content for m in req.messages], "messages", allow_empty=True)
-        n = req.max_completion_tokens or req.max_tokens
+        `stream: true` answers with Server-Sent Events (chat.completion.chunk objects). `n`
+        choices decode as one batch (greedy ones are equal)."""
+        req.check_supported()
+        texts = [m.text(i) for i, m in enumerate(req.messages)]
+        server.check_texts(texts, "messages", allow_empty=True)
+        max_new = req.max_completion_tokens or req.max_tokens
         server.check_new_tokens(
-            n, "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            max_new, "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         )
+        server.check_choices(req.n, req.stream)
         run = server.run_for_endpoint(req.model, "generate", "/v1/chat/completions")
-        messages = [m.model_dump() for m in req.messages]
+        messages = [{"role": m.role, "content": t} for m, t in zip(req.messages, texts)]
         _check_turns(messages)
-        settings = server.decoding(run, req, n)
+        settings = server.decoding(run, req, max_new)
         conv = Conversation(messages, file="<request>")
         (ids,) = server.prompt_ids(run, [conv], ["messages"], settings.max_new_tokens)
         head = {
@@ -530,15 +838,21 @@ def create_app(run_dirs: list[str | Path], settings: ServeSettings | None = None
             "model": run.name,
         }
         if req.stream:
-            return server.stream_chat(run, ids, settings, head)
-        (done,) = await server.results(
-            server.submit_generation(run, [GenerationJob(ids, settings)])
-        )
-        reply = ChatMessage(role="assistant", content=done.text)
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return server.stream_chat(run, ids, settings, head, include_usage)
+        jobs = [GenerationJob(ids, settings) for _ in range(req.n)]
+        done = await server.generation(run, jobs, request)
         return ChatCompletion(
             **head,
-            choices=[ChatChoice(message=reply, finish_reason=done.finish_reason)],
-            usage=_usage([done]),
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatMessage(role="assistant", content=c.text),
+                    finish_reason=c.finish_reason,
+                )
+                for i, c in enumerate(done)
+            ],
+            usage=_usage(len(ids), done),
         )
 
     return app
@@ -551,18 +865,27 @@ def _check_turns(messages: list[dict[str, str]]) -> None:
     for i, m in enumerate(messages[start:], start=start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise HTTPException(
+            raise ApiError(
                 422,
                 f"messages[{i}].role: expected {expected}, got {m['role']} (system first, then "
                 "user and assistant turns alternating)",
+                f"messages[{i}].role",
             )
     if messages[-1]["role"] != "user":
-        raise HTTPException(422, "messages: the last message must be a user turn to answer")
+        raise ApiError(422, "messages: the last message must be a user turn to answer", "messages")
 
 
-def _usage(done: list[Completion]) -> Usage:
-    prompt = sum(c.prompt_tokens for c in done)
+def _usage(prompt: int, done: list[Completion]) -> Usage:
+    """Token counts: `prompt` tokens read, once per prompt (n choices of one prompt read it
+    once), and every completion's tokens."""
     completion = sum(c.completion_tokens for c in done)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client disconnects. The body has been read, so a disconnect is all
+    that is left to receive (the server answers it once the response is sent, too)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,18 +1,23 @@
-"""The server's guards: who may call, how big a body may be, what a refusal may quote.
+"""The server's guards: who may call, under which host name, how big a body may be, what a
+refusal may quote.
 
-The first two are plain ASGI middleware that act on the raw request: an unauthenticated caller
-or an oversized body is refused before any of it is parsed (FastAPI reads a body whole and then
-builds Python objects from it, several times its size in memory).
+The first three are plain ASGI middleware that act on the raw request: an unauthenticated
+caller, a foreign Host header or an oversized body is refused before any of it is parsed
+(FastAPI reads a body whole and then builds Python objects from it, several times its size in
+memory). The dashboard (`lmadapt ui`) uses them too.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmadapt.serve.settings import host_name
 
 MAX_ERRORS = 10
 """Validation errors listed in a 422 (the total is given too)."""
@@ -29,13 +34,23 @@ class BodyLimit:
     (chunked upload) as soon as the bytes received pass the limit, without reading the rest.
 
     The body is read here, then handed to the app as one message: it is at most `limit` bytes.
+    Requests under the path `skip` pass untouched (an app mounted there keeps its own limit);
+    `setting` is what the refusal names as the way to raise the limit.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        skip: str | None = None,
+        setting: str | None = "--max-body-bytes",
+    ) -> None:
+        self.app, self.limit, self.skip, self.setting = app, limit, skip, setting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        path = scope.get("path", "")
+        skipped = self.skip is not None and (path == self.skip or path.startswith(self.skip + "/"))
+        if scope["type"] != "http" or skipped:
             await self.app(scope, receive, send)
             return
         length = _header(scope, b"content-length")
@@ -67,7 +82,9 @@ class BodyLimit:
         """413. The connection stays open: the server discards whatever of the body still
         arrives, so a client that is still uploading gets to read this answer (closing would
         reset the connection under it)."""
-        detail = f"request body {what}; the limit is {self.limit} (--max-body-bytes)"
+        detail = f"request body {what}; the limit is {self.limit}"
+        if self.setting:
+            detail += f" ({self.setting})"
         await JSONResponse({"detail": detail}, 413)(scope, receive, send)
 
 
@@ -95,6 +112,30 @@ class ApiKey:
     def allowed(self, scope: Scope) -> bool:
         scheme, _, token = (_header(scope, b"authorization") or b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token, self.key)
+
+
+class HostCheck:
+    """400 unless the Host header names one of `hosts` (any port): the defence against DNS
+    rebinding, where a web page re-points its own name at this address so that the browser lets
+    it read the answers. The page's requests still carry its own name, and are refused here."""
+
+    def __init__(self, app: ASGIApp, hosts: Iterable[str]) -> None:
+        self.app, self.hosts = app, frozenset(hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        raw = _header(scope, b"host")
+        name = host_name(raw.decode("latin-1")) if raw is not None else None
+        if name in self.hosts:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
+        else:
+            shown = "no Host header" if raw is None else f"Host {shorten(raw.decode('latin-1'))!r}"
+            detail = f"{shown} is not a name of this server; add one with --allowed-host NAME"
+            await JSONResponse({"detail": detail}, 400)(scope, receive, send)
 
 
 def shorten(part: str | int, limit: int = MAX_FIELD) -> str | int:

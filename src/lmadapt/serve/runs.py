@@ -92,12 +92,14 @@ def share_key(run: ServedRun) -> tuple | None:
 
 @dataclass
 class GenerationJob:
-    """One prompt to continue: its templated token ids, how to decode, and an optional
-    transformers streamer that receives the tokens as they come."""
+    """One prompt to continue: its templated token ids, how to decode, an optional
+    transformers streamer that receives the tokens as they come, and `cancelled`, set when the
+    client has gone."""
 
     prompt_ids: list[int]
     settings: GenerationSettings
     streamer: Any = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -163,14 +165,19 @@ class ModelGroup:
 
     def generate(self, key: tuple[str, Any], jobs: list[GenerationJob]) -> list[Completion]:
         """One `decode_ids` call of the generation task over jobs that share a run (`key[0]`)
-        and decoding settings, with that run's adapter active."""
+        and decoding settings, with that run's adapter active; it stops early once every job's
+        client has gone."""
         name, first = key[0], jobs[0]
         run = self.runs[name]
         with self.lock:
             self._activate(name)
             try:
                 out = run.task.decode_ids(
-                    self.model, [j.prompt_ids for j in jobs], first.settings, first.streamer
+                    self.model,
+                    [j.prompt_ids for j in jobs],
+                    first.settings,
+                    first.streamer,
+                    cancelled=lambda: all(j.cancelled.is_set() for j in jobs),
                 )
             except BaseException:
                 if first.streamer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from lmadapt.errors import ConfigError, LmadaptError
@@ -42,6 +43,9 @@ class ServeSettings:
     """Serve on a non-loopback host without an API key (see `check_exposure`)."""
     device: str = "auto"
     """Where the models run: auto | cpu | cuda | cuda:N | mps (session.resolve_device)."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host names a request may name besides loopback and --host (see `host_names`), e.g. the
+    name a reverse proxy forwards."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -64,6 +68,19 @@ class ServeSettings:
         ):
             # what an HTTP header carries intact; the key itself stays out of the message
             raise ConfigError("--api-key", "must be printable ASCII without surrounding spaces")
+        for name in self.allowed_hosts:
+            if host_name(name) is None:
+                raise ConfigError(
+                    "--allowed-host", f"{name[:64]!r} is not a host name or IP address"
+                )
+
+    @property
+    def host_names(self) -> frozenset[str]:
+        """The names a request's Host header may give without an API key: loopback, --host
+        and --allowed-host. A browser page whose own name was re-pointed at this address (DNS
+        rebinding) sends that name, and is refused."""
+        names = (*LOOPBACK_NAMES, self.host, *self.allowed_hosts)
+        return frozenset(n for n in map(host_name, names) if n is not None)
 
     @property
     def body_limit(self) -> int:
@@ -80,6 +97,27 @@ class ServeSettings:
                 f"--host {self.host} is reachable from other machines: set an API key "
                 "(LMADAPT_API_KEY or --api-key) or pass --allow-no-auth"
             )
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# [v6]:port, name:port or a bare v6 address; the port is not checked
+_HOST = re.compile(
+    r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+|[0-9a-f:.]+))(?::[0-9]{1,5})?"
+)
+
+
+def host_name(value: str) -> str | None:
+    """The host of a Host header or a host argument (`name`, `name:port`, `[v6]:port`, `v6`),
+    lower case and without a trailing dot; None for anything else (userinfo, paths, spaces)."""
+    m = _HOST.fullmatch(value.strip().lower())
+    if m is None:
+        return None
+    if m["v6"] is not None or ":" in (m["name"] or ""):
+        try:
+            return str(ipaddress.IPv6Address(m["v6"] or m["name"]))
+        except ValueError:
+            return None
+    return m["name"].rstrip(".") or None
 
 
 def is_loopback(host: str) -> bool:

@@ -13,25 +13,13 @@ from typing import Any
 from transformers import AsyncTextIteratorStreamer
 
 
-class StreamCancelled(Exception):
-    """Raised inside `generate` to stop decoding for a client that has gone away."""
-
-
 class TokenStream(AsyncTextIteratorStreamer):
-    """The generated text (no prompt, no special tokens) as an async iterator; `cancel` ends
-    decoding at the next token. Build it inside the event loop that reads it."""
+    """The generated text (no prompt, no special tokens) as an async iterator. Build it inside
+    the event loop that reads it; a client that leaves sets its job's `cancelled` instead of
+    reading on (see `runs.GenerationJob`)."""
 
     def __init__(self, tokenizer: Any):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def put(self, value: Any) -> None:
-        if self.cancelled:
-            raise StreamCancelled("the client closed the stream")
-        super().put(value)
 
 
 class StopCutter:

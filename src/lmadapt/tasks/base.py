@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from lmadapt.data.validation import BadRows
+from lmadapt.data.validation import BadRow, BadRows
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.explain import Explainable
 from lmadapt.evaluate.metrics import Evaluation
@@ -218,6 +218,26 @@ def cannot_explain(task: Task) -> LmadaptError:
         "token_classification runs, and generation runs with label-aware evaluation "
         "(task.labels)"
     )
+
+
+def read_split(
+    task: Task,
+    path: str,
+    fmt: str,
+    policy: Literal["error", "skip"],
+    max_bad_fraction: float,
+    labelled: bool = True,
+    check: bool = True,
+) -> tuple[list[Any], list[BadRow]]:
+    """One data file read and validated under `data.bad_rows` (`policy`): refused with every bad
+    row listed, or the bad rows left out and returned beside the examples. `check` validates
+    them against what the task has learned (a dev/test file's labels against train's)."""
+    bad = BadRows(path, policy, max_bad_fraction)
+    examples = task.read(path, fmt, labelled=labelled, bad=bad)
+    if check and labelled:
+        examples = task.check(examples, bad)
+    bad.finish()
+    return examples, bad.rows
 
 
 def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None:

@@ -13,6 +13,7 @@ import functools
 import inspect
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -534,9 +535,10 @@ class GenerationTask:
         prompts: list[list[int]],
         settings: GenerationSettings,
         streamer: Any = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Decoded:
         """Continue each prompt with the one decoder, stopping at this task's end tokens and
-        stop strings (the template's and the settings')."""
+        stop strings (the template's and the settings'), or once `cancelled()`."""
         eos_ids, stop_texts = self._stops(settings)
         return generate_ids(
             model,
@@ -547,6 +549,7 @@ class GenerationTask:
             stop_texts,
             self.cfg.generate_batch_size,
             streamer,
+            cancelled,
         )
 
     def generate(

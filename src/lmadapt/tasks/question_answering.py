@@ -26,7 +26,7 @@ from scipy.special import softmax
 
 from lmadapt.data import Collator
 from lmadapt.data.squad import Answer, QAExample, read_qa
-from lmadapt.data.validation import BadRows, collect
+from lmadapt.data.validation import BadRows, collect, text_problem
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, markdown_table
@@ -218,11 +218,15 @@ class QuestionAnsweringTask(LogitsTask):
                     i,
                 )
             # no id unless given: served requests are batched together, positions mean nothing
-            ex = QAExample("", "", id=str(item.get("id", "")), file="<input>", line=i)
+            ex = QAExample("", "", file="<input>", line=i)
+            raw_id = item.get("id")
+            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, type(None))):
+                raise ex.error(f"expected a string or an integer, got {cell(raw_id, 60)}", "id")
+            ex.id = "" if raw_id is None else str(raw_id)  # echoed as given, never a repr
             for name in ("question", "context"):
-                value = item.get(name)
-                if not isinstance(value, str) or not value.strip():
-                    raise ex.error(f"expected non-empty text, got {value!r}", name)
+                problem = text_problem(item.get(name))
+                if problem is not None:
+                    raise ex.error(problem, name)
             ex.question, ex.context = item["question"].strip(), item["context"]
             out.append(ex)
         return out

@@ -3,10 +3,15 @@ that serves one finished run through `lmadapt serve`'s own app.
 
 Pages are Jinja2 templates filled in by static/ui.js from the JSON endpoints; plots are drawn
 by Plotly in the browser (its plotly.min.js comes from the installed plotly package, so nothing
-is fetched from a CDN). Every run named by a request goes through `runs.locate`, so no request
-reaches a file outside the runs root. The playground builds `serve.app.create_app` for the
-chosen run and mounts it at /serve: predictions, explanations and streamed chat are the serving
-code's, not a second inference path.
+is fetched from a CDN). Every run named by a request goes through `lmadapt.paths.inside`, and
+every file the dashboard reads through `lmadapt.paths.open_inside` (see `runs`), so no request
+reaches a file outside the runs root, a FIFO or a device. The playground builds
+`serve.app.create_app` for the chosen run and mounts it at /serve: predictions, explanations and
+streamed chat are the serving code's, not a second inference path.
+
+The serving guards apply here too: a Host header naming another site is refused (DNS
+rebinding), and so is a body over UI_BODY_BYTES before it is read (the playground's own app,
+mounted at /serve, keeps the serving limit).
 """
 
 from __future__ import annotations
@@ -15,21 +20,24 @@ import asyncio
 import contextlib
 import importlib.resources
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 from urllib.parse import urlencode
 from xml.etree.ElementTree import Element
 
 import markdown
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmadapt.errors import LmadaptError
+from lmadapt.paths import RefusedPath, inside
+from lmadapt.serve.guards import BodyLimit, HostCheck, validation_error
 from lmadapt.serve.settings import ServeSettings
 from lmadapt.ui import runs
 
@@ -44,6 +52,8 @@ element through could still not run code. Plotly sets inline styles, hence style
 
 Ids = Annotated[list[str] | None, Query()]
 """Runs named by repeated `id` query parameters."""
+UI_BODY_BYTES = 64 * 1024
+"""Largest request body of the dashboard's own endpoints (a run's id is all they take)."""
 
 
 def plotly_js() -> Path:
@@ -163,7 +173,8 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
     if not root.is_dir():
         raise LmadaptError(f"{root}: no such directory of runs")
     root = root.resolve()
-    playground = Playground(settings or ServeSettings())
+    settings = settings or ServeSettings()
+    playground = Playground(settings)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     @contextlib.asynccontextmanager
@@ -173,13 +184,16 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
 
     app = FastAPI(title="lmadapt ui", version="1", lifespan=lifespan)
     app.state.root, app.state.playground = root, playground
-
+    app.add_exception_handler(RequestValidationError, validation_error)
+    # the last added runs first: headers on every answer, then the host, then the body
+    app.add_middleware(BodyLimit, limit=UI_BODY_BYTES, skip="/serve", setting=None)
+    app.add_middleware(HostCheck, hosts=settings.host_names)
     app.add_middleware(SecurityHeaders)
 
     def where(entry: str) -> Path:
         try:
-            return runs.locate(root, entry)
-        except runs.OutsideRoot:
+            return inside(root, entry, kind="dir")
+        except RefusedPath:
             raise HTTPException(404, "no such run under the runs root") from None
 
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
@@ -244,13 +258,14 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
         return await asyncio.to_thread(detail, root, path)
 
     @app.get("/api/file")
-    async def run_file(id: str, name: str) -> FileResponse:
+    async def run_file(id: str, name: str) -> StreamingResponse:
         """An image a run wrote (plots); nothing outside the run, nothing but images."""
         try:
-            path = runs.locate_file(root, id, name)
-        except runs.OutsideRoot:
+            f = await asyncio.to_thread(runs.open_image, where(id), name)
+        except RefusedPath:
             raise HTTPException(404, "no such image in this run") from None
-        return FileResponse(path, media_type=runs.IMAGE_TYPES[path.suffix.lower()])
+        media_type = runs.IMAGE_TYPES[Path(f.name).suffix.lower()]
+        return StreamingResponse(_chunks(f), media_type=media_type)
 
     @app.get("/api/playground")
     async def playground_state() -> dict[str, Any] | None:
@@ -261,12 +276,24 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
         """Load a finished run for the playground (replacing the one loaded before)."""
         path = where(req.id)
         try:
+            await asyncio.to_thread(runs.check_loadable, root, path)
+        except RefusedPath as e:
+            raise HTTPException(
+                400, f"the playground loads only runs whose files lie inside the runs root: {e}"
+            ) from None
+        try:
             return await asyncio.to_thread(playground.load, req.id, path)
         except LmadaptError as e:
             raise HTTPException(400, str(e)) from None
 
     app.mount("/serve", playground)
     return app
+
+
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while block := f.read(64 * 1024):
+            yield block
 
 
 def detail(root: Path, path: Path) -> dict[str, Any]:
@@ -286,18 +313,19 @@ def detail(root: Path, path: Path) -> dict[str, Any]:
 
     report = next((n for n in ("report.md", "compare.md") if n in files), None)
     if report:
-        text = (path / report).read_text(encoding="utf-8", errors="replace")
+        part("report", lambda: runs.read_text(path, report))
+        text = out.pop("report", "")
         part("report_html", lambda: report_html(text, entry))
         part("confusion", lambda: runs.confusion_matrices(text))
     if "config.yaml" in files:
-        part("config", lambda: (path / "config.yaml").read_text(encoding="utf-8", errors="replace"))
-        part("config_data", lambda: runs.read_yaml(path / "config.yaml"))
+        part("config", lambda: runs.read_text(path, "config.yaml"))
+        part("config_data", lambda: runs.read_yaml(path, "config.yaml"))
     if "log.jsonl" in files:
         part("curves", lambda: runs.curves(path))
     if "continual.json" in files:
-        part("continual", lambda: runs.read_json(path / "continual.json"))
+        part("continual", lambda: runs.read_json(path, "continual.json"))
     if "study.db" in files:
         part("trials", lambda: runs.hpo_trials(path))
     if "metrics.json" in files:
-        part("metrics", lambda: runs.read_json(path / "metrics.json"))
+        part("metrics", lambda: runs.read_json(path, "metrics.json"))
     return out

@@ -2,10 +2,12 @@
 each command writes, never trusted.
 
 Every entry is named by its path relative to the runs root, and every name that comes back from
-a browser is turned into a directory by `locate`, which resolves it (symlinks included) and
-refuses anything outside the root. Files are parsed defensively: a run being written, a foreign
-directory or an unparsable json/yaml becomes an entry with `status: "bad"` and the problem, never
-an exception that takes the page down.
+a browser is turned into a directory by `lmadapt.paths.inside`, which resolves it (symlinks
+included) and refuses anything outside the root. Every file of an entry is opened through
+`lmadapt.paths.open_inside` with the entry as its root: a file that links out of its run, a FIFO
+or a device is a problem of that entry, never read. Files are parsed defensively: a run being
+written, a foreign directory or an unparsable json/yaml becomes an entry with `status: "bad"` and
+the problem, never an exception that takes the page down.
 
 A training run holds no lock, so "running" is inferred: no metrics.json (written last) and a
 log.jsonl changed within `RUNNING_WINDOW_S`; older unfinished runs are "interrupted".
@@ -16,11 +18,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
+from lmadapt.paths import RefusedPath, inside, open_inside
 from lmadapt.rundir import MARKER
 
 RUNNING_WINDOW_S = 120.0
@@ -39,40 +43,37 @@ IMAGE_TYPES = {
 """Files a run page may show; nothing else in a run directory is served (no SVG: it can hold
 scripts)."""
 RUN_FILES = ("config.yaml", "run.json", "metrics.json", "log.jsonl")
+MAX_TEXT_BYTES = 8 * 2**20
+"""Largest file read whole (report, config, json): a larger one is a problem of its run."""
+MAX_POINTS = 2000
+"""Most points of one curve sent to the browser: a longer log is thinned as it is read."""
+MAX_LINE_BYTES = 2**20
+"""A longer log.jsonl line is not a record (it is skipped without being held)."""
 
 
-class OutsideRoot(ValueError):
-    """A path from a request that does not name a directory under the runs root."""
-
-
-def locate(root: Path, rel: str) -> Path:
-    """The directory `rel` names under `root`, resolved; OutsideRoot for `..`, absolute paths,
-    symlinks leading out, or anything that is not a directory."""
-    base = root.resolve()
-    if "\x00" in rel:
-        raise OutsideRoot(rel)
-    path = (base / rel).resolve()
-    if path != base and base not in path.parents:
-        raise OutsideRoot(rel)
-    if not path.is_dir():
-        raise OutsideRoot(rel)
-    return path
-
-
-def locate_file(root: Path, rel: str, name: str) -> Path:
-    """A file `name` inside entry `rel`, resolved and still inside it, of a type in IMAGE_TYPES."""
-    entry = locate(root, rel)
-    path = (entry / name).resolve()
-    if entry not in path.parents or path.suffix.lower() not in IMAGE_TYPES or not path.is_file():
-        raise OutsideRoot(name)
-    return path
+def open_image(entry: Path, name: str) -> BinaryIO:
+    """The image file `name` of the run directory `entry` (a type in IMAGE_TYPES), open."""
+    f = open_inside(entry, name)
+    if Path(f.name).suffix.lower() not in IMAGE_TYPES:
+        f.close()
+        raise RefusedPath(f"{name[:64]!r}: not an image")
+    return f
 
 
 # ---------------------------------------------------------------------- reading files
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_text(run: Path, name: str) -> str:
+    """File `name` of run directory `run` (nothing outside it, no FIFO), up to MAX_TEXT_BYTES."""
+    with open_inside(run, name) as f:
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ValueError(f"{name} is larger than the {MAX_TEXT_BYTES} bytes the dashboard reads")
+    return data.decode("utf-8", errors="replace")
+
+
+def read_json(run: Path, name: str) -> Any:
+    return json.loads(read_text(run, name))
 
 
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -80,42 +81,40 @@ SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 pure-Python parser took 4 times as long (8 ms a config here)."""
 
 
-def read_yaml(path: Path) -> Any:
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)  # noqa: S506 (safe)
+def read_yaml(run: Path, name: str) -> Any:
+    return yaml.load(read_text(run, name), Loader=SAFE_LOADER)  # noqa: S506 (safe)
 
 
-def records(path: Path, tail: int | None = None) -> tuple[list[dict[str, Any]], int]:
-    """log.jsonl records (only the last `tail` bytes when given) and how many lines were not
-    records (a line being written, foreign text)."""
-    with open(path, "rb") as f:
+def log_records(run: Path, tail: int | None = None) -> Iterator[dict[str, Any] | None]:
+    """The records of run directory `run`'s log.jsonl, one at a time, None for each line that is
+    not one (a line being written, foreign text, one over MAX_LINE_BYTES); only the last `tail`
+    bytes when given. The file is read a line at a time, never held."""
+    with open_inside(run, "log.jsonl") as f:
         if tail is not None:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - tail))
-        data = f.read()
-    lines = data.split(b"\n")
-    if tail is not None and len(data) >= tail:
-        lines = lines[1:]  # the first line read is cut
-    out, bad = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-        else:
-            bad += 1
-    return out, bad
+            if size > tail:
+                f.readline()  # the first line read is cut
+        while line := f.readline(MAX_LINE_BYTES):
+            if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass  # the rest of an over-long line
+                yield None
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            yield rec if isinstance(rec, dict) else None
 
 
 def kind_of(path: Path, files: set[str]) -> str | None:
     """What wrote this directory: its marker names the command; without one, its files tell."""
     if MARKER in files:
         try:
-            command = read_json(path / MARKER).get("lmadapt")
+            command = read_json(path, MARKER).get("lmadapt")
         except (OSError, ValueError, AttributeError):
             command = None
         if command == "continual" or "continual.json" in files:
@@ -153,6 +152,34 @@ def scan(root: Path) -> list[dict[str, Any]]:
         if depth >= MAX_DEPTH:
             dirnames[:] = []
     return found
+
+
+LOADED = ("config.yaml", "run.json", "model")
+"""What the playground's loader (`api.read_run`, then the model) opens in a run directory. The
+base model a config names lies wherever the run was trained from, and is not checked."""
+
+
+def check_loadable(root: Path, run: Path) -> None:
+    """RefusedPath unless every file of LOADED under run directory `run` (links to directories
+    followed, each once) is a regular file inside `root`: the loader opens them with no such
+    check, and a FIFO would hang it."""
+    seen: set[Path] = set()
+    for name in LOADED:
+        top = run / name
+        if not os.path.lexists(top):
+            continue  # the loader says what is missing
+        if not top.is_dir():
+            inside(root, os.path.relpath(top, root))
+            continue
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            here = inside(root, rel, kind="dir")
+            if here in seen:  # a link back up: its files were checked the first time
+                dirnames[:] = []
+                continue
+            seen.add(here)
+            for file in filenames:
+                inside(root, rel, file)
 
 
 def entry_id(base: Path, path: Path) -> str:
@@ -211,9 +238,9 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 
 def _run_summary(path: Path, row: dict[str, Any]) -> None:
-    if not (path / "config.yaml").is_file():
+    if not (path / "config.yaml").exists():
         raise ValueError("no config.yaml: not a run directory, or one still being created")
-    cfg = _mapping(read_yaml(path / "config.yaml"), "config.yaml")
+    cfg = _mapping(read_yaml(path, "config.yaml"), "config.yaml")
     task, method, train = (cfg.get(k) or {} for k in ("task", "method", "train"))
     row |= {
         "task": task.get("type"),
@@ -222,8 +249,8 @@ def _run_summary(path: Path, row: dict[str, Any]) -> None:
         "metric": train.get("metric"),
     }
     metrics_path, log = path / "metrics.json", path / "log.jsonl"
-    if metrics_path.is_file():
-        m = _mapping(read_json(metrics_path), "metrics.json")
+    if metrics_path.exists():
+        m = _mapping(read_json(path, "metrics.json"), "metrics.json")
         dev = m.get("dev") or {}
         metric = row["metric"] or next(iter(dev), None)
         row |= {
@@ -249,12 +276,11 @@ def _run_summary(path: Path, row: dict[str, Any]) -> None:
 def progress(path: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Where a run is: its latest step, epoch, train loss and dev metric (from the log's tail),
     against the configured length."""
-    recs, _ = records(path / "log.jsonl", TAIL_BYTES)
     if cfg is None:
-        cfg = _mapping(read_yaml(path / "config.yaml"), "config.yaml")
+        cfg = _mapping(read_yaml(path, "config.yaml"), "config.yaml")
     train = cfg.get("train") or {}
     out: dict[str, Any] = {"epochs": train.get("epochs"), "max_steps": train.get("max_steps")}
-    for rec in recs:
+    for rec in filter(None, log_records(path, TAIL_BYTES)):
         out["step"], out["epoch"] = rec.get("step"), rec.get("epoch")
         if "loss" in rec:
             out["loss"] = rec["loss"]
@@ -265,13 +291,13 @@ def progress(path: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _continual_summary(path: Path, row: dict[str, Any]) -> None:
-    cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    cfg = read_yaml(path, "config.yaml") if (path / "config.yaml").is_file() else {}
     cfg = _mapping(cfg or {}, "config.yaml")
     row |= {"task": "continual", "model": cfg.get("model")}
     if not (path / "continual.json").is_file():
         row["status"] = "interrupted"
         return
-    s = _mapping(read_json(path / "continual.json"), "continual.json")
+    s = _mapping(read_json(path, "continual.json"), "continual.json")
     row |= {
         "status": "finished",
         "method": s.get("strategy"),
@@ -294,7 +320,7 @@ def _hpo_summary(path: Path, row: dict[str, Any]) -> None:
 
 
 def _compare_summary(path: Path, row: dict[str, Any]) -> None:
-    c = _mapping(read_json(path / "compare.json"), "compare.json")
+    c = _mapping(read_json(path, "compare.json"), "compare.json")
     row |= {"task": "compare", "status": "finished", "metric": c.get("metric")}
 
 
@@ -306,7 +332,7 @@ def hpo_trials(path: Path) -> list[dict[str, Any]]:
     from lmadapt.hpo import STUDY_NAME
 
     # A read-only URI, so that looking never writes (optuna would create missing tables).
-    uri = f"sqlite:///file:{(path / 'study.db').resolve()}?mode=ro&uri=true"
+    uri = f"sqlite:///file:{inside(path, 'study.db')}?mode=ro&uri=true"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=STUDY_NAME, storage=uri)
     objective = (study.user_attrs.get("fingerprint") or {}).get("objective", "")
@@ -325,25 +351,56 @@ def hpo_trials(path: Path) -> list[dict[str, Any]]:
     ]
 
 
+class Series:
+    """One curve thinned as it is read, in bounded memory: every point while there are fewer
+    than MAX_POINTS, then every 2nd, 4th... (halved each time the list fills), plus the last."""
+
+    def __init__(self) -> None:
+        self.x: list[Any] = []
+        self.y: list[float] = []
+        self.every, self.seen, self.last = 1, 0, None
+
+    def add(self, x: Any, y: float) -> None:
+        if self.seen % self.every == 0:
+            self.x.append(x)
+            self.y.append(y)
+            if len(self.x) == MAX_POINTS:
+                del self.x[1::2], self.y[1::2]
+                self.every *= 2
+            self.last = None
+        else:
+            self.last = (x, y)
+        self.seen += 1
+
+    def points(self) -> tuple[list[Any], list[float]]:
+        if self.last is None:
+            return self.x, self.y
+        return [*self.x, self.last[0]], [*self.y, self.last[1]]
+
+
 def curves(path: Path) -> dict[str, Any]:
     """Series for the interactive plots: train loss and learning rate by step, each dev metric
-    by step, and how many log lines could not be read."""
-    recs, bad = records(path / "log.jsonl")
-    out: dict[str, Any] = {"train": {}, "dev": {}, "unreadable_lines": bad}
-    for rec in recs:
+    by step (each at most MAX_POINTS points), and how many log lines could not be read."""
+    train: dict[str, Series] = {}
+    dev: dict[str, Series] = {}
+    bad = 0
+    for rec in log_records(path):
+        if rec is None:
+            bad += 1
+            continue
         step = rec.get("step")
         for key in ("loss", "lr"):
             if isinstance(rec.get(key), int | float):
-                out["train"].setdefault(key, ([], []))
-                out["train"][key][0].append(step)
-                out["train"][key][1].append(rec[key])
+                train.setdefault(key, Series()).add(step, rec[key])
         if isinstance(rec.get("dev"), dict):
             for key, value in rec["dev"].items():
                 if isinstance(value, int | float):
-                    out["dev"].setdefault(key, ([], []))
-                    out["dev"][key][0].append(step)
-                    out["dev"][key][1].append(value)
-    return out
+                    dev.setdefault(key, Series()).add(step, value)
+    return {
+        "train": {k: s.points() for k, s in train.items()},
+        "dev": {k: s.points() for k, s in dev.items()},
+        "unreadable_lines": bad,
+    }
 
 
 def confusion_matrices(report: str) -> list[dict[str, Any]]:

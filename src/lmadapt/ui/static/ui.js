@@ -228,7 +228,10 @@ async function streamChat(card, text, out) {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ model: card.name, messages: [{ role: "user", content: text }], stream: true, ...decoding }),
   });
-  if (!r.ok) throw new Error((await r.json().catch(() => ({}))).detail || r.statusText);
+  if (!r.ok) {  // an OpenAI route answers {"error": {"message", ...}}; the dashboard {"detail"}
+    const body = await r.json().catch(() => ({}));
+    throw new Error((body.error && body.error.message) || body.detail || r.statusText);
+  }
   const answer = el("p", { class: "answer" });
   out.replaceChildren(answer);
   const reader = r.body.getReader(), dec = new TextDecoder();
