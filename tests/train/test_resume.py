@@ -144,3 +144,30 @@ def test_ctrl_c_mid_step_checkpoints_that_step_and_resumes_exactly(run_config, t
     again = resume(tmp_path / "twice")
     c = _adapter(again["run_dir"])
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+class SigintInFinalEvaluation(Hook):
+    """A user's Ctrl-C while the final weights are being evaluated, after the last step."""
+
+    def on_train_start(self, trainer):
+        self.trainer = trainer
+
+    def on_evaluate(self, trainer, metrics):
+        if trainer.state.step == trainer.total_steps():
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_during_the_final_evaluation_is_honoured_and_resumes(run_config, tmp_path):
+    def cfg(name):
+        c = _config(run_config, tmp_path, name)
+        c["train"].update(max_steps=6, eval_every=4)
+        return build_run_config(c)
+
+    reference = train(cfg("ref"))
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 6.*--resume"):
+        train(cfg("late"), hooks=[SigintInFinalEvaluation()])
+    assert not (tmp_path / "late" / "metrics.json").exists()
+    resumed = resume(tmp_path / "late")
+    assert resumed["dev"] == reference["dev"]
+    a, b = _adapter(reference["run_dir"]), _adapter(resumed["run_dir"])
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -373,11 +373,7 @@ class Trainer:
                     ):
                         self.checkpoint()
                     if stops:
-                        path = self.checkpoint()
-                        raise TrainingInterrupted(
-                            f"interrupted at step {state.step}; checkpoint {path} saved. "
-                            f"Resume with: lmadapt train --resume {self.run_dir}"
-                        )
+                        self._stop_here()
                     if state.step >= total or state.should_stop:
                         break
                 else:
@@ -388,6 +384,8 @@ class Trainer:
                             self.checkpoint()
             if self._last_eval_step() != state.step:
                 self.evaluate()  # the final weights are always evaluated
+            if interrupt.requested:  # Ctrl-C during that evaluation is honoured, not lost
+                self._stop_here()
         except KeyboardInterrupt:  # a second Ctrl-C, mid-step: this step cannot be saved
             last = latest_checkpoint(self.run_dir / "checkpoints")
             raise TrainingInterrupted(
@@ -438,6 +436,14 @@ class Trainer:
         return next((r["step"] for r in reversed(self.state.history) if "dev" in r), None)
 
     # ------------------------------------------------------------------ checkpoints
+    def _stop_here(self) -> None:
+        """After a first Ctrl-C: checkpoint this step and stop, resumable exactly."""
+        path = self.checkpoint()
+        raise TrainingInterrupted(
+            f"interrupted at step {self.state.step}; checkpoint {path} saved. "
+            f"Resume with: lmadapt train --resume {self.run_dir}"
+        )
+
     def checkpoint(self) -> Path:
         self._tick()
         self._read_loss()  # the saved state holds the running loss
