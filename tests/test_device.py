@@ -166,7 +166,8 @@ def test_predictions_on_the_gpu_match_the_cpu(finished_run):
 
 
 def test_prompt_on_cuda_without_a_gpu_is_refused_before_loading(no_cuda, tmp_path, monkeypatch):
-    from lmadapt.prompting import run_prompt, sources
+    from lmadapt.prompting import sources
+    from lmadapt.prompting.runner import run_prompt
 
     model_loading = importlib.import_module("lmadapt.models")  # `lmadapt.models` is the API's
     from tests.prompting.conftest import prompt_config
@@ -191,7 +192,7 @@ def test_prompt_device_spelling_is_checked_on_load(tmp_path):
 
 
 def test_prompt_runs_where_its_device_says(tiny_llama, tmp_path):
-    from lmadapt.prompting import run_prompt
+    from lmadapt.prompting.runner import run_prompt
     from lmadapt.prompting.sources import load_lm
     from tests.prompting.conftest import prompt_config
 

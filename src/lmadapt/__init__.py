@@ -34,7 +34,7 @@ _HOME = {
     "generate": "lmadapt.generate",
     "chat": "lmadapt.generate",
     "evaluate_base": "lmadapt.generate",
-    "run_prompt": "lmadapt.prompting",
+    "run_prompt": "lmadapt.prompting.runner",
     "robustness": "lmadapt.api",
     "explain": "lmadapt.api",
     "ui": "lmadapt.ui",

@@ -544,7 +544,7 @@ def _prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", action="store_true", help="list the named templates")
 
     def run(a: argparse.Namespace) -> None:
-        from lmadapt.prompting import run_prompt
+        from lmadapt.prompting.runner import run_prompt
         from lmadapt.prompting.templates import named_templates
 
         if a.templates:

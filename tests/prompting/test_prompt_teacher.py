@@ -12,7 +12,7 @@ from lmadapt.distill import run_distill
 from lmadapt.distill.runner import build_distill_config
 from lmadapt.distill.teachers import build_teacher
 from lmadapt.errors import ConfigError
-from lmadapt.prompting import run_prompt
+from lmadapt.prompting.runner import run_prompt
 from tests.prompting.conftest import prompt_config
 
 

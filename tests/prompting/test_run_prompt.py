@@ -11,7 +11,7 @@ import yaml
 
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate.text import normalize_answer
-from lmadapt.prompting import run_prompt
+from lmadapt.prompting.runner import run_prompt
 from lmadapt.prompting.templates import TEMPLATE_DIR, Renderer, load_template
 from tests.prompting.conftest import prompt_config as _cfg
 
@@ -139,3 +139,9 @@ def test_embedding_zero_shot_with_minilm(sst_files, tmp_path, minilm_dir):
         }
     )
     assert metrics["summary"]["uncalibrated"]["accuracy"]["mean"] >= 0.75
+
+
+def test_an_unknown_mode_is_refused_before_anything_is_written(tiny_llama, sst_files, tmp_path):
+    with pytest.raises(ConfigError, match="field 'mode'.*verbalizer"):
+        run_prompt(_cfg(tiny_llama, sst_files, tmp_path, mode="nosuch"))
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from lmadapt.prompting import run_prompt
+from lmadapt.prompting.runner import run_prompt
 from tests.prompting.conftest import prompt_config
 
 

@@ -1,24 +1,7 @@
-"""Prompt learning without training: templates, verbalizers, demonstrations, calibration.
+"""Prompt learning without training: templates, verbalizers, demonstrations, calibration, and
+the `lmadapt prompt` runner (`lmadapt.prompting.runner.run_prompt`).
 
-The runner (and its metrics/report imports) loads lazily: tasks.prompt_classification imports
-templates and verbalizers from here while the task registry itself is still being built.
+The package imports nothing: the classification tasks import templates and verbalizers from here
+while the task registry is being built, and the runner (which loads models, tasks and reports)
+must not come with them.
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
-
-from lmadapt.prompting.config import PromptConfig, load_prompt_config
-
-
-def run_prompt(
-    config: PromptConfig | str | Path | dict[str, Any], overrides: list[str] | None = None
-) -> dict[str, Any]:
-    """Evaluate a frozen model by prompting and write the output dir; see runner.run_prompt."""
-    from lmadapt.prompting.runner import run_prompt as run
-
-    return run(config, overrides)
-
-
-__all__ = ["PromptConfig", "load_prompt_config", "run_prompt"]

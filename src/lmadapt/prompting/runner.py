@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmadapt.errors import ConfigError
 from lmadapt.io import atomic_dir, write_json, write_text, write_yaml
 from lmadapt.prompting.config import PromptConfig, load_prompt_config
 from lmadapt.prompting.modes import MODES
@@ -20,6 +21,8 @@ def run_prompt(
 ) -> dict[str, Any]:
     """Run a prompting evaluation and write output_dir; returns the metrics.json content."""
     cfg = config if isinstance(config, PromptConfig) else load_prompt_config(config, overrides)
+    if cfg.mode not in MODES:
+        raise ConfigError("mode", f"unknown {cfg.mode!r}; one of: {', '.join(MODES.names())}")
     resolve_device(cfg.device)  # a missing GPU is refused before anything is read or loaded
     out = check_output_dir(cfg.output_dir, cfg.overwrite, inputs=to_dict(cfg))
     set_threads(cfg.threads)

@@ -1,5 +1,2 @@
-"""The training loop, its hooks and checkpoints."""
-
-from lmadapt.train.loop import Hook, Trainer, TrainResult
-
-__all__ = ["Hook", "Trainer", "TrainResult"]
+"""The training loop (`loop`), its checkpoints and the distributed strategies: import each by its
+dotted name; the package itself imports nothing, so reading a checkpoint never loads the loop."""
