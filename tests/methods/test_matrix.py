@@ -13,8 +13,7 @@ from lmadapt.methods import METHODS, build_method
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
-from lmadapt.train.loop import Trainer
-from lmadapt.train.loop import set_dropout
+from lmadapt.train.loop import Trainer, set_dropout
 
 HEAD = r"(pooler|classifier)\."
 PEFT_HEAD = r"modules_to_save\.default\."
