@@ -669,13 +669,6 @@ def test_an_error_after_the_first_epoch_loses_nothing(name, user, tmp_path, monk
         assert complete_trials(out) == {0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="distill/runner.py keeps its run directory by run_directory's default (a checkpoint "
-    "to resume from), so the error says 'resume with: lmadapt train --resume OUT'; distill has "
-    "no resume and that command fails (RuntimeError: the checkpoint's InputsOnly-wrapped keys "
-    "'model.bert...' are not the student's): a half-written directory and a false hint",
-)
 def test_a_distill_error_after_a_checkpoint_leaves_no_false_resume(user, tmp_path, monkeypatch):
     COMMANDS["distill"].fail_late(monkeypatch)
     out = tmp_path / "out"
@@ -689,12 +682,6 @@ def test_a_distill_error_after_a_checkpoint_leaves_no_false_resume(user, tmp_pat
         assert code == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="continual/runner.py reads each stream entry's files when its step starts "
-    "(Learner.load): a bad row in step 2's file is found after step 1 trained, and that "
-    "training is thrown away; every input should be checked before the first step",
-)
 def test_a_bad_file_in_a_later_continual_step_fails_before_any_training(
     user, tmp_path, monkeypatch, capsys
 ):

@@ -18,7 +18,7 @@ from transformers import AutoModel
 
 from lmadapt.continual.config import build_continual_config
 from lmadapt.continual.model import MultiTaskModel
-from lmadapt.continual.runner import Learner
+from lmadapt.continual.runner import Learner, read_stream
 from lmadapt.continual.strategies import build_strategy
 from lmadapt.models import load_model, load_tokenizer, resolve_model
 from lmadapt.train.loop import Trainer
@@ -59,6 +59,7 @@ def stage(tiny_bert, stream_files, tmp_path):  # noqa: F811
             _config(tiny_bert, stream_files, tmp_path / "out", strategy)
         )
         spec = resolve_model(config.model)
+        data, _ = read_stream(config.stream, spec)
         learner = Learner(
             MultiTaskModel(load_model(spec, AutoModel)),
             load_tokenizer(spec),
@@ -68,14 +69,14 @@ def stage(tiny_bert, stream_files, tmp_path):  # noqa: F811
             16,
         )
         s = learner.strategy
-        old = learner.load(config.stream[0], 0)
+        old = learner.load(config.stream[0], data[0])
         learner.model.eval()  # no dropout: equal inputs give equal outputs
         learner.activate(old.name)
         s.before_task(learner, old)
         first = old.collator(old.train_features[:4])
         assert s.loss_term(learner.model, first, learner.model(**first)) is None  # nothing yet
         s.after_task(learner, old)
-        new = learner.load(config.stream[1], 1)
+        new = learner.load(config.stream[1], data[1])
         learner.model.eval()  # the new head too
         learner.activate(new.name)
         s.before_task(learner, new)

@@ -58,6 +58,51 @@ class TaskSlot:
         return self.task.default_metric
 
 
+def _read(
+    entry: StreamEntry, task: Task, path: str, bad_rows: dict[str, int], check: bool = True
+) -> list[Any]:
+    d = entry.data
+    examples, bad = read_split(task, path, d.format, d.bad_rows, d.max_bad_fraction, check=check)
+    bad_rows[f"{entry.name}: {path}"] = len(bad)
+    return examples
+
+
+@dataclass
+class EntryData:
+    """One stream entry's examples, read and checked; dev and test only at a task's first entry
+    (a revisited task keeps its own)."""
+
+    task: Task
+    train: list[Any]
+    dev: list[Any] = field(default_factory=list)
+    test: list[Any] = field(default_factory=list)
+
+
+def read_stream(
+    stream: Sequence[StreamEntry], spec: ModelSpec
+) -> tuple[list[EntryData], dict[str, int]]:
+    """Every entry's files read and checked (under each entry's data.bad_rows) before the first
+    step trains, so a bad file late in the stream never throws earlier training away. Returns
+    the entries' data and, per "task: file", the rows left out."""
+    tasks: dict[str, Task] = {}
+    bad_rows: dict[str, int] = {}
+    out = []
+    for i, entry in enumerate(stream):
+        d = entry.data
+        if entry.name in tasks:
+            train = _read(entry, tasks[entry.name], d.train, bad_rows)
+            out.append(EntryData(tasks[entry.name], train[: d.max_train_samples]))
+            continue
+        task = tasks[entry.name] = build_task(entry.task)
+        train = _read(entry, task, d.train, bad_rows, check=False)[: d.max_train_samples]
+        task.fit(train)
+        dev = _read(entry, task, d.dev, bad_rows)[: d.max_eval_samples]
+        test = _read(entry, task, d.test, bad_rows)[: d.max_eval_samples] if d.test else []
+        check_model_suits(task, spec, f"stream[{i}].task.type")
+        out.append(EntryData(task, train, dev, test))
+    return out, bad_rows
+
+
 class Learner:
     """The shared multi-head model, the tasks seen so far, and which one is active."""
 
@@ -77,48 +122,33 @@ class Learner:
         self.slots: dict[str, TaskSlot] = {}
         self.seen: list[str] = []
         """Task names in order of first appearance (the columns of R)."""
-        self.bad_rows: dict[str, int] = {}
-        """"task: file" -> rows left out under data.bad_rows=skip."""
 
     def activate(self, name: str) -> None:
         self.model.active = name
         self.strategy.on_activate(self, name)
 
-    def load(self, entry: StreamEntry, index: int) -> TaskSlot:
-        """Read and encode an entry's data; a new task also gets its head."""
+    def load(self, entry: StreamEntry, data: EntryData) -> TaskSlot:
+        """Encode an entry's data (read and checked by `read_stream`); a new task also gets
+        its head."""
         d = entry.data
-
-        def read(task: Task, path: str, check: bool = True) -> list[Any]:
-            examples, bad = read_split(
-                task, path, d.format, d.bad_rows, d.max_bad_fraction, check=check
-            )
-            self.bad_rows[f"{entry.name}: {path}"] = len(bad)
-            return examples
-
         if entry.name in self.slots:
             slot = self.slots[entry.name]
-            train = read(slot.task, d.train)
         else:
-            task = build_task(entry.task)
-            train = read(task, d.train, check=False)
-            task.fit(train[: d.max_train_samples])
-            dev = read(task, d.dev)[: d.max_eval_samples]
-            test = read(task, d.test)[: d.max_eval_samples] if d.test else []
-            check_model_suits(task, self.spec, f"stream[{index}].task.type")
+            task = data.task
             seed_everything(self.seed)  # head init independent of the stream so far
             self.model.add_task(entry.name, task.build_model(self.spec, self.trust_remote_code))
             slot = TaskSlot(
                 entry.name,
                 task,
                 task.collator(self.tokenizer),
-                dev,
-                task.encode(dev, self.tokenizer),
-                test,
-                task.encode(test, self.tokenizer),
+                data.dev,
+                task.encode(data.dev, self.tokenizer),
+                data.test,
+                task.encode(data.test, self.tokenizer),
             )
             self.slots[entry.name] = slot
             self.seen.append(entry.name)
-        slot.train = train[: d.max_train_samples]
+        slot.train = data.train
         # encoded once per file, task state and tokenizer (lmadapt.data.cache); memory-mapped
         parts = [
             cache.file_digest(d.train),
@@ -181,11 +211,13 @@ def run_continual(
     if not isinstance(config, ContinualConfig):
         config = load_continual_config(config, overrides)
     out = check_output_dir(config.output_dir, config.overwrite, inputs=to_dict(config))
-    with run_directory(out, "continual"):
+    spec = resolve_model(config.model)
+    stream_data, bad_rows = read_stream(config.stream, spec)  # every file, before any writing
+    # no resume: a failure keeps only a finished run
+    with run_directory(out, "continual", keep=lambda: (out / "continual.json").is_file()):
         write_yaml(out / "config.yaml", _config_dict(config))
         first = config.stream[0].train
         start(first.threads, config.seed)
-        spec = resolve_model(config.model)
         tokenizer = load_tokenizer(spec, config.trust_remote_code)
         backbone = load_model(spec, AutoModel, config.trust_remote_code)
         strategy = build_strategy(config.strategy)
@@ -205,7 +237,7 @@ def run_continual(
         trained_at: dict[str, int] = {}
         frozen: dict[str, list[np.ndarray]] = {}
         for i, entry in enumerate(config.stream):
-            slot = learner.load(entry, i)
+            slot = learner.load(entry, stream_data[i])
             learner.activate(entry.name)
             strategy.before_task(learner, slot)
             run_dir = out / "steps" / f"{i:02d}-{entry.name}"
@@ -222,6 +254,7 @@ def run_continual(
                 dev_features=slot.dev_features,
                 dev_examples=slot.dev,
                 hooks=[strategy],
+                resumable=False,
             )
             t0 = time.perf_counter()
             result = trainer.fit()
@@ -276,7 +309,7 @@ def run_continual(
             "average_forgetting": round(average_forgetting(R, at), 6),
             "steps": steps,
             "test": test,
-            "bad_rows_skipped": learner.bad_rows,
+            "bad_rows_skipped": bad_rows,
             "wall_seconds": round(time.perf_counter() - t_start, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "output_dir": str(out),

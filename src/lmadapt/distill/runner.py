@@ -183,7 +183,8 @@ def run_distill(
     # ---- student
     seed_everything(run.train.seed)
     model = task.build_model(spec, run.trust_remote_code)
-    with run_directory(out, "distill"):
+    # no resume: a failure keeps only a finished run
+    with run_directory(out, "distill", keep=lambda: (out / "metrics.json").is_file()):
         if opt.student_layers:
             keep_first_layers(model, opt.student_layers)
             base = out / "student_base"
@@ -209,6 +210,7 @@ def run_distill(
             dev_features=dev_feats,
             dev_examples=dev,
             dist=Distributed(device=device),  # one process; back on the CPU when it returns
+            resumable=False,
         )
         # e.g. AdaLoRA's rank budget
         trainer.hooks += method.hooks(model, trainer.total_steps()) + (hooks or [])

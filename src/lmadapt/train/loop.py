@@ -227,8 +227,12 @@ class Trainer:
         dev_examples: list[Any] | None = None,
         hooks: list[Hook] | None = None,
         dist: Distributed = SINGLE,
+        resumable: bool = True,
     ):
+        """`resumable`: whether `lmadapt train --resume` can continue this run (not so for the
+        steps of distill or continual, which a Ctrl-C simply stops)."""
         self.model, self.task, self.cfg, self.lr = model, task, cfg, lr
+        self.resumable = resumable
         self.dist, self.strategy = dist, STRATEGIES[dist.strategy]
         # process 0 evaluates and saves; sharded weights need every process to take part
         self.takes_part = dist.is_main or self.strategy.sharded
@@ -387,7 +391,7 @@ class Trainer:
             if interrupt.requested:  # Ctrl-C during that evaluation is honoured, not lost
                 self._stop_here()
         except KeyboardInterrupt:  # a second Ctrl-C, mid-step: this step cannot be saved
-            last = latest_checkpoint(self.run_dir / "checkpoints")
+            last = latest_checkpoint(self.run_dir / "checkpoints") if self.resumable else None
             raise TrainingInterrupted(
                 f"aborted during step {state.step + 1}; "
                 + (
@@ -438,6 +442,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _stop_here(self) -> None:
         """After a first Ctrl-C: checkpoint this step and stop, resumable exactly."""
+        if not self.resumable:
+            raise TrainingInterrupted(
+                f"interrupted at step {self.state.step}; this command does not resume (only "
+                "`lmadapt train` runs do): run it again"
+            )
         path = self.checkpoint()
         raise TrainingInterrupted(
             f"interrupted at step {self.state.step}; checkpoint {path} saved. "
