@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.lmadapt-installed
 LOCKED  := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
            --find-links /opt/wheels -c constraints.txt --no-emit-package torch --no-header
 
-.PHONY: setup demo test bench style lock browser
+.PHONY: setup demo test test-slow bench style lock browser
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
@@ -38,8 +38,13 @@ browser:
 	    { apt-get update -q && apt-get install -y -q chromium chromium-driver; } >/dev/null 2>&1 || \
 	    echo "no chromium: browser tests will be skipped"
 
+# the fast tier (about 5 min on 2 idle cores); `test-slow` runs what it leaves out (real
+# processes killed and resumed, multi-process training, end-to-end runs on the embedded models)
 test: setup browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup browser
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench

@@ -199,6 +199,7 @@ def test_a_bare_number_after_seconds_is_refused(text):
         parse_budget(text)
 
 
+@pytest.mark.slow
 def test_a_route_that_hangs_is_stopped_where_its_share_ends(tmp_path, small, monkeypatch):
     only_lora(monkeypatch)
     monkeypatch.setattr(routes_mod.HeadLora, "run", lambda *a: time.sleep(30))
@@ -212,6 +213,7 @@ def test_a_route_that_hangs_is_stopped_where_its_share_ends(tmp_path, small, mon
     assert rows["lora"]["status"] == "out of time" and not (out / "routes" / "lora").exists()
 
 
+@pytest.mark.slow
 def test_zero_shot_scores_the_dev_rows_that_fit_its_share(tmp_path, small, monkeypatch, tiny_llama):
     """Scoring a dev row takes 100 ms here: all 80 of them, twice (the loop's evaluation and the
     report's), would not fit an 8 s budget; a random part of dev that fits is scored and marked."""
@@ -236,6 +238,7 @@ def test_zero_shot_scores_the_dev_rows_that_fit_its_share(tmp_path, small, monke
     assert f"({scored:,} of 80)" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_scoring_the_test_file_stops_at_the_budget(tmp_path, small, monkeypatch, tiny_bert):
     only_lora(monkeypatch)
     monkeypatch.setattr(runner_mod, "evaluate", lambda *a: time.sleep(30))

@@ -2,11 +2,14 @@
 
 from pathlib import Path
 
+import pytest
+
 from lmadapt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_config_on_minilm(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "demo"

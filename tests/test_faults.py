@@ -25,6 +25,9 @@ from tests.conftest import sentiment_rows, write_csv
 ROOT = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.slow  # real processes killed and resumed: ~2 min
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_bert):
     """A 36-step LoRA run (checkpoints every 10 steps, dev every 12) and its uninterrupted

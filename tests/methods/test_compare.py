@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from lmadapt import cli
 
 
+@pytest.mark.slow
 def test_compare_two_methods(run_config, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LMADAPT_TENSORBOARD", "0")  # inherited by the runs: faster start
     cfg = run_config(

@@ -26,10 +26,13 @@ from tests.conftest import sentiment_rows, write_csv
 
 ATOL = 1e-5  # max |w_2proc - w_1proc| in fp32; measured about 1e-7
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+    pytest.mark.slow,  # torchrun starts real processes
+]
 
 
 def _torchrun(*args: str) -> None:

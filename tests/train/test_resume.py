@@ -37,6 +37,7 @@ def _config(run_config, tmp_path, name):
     )
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(run_config, tmp_path):
     reference = train(build_run_config(_config(run_config, tmp_path, "ref")))
 
