@@ -34,7 +34,7 @@ from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
 from lmadapt.memory import check_fits
 from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, check_weights, load_tokenizer, resolve_model
-from lmadapt.rundir import check_output_dir
+from lmadapt.rundir import CONFIG, MODEL, RUN_INFO, RunDir, check_output_dir
 from lmadapt.schema import config_source, read_yaml
 from lmadapt.session import (
     apply_method,
@@ -183,17 +183,17 @@ def train(
 def resume(run_dir: str | Path) -> dict[str, Any]:
     """Continue an interrupted run from its newest checkpoint, exactly where it stopped."""
     out = Path(run_dir)
-    if not (out / "config.yaml").is_file():
+    if not RunDir(out).config.is_file():
         raise LmadaptError(f"{out}: not an lmadapt run directory (no config.yaml)")
-    if (out / "metrics.json").is_file():
+    if RunDir(out).metrics.is_file():
         raise LmadaptError(f"{out}: this run already finished (metrics.json exists)")
     return _run(saved_config(out), out, resume=True)
 
 
 def saved_config(run_dir: Path) -> RunConfig:
     """A run directory's resolved config.yaml, its errors naming the file."""
-    with config_source(run_dir / "config.yaml"):
-        return build_run_config(read_yaml(run_dir / "config.yaml"))
+    with config_source(RunDir(run_dir).config):
+        return build_run_config(read_yaml(RunDir(run_dir).config))
 
 
 def disk_needed(method: Method, model: torch.nn.Module, keep: int) -> int:
@@ -244,11 +244,11 @@ def _run(
         _check_disk(out, disk_needed(method, model, config.train.keep_checkpoints))
         if resume:  # what a crash mid-write left behind
             clean_orphans(out)
-            clean_orphans(out / "checkpoints")
+            clean_orphans(RunDir(out).checkpoints)
     with run_directory(out, "train", create=dist.is_main and not resume):
         if dist.is_main and not resume:
-            write_yaml(out / "config.yaml", config.to_dict())
-            write_json(out / "run.json", run_info(config.method.name, spec, task))
+            write_yaml(RunDir(out).config, config.to_dict())
+            write_json(RunDir(out).run_info, run_info(config.method.name, spec, task))
         return _train_and_report(config, out, resume, hooks, dist, data, method, model)
 
 
@@ -293,7 +293,7 @@ def _train_and_report(
             task.collator(data.tokenizer),
             config.train.eval_batch_size,
         )
-    with atomic_dir(out / "model") as tmp:
+    with atomic_dir(RunDir(out).model) as tmp:
         method.save(model, tmp)
         data.tokenizer.save_pretrained(tmp)
 
@@ -308,7 +308,7 @@ def _train_and_report(
     # Fitted on dev (e.g. a temperature); run.json is rewritten so the run keeps it and what
     # `tune` settled.
     calibration = task.fit_calibration(evals)
-    write_json(out / "run.json", run_info(config.method.name, spec, task))
+    write_json(RunDir(out).run_info, run_info(config.method.name, spec, task))
     metrics = {
         "run_dir": str(out),
         "task": task.kind,
@@ -334,7 +334,7 @@ def _train_and_report(
         **{split: ev.metrics for split, ev in evals.items()},
         **calibration,
     }
-    plot_dir = out / "plots"
+    plot_dir = RunDir(out).plots
     images = training_curves(result.state.history, trainer.metric, plot_dir)
     for split, ev in evals.items():
         images += task.plots(ev, plot_dir, f"{split}_")
@@ -366,7 +366,7 @@ def _train_and_report(
     if config.report.robustness:
         sections.append(_robustness_report(config, out, data, model))
     write_report(out, summary, sections, images)
-    write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
+    write_json(RunDir(out).metrics, metrics)  # last: its presence marks a finished run
     return dist.broadcast(metrics)
 
 
@@ -415,11 +415,11 @@ class LoadedRun:
 def read_run(run_dir: str | Path) -> RunInfo:
     """Everything about a run but its weights (serving groups runs by base before loading)."""
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "run.json", "model"):
+    for name in (CONFIG, RUN_INFO, MODEL):
         if not (run_dir / name).exists():
             raise LmadaptError(f"{run_dir} is not a finished lmadapt run (no {name})")
     config = saved_config(run_dir)
-    info = _run_json(run_dir / "run.json")
+    info = _run_json(RunDir(run_dir).run_info)
     try:
         spec = resolve_model(config.model)
     except LmadaptError:  # a model dir named by a path that has moved: use the recorded one
@@ -428,11 +428,11 @@ def read_run(run_dir: str | Path) -> RunInfo:
     try:
         task = build_task(config.task, info["task"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        path = str(run_dir / "run.json")
+        path = str(RunDir(run_dir).run_info)
         raise DataError(path, f"unusable task state ({e!r})", field="task") from None
     check_model_suits(task, spec)
-    check_weights(run_dir / "model", "saved model")
-    tokenizer = load_tokenizer(ModelSpec(spec.name, str(run_dir / "model"), spec.kind))
+    check_weights(RunDir(run_dir).model, "saved model")
+    tokenizer = load_tokenizer(ModelSpec(spec.name, str(RunDir(run_dir).model), spec.kind))
     return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
 
 
@@ -465,7 +465,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
     info = read_run(run_dir)
     set_threads(info.config.train.threads)
     model = info.method.load(
-        info.task, info.spec, info.run_dir / "model", info.config.trust_remote_code
+        info.task, info.spec, RunDir(info.run_dir).model, info.config.trust_remote_code
     )
     model.to(where).eval()
     return LoadedRun(info.config, info.task, model, info.tokenizer, info.spec)

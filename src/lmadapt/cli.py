@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmadapt.errors import LmadaptError
+from lmadapt.rundir import RunDir
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 API: dict[str, str] = {}
@@ -49,7 +50,7 @@ def _train(p: argparse.ArgumentParser) -> None:
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only process 0 reports (other nodes may not see its files)
         out = Path(metrics["run_dir"])
-        print((out / "report.md").read_text(encoding="utf-8"))
+        print(RunDir(out).report.read_text(encoding="utf-8"))
         print(f"run directory: {out}")
 
     p.set_defaults(run=run)
@@ -273,7 +274,7 @@ def _hpo(p: argparse.ArgumentParser) -> None:
         # hpo prints a line per trial, and a failing trial ends the command with its error
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         out = Path(hpo(a.config, a.space, a.trials, a.study_dir, a.overrides)["study_dir"])
-        print((out / "report.md").read_text(encoding="utf-8"))
+        print(RunDir(out).report.read_text(encoding="utf-8"))
         print(f"study directory: {out}")
 
     p.set_defaults(run=run)
@@ -350,7 +351,7 @@ def _continual(p: argparse.ArgumentParser) -> None:
             print((out / "summary.md").read_text(encoding="utf-8"))
         else:
             out = Path(run_continual(a.config, a.overrides)["output_dir"])
-            print((out / "report.md").read_text(encoding="utf-8"))
+            print(RunDir(out).report.read_text(encoding="utf-8"))
         print(f"written to {out}")
 
     p.set_defaults(run=run)
@@ -369,7 +370,7 @@ def _distill(p: argparse.ArgumentParser) -> None:
         from lmadapt.distill import run_distill
 
         out = Path(run_distill(a.config, a.overrides)["run_dir"])
-        print((out / "report.md").read_text(encoding="utf-8"))
+        print(RunDir(out).report.read_text(encoding="utf-8"))
         print(f"run directory: {out}")
 
     p.set_defaults(run=run)
@@ -554,7 +555,7 @@ def _prompt(p: argparse.ArgumentParser) -> None:
             raise LmadaptError("prompt needs a CONFIG.yaml (or --templates)")
         metrics = run_prompt(a.config, a.overrides)
         out = Path(metrics["output_dir"])
-        print((out / "report.md").read_text(encoding="utf-8"))
+        print(RunDir(out).report.read_text(encoding="utf-8"))
         print(f"output directory: {out}")
 
     p.set_defaults(run=run)
@@ -733,7 +734,7 @@ def _auto(p: argparse.ArgumentParser) -> None:
             overwrite=a.overwrite,
             started=a.started,
         )
-        print((Path(a.out) / "report.md").read_text(encoding="utf-8"))
+        print(RunDir(a.out).report.read_text(encoding="utf-8"))
         print(f"winner: {result['winner_dir']}")
 
     # main builds the parser first thing: the budget counts from there, library imports included

@@ -19,7 +19,7 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.io import write_json, write_text
 from lmadapt.methods import METHODS
-from lmadapt.rundir import MARKER, check_output_dir, made_by_lmadapt, mark
+from lmadapt.rundir import MARKER, RunDir, check_output_dir, made_by_lmadapt, mark
 from lmadapt.session import run_directory
 from lmadapt.tasks import build_task
 
@@ -123,7 +123,7 @@ def compare(
 def _row(
     name: str, run_dir: Path, metric: str, wall: float, code: int, log: Path
 ) -> dict[str, Any]:
-    metrics_file = run_dir / "metrics.json"
+    metrics_file = RunDir(run_dir).metrics
     if code != 0 or not metrics_file.is_file():
         return {
             "method": name,
@@ -140,7 +140,7 @@ def _row(
         "dev_metric": m.get("dev", {}).get(metric),
         "trainable_params": m["trainable_params"],
         "total_params": m["total_params"],
-        "model_bytes": dir_bytes(run_dir / "model"),
+        "model_bytes": dir_bytes(RunDir(run_dir).model),
         "wall_seconds": round(wall, 1),
         "train_seconds": m["train_seconds"],
         "samples_per_second": m["samples_per_second"],

@@ -19,6 +19,7 @@ from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
 from lmadapt.inference import GenerationSettings
 from lmadapt.io import write_text
+from lmadapt.rundir import RunDir
 from lmadapt.session import peak_rss_mb, resolve_device, set_threads, start
 from lmadapt.tasks.base import check_model_suits
 from lmadapt.tasks.generation import GenerationConfig, GenerationTask
@@ -45,7 +46,7 @@ def load_generator(
     `device` (resolved before anything loads)."""
     where = resolve_device(device)
     path = Path(source)
-    if (path / "run.json").is_file():
+    if RunDir(path).run_info.is_file():
         from lmadapt.api import load_run
 
         run = load_run(path, device)
@@ -166,7 +167,7 @@ def evaluate_base(
     from lmadapt.config import load_config
 
     cfg = load_config(config, overrides)
-    run_dir = Path(model) if model and (Path(model) / "run.json").is_file() else None
+    run_dir = Path(model) if model and RunDir(model).run_info.is_file() else None
     if model and run_dir is None:
         cfg.model = model
     start(cfg.train.threads, cfg.train.seed)

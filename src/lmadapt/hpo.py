@@ -24,6 +24,7 @@ from lmadapt.config import RunConfig, load_config
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.io import write_text
+from lmadapt.rundir import RunDir
 from lmadapt.schema import config_source, from_dict, read_yaml
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Hook, Trainer, TrainingInterrupted, checkpoint_metric
@@ -352,7 +353,7 @@ def write_results(
         },
     }
     write_text(
-        out / "report.md",
+        RunDir(out).report,
         _markdown(study, summary, by_state, base, config, overrides, space, images),
     )
     if best is None:

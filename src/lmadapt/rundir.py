@@ -18,6 +18,40 @@ from lmadapt.errors import ConfigError
 
 MARKER = ".lmadapt-run"
 
+# The files of a run directory, named once: every command writes them and every reader (predict,
+# serve, the dashboard) finds them through these names or `RunDir`.
+CONFIG = "config.yaml"
+RUN_INFO = "run.json"
+METRICS = "metrics.json"
+"""Written last by a finished run: its presence marks one."""
+REPORT = "report.md"
+LOG = "log.jsonl"
+MODEL = "model"
+CHECKPOINTS = "checkpoints"
+PLOTS = "plots"
+CONTINUAL = "continual.json"
+"""A continual stream's summary, written last like METRICS."""
+
+
+class RunDir:
+    """The paths of one run directory's files (see the names above)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = self.path / CONFIG
+        self.run_info = self.path / RUN_INFO
+        self.metrics = self.path / METRICS
+        self.report = self.path / REPORT
+        self.log = self.path / LOG
+        self.model = self.path / MODEL
+        self.checkpoints = self.path / CHECKPOINTS
+        self.plots = self.path / PLOTS
+        self.continual = self.path / CONTINUAL
+
+    def finished(self) -> bool:
+        """Whether the run (or continual stream) wrote its last file."""
+        return self.metrics.is_file() or self.continual.is_file()
+
 
 def check_output_dir(
     path: str | Path,
@@ -99,7 +133,7 @@ def made_by_lmadapt(out: Path) -> bool:
     if (out / MARKER).is_file() or not any(out.iterdir()):
         return True
     try:
-        return "lmadapt_run" in json.loads((out / "run.json").read_text(encoding="utf-8"))
+        return "lmadapt_run" in json.loads(RunDir(out).run_info.read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
         return False
 

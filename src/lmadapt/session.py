@@ -21,7 +21,7 @@ import torch
 
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.models import ModelSpec
-from lmadapt.rundir import create_output_dir
+from lmadapt.rundir import RunDir, create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
 
 
@@ -151,10 +151,6 @@ def apply_method(
     return model
 
 
-FINISHED = ("metrics.json", "continual.json")
-"""The file a run writes last (train and distill; continual): once it exists the run is done."""
-
-
 @contextlib.contextmanager
 def run_directory(
     out: Path, command: str, create: bool = True, keep: Callable[[], bool] | None = None
@@ -167,10 +163,10 @@ def run_directory(
     the directory's creation and its marker leaves nothing."""
 
     def resumable() -> bool:
-        return latest_checkpoint(out / "checkpoints") is not None
+        return latest_checkpoint(RunDir(out).checkpoints) is not None
 
     def finished() -> bool:
-        return any((out / name).is_file() for name in FINISHED)
+        return RunDir(out).finished()
 
     kept = keep or (lambda: finished() or resumable())
     try:

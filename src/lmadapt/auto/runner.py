@@ -29,7 +29,7 @@ from lmadapt.compare import dir_bytes
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text
-from lmadapt.rundir import check_output_dir
+from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.session import run_directory
 from lmadapt.train.loop import TrainingInterrupted
 
@@ -184,7 +184,7 @@ def auto(
             "rows": _ranked(rows, mode),
         }
         write_json(out / "leaderboard.json", result)
-        write_text(out / "report.md", markdown(result, plan))
+        write_text(RunDir(out).report, markdown(result, plan))
     if interrupted:
         raise AutoInterrupted(_interrupted_message(result, out, test_file))
     if winner is None:
@@ -276,7 +276,7 @@ def _run_routes(
             first = (str(e).splitlines() or [""])[0]
             row.update(status="failed", reason=f"{type(e).__name__}: {first}")
             write_text(out / "routes" / f"{name}.error.txt", traceback.format_exc())
-        if row.get("status") == "failed" and (run_dir / "metrics.json").is_file():
+        if row.get("status") == "failed" and RunDir(run_dir).metrics.is_file():
             continue  # it finished, then did not reload: kept for a look, not ranked
         if row.get("status") in ("skipped", "failed"):
             shutil.rmtree(run_dir, ignore_errors=True)  # unfinished: nothing half-written stays
@@ -304,7 +304,7 @@ def _finished(
     and whether it had; a run that had not finished is removed, nothing half-written stays.
     A run stopped (Ctrl-C, its time) after it finished is kept, its speed unmeasured."""
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        metrics = json.loads(RunDir(run_dir).metrics.read_text(encoding="utf-8"))
     except FileNotFoundError:
         shutil.rmtree(run_dir, ignore_errors=True)
         return False
@@ -321,7 +321,7 @@ def _finished(
         predict_per_second=None if speed is None else round(speed, 1),
         load_seconds=None if load is None else round(load, 1),
         favoured=route.favoured(plan),
-        size_mb=round(dir_bytes(run_dir / "model") / 2**20, 2),
+        size_mb=round(dir_bytes(RunDir(run_dir).model) / 2**20, 2),
         wall_seconds=round(time.monotonic() - t0, 1),
     )
     plan.done.append(row)

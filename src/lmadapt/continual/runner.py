@@ -31,7 +31,7 @@ from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
-from lmadapt.rundir import check_output_dir
+from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.schema import to_dict
 from lmadapt.session import peak_rss_mb, run_directory, seed_everything, start
 from lmadapt.tasks import Evaluation, build_task
@@ -214,8 +214,8 @@ def run_continual(
     spec = resolve_model(config.model)
     stream_data, bad_rows = read_stream(config.stream, spec)  # every file, before any writing
     # no resume: a failure keeps only a finished run
-    with run_directory(out, "continual", keep=lambda: (out / "continual.json").is_file()):
-        write_yaml(out / "config.yaml", _config_dict(config))
+    with run_directory(out, "continual", keep=lambda: RunDir(out).continual.is_file()):
+        write_yaml(RunDir(out).config, _config_dict(config))
         first = config.stream[0].train
         start(first.threads, config.seed)
         tokenizer = load_tokenizer(spec, config.trust_remote_code)
@@ -258,7 +258,9 @@ def run_continual(
             )
             t0 = time.perf_counter()
             result = trainer.fit()
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the best is loaded already
+            shutil.rmtree(
+                RunDir(run_dir).checkpoints, ignore_errors=True
+            )  # the best is loaded already
             strategy.after_task(learner, slot)
             seconds = time.perf_counter() - t0
             trained_at[entry.name] = i
@@ -318,13 +320,13 @@ def run_continual(
             R,
             [f"{s['step']}: {s['task']}" for s in steps],
             [f"{n} ({learner.slots[n].metric})" for n in names],
-            out / "plots" / "accuracy_matrix.png",
+            RunDir(out).plots / "accuracy_matrix.png",
             title=f"R[i][j], strategy {config.strategy.name}",
             xlabel="evaluated task j",
             ylabel="after training step i",
         )
         _write_report(out, summary)
-        write_json(out / "continual.json", summary)
+        write_json(RunDir(out).continual, summary)
         return summary
 
 
@@ -394,7 +396,7 @@ def _write_report(out: Path, s: dict[str, Any]) -> None:
         "```",
         "",
     ]
-    write_text(out / "report.md", "\n".join(lines))
+    write_text(RunDir(out).report, "\n".join(lines))
 
 
 def run_continual_many(

@@ -30,7 +30,7 @@ from lmadapt.inference import batched_logits, model_inputs
 from lmadapt.io import atomic_dir, write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
-from lmadapt.rundir import check_output_dir
+from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.schema import (
     apply_overrides,
     config_source,
@@ -184,7 +184,7 @@ def run_distill(
     seed_everything(run.train.seed)
     model = task.build_model(spec, run.trust_remote_code)
     # no resume: a failure keeps only a finished run
-    with run_directory(out, "distill", keep=lambda: (out / "metrics.json").is_file()):
+    with run_directory(out, "distill", keep=lambda: RunDir(out).metrics.is_file()):
         if opt.student_layers:
             keep_first_layers(model, opt.student_layers)
             base = out / "student_base"
@@ -196,9 +196,9 @@ def run_distill(
         set_attention(model, run.attention, spec.kind)
         model = apply_method(model, method, task, run.train.gradient_checkpointing)
         trainable, total = count_parameters(model)
-        write_yaml(out / "config.yaml", run.to_dict())
+        write_yaml(RunDir(out).config, run.to_dict())
         write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})
-        write_json(out / "run.json", run_info(run.method.name, spec, task))
+        write_json(RunDir(out).run_info, run_info(run.method.name, spec, task))
         trainer = Trainer(
             InputsOnly(model),
             DistillationTask(task, opt.alpha, opt.temperature),
@@ -215,8 +215,8 @@ def run_distill(
         # e.g. AdaLoRA's rank budget
         trainer.hooks += method.hooks(model, trainer.total_steps()) + (hooks or [])
         result = trainer.fit()
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        with atomic_dir(out / "model") as tmp:
+        shutil.rmtree(RunDir(out).checkpoints, ignore_errors=True)
+        with atomic_dir(RunDir(out).model) as tmp:
             method.save(model, tmp)
             tokenizer.save_pretrained(tmp)
 
@@ -281,11 +281,11 @@ def run_distill(
             f"({len(extra):,} unlabelled), {result.state.train_seconds:.1f}s",
             "speed-up": f"{s_rate / t_rate:.2f}x sentences/s over the teacher",
         }
-        images = training_curves(result.state.history, trainer.metric, out / "plots")
+        images = training_curves(result.state.history, trainer.metric, RunDir(out).plots)
         sections = ["## Teacher vs student\n\n" + comparison]
         sections.append(evaluation_section("Student on dev", s_ev, task))
         if test_ev:
             sections.append(evaluation_section("Student on test", test_ev, task))
         write_report(out, summary, sections, images)
-        write_json(out / "metrics.json", metrics)
+        write_json(RunDir(out).metrics, metrics)
         return metrics

@@ -10,6 +10,7 @@ from lmadapt.data.validation import MAX_LISTED, BadRow
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.io import write_text
+from lmadapt.rundir import RunDir
 
 
 def cell(value: object, limit: int = 200) -> str:
@@ -125,6 +126,6 @@ def write_report(
         lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in images]
         lines.append("")
     lines += ["## Reproduce", "", "```", f"lmadapt train {run_dir / 'config.yaml'}", "```", ""]
-    path = run_dir / "report.md"
+    path = RunDir(run_dir).report
     write_text(path, "\n".join(lines))
     return path

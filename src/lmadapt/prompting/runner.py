@@ -11,7 +11,7 @@ from lmadapt.errors import ConfigError
 from lmadapt.io import atomic_dir, write_json, write_text, write_yaml
 from lmadapt.prompting.config import PromptConfig, load_prompt_config
 from lmadapt.prompting.modes import MODES
-from lmadapt.rundir import check_output_dir, mark
+from lmadapt.rundir import RunDir, check_output_dir, mark
 from lmadapt.schema import to_dict
 from lmadapt.session import resolve_device, set_threads
 
@@ -29,7 +29,7 @@ def run_prompt(
     with atomic_dir(out) as tmp:
         mark(tmp, "prompt")
         outcome = MODES.get(cfg.mode).impl(cfg, tmp)
-        write_yaml(tmp / "config.yaml", to_dict(cfg))
+        write_yaml(RunDir(tmp).config, to_dict(cfg))
         write_text(tmp / "predictions.jsonl", "".join(_json(r) + "\n" for r in outcome.rows))
         lines = [
             f"# lmadapt prompt run `{out.name}`",
@@ -44,9 +44,9 @@ def run_prompt(
         lines += [s + "\n" for s in outcome.sections]
         lines += [f"![{p.stem}]({p.relative_to(tmp).as_posix()})" for p in outcome.images]
         lines += ["", "## Reproduce", "", "```", f"lmadapt prompt {out / 'config.yaml'}", "```", ""]
-        write_text(tmp / "report.md", "\n".join(lines))
+        write_text(RunDir(tmp).report, "\n".join(lines))
         metrics = {"output_dir": str(out), **outcome.metrics}
-        write_json(tmp / "metrics.json", metrics)
+        write_json(RunDir(tmp).metrics, metrics)
     return metrics
 
 

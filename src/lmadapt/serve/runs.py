@@ -27,6 +27,7 @@ from lmadapt.errors import LmadaptError
 from lmadapt.inference import GenerationSettings
 from lmadapt.methods.base import PeftMethod, WholeModelMethod
 from lmadapt.models import ModelSpec
+from lmadapt.rundir import RunDir
 
 
 @dataclass
@@ -239,7 +240,7 @@ def load_groups(
     for members in by_key.values():
         first = members[0]
         model = first.method.load(
-            first.task, first.spec, first.run_dir / "model", first.config.trust_remote_code
+            first.task, first.spec, RunDir(first.run_dir).model, first.config.trust_remote_code
         )
         adapters: dict[str, str] = {}
         if len(members) > 1:
@@ -247,7 +248,7 @@ def load_groups(
             # peft names the first adapter "default"; numbered names cannot collide with it.
             for i, run in enumerate(members[1:], start=1):
                 adapters[run.name] = f"run{i}"
-                model.load_adapter(str(run.run_dir / "model"), adapter_name=f"run{i}")
+                model.load_adapter(str(RunDir(run.run_dir).model), adapter_name=f"run{i}")
         model.to(device).eval()
         group = ModelGroup(
             model, {r.name: r for r in members}, adapters, batch_size, base=len(groups)

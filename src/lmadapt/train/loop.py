@@ -45,6 +45,7 @@ from lmadapt.inference import (
     model_inputs,
 )
 from lmadapt.io import write_text
+from lmadapt.rundir import RunDir
 from lmadapt.train.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
@@ -244,7 +245,7 @@ class Trainer:
         self.bf16 = autocast_bf16(cfg.precision, dist.device)
         self.bf16_base = bf16_frozen_base(cfg.base_dtype, self.bf16, dist.device, dist.strategy)
         self.metric, self.mode = checkpoint_metric(cfg, task)
-        self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
+        self.best_path = RunDir(self.run_dir).checkpoints / "best.safetensors"
         self.lengths = feature_lengths(train_features)  # a feature store's, read from disk
         self._loss_sum = torch.zeros((), dtype=torch.float64)  # set on the device by `fit`
         if cfg.dropout is not None:
@@ -296,7 +297,7 @@ class Trainer:
         # a task may ask the model for less (e.g. logits only where its loss reads them)
         forward_kwargs = self.task.forward_kwargs
         self.log_file = (
-            open(self.run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            open(RunDir(self.run_dir).log, "a", encoding="utf-8")  # noqa: SIM115
             if dist.is_main
             else None
         )
@@ -391,7 +392,7 @@ class Trainer:
             if interrupt.requested:  # Ctrl-C during that evaluation is honoured, not lost
                 self._stop_here()
         except KeyboardInterrupt:  # a second Ctrl-C, mid-step: this step cannot be saved
-            last = latest_checkpoint(self.run_dir / "checkpoints") if self.resumable else None
+            last = latest_checkpoint(RunDir(self.run_dir).checkpoints) if self.resumable else None
             raise TrainingInterrupted(
                 f"aborted during step {state.step + 1}; "
                 + (
@@ -456,7 +457,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         self._tick()
         self._read_loss()  # the saved state holds the running loss
-        root = self.run_dir / "checkpoints"
+        root = RunDir(self.run_dir).checkpoints
         if self.takes_part:
             save_checkpoint(
                 root,
@@ -472,14 +473,14 @@ class Trainer:
         return checkpoint_dir(root, self.state.step)
 
     def _restore(self) -> None:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
+        path = latest_checkpoint(RunDir(self.run_dir).checkpoints)
         if path is None:
             raise LmadaptError(f"{self.run_dir}: no checkpoint to resume from")
         saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.state = TrainState(**saved)
         if self.dist.is_main:  # the log is rewritten to what the checkpoint knew
             write_text(
-                self.run_dir / "log.jsonl",
+                RunDir(self.run_dir).log,
                 "".join(json.dumps(r) + "\n" for r in self.state.history),
             )
 

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import yaml
 
 from lmadapt.paths import RefusedPath, inside, open_inside
-from lmadapt.rundir import MARKER
+from lmadapt.rundir import CONFIG, CONTINUAL, LOG, MARKER, METRICS, MODEL, REPORT, RUN_INFO
 
 RUNNING_WINDOW_S = 120.0
 """An unfinished run whose log changed this recently counts as running (evaluations on a
@@ -42,7 +42,7 @@ IMAGE_TYPES = {
 }
 """Files a run page may show; nothing else in a run directory is served (no SVG: it can hold
 scripts)."""
-RUN_FILES = ("config.yaml", "run.json", "metrics.json", "log.jsonl")
+RUN_FILES = (CONFIG, RUN_INFO, METRICS, LOG)
 MAX_TEXT_BYTES = 8 * 2**20
 """Largest file read whole (report, config, json): a larger one is a problem of its run."""
 MAX_POINTS = 2000
@@ -89,7 +89,7 @@ def log_records(run: Path, tail: int | None = None) -> Iterator[dict[str, Any] |
     """The records of run directory `run`'s log.jsonl, one at a time, None for each line that is
     not one (a line being written, foreign text, one over MAX_LINE_BYTES); only the last `tail`
     bytes when given. The file is read a line at a time, never held."""
-    with open_inside(run, "log.jsonl") as f:
+    with open_inside(run, LOG) as f:
         if tail is not None:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - tail))
@@ -117,14 +117,14 @@ def kind_of(path: Path, files: set[str]) -> str | None:
             command = read_json(path, MARKER).get("lmadapt")
         except (OSError, ValueError, AttributeError):
             command = None
-        if command == "continual" or "continual.json" in files:
+        if command == "continual" or CONTINUAL in files:
             return "continual"
         return "run"
     if "study.db" in files:
         return "hpo"
     if "compare.json" in files:
         return "compare"
-    if "continual.json" in files:
+    if CONTINUAL in files:
         return "continual"
     if files & set(RUN_FILES):
         return "run"
@@ -154,7 +154,7 @@ def scan(root: Path) -> list[dict[str, Any]]:
     return found
 
 
-LOADED = ("config.yaml", "run.json", "model")
+LOADED = (CONFIG, RUN_INFO, MODEL)
 """What the playground's loader (`api.read_run`, then the model) opens in a run directory. The
 base model a config names lies wherever the run was trained from, and is not checked."""
 
@@ -189,7 +189,7 @@ def entry_id(base: Path, path: Path) -> str:
 # ---------------------------------------------------------------------- one entry
 
 
-WATCHED = (*RUN_FILES, MARKER, "continual.json", "study.db", "compare.json", "report.md")
+WATCHED = (*RUN_FILES, MARKER, CONTINUAL, "study.db", "compare.json", REPORT)
 """The files a row is read from: while none of them changes, the row is the one read before."""
 _rows: dict[tuple[Path, str], tuple[tuple, dict[str, Any]]] = {}
 
@@ -238,9 +238,9 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 
 def _run_summary(path: Path, row: dict[str, Any]) -> None:
-    if not (path / "config.yaml").exists():
+    if not (path / CONFIG).exists():
         raise ValueError("no config.yaml: not a run directory, or one still being created")
-    cfg = _mapping(read_yaml(path, "config.yaml"), "config.yaml")
+    cfg = _mapping(read_yaml(path, CONFIG), CONFIG)
     task, method, train = (cfg.get(k) or {} for k in ("task", "method", "train"))
     row |= {
         "task": task.get("type"),
@@ -248,9 +248,9 @@ def _run_summary(path: Path, row: dict[str, Any]) -> None:
         "model": cfg.get("model"),
         "metric": train.get("metric"),
     }
-    metrics_path, log = path / "metrics.json", path / "log.jsonl"
+    metrics_path, log = path / METRICS, path / LOG
     if metrics_path.exists():
-        m = _mapping(read_json(path, "metrics.json"), "metrics.json")
+        m = _mapping(read_json(path, METRICS), METRICS)
         dev = m.get("dev") or {}
         metric = row["metric"] or next(iter(dev), None)
         row |= {
@@ -277,7 +277,7 @@ def progress(path: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Where a run is: its latest step, epoch, train loss and dev metric (from the log's tail),
     against the configured length."""
     if cfg is None:
-        cfg = _mapping(read_yaml(path, "config.yaml"), "config.yaml")
+        cfg = _mapping(read_yaml(path, CONFIG), CONFIG)
     train = cfg.get("train") or {}
     out: dict[str, Any] = {"epochs": train.get("epochs"), "max_steps": train.get("max_steps")}
     for rec in filter(None, log_records(path, TAIL_BYTES)):
@@ -291,13 +291,13 @@ def progress(path: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _continual_summary(path: Path, row: dict[str, Any]) -> None:
-    cfg = read_yaml(path, "config.yaml") if (path / "config.yaml").is_file() else {}
-    cfg = _mapping(cfg or {}, "config.yaml")
+    cfg = read_yaml(path, CONFIG) if (path / CONFIG).is_file() else {}
+    cfg = _mapping(cfg or {}, CONFIG)
     row |= {"task": "continual", "model": cfg.get("model")}
-    if not (path / "continual.json").is_file():
+    if not (path / CONTINUAL).is_file():
         row["status"] = "interrupted"
         return
-    s = _mapping(read_json(path, "continual.json"), "continual.json")
+    s = _mapping(read_json(path, CONTINUAL), CONTINUAL)
     row |= {
         "status": "finished",
         "method": s.get("strategy"),
@@ -309,7 +309,7 @@ def _continual_summary(path: Path, row: dict[str, Any]) -> None:
 
 
 def _hpo_summary(path: Path, row: dict[str, Any]) -> None:
-    row |= {"task": "hpo", "status": "finished" if (path / "report.md").is_file() else "running"}
+    row |= {"task": "hpo", "status": "finished" if (path / REPORT).is_file() else "running"}
     trials = hpo_trials(path)
     done = [t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None]
     row["trials"] = len(trials)
