@@ -24,6 +24,7 @@ from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import (
     bad_rows_metrics,
     bad_rows_section,
+    evaluation_record,
     evaluation_section,
     training_curves,
     write_report,
@@ -365,6 +366,7 @@ def _train_and_report(
         sections.append(skipped)
     if config.report.robustness:
         sections.append(_robustness_report(config, out, data, model))
+    write_json(RunDir(out).evaluations, {s: evaluation_record(ev) for s, ev in evals.items()})
     write_report(out, summary, sections, images)
     write_json(RunDir(out).metrics, metrics)  # last: its presence marks a finished run
     return dist.broadcast(metrics)

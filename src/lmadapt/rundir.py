@@ -31,6 +31,9 @@ CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 CONTINUAL = "continual.json"
 """A continual stream's summary, written last like METRICS."""
+EVALUATIONS = "evaluations.json"
+"""Per split: the evaluation's structured results (labels, per-class scores, confusion matrix),
+which report.md renders as tables and the dashboard as plots."""
 
 
 class RunDir:
@@ -47,6 +50,7 @@ class RunDir:
         self.checkpoints = self.path / CHECKPOINTS
         self.plots = self.path / PLOTS
         self.continual = self.path / CONTINUAL
+        self.evaluations = self.path / EVALUATIONS
 
     def finished(self) -> bool:
         """Whether the run (or continual stream) wrote its last file."""

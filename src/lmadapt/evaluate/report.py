@@ -50,6 +50,16 @@ def classification_report_markdown(ev: Evaluation) -> str:
     return "\n\n".join(parts)
 
 
+STRUCTURED = ("labels", "per_class", "per_type", "confusion_matrix")
+"""The evaluation details written to evaluations.json (all JSON already; the rest, such as raw
+logits or error-analysis rows, stays in the report)."""
+
+
+def evaluation_record(ev: Evaluation) -> dict[str, Any]:
+    """One split's entry of evaluations.json: its metrics and structured details."""
+    return {"metrics": ev.metrics, **{k: ev.details[k] for k in STRUCTURED if k in ev.details}}
+
+
 def metrics_table(metrics: dict[str, float]) -> str:
     return markdown_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()])
 

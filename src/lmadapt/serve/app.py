@@ -728,6 +728,16 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = server
+    _guards(app, settings, hosts)
+    _model_routes(app, server)
+    _prediction_routes(app, server)
+    _generate_route(app, server)
+    _chat_route(app, server)
+    return app
+
+
+def _guards(app: FastAPI, settings: ServeSettings, hosts: frozenset[str] | None) -> None:
+    """Error handlers and the guards; the middleware added last runs first."""
     app.add_exception_handler(RequestValidationError, request_invalid)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(BodyLimit, limit=settings.body_limit)
@@ -736,6 +746,10 @@ def create_app(
     if hosts is not None:
         app.add_middleware(HostCheck, hosts=hosts)
     app.add_middleware(OpenAIErrorShape)  # outermost: it sees every guard's refusal
+
+
+def _model_routes(app: FastAPI, server: Server) -> None:
+    """Liveness and the served runs (OpenAI's models list and retrieve)."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -751,6 +765,10 @@ def create_app(
     async def model(model: str) -> ModelCard:
         """One served run, as listed by /v1/models (OpenAI's models.retrieve)."""
         return server.card(server.run_for(model).name)
+
+
+def _prediction_routes(app: FastAPI, server: Server) -> None:
+    """The routes of the runs that label or explain text (classification, NER, QA)."""
 
     @app.post("/v1/classify")
     async def classify(req: TextsRequest) -> TextsResponse:
@@ -788,6 +806,10 @@ def create_app(
             raise HTTPException(400, str(e)) from None
         return TextsResponse(model=run.name, results=results)
 
+
+def _generate_route(app: FastAPI, server: Server) -> None:
+    """lmadapt's own generation route: prompts answered as single user turns."""
+
     @app.post("/v1/generate")
     async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
         """Answers to prompts (a generation run), decoded as `lmadapt generate` decodes them."""
@@ -808,6 +830,10 @@ def create_app(
             results=[GenerationOutput(**asdict(c)) for c in done],
             usage=_usage(sum(c.prompt_tokens for c in done), done),
         )
+
+
+def _chat_route(app: FastAPI, server: Server) -> None:
+    """OpenAI's chat completions, streamed or not."""
 
     @app.post(
         "/v1/chat/completions",
@@ -854,8 +880,6 @@ def create_app(
             ],
             usage=_usage(len(ids), done),
         )
-
-    return app
 
 
 def _check_turns(messages: list[dict[str, str]]) -> None:

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmadapt.errors import LmadaptError
 from lmadapt.paths import RefusedPath, inside
+from lmadapt.rundir import CONFIG, CONTINUAL, EVALUATIONS, LOG, METRICS, REPORT
 from lmadapt.serve.guards import BodyLimit, HostCheck, validation_error
 from lmadapt.serve.settings import ServeSettings
 from lmadapt.ui import runs
@@ -175,7 +176,6 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
     root = root.resolve()
     settings = settings or ServeSettings()
     playground = Playground(settings)
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -189,19 +189,29 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
     app.add_middleware(BodyLimit, limit=UI_BODY_BYTES, skip="/serve", setting=None)
     app.add_middleware(HostCheck, hosts=settings.host_names)
     app.add_middleware(SecurityHeaders)
+    _page_routes(app, root)
+    _run_routes(app, root)
+    _playground_routes(app, root, playground)
+    app.mount("/serve", playground)
+    return app
 
-    def where(entry: str) -> Path:
-        try:
-            return inside(root, entry, kind="dir")
-        except RefusedPath:
-            raise HTTPException(404, "no such run under the runs root") from None
+
+def _run_dir(root: Path, entry: str) -> Path:
+    """The run directory `entry` names under `root`; 404 for anything else."""
+    try:
+        return inside(root, entry, kind="dir")
+    except RefusedPath:
+        raise HTTPException(404, "no such run under the runs root") from None
+
+
+def _page_routes(app: FastAPI, root: Path) -> None:
+    """The HTML pages (filled in by ui.js from the JSON routes) and their static files."""
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(
             request, name, {"root": str(root), "page": name.removesuffix(".html"), **context}
         )
-
-    # ------------------------------------------------------------------ pages
 
     @app.get("/", response_class=HTMLResponse)
     async def runs_page(request: Request) -> HTMLResponse:
@@ -209,13 +219,13 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
 
     @app.get("/run", response_class=HTMLResponse)
     async def run_page(request: Request, id: str) -> HTMLResponse:
-        where(id)
+        _run_dir(root, id)
         return page(request, "run.html", entry=id)
 
     @app.get("/compare", response_class=HTMLResponse)
     async def compare_page(request: Request, id: Ids = None) -> HTMLResponse:
         for entry in id or []:
-            where(entry)
+            _run_dir(root, entry)
         return page(request, "compare.html", entries=id or [])
 
     @app.get("/playground", response_class=HTMLResponse)
@@ -230,7 +240,9 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
             raise HTTPException(404, "no such file")
         return FileResponse(HERE / "static" / name, media_type=STATIC[name])
 
-    # ------------------------------------------------------------------ JSON
+
+def _run_routes(app: FastAPI, root: Path) -> None:
+    """The JSON the runs, run and compare pages read."""
 
     @app.get("/api/runs")
     async def list_runs() -> JSONResponse:
@@ -244,7 +256,7 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
         """Fresh rows for the given runs (the runs page polls the ones still training)."""
         rows = []
         for entry in id or []:
-            path = where(entry)
+            path = _run_dir(root, entry)
             kind = runs.kind_of(path, {p.name for p in path.iterdir()}) or "run"
             rows.append(runs.summary(root, path, kind))
         return rows
@@ -254,18 +266,22 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
         """A run's row, report, config, curves, and what else it wrote (confusion matrices, the
         continual accuracy matrix, hpo trials); each part that cannot be read names its problem
         instead."""
-        path = where(id)
+        path = _run_dir(root, id)
         return await asyncio.to_thread(detail, root, path)
 
     @app.get("/api/file")
     async def run_file(id: str, name: str) -> StreamingResponse:
         """An image a run wrote (plots); nothing outside the run, nothing but images."""
         try:
-            f = await asyncio.to_thread(runs.open_image, where(id), name)
+            f = await asyncio.to_thread(runs.open_image, _run_dir(root, id), name)
         except RefusedPath:
             raise HTTPException(404, "no such image in this run") from None
         media_type = runs.IMAGE_TYPES[Path(f.name).suffix.lower()]
         return StreamingResponse(_chunks(f), media_type=media_type)
+
+
+def _playground_routes(app: FastAPI, root: Path, playground: Playground) -> None:
+    """Which run the playground serves at /serve, and loading another."""
 
     @app.get("/api/playground")
     async def playground_state() -> dict[str, Any] | None:
@@ -274,7 +290,7 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
     @app.post("/api/playground")
     async def playground_load(req: LoadRequest) -> dict[str, Any]:
         """Load a finished run for the playground (replacing the one loaded before)."""
-        path = where(req.id)
+        path = _run_dir(root, req.id)
         try:
             await asyncio.to_thread(runs.check_loadable, root, path)
         except RefusedPath as e:
@@ -285,9 +301,6 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
             return await asyncio.to_thread(playground.load, req.id, path)
         except LmadaptError as e:
             raise HTTPException(400, str(e)) from None
-
-    app.mount("/serve", playground)
-    return app
 
 
 def _chunks(f: BinaryIO) -> Iterator[bytes]:
@@ -311,21 +324,22 @@ def detail(root: Path, path: Path) -> dict[str, Any]:
         except Exception as e:  # a foreign or half-written file: shown, never fatal
             problems.append(f"{name}: {type(e).__name__}: {e}")
 
-    report = next((n for n in ("report.md", "compare.md") if n in files), None)
+    report = next((n for n in (REPORT, "compare.md") if n in files), None)
     if report:
         part("report", lambda: runs.read_text(path, report))
         text = out.pop("report", "")
         part("report_html", lambda: report_html(text, entry))
-        part("confusion", lambda: runs.confusion_matrices(text))
-    if "config.yaml" in files:
-        part("config", lambda: runs.read_text(path, "config.yaml"))
-        part("config_data", lambda: runs.read_yaml(path, "config.yaml"))
-    if "log.jsonl" in files:
+    if EVALUATIONS in files:
+        part("confusion", lambda: runs.confusion_matrices(path))
+    if CONFIG in files:
+        part("config", lambda: runs.read_text(path, CONFIG))
+        part("config_data", lambda: runs.read_yaml(path, CONFIG))
+    if LOG in files:
         part("curves", lambda: runs.curves(path))
-    if "continual.json" in files:
-        part("continual", lambda: runs.read_json(path, "continual.json"))
+    if CONTINUAL in files:
+        part("continual", lambda: runs.read_json(path, CONTINUAL))
     if "study.db" in files:
         part("trials", lambda: runs.hpo_trials(path))
-    if "metrics.json" in files:
-        part("metrics", lambda: runs.read_json(path, "metrics.json"))
+    if METRICS in files:
+        part("metrics", lambda: runs.read_json(path, METRICS))
     return out

@@ -25,7 +25,17 @@ from typing import Any, BinaryIO
 import yaml
 
 from lmadapt.paths import RefusedPath, inside, open_inside
-from lmadapt.rundir import CONFIG, CONTINUAL, LOG, MARKER, METRICS, MODEL, REPORT, RUN_INFO
+from lmadapt.rundir import (
+    CONFIG,
+    CONTINUAL,
+    EVALUATIONS,
+    LOG,
+    MARKER,
+    METRICS,
+    MODEL,
+    REPORT,
+    RUN_INFO,
+)
 
 RUNNING_WINDOW_S = 120.0
 """An unfinished run whose log changed this recently counts as running (evaluations on a
@@ -403,37 +413,17 @@ def curves(path: Path) -> dict[str, Any]:
     }
 
 
-def confusion_matrices(report: str) -> list[dict[str, Any]]:
-    """The confusion matrices in a report.md, as evaluate.report writes them (a markdown table
-    under "### Confusion matrix", in a "## " section naming the split). Read back from the
-    report because it is the only file of a run that holds them as numbers."""
-    out = []
-    section = ""
-    lines = report.splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("## "):
-            section = line[3:].strip()
-        if not line.startswith("### Confusion matrix"):
-            continue
-        table = []
-        for row in lines[i + 1 :]:
-            if row.startswith("|"):
-                table.append([c.strip().strip("*") for c in row.strip().strip("|").split("|")])
-            elif table:
-                break
-        if len(table) < 3:
-            continue
-        labels = table[0][1:]
-        try:
-            matrix = [[int(c) for c in r[1:]] for r in table[2:]]
-        except ValueError:
-            continue
-        out.append(
-            {
-                "title": section,
-                "labels": labels,
-                "gold": [r[0] for r in table[2:]],
-                "matrix": matrix,
-            }
-        )
-    return out
+def confusion_matrices(path: Path) -> list[dict[str, Any]]:
+    """The confusion matrices of a run, per split, from evaluations.json (written beside the
+    report, which renders the same numbers as tables)."""
+    evaluations = _mapping(read_json(path, EVALUATIONS), EVALUATIONS)
+    return [
+        {
+            "title": f"{split.capitalize()} set",
+            "labels": ev["labels"],
+            "gold": ev["labels"],
+            "matrix": ev["confusion_matrix"],
+        }
+        for split, ev in evaluations.items()
+        if isinstance(ev, dict) and "confusion_matrix" in ev and "labels" in ev
+    ]
