@@ -7,7 +7,6 @@ import dataclasses
 import json
 import platform
 import shutil
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +23,16 @@ from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import (
     bad_rows_metrics,
     bad_rows_section,
-    evaluation_record,
     evaluation_section,
     training_curves,
-    write_report,
 )
 from lmadapt.evaluate.robustness import RobustnessResult, check_perturbable, select
 from lmadapt.evaluate.robustness import robustness as perturbed_evaluation
-from lmadapt.io import atomic_dir, clean_orphans, write_json, write_yaml
+from lmadapt.io import clean_orphans, write_json, write_yaml
 from lmadapt.memory import check_fits
 from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, check_weights, load_tokenizer, resolve_model
+from lmadapt.pipeline import Fitted, finish, fit, save_artifact
 from lmadapt.rundir import CONFIG, MODEL, RUN_INFO, RunDir, check_output_dir
 from lmadapt.schema import config_source, read_yaml
 from lmadapt.session import (
@@ -54,7 +52,6 @@ from lmadapt.tasks.base import check_model_suits
 from lmadapt.train import distributed
 from lmadapt.train.loop import (
     Hook,
-    Trainer,
     checkpoint_metric,
 )
 
@@ -266,72 +263,40 @@ def _train_and_report(
     """Train, save the artifact, evaluate on dev/test, write the report and metrics.json."""
     task, spec = data.task, data.spec
     trainable, total = count_parameters(model)
-    lr = config.train.lr or config.method.lr
-    trainer = Trainer(
+    collate, bs = task.collator(data.tokenizer), config.train.eval_batch_size
+    fitted = fit(
         model,
         task,
+        method,
         data.features["train"],
-        task.collator(data.tokenizer),
+        collate,
         config.train,
-        lr,
+        config.train.lr or config.method.lr,
         out,
         dev_features=data.features["dev"],
         dev_examples=data.dev,
+        hooks=hooks,
         dist=dist,
+        resume=resume,
     )
-    trainer.hooks += method.hooks(model, trainer.total_steps()) + (hooks or [])
-    t0 = time.perf_counter()
-    result = trainer.fit(resume=resume)
-    wall = time.perf_counter() - t0
+    trainer, result = fitted.trainer, fitted.result
     if not dist.is_main:
         return dist.broadcast(None)  # process 0's metrics
 
     if data.features["dev"]:  # what the task settles on dev (e.g. QA's no-answer threshold)
-        task.tune(
-            model,
-            data.features["dev"],
-            data.dev,
-            task.collator(data.tokenizer),
-            config.train.eval_batch_size,
-        )
-    with atomic_dir(RunDir(out).model) as tmp:
-        method.save(model, tmp)
-        data.tokenizer.save_pretrained(tmp)
-
-    evals: dict[str, Evaluation] = {}
-    collate = task.collator(data.tokenizer)
-    bs = config.train.eval_batch_size
-    for split in ("dev", "test"):
-        if data.features[split]:
-            evals[split] = task.evaluate_model(
-                model, data.features[split], getattr(data, split), collate, bs
-            )
+        task.tune(model, data.features["dev"], data.dev, collate, bs)
+    save_artifact(out, method, model, data.tokenizer)
+    evals: dict[str, Evaluation] = {
+        split: task.evaluate_model(model, data.features[split], getattr(data, split), collate, bs)
+        for split in ("dev", "test")
+        if data.features[split]
+    }
     # Fitted on dev (e.g. a temperature); run.json is rewritten so the run keeps it and what
     # `tune` settled.
     calibration = task.fit_calibration(evals)
     write_json(RunDir(out).run_info, run_info(config.method.name, spec, task))
     metrics = {
-        "run_dir": str(out),
-        "task": task.kind,
-        "method": config.method.name,
-        "model": spec.name,
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_samples": len(data.train),
-        "steps": result.state.step,
-        "epochs": round(result.state.samples / max(1, len(data.train)), 3),
-        "best_step": result.state.best_step,
-        "stopped_early": result.stopped_early,
-        "resumed": resume,
-        "train_seconds": round(result.state.train_seconds, 2),
-        "wall_seconds": round(wall, 2),
-        "samples_per_second": round(result.samples_per_second, 2),
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "bf16": trainer.bf16,
-        "threads": torch.get_num_threads(),
-        "processes": dist.world_size,
-        **bad_rows_metrics(data.bad_rows),
+        **_run_metrics(config, out, data, fitted, dist, trainable, total, resume),
         **{split: ev.metrics for split, ev in evals.items()},
         **calibration,
     }
@@ -339,23 +304,7 @@ def _train_and_report(
     images = training_curves(result.state.history, trainer.metric, plot_dir)
     for split, ev in evals.items():
         images += task.plots(ev, plot_dir, f"{split}_")
-    summary = {
-        "model": f"{spec.name} (`{spec.path}`)",
-        "task": task.description,
-        "method": config.method.name,
-        "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
-        "training": f"{result.state.step} steps, {len(data.train):,} examples, "
-        f"{result.state.train_seconds:.1f}s, {result.samples_per_second:.1f} samples/s, "
-        f"{result.tokens_per_second:.0f} tokens/s" + (" (resumed)" if resume else ""),
-        "best checkpoint": f"step {result.state.best_step} by dev {trainer.metric}"
-        + (" (stopped early)" if result.stopped_early else "")
-        if data.dev
-        else "no dev set: the last step's weights",
-        "peak RSS": f"{peak_rss_mb():.0f} MB",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}"
-        + (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else ""),
-    }
+    summary = _run_summary(config, data, fitted, dist, trainable, total, resume)
     weights = "best checkpoint" if data.dev else "last step"
     sections = [
         evaluation_section(f"{split.capitalize()} set ({weights})", ev, task)
@@ -366,10 +315,75 @@ def _train_and_report(
         sections.append(skipped)
     if config.report.robustness:
         sections.append(_robustness_report(config, out, data, model))
-    write_json(RunDir(out).evaluations, {s: evaluation_record(ev) for s, ev in evals.items()})
-    write_report(out, summary, sections, images)
-    write_json(RunDir(out).metrics, metrics)  # last: its presence marks a finished run
+    finish(out, summary, sections, images, evals, metrics)
     return dist.broadcast(metrics)
+
+
+def _run_metrics(
+    config: RunConfig,
+    out: Path,
+    data: Prepared,
+    fitted: Fitted,
+    dist: distributed.Distributed,
+    trainable: int,
+    total: int,
+    resume: bool,
+) -> dict[str, Any]:
+    """metrics.json's account of the run itself (the splits' metrics are added beside it)."""
+    state, result = fitted.result.state, fitted.result
+    return {
+        "run_dir": str(out),
+        "task": data.task.kind,
+        "method": config.method.name,
+        "model": data.spec.name,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_samples": len(data.train),
+        "steps": state.step,
+        "epochs": round(state.samples / max(1, len(data.train)), 3),
+        "best_step": state.best_step,
+        "stopped_early": result.stopped_early,
+        "resumed": resume,
+        "train_seconds": round(state.train_seconds, 2),
+        "wall_seconds": round(fitted.wall_seconds, 2),
+        "samples_per_second": round(result.samples_per_second, 2),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "bf16": fitted.trainer.bf16,
+        "threads": torch.get_num_threads(),
+        "processes": dist.world_size,
+        **bad_rows_metrics(data.bad_rows),
+    }
+
+
+def _run_summary(
+    config: RunConfig,
+    data: Prepared,
+    fitted: Fitted,
+    dist: distributed.Distributed,
+    trainable: int,
+    total: int,
+    resume: bool,
+) -> dict[str, str]:
+    """The head of report.md: what was trained, how fast, which weights were kept."""
+    state, result, trainer, spec = fitted.result.state, fitted.result, fitted.trainer, data.spec
+    return {
+        "model": f"{spec.name} (`{spec.path}`)",
+        "task": data.task.description,
+        "method": config.method.name,
+        "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+        "training": f"{state.step} steps, {len(data.train):,} examples, "
+        f"{state.train_seconds:.1f}s, {result.samples_per_second:.1f} samples/s, "
+        f"{result.tokens_per_second:.0f} tokens/s" + (" (resumed)" if resume else ""),
+        "best checkpoint": f"step {state.best_step} by dev {trainer.metric}"
+        + (" (stopped early)" if result.stopped_early else "")
+        if data.dev
+        else "no dev set: the last step's weights",
+        "peak RSS": f"{peak_rss_mb():.0f} MB",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}"
+        + (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else ""),
+    }
 
 
 def _robustness_report(config: RunConfig, out: Path, data: Prepared, model: torch.nn.Module) -> str:

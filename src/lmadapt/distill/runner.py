@@ -20,16 +20,17 @@ from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
 from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
 from lmadapt.errors import ConfigError
+from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.evaluate.report import (
     evaluation_section,
     markdown_table,
     training_curves,
-    write_report,
 )
 from lmadapt.inference import batched_logits, model_inputs
-from lmadapt.io import atomic_dir, write_json, write_yaml
+from lmadapt.io import write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.pipeline import Fitted, finish, fit, save_artifact
 from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.schema import (
     apply_overrides,
@@ -53,7 +54,7 @@ from lmadapt.session import (
 from lmadapt.tasks import build_task
 from lmadapt.tasks.base import read_split
 from lmadapt.train.distributed import Distributed
-from lmadapt.train.loop import Hook, Trainer
+from lmadapt.train.loop import Hook
 
 
 @dataclass
@@ -117,6 +118,35 @@ class InputsOnly(torch.nn.Module):
         return self.model(**model_inputs(inputs))
 
 
+def _comparison(
+    metric: str,
+    teacher_ev: Evaluation,
+    student_ev: Evaluation,
+    teacher: Teacher,
+    student_params: int,
+    teacher_rate: float,
+    student_rate: float,
+) -> str:
+    """The report's teacher-vs-student table: dev metric, size and speed."""
+    return markdown_table(
+        ["", f"dev {metric}", "parameters", "sentences/s (dev, 2 decimals)"],
+        [
+            [
+                "teacher",
+                f"{teacher_ev.metrics[metric]:.4f}",
+                f"{teacher.num_parameters:,}",
+                f"{teacher_rate:.2f}",
+            ],
+            [
+                "student",
+                f"{student_ev.metrics[metric]:.4f}",
+                f"{student_params:,}",
+                f"{student_rate:.2f}",
+            ],
+        ],
+    )
+
+
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args)
@@ -140,8 +170,63 @@ def run_distill(
     device = resolve_device(run.device)
     start(run.train.threads, run.train.seed)
     teacher: Teacher = build_teacher(opt.teacher)
+    data = _read(run, opt, teacher)
+    spec = resolve_model(run.model)
+    tokenizer = load_tokenizer(spec, run.trust_remote_code)
+    feats = _teacher_features(data, teacher, tokenizer)
+    seed_everything(run.train.seed)
+    model = data.task.build_model(spec, run.trust_remote_code)
+    # no resume: a failure keeps only a finished run
+    with run_directory(out, "distill", keep=lambda: RunDir(out).metrics.is_file()):
+        if opt.student_layers:
+            keep_first_layers(model, opt.student_layers)
+            base = out / "student_base"
+            model.save_pretrained(base, safe_serialization=True)
+            tokenizer.save_pretrained(base)
+            run.model = str(base)  # the run dir then reloads the truncated base (peft methods too)
+            spec = resolve_model(run.model)
+        method = build_method(run.method)
+        set_attention(model, run.attention, spec.kind)
+        model = apply_method(model, method, data.task, run.train.gradient_checkpointing)
+        write_yaml(RunDir(out).config, run.to_dict())
+        write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})
+        write_json(RunDir(out).run_info, run_info(run.method.name, spec, data.task))
+        fitted = fit(
+            InputsOnly(model),
+            DistillationTask(data.task, opt.alpha, opt.temperature),
+            method,
+            feats,
+            data.task.collator(tokenizer),
+            run.train,
+            run.train.lr or run.method.lr,
+            out,
+            dev_features=data.task.encode(data.dev, tokenizer),
+            dev_examples=data.dev,
+            hooks=hooks,
+            dist=Distributed(device=device),  # one process; back on the CPU when it returns
+            resumable=False,
+            adapted=model,
+        )
+        shutil.rmtree(RunDir(out).checkpoints, ignore_errors=True)
+        save_artifact(out, method, model, tokenizer)
+        return _teacher_vs_student(config, out, data, teacher, model, tokenizer, fitted)
 
-    # ---- data: the student's task, with the teacher's label set
+
+@dataclass
+class DistillData:
+    """The student's task (with the teacher's label set) and its examples, read and checked."""
+
+    task: Any
+    train: list[Any]
+    dev: list[Any]
+    test: list[Any]
+    extra: list[Any]
+    """Unlabelled rows: the teacher's distributions are their only targets."""
+    bad_rows: dict[str, int]
+
+
+def _read(run: RunConfig, opt: _Options, teacher: Teacher) -> DistillData:
+    """Every data file read under data.bad_rows before any model loads."""
     task = build_task(run.task, {"labels": teacher.labels})
     if not (task.label_distribution and task.shares_backbone):  # logits (B, C) from a head
         raise ConfigError("task", "distillation supports single-label classification students")
@@ -158,134 +243,98 @@ def run_distill(
             else ([], [])
         )
         bad_rows[split] = len(bad)
-    train = read["train"][: d.max_train_samples]
-    dev, test, extra = (
+    return DistillData(
+        task,
+        read["train"][: d.max_train_samples],
         read["dev"][: d.max_eval_samples],
         read["test"][: d.max_eval_samples],
         read["unlabeled"],
+        bad_rows,
     )
 
-    # ---- teacher: one call for every training row, cached in the features
-    rows = train + extra
+
+def _teacher_features(data: DistillData, teacher: Teacher, tokenizer: Any) -> list[dict]:
+    """The training rows encoded with the teacher's log-probabilities beside them: the teacher
+    is asked once, whatever the number of epochs."""
+    rows = data.train + data.extra
     probs = teacher.label_distribution(rows)
     if probs.shape != (len(rows), len(teacher.labels)):
         raise RuntimeError(f"teacher returned shape {probs.shape} for {len(rows)} examples")
-    spec = resolve_model(run.model)
-    tokenizer = load_tokenizer(spec, run.trust_remote_code)
-    feats = task.encode(rows, tokenizer)
+    feats = data.task.encode(rows, tokenizer)
     log_probs = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)  # softmax(log p / T) = p_T
     for f, lp in zip(feats, log_probs):
         f.setdefault("labels", -100)
         f["teacher_logits"] = lp.tolist()
+    return feats
+
+
+def _teacher_vs_student(
+    config: DistillConfig,
+    out: Path,
+    data: DistillData,
+    teacher: Teacher,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    fitted: Fitted,
+) -> dict[str, Any]:
+    """Teacher and student on dev (metric and inference speed, tokenisation included), the
+    student on test, and the finished run directory; returns metrics.json's content."""
+    run, opt, task, dev = config.student, config.options, data.task, data.dev
     collate = task.collator(tokenizer)
-    dev_feats = task.encode(dev, tokenizer)
 
-    # ---- student
-    seed_everything(run.train.seed)
-    model = task.build_model(spec, run.trust_remote_code)
-    # no resume: a failure keeps only a finished run
-    with run_directory(out, "distill", keep=lambda: RunDir(out).metrics.is_file()):
-        if opt.student_layers:
-            keep_first_layers(model, opt.student_layers)
-            base = out / "student_base"
-            model.save_pretrained(base, safe_serialization=True)
-            tokenizer.save_pretrained(base)
-            run.model = str(base)  # the run dir then reloads the truncated base (peft methods too)
-            spec = resolve_model(run.model)
-        method = build_method(run.method)
-        set_attention(model, run.attention, spec.kind)
-        model = apply_method(model, method, task, run.train.gradient_checkpointing)
-        trainable, total = count_parameters(model)
-        write_yaml(RunDir(out).config, run.to_dict())
-        write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})
-        write_json(RunDir(out).run_info, run_info(run.method.name, spec, task))
-        trainer = Trainer(
-            InputsOnly(model),
-            DistillationTask(task, opt.alpha, opt.temperature),
-            feats,
-            collate,
-            run.train,
-            run.train.lr or run.method.lr,
-            out,
-            dev_features=dev_feats,
-            dev_examples=dev,
-            dist=Distributed(device=device),  # one process; back on the CPU when it returns
-            resumable=False,
+    def student_logits(examples: list[Any]) -> list[np.ndarray]:
+        fs = task.encode(examples, tokenizer)
+        return batched_logits(model, fs, collate, run.train.eval_batch_size)[0]
+
+    s_logits, s_sec = _timed(student_logits, dev)
+    t_probs, t_sec = _timed(teacher.label_distribution, dev)
+    evals = {"dev": task.evaluate(s_logits, dev)}
+    t_ev = task.evaluate(list(np.log(np.clip(t_probs, 1e-12, 1.0))), dev)
+    if data.test:
+        evals["test"] = task.evaluate(student_logits(data.test), data.test)
+    metric = task.default_metric
+    s_rate, t_rate = len(dev) / s_sec, len(dev) / t_sec
+    trainable, total = count_parameters(model)
+    state = fitted.result.state
+    metrics = {
+        "run_dir": str(out),
+        "teacher": teacher.name,
+        "alpha": opt.alpha,
+        "temperature": opt.temperature,
+        "student_layers": opt.student_layers,
+        "use_gold_labels": opt.use_gold_labels,
+        "train_samples": len(data.train),
+        "unlabeled_samples": len(data.extra),
+        "bad_rows_skipped": data.bad_rows,
+        "steps": state.step,
+        "train_seconds": round(state.train_seconds, 2),
+        "metric": metric,
+        "teacher_dev": t_ev.metrics,
+        **{split: ev.metrics for split, ev in evals.items()},
+        "teacher_params": teacher.num_parameters,
+        "student_params": total,
+        "student_trainable_params": trainable,
+        "teacher_sentences_per_second": round(t_rate, 1),
+        "student_sentences_per_second": round(s_rate, 1),
+        "speedup": round(s_rate / t_rate, 2),
+    }
+    comparison = _comparison(metric, t_ev, evals["dev"], teacher, total, t_rate, s_rate)
+    summary = {
+        "teacher": teacher.name,
+        "student": f"{run.model} ({opt.student_layers or 'all'} layers), method "
+        f"{run.method.name}, {trainable:,} of {total:,} parameters trained",
+        "loss": (
+            f"{opt.alpha}·CE + {1 - opt.alpha:g}·T²·KL"
+            if opt.use_gold_labels
+            else "T²·KL only (no gold labels)"
         )
-        # e.g. AdaLoRA's rank budget
-        trainer.hooks += method.hooks(model, trainer.total_steps()) + (hooks or [])
-        result = trainer.fit()
-        shutil.rmtree(RunDir(out).checkpoints, ignore_errors=True)
-        with atomic_dir(RunDir(out).model) as tmp:
-            method.save(model, tmp)
-            tokenizer.save_pretrained(tmp)
-
-        # ---- teacher vs student on dev: metric and inference speed (tokenisation included)
-        def student_logits(examples: list[Any]) -> list[np.ndarray]:
-            fs = task.encode(examples, tokenizer)
-            return batched_logits(model, fs, collate, run.train.eval_batch_size)[0]
-
-        s_logits, s_sec = _timed(student_logits, dev)
-        t_probs, t_sec = _timed(teacher.label_distribution, dev)
-        s_ev = task.evaluate(s_logits, dev)
-        t_ev = task.evaluate(list(np.log(np.clip(t_probs, 1e-12, 1.0))), dev)
-        metric = task.default_metric
-        s_rate, t_rate = len(dev) / s_sec, len(dev) / t_sec
-        test_ev = task.evaluate(student_logits(test), test) if test else None
-        metrics = {
-            "run_dir": str(out),
-            "teacher": teacher.name,
-            "alpha": opt.alpha,
-            "temperature": opt.temperature,
-            "student_layers": opt.student_layers,
-            "use_gold_labels": opt.use_gold_labels,
-            "train_samples": len(train),
-            "unlabeled_samples": len(extra),
-            "bad_rows_skipped": bad_rows,
-            "steps": result.state.step,
-            "train_seconds": round(result.state.train_seconds, 2),
-            "metric": metric,
-            "teacher_dev": t_ev.metrics,
-            "dev": s_ev.metrics,
-            **({"test": test_ev.metrics} if test_ev else {}),
-            "teacher_params": teacher.num_parameters,
-            "student_params": total,
-            "student_trainable_params": trainable,
-            "teacher_sentences_per_second": round(t_rate, 1),
-            "student_sentences_per_second": round(s_rate, 1),
-            "speedup": round(s_rate / t_rate, 2),
-        }
-        comparison = markdown_table(
-            ["", f"dev {metric}", "parameters", "sentences/s (dev, 2 decimals)"],
-            [
-                [
-                    "teacher",
-                    f"{t_ev.metrics[metric]:.4f}",
-                    f"{teacher.num_parameters:,}",
-                    f"{t_rate:.2f}",
-                ],
-                ["student", f"{s_ev.metrics[metric]:.4f}", f"{total:,}", f"{s_rate:.2f}"],
-            ],
-        )
-        summary = {
-            "teacher": teacher.name,
-            "student": f"{run.model} ({opt.student_layers or 'all'} layers), method "
-            f"{run.method.name}, {trainable:,} of {total:,} parameters trained",
-            "loss": (
-                f"{opt.alpha}·CE + {1 - opt.alpha:g}·T²·KL"
-                if opt.use_gold_labels
-                else "T²·KL only (no gold labels)"
-            )
-            + f", T = {opt.temperature} (Hinton et al. 2015)",
-            "training": f"{result.state.step} steps, {len(rows):,} rows "
-            f"({len(extra):,} unlabelled), {result.state.train_seconds:.1f}s",
-            "speed-up": f"{s_rate / t_rate:.2f}x sentences/s over the teacher",
-        }
-        images = training_curves(result.state.history, trainer.metric, RunDir(out).plots)
-        sections = ["## Teacher vs student\n\n" + comparison]
-        sections.append(evaluation_section("Student on dev", s_ev, task))
-        if test_ev:
-            sections.append(evaluation_section("Student on test", test_ev, task))
-        write_report(out, summary, sections, images)
-        write_json(RunDir(out).metrics, metrics)
-        return metrics
+        + f", T = {opt.temperature} (Hinton et al. 2015)",
+        "training": f"{state.step} steps, {len(data.train) + len(data.extra):,} rows "
+        f"({len(data.extra):,} unlabelled), {state.train_seconds:.1f}s",
+        "speed-up": f"{s_rate / t_rate:.2f}x sentences/s over the teacher",
+    }
+    images = training_curves(state.history, fitted.trainer.metric, RunDir(out).plots)
+    sections = ["## Teacher vs student\n\n" + comparison]
+    sections += [evaluation_section(f"Student on {s}", ev, task) for s, ev in evals.items()]
+    finish(out, summary, sections, images, evals, metrics)
+    return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,22 +9,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.special import expit, softmax
 
 from lmadapt.data import Collator
 from lmadapt.data.readers import Record, get_text, iter_records, read_records
 from lmadapt.data.streams import Reread
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError, LmadaptError
-from lmadapt.evaluate import calibration, plots
-from lmadapt.evaluate import metrics as M
-from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
+from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask
+from lmadapt.tasks.classification_problems import PROBLEMS, Problem
 
 TEXT_DEFAULTS = ("text", "sentence", "sentence1", "question")
 PAIR_DEFAULTS = {"sentence1": "sentence2", "question": "passage", "premise": "hypothesis"}
@@ -76,7 +71,9 @@ class Example:
 
 @TASKS.register("classification", ClassificationConfig)
 class ClassificationTask(LogitsTask):
-    """Sequence classification with a linear head on the pooled representation."""
+    """Sequence classification with a linear head on the pooled representation; what differs
+    between single-label, multi-label and regression is its `problem`'s (see
+    `classification_problems`)."""
 
     kind = "classification"
     peft_task_type = "SEQ_CLS"
@@ -86,25 +83,23 @@ class ClassificationTask(LogitsTask):
     def __init__(self, cfg: ClassificationConfig, state: dict[str, Any] | None = None):
         self.cfg = cfg
         self.labels: list[str] = list(state["labels"]) if state else []
-        self.temperature: float | None = state.get("temperature") if state else None
-        """Single-label: the temperature fitted on dev after training (None before)."""
         if state:
             cfg.text_column = state.get("text_column", cfg.text_column)
             cfg.text_pair_column = state.get("text_pair_column", cfg.text_pair_column)
-        self.regression = cfg.problem == "regression"
-        self.multi = cfg.problem == "multi_label"
-        self.label_distribution = cfg.problem == "single_label"
+        self.problem: Problem = PROBLEMS[cfg.problem](cfg, state or {})
+        self.label_distribution = self.problem.label_distribution
         self.description = f"classification ({cfg.problem})"
-        self.default_metric = (
-            "mse" if self.regression else ("micro_f1" if self.multi else "accuracy")
-        )
-        self.metric_names: tuple[str, ...] = (
-            ("mse", "pearson", "spearman", "loss")
-            if self.regression
-            else ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "loss")
-            if self.multi
-            else ("accuracy", "macro_f1", "ece", "loss")
-        )
+        self.default_metric = self.problem.default_metric
+        self.metric_names: tuple[str, ...] = self.problem.metric_names
+
+    @property
+    def temperature(self) -> float | None:
+        """Single-label: the temperature fitted on dev after training (None before)."""
+        return self.problem.temperature
+
+    @temperature.setter
+    def temperature(self, value: float | None) -> None:
+        self.problem.temperature = value
 
     # ------------------------------------------------------------------ data
     def _columns(self, record: Record) -> tuple[str, str | None]:
@@ -122,25 +117,7 @@ class ClassificationTask(LogitsTask):
         col = self.cfg.label_column
         if col not in record.fields:
             raise record.missing(col)
-        value = record.fields[col]
-        if self.regression:
-            try:
-                out = float(value)
-            except (TypeError, ValueError):
-                raise record.error(f"expected a number, got {value!r}", col) from None
-            if not np.isfinite(out):
-                raise record.error(f"expected a finite number, got {value!r}", col)
-            return out
-        if self.multi:
-            parts = value if isinstance(value, list) else str(value).split(self.cfg.label_delimiter)
-            names = [str(p).strip() for p in parts if str(p).strip()]
-            return sorted(set(names))  # an empty list is allowed: no label applies
-        if isinstance(value, bool) or value is None or isinstance(value, (list, dict, float)):
-            raise record.error(f"expected a label name or integer, got {value!r}", col)
-        name = str(value).strip()
-        if not name:
-            raise record.error("empty label", col)
-        return name
+        return self.problem.label(record.fields[col], record, col)
 
     def read(
         self, path: str, fmt: str = "auto", labelled: bool = True, bad: BadRows | None = None
@@ -175,36 +152,12 @@ class ClassificationTask(LogitsTask):
                 yield example
 
     def fit(self, train: Iterable[Example]) -> None:
-        if self.regression:
-            self.labels = ["score"]
-            return
-        names: set[str] = set()
-        file = ""
-        for ex in train:  # one pass: `train` may be a stream of a file larger than memory
-            file = file or ex.file
-            names.update(ex.label if self.multi else [ex.label])
-        if len(names) < 2 and not self.multi:
-            raise DataError(
-                file,
-                f"needs at least 2 distinct labels, found {sorted(names)}",
-                field=self.cfg.label_column,
-            )
-        if not names:
-            raise DataError(file, "no labels found", field=self.cfg.label_column)
-        numeric = all(n.lstrip("-").isdigit() for n in names)
-        self.labels = sorted(names, key=int) if numeric else sorted(names)
+        self.labels = self.problem.label_set(train, self.cfg.label_column)
 
     def profile(self, examples: list[Example]) -> DataProfile:
         """Examples per label (each label of a multi-label row counts), stratified by the label
         (multi-label: the row's label set; regression: its quartile)."""
-        if self.regression:
-            cuts = np.quantile([ex.label for ex in examples], [0.25, 0.5, 0.75])
-            strata = [f"q{int(np.searchsorted(cuts, ex.label))}" for ex in examples]
-            counts = {"score": len(examples)}
-        else:
-            strata = ["+".join(ex.label) if self.multi else ex.label for ex in examples]
-            names = [n for ex in examples for n in (ex.label if self.multi else [ex.label])]
-            counts = dict(sorted(Counter(names).items()))
+        strata, counts = self.problem.strata_counts(examples)
         words = [len(ex.text.split()) + len((ex.text_pair or "").split()) for ex in examples]
         return DataProfile(
             examples=len(examples),
@@ -217,23 +170,7 @@ class ClassificationTask(LogitsTask):
 
     def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
         """The examples whose labels occur in the training data; the others are bad rows."""
-        if self.regression or not examples:
-            return examples
-        known = set(self.labels)
-        with collect(examples[0].file, bad) as bad:
-            return bad.keep(examples, lambda ex: self._known(ex, known))
-
-    def _known(self, ex: Example, known: set[str]) -> Example:
-        for name in ex.label if self.multi else [ex.label]:
-            if name not in known:
-                raise DataError(
-                    ex.file,
-                    f"label {name!r} does not occur in the training data "
-                    f"(known: {', '.join(self.labels)})",
-                    ex.line,
-                    self.cfg.label_column,
-                )
-        return ex
+        return self.problem.check(examples, self.labels, self.cfg.label_column, bad)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -241,22 +178,11 @@ class ClassificationTask(LogitsTask):
             "problem": self.cfg.problem,
             "text_column": self.cfg.text_column,
             "text_pair_column": self.cfg.text_pair_column,
-            **({"temperature": self.temperature} if self.label_distribution else {}),
+            **self.problem.state(),
         }
 
     def examples_from_texts(self, texts: list[str]) -> list[Example]:
         return [Example(text=t, file="<input>", line=i + 1) for i, t in enumerate(texts)]
-
-    def _target(self, ex: Example) -> Any:
-        if self.regression:
-            return float(ex.label)
-        index = {n: i for i, n in enumerate(self.labels)}
-        if self.multi:
-            vec = [0.0] * len(self.labels)
-            for n in ex.label:
-                vec[index[n]] = 1.0
-            return vec
-        return index[ex.label]
 
     def _tokenize(self, examples: list[Example], tokenizer: Any, **extra: Any) -> Any:
         texts = [ex.text for ex in examples]
@@ -277,7 +203,7 @@ class ClassificationTask(LogitsTask):
             if "token_type_ids" in enc:
                 f["token_type_ids"] = enc["token_type_ids"][i]
             if ex.label is not None:
-                f["labels"] = self._target(ex)
+                f["labels"] = self.problem.target(ex.label, self.labels)
             feats.append(f)
         return feats
 
@@ -334,29 +260,7 @@ class ClassificationTask(LogitsTask):
         return out
 
     def _targets(self, logits: np.ndarray, label: str | None) -> list[Target]:
-        if self.regression:
-            value = round(float(logits[0]), 6)
-            return [Target({"label": "score", "value": value}, None, lambda z: z[:, 0])]
-        probs = self._probs(logits)
-        if label is not None:
-            chosen = [self.labels.index(label)]
-        elif self.multi:
-            chosen = [int(i) for i in np.flatnonzero(probs >= self.cfg.threshold)]
-            chosen = chosen or [int(probs.argmax())]
-        else:
-            chosen = [int(probs.argmax())]
-
-        def log_prob(z: torch.Tensor, c: int) -> torch.Tensor:
-            return F.logsigmoid(z[:, c]) if self.multi else F.log_softmax(z, -1)[:, c]
-
-        return [
-            Target(
-                {"label": self.labels[c]},
-                round(float(probs[c]), 6),
-                lambda z, c=c: log_prob(z, c),
-            )
-            for c in chosen
-        ]
+        return self.problem.explain_targets(logits, self.labels, label)
 
     # ------------------------------------------------------------------ model
     def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -364,11 +268,6 @@ class ClassificationTask(LogitsTask):
 
         from lmadapt.models import load_model
 
-        problem = {
-            "single_label": "single_label_classification",
-            "multi_label": "multi_label_classification",
-            "regression": "regression",
-        }[self.cfg.problem]
         model = load_model(
             spec,
             AutoModelForSequenceClassification,
@@ -376,7 +275,7 @@ class ClassificationTask(LogitsTask):
             num_labels=len(self.labels),
             id2label=dict(enumerate(self.labels)),
             label2id={n: i for i, n in enumerate(self.labels)},
-            problem_type=problem,
+            problem_type=self.problem.hf_problem_type,
         )
         if model.config.pad_token_id is None:  # causal LMs pool on the last non-pad token
             model.config.pad_token_id = model.config.eos_token_id
@@ -388,88 +287,19 @@ class ClassificationTask(LogitsTask):
         return [h for h in ("pooler", "classifier", "score") if h in names]
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch["labels"]
-        logits = logits.float()
-        if self.regression:
-            return F.mse_loss(logits.squeeze(-1), labels.float())
-        if self.multi:
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
-        return F.cross_entropy(logits, labels)
+        return self.problem.loss(logits.float(), batch["labels"])
 
     # ------------------------------------------------------------------ outputs
-    def _probs(self, logits: np.ndarray) -> np.ndarray:
-        return expit(logits) if self.multi else softmax(logits, axis=-1)
-
     def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
-        logits = np.stack(logits)  # (N, C)
-        if self.regression:
-            gold = np.array([ex.label for ex in examples], dtype=float)
-            return Evaluation(M.regression_metrics(logits[:, 0], gold))
-        probs = self._probs(logits)
-        if self.multi:
-            gold = np.array([self._target(ex) for ex in examples], dtype=int)
-            pred = (probs >= self.cfg.threshold).astype(int)
-            return M.multilabel_metrics(pred, gold, self.labels)
-        gold = np.array([self._target(ex) for ex in examples])
-        ev = M.single_label_metrics(probs.argmax(-1), gold, self.labels)
-        calibration.add_calibration(ev, logits, gold, self.temperature)
-        ev.details |= self._error_analysis(probs, gold, examples)
-        return ev
-
-    def _error_analysis(
-        self, probs: np.ndarray, gold: np.ndarray, examples: list[Example]
-    ) -> dict[str, Any]:
-        """Details for report.md: the most confident errors, the least confident correct
-        predictions (by the model's own top-label probability) and accuracy per length slice."""
-        pred, confidence = probs.argmax(-1), probs.max(-1)
-        correct = pred == gold
-
-        def row(i: int) -> dict[str, Any]:
-            ex = examples[i]
-            text = ex.text + (f" ‖ {ex.text_pair}" if ex.text_pair else "")
-            return {
-                "text": text,
-                "gold": self.labels[gold[i]],
-                "predicted": self.labels[pred[i]],
-                "confidence": float(confidence[i]),
-            }
-
-        lengths = [len(ex.text.split()) + len((ex.text_pair or "").split()) for ex in examples]
-        return {
-            "confident_errors": [row(i) for i in ranked(confidence, ~correct)],
-            "unsure_correct": [row(i) for i in ranked(confidence, correct, highest=False)],
-            "length_slices": length_slices(lengths, lambda idx: correct[idx].mean()),
-        }
+        return self.problem.evaluate(np.stack(logits), examples, self.labels)  # (N, C)
 
     def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
         """Single-label: temperature scaling fitted on the dev logits (kept in `state`), with
         each evaluation's calibrated ECE added; nothing for other problems or without dev."""
-        if not self.label_distribution:
-            return {}
-        self.temperature = calibration.fit_on_dev(evaluations)
-        return {} if self.temperature is None else {"temperature": self.temperature}
+        return self.problem.fit_calibration(evaluations)
 
     def decode(self, logits: list[np.ndarray], examples: list[Example]) -> list[dict[str, Any]]:
-        logits = np.stack(logits)  # (N, C)
-        if self.regression:
-            return [{"text": ex.text, "score": float(v)} for ex, v in zip(examples, logits[:, 0])]
-        if self.cfg.calibrate:  # softmax(logits / T): the same labels, calibrated confidences
-            t = calibration.require_fitted(self.temperature)
-            probs = calibration.scaled_probs(logits, t)
-        else:
-            probs = self._probs(logits)
-        out = []
-        for ex, p in zip(examples, probs):
-            scores = {n: round(float(v), 6) for n, v in zip(self.labels, p)}
-            if self.multi:
-                label: Any = [n for n, v in zip(self.labels, p) if v >= self.cfg.threshold]
-            else:
-                label = self.labels[int(p.argmax())]
-            row = {"text": ex.text, "label": label, "probabilities": scores}
-            if ex.text_pair:
-                row["text_pair"] = ex.text_pair
-            out.append(row)
-        return out
+        return self.problem.decode(np.stack(logits), examples, self.labels)  # (N, C)
 
     # ------------------------------------------------------------------ robustness
     def perturbed(self, examples: list[Example], p: Perturbation, seed: int) -> list[Example]:
@@ -487,34 +317,11 @@ class ClassificationTask(LogitsTask):
     def robustness_view(self, example: Example, prediction: dict[str, Any]) -> View:
         """Label names (joined for multi-label); a regression score has no value that flips."""
         text = example.text + (f" || {example.text_pair}" if example.text_pair else "")
-        if self.regression:
-            return View(text, f"{example.label:g}", f"{prediction['score']:.4g}", None)
-        if self.multi:
-            gold, pred = ", ".join(example.label), ", ".join(prediction["label"])
-        else:
-            gold, pred = str(example.label), str(prediction["label"])
-        return View(text, gold, pred, pred)
+        return self.problem.view(text, example, prediction)
 
     def report(self, evaluation: Evaluation) -> str:
-        parts = [classification_report_markdown(evaluation)]
-        d = evaluation.details
-        if "reliability" in d:
-            parts.append(calibration.calibration_markdown(evaluation, "text"))
-        if "confident_errors" in d:
-            columns = ["text", "gold", "predicted", "confidence"]
-            parts += [
-                "### Most confident errors\n\n" + examples_markdown(d["confident_errors"], columns),
-                "### Least confident correct predictions\n\n"
-                + examples_markdown(d["unsure_correct"], columns),
-                "### Accuracy by input length\n\n"
-                + slices_markdown(d["length_slices"], "words", "accuracy"),
-            ]
+        parts = [classification_report_markdown(evaluation), *self.problem.report(evaluation)]
         return "\n\n".join(p for p in parts if p)
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
-        cm = evaluation.details.get("confusion_matrix")
-        if cm is None:
-            return []
-        path = out_dir / f"{prefix}confusion_matrix.png"
-        plots.confusion_matrix(np.array(cm), self.labels, path, title=f"{prefix}confusion matrix")
-        return [path, *calibration.reliability_plot(evaluation, out_dir, prefix)]
+        return self.problem.plots(evaluation, self.labels, out_dir, prefix)

@@ -1,16 +1,17 @@
-"""Generation: instruction tuning and continued pre-training of causal LMs, scored by decoding.
+"""Generation: instruction tuning and continued pre-training of causal LMs, and prompt ->
+response with encoder-decoders (how each lays an example out: `generation_layouts`), scored by
+decoding.
 
 Loss: next-token cross-entropy on response tokens only by default; `lm_loss_weight` β also trains
-prompt tokens with weight β (per-token weights, see `loss`); `align_weight` α gives instruction
-tuning's L = L_LM + α·L_align instead (two token means, see GenerationConfig.align_weight).
+prompt tokens with weight β (per-token weights, see `CausalLayout.loss`); `align_weight` α gives
+instruction tuning's L = L_LM + α·L_align instead (two token means, see
+GenerationConfig.align_weight).
 Evaluation decodes (greedy by default) and scores the text, so this task brings its own
 `evaluate_model` / `predict_model` instead of the logits path.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import re
 from collections.abc import Callable
@@ -44,8 +45,8 @@ from lmadapt.inference import (
 )
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, cannot_explain
+from lmadapt.tasks.generation_layouts import Layout, layout_for, layout_from_state
 
-IGNORE = -100
 EVAL_TOKENS_PER_BATCH = 4096
 """Loss evaluation batches hold at most this many tokens: the (B, T, vocab) logits of a 49k-token
 vocabulary are 200 KB per token in fp32."""
@@ -178,8 +179,7 @@ class GenerationTask:
         self.cfg = cfg
         self.labels = list(cfg.labels or [])
         self.template_name: str | None = (state or {}).get("template")
-        self.seq2seq = (state or {}).get("model_kind") == "seq2seq"
-        self.decoder_start: int | None = (state or {}).get("decoder_start")
+        self.layout: Layout = layout_from_state(state or {}, cfg)
         self.tokenizer: Any = None
         self.pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
         self.label_patterns = [
@@ -223,42 +223,27 @@ class GenerationTask:
         return ex
 
     def state(self) -> dict[str, Any]:
-        state = {"template": self.template_name, "labels": self.cfg.labels}
-        if self.seq2seq:
-            state |= {"model_kind": "seq2seq", "decoder_start": self.decoder_start}
-        return state
+        return {"template": self.template_name, "labels": self.cfg.labels} | self.layout.state()
 
     @property
     def peft_task_type(self) -> str:
-        return "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
+        return self.layout.peft_task_type
+
+    @property
+    def seq2seq(self) -> bool:
+        """Whether the model is an encoder-decoder (the prompt on its encoder)."""
+        return self.layout.kind == "seq2seq"
+
+    @property
+    def decoder_start(self) -> int | None:
+        """An encoder-decoder's first decoder token; None for a causal LM."""
+        return self.layout.decoder_start
 
     def use_model(self, spec: Any) -> None:
-        """An encoder-decoder takes the prompt on the encoder and learns the response on the
-        decoder, which starts from the config's decoder_start_token_id; what only a causal LM
-        can do (train prompt tokens, pack rows, continue raw text) is refused here."""
-        self.seq2seq = spec.kind == "seq2seq"
-        if not self.seq2seq:
-            return
-        for name, value in (
-            ("packing", self.cfg.packing),
-            ("lm_loss_weight", self.cfg.lm_loss_weight),
-            ("align_weight", self.cfg.align_weight is not None),
-        ):
-            if value:
-                raise ConfigError(
-                    f"task.{name}",
-                    f"needs a causal LM; {spec.name} is an encoder-decoder, whose decoder "
-                    "learns the response alone",
-                )
-        from transformers import AutoConfig
-
-        kw = spec.load_kwargs()
-        kw.pop("use_safetensors", None)
-        config = AutoConfig.from_pretrained(spec.path, **kw)
-        start = config.decoder_start_token_id
-        if start is None:
-            start = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        self.decoder_start = int(start)
+        """The layout of the model's kind: an encoder-decoder takes the prompt on the encoder
+        and learns the response on the decoder; what only a causal LM can do (train prompt
+        tokens, pack rows, continue raw text) is refused here."""
+        self.layout = layout_for(spec, self.cfg)
 
     def probe_examples(self, sentences: list[str]) -> list[Conversation]:
         return self.examples_from_texts(sentences)
@@ -358,7 +343,8 @@ class GenerationTask:
         return template.segments(ex.messages, add_generation_prompt=ex.reference is None)
 
     def encode(self, examples: list[Conversation], tokenizer: Any) -> list[dict[str, Any]]:
-        """input_ids, labels (response tokens, else -100) and loss_weights (1 response, α other).
+        """Features as the model's layout wants them (input_ids, labels, and loss_weights for a
+        causal LM), from the conversations' tokens and which of them are responses.
 
         Each segment is tokenized on its own so the response mask is exact.
         """
@@ -369,10 +355,6 @@ class GenerationTask:
         per_example = [self.segments(ex, template) for ex in examples]
         flat = [s.text for segs in per_example for s in segs]
         ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"]
-        # L = L_LM + α·L_align reads every token's loss (weight 1) and the response mask (labels)
-        seed = self.cfg.align_weight is not None
-        beta = 1.0 if seed else float(self.cfg.lm_loss_weight)
-        limit = self.cfg.max_length
         feats, k = [], 0
         for ex, segs in zip(examples, per_example):
             ids, train = list(bos), [False] * len(bos)
@@ -380,70 +362,18 @@ class GenerationTask:
                 ids += ids_flat[k]
                 train += [s.train] * len(ids_flat[k])
                 k += 1
-            if self.seq2seq:
-                feats.append(self._seq2seq_feature(ex, ids, train, tokenizer))
-                continue
-            n = len(ids)
-            if ex.reference is None and ex.text is None:  # a prompt: keep its end
-                ids, train = ids[-limit:], train[-limit:]
-            ids, train = ids[:limit], train[:limit]
-            if (ex.reference is not None or ex.text is not None) and not any(train[1:]):
-                raise DataError(
-                    ex.file,
-                    f"no response token within task.max_length={limit} (the example has {n} "
-                    "tokens); raise task.max_length",
-                    ex.line,
-                )
-            labels = [t if on else IGNORE for t, on in zip(ids, train)]
-            weights = [1.0 if on else beta for on in train]
-            labels[0], weights[0] = IGNORE, 0.0  # never a target (also not across packed rows)
-            feats.append({"input_ids": ids, "labels": labels, "loss_weights": weights})
+            feats.append(self.layout.feature(ex, ids, train, tokenizer))
         return feats
-
-    def _seq2seq_feature(
-        self, ex: Conversation, ids: list[int], train: list[bool], tokenizer: Any
-    ) -> dict[str, Any]:
-        """Encoder input = everything before the last response, its end kept within max_length
-        and ending in eos (as T5 and BART saw inputs in pretraining); labels = that response,
-        cut at max_length, ending in eos."""
-        if ex.text is not None:
-            raise DataError(
-                ex.file,
-                "raw text (continued pre-training) needs a causal LM; an encoder-decoder "
-                "learns prompt -> response pairs",
-                ex.line,
-            )
-        limit = self.cfg.max_length
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-        def ended(part: list[int]) -> list[int]:
-            return part if not eos or part[-1:] == eos else part + eos
-
-        end = max((i + 1 for i, on in enumerate(train) if on), default=0)
-        start = end
-        while start and train[start - 1]:  # the last response: the last run of trained tokens
-            start -= 1
-        if ex.reference is None:  # a prompt to answer: all of it
-            return {"input_ids": ended(ids[-(limit - len(eos)) :])}
-        source = ended(ids[:start][-(limit - len(eos)) :])
-        return {"input_ids": source, "labels": ended(ids[start:end][: limit - len(eos)])}
 
     def collator(self, tokenizer: Any) -> Collator | PackingCollator | Seq2SeqCollator:
         self.tokenizer = tokenizer
-        if self.seq2seq:
-            return Seq2SeqCollator(tokenizer.pad_token_id, self.decoder_start, IGNORE)
-        if self.cfg.packing:
-            return PackingCollator(tokenizer.pad_token_id, self.cfg.max_length)
-        return Collator(tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
+        return self.layout.collator(tokenizer)
 
     # ------------------------------------------------------------------ model
     def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
         from lmadapt.models import load_model
 
-        auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-        model = load_model(spec, auto, trust_remote_code)
+        model = load_model(spec, self.layout.auto_model(), trust_remote_code)
         # No KV cache in training forward passes: it is useless there, and transformers only
         # honours packed position_ids without one. generate() turns it back on.
         model.config.use_cache = False
@@ -455,44 +385,12 @@ class GenerationTask:
     def forward_kwargs(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Logits only at the positions the loss reads (those predicting a weighted token).
-
-        The LM head and the softmax over the whole vocabulary then skip prompt tokens, which
-        saves their time and most of the logits' memory. `loss` sees fewer positions than
-        tokens and picks the same ones again.
-        """
-        if self.seq2seq or not (self.cfg.loss_positions_only and _keeps_logits(model)):
-            return {}
-        return {"logits_to_keep": _loss_positions(batch["loss_weights"])}
+        """A causal LM's logits only where the loss reads them (`CausalLayout.forward_kwargs`)."""
+        return self.layout.forward_kwargs(model, batch)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Weighted mean next-token cross-entropy: Σ w·ce / Σ w over shifted tokens.
-
-        With w = 1 on responses and β on prompt tokens this is the per-token form of
-        L = L_response + β·L_prompt (each prompt token counts β of a response token). With
-        align_weight α, w = 1 on every token and the loss is L_LM + α·L_align, L_align the
-        mean over the response tokens (those with a label).
-        """
-        if self.seq2seq:  # decoder logits (B, T_dec, V) line up with the labels, unshifted
-            labels = batch["labels"]
-            return _ce(_align(logits, {"input_ids": labels}), labels, (labels != IGNORE).float())
-        ids, w = batch["input_ids"], batch["loss_weights"]
-        if logits.shape[1] < ids.shape[1]:  # only the loss positions (forward_kwargs)
-            pos = _loss_positions(w) + 1
-
-            def targets(m: torch.Tensor) -> torch.Tensor:
-                return m[:, pos]
-        else:
-            logits = _align(logits, batch)[:, :-1]
-
-            def targets(m: torch.Tensor) -> torch.Tensor:
-                return m[:, 1:]
-
-        loss = _ce(logits, targets(ids), targets(w))
-        if self.cfg.align_weight is not None:
-            response = targets((batch["labels"] != IGNORE).float())
-            loss = loss + self.cfg.align_weight * _ce(logits, targets(ids), response)
-        return loss
+        """Weighted mean cross-entropy on the tokens that train (the layout's `loss`)."""
+        return self.layout.loss(logits, batch)
 
     # ------------------------------------------------------------------ decoding
     def settings(self, **overrides: Any) -> GenerationSettings:
@@ -519,15 +417,9 @@ class GenerationTask:
         return self._stops(settings)[1]
 
     def prompt_ids(self, feature: dict[str, Any], example: Conversation) -> list[int]:
-        """The tokens before the last response (the whole input for an unlabelled prompt;
-        raw text without its end-of-text token, to be continued)."""
-        if self.seq2seq:  # the encoder's input is the prompt
-            return feature["input_ids"]
-        if example.text is not None:
-            return feature["input_ids"][:-1] or feature["input_ids"]
-        labels = feature["labels"]
-        ends = [i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]
-        return feature["input_ids"][: ends[-1]] if ends else feature["input_ids"]
+        """What decoding continues: the encoder's input, or a causal LM's tokens before the
+        last response (raw text without its end-of-text token)."""
+        return self.layout.prompt_ids(feature, example)
 
     def decode_ids(
         self,
@@ -570,11 +462,7 @@ class GenerationTask:
     @torch.no_grad()
     def response_loss(self, model: torch.nn.Module, features: list[dict[str, Any]]) -> float:
         """Mean cross-entropy over response tokens (teacher forcing), fp32, token-weighted."""
-        collate = (
-            self.collator(self.tokenizer)
-            if self.seq2seq
-            else Collator(self.tokenizer.pad_token_id, {"labels": IGNORE, "loss_weights": 0.0})
-        )
+        collate = self.layout.eval_collator(self.tokenizer)
         forward = on_model_device(model)
         was_training = model.training
         model.eval()
@@ -584,11 +472,7 @@ class GenerationTask:
                 [len(f["input_ids"]) for f in features], EVAL_TOKENS_PER_BATCH
             ):
                 batch = collate([features[i] for i in idx])
-                if self.seq2seq:
-                    n = float((batch["labels"] != IGNORE).sum())
-                else:
-                    batch["loss_weights"] = (batch["labels"] != IGNORE).float()
-                    n = float(batch["loss_weights"][:, 1:].sum())
+                n = self.layout.response_only(batch)
                 if n:
                     inputs = model_inputs(batch) | self.forward_kwargs(model, batch)
                     total += float(self.loss(forward(**inputs).logits, batch)) * n
@@ -770,43 +654,3 @@ class GenerationTask:
 def _word_at(spans: list[tuple[int, int]], start: int, end: int) -> int | None:
     """The first word whose [start, end) overlaps a token's, None for a token outside them."""
     return next((k for k, (a, b) in enumerate(spans) if a < end and start < b), None)
-
-
-def _align(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Drop the positions of virtual tokens that prompt-learning methods put before the input."""
-    extra = logits.shape[1] - batch["input_ids"].shape[1]
-    if extra and "position_ids" in batch:
-        raise LmadaptError(
-            "task.packing does not work with prompt-learning methods (peft drops position_ids)"
-        )
-    return logits[:, extra:] if extra else logits
-
-
-def _loss_positions(weights: torch.Tensor) -> torch.Tensor:
-    """Positions t whose next token t+1 carries loss weight in any row of the batch."""
-    return (weights[:, 1:] > 0).any(0).nonzero().squeeze(1)
-
-
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether the model can return logits at chosen positions (`logits_to_keep`, transformers'
-    causal LMs). Prompt-learning methods put virtual tokens first, which would shift them."""
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes(type(base), "logits_to_keep")
-
-
-@functools.cache
-def _forward_takes(cls: type, name: str) -> bool:
-    """Asked every training step; the signature is read once per model class."""
-    return name in inspect.signature(cls.forward).parameters
-
-
-def _ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ w·ce / Σ w over aligned (logits, target) pairs; only weighted pairs are computed."""
-    w = weights.float()
-    keep = w > 0
-    if not keep.any():
-        return logits.sum() * 0.0  # keeps the graph: a batch of prompts only adds nothing
-    ce = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
-    return (ce * w[keep]).sum() / w[keep].sum()
