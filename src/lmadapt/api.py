@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,12 +55,15 @@ from lmadapt.train.loop import (
     checkpoint_metric,
 )
 
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
+
 
 @dataclass
 class Prepared:
     """Validated, tokenized data and the task that read it."""
 
-    task: Any
+    task: Task
     tokenizer: Any
     spec: ModelSpec
     train: Iterable[Any]
@@ -413,7 +416,7 @@ class RunInfo:
 
     run_dir: Path
     config: RunConfig
-    task: Any
+    task: Task
     spec: ModelSpec
     method: Any
     tokenizer: Any
@@ -422,7 +425,7 @@ class RunInfo:
 @dataclass
 class LoadedRun:
     config: RunConfig
-    task: Any
+    task: Task
     model: torch.nn.Module
     tokenizer: Any
     spec: ModelSpec
@@ -506,7 +509,7 @@ def evaluate(
 
 
 def input_examples(
-    task: Any, texts: list[str] | None, file: str | Path | None, fmt: str, command: str
+    task: Task, texts: list[str] | None, file: str | Path | None, fmt: str, command: str
 ) -> list[Any]:
     """Unlabelled examples from a file or raw texts, for `command`."""
     if file is not None:

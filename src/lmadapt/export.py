@@ -10,7 +10,7 @@ written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from lmadapt.methods import build_method
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import check_output_dir, mark
 
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
+
 PROBE_TEXTS = [
     "the film was good",
     "A dull, lifeless script; I left before the end.",
@@ -32,7 +35,7 @@ PROBE_TEXTS = [
 
 
 @torch.no_grad()
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: Any) -> torch.Tensor:
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
     model.eval()
     return task.logits(on_model_device(model)(**model_inputs(batch))).float()
 

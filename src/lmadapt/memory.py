@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from lmadapt.inference import autocast_bf16, bf16_castable, bf16_frozen_base
 from lmadapt.methods import METHODS, build_method, count_parameters
 from lmadapt.models import ModelSpec, shapes_only
 from lmadapt.schema import parse_section
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 GIB = 2**30
 ADAMW_STATE_BYTES = 16
@@ -84,7 +87,7 @@ class Estimate:
 
 
 def model_shape(
-    spec: ModelSpec, task: Any, method: Any, trust_remote_code: bool, bf16_base: bool = False
+    spec: ModelSpec, task: Task, method: Any, trust_remote_code: bool, bf16_base: bool = False
 ) -> Shape:
     """Parameter counts and layer sizes of the task's model under `method`, built on the meta
     device from the config (no weights read, nothing allocated); `bf16_base`: the frozen weights
@@ -199,7 +202,7 @@ def what_fits(
 def check_fits(
     config: Any,
     spec: ModelSpec,
-    task: Any,
+    task: Task,
     method: Any,
     longest: int,
     device: torch.device,

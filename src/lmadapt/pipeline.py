@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from lmadapt.rundir import RunDir
 from lmadapt.train.distributed import SINGLE, Distributed
 from lmadapt.train.loop import Trainer, TrainResult
 
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
+
 
 @dataclass
 class Fitted:
@@ -37,7 +40,7 @@ class Fitted:
 
 def fit(
     model: torch.nn.Module,
-    task: Any,
+    task: Task,
     method: Method | None,
     train_features: Any,
     collator: Any,

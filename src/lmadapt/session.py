@@ -14,7 +14,7 @@ import resource
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import RunDir, create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 def set_threads(n: int | None = None) -> None:
@@ -133,7 +136,7 @@ def _embeddings_frozen(model: torch.nn.Module) -> bool:
 
 
 def apply_method(
-    base: torch.nn.Module, method: Any, task: Any, gradient_checkpointing: bool
+    base: torch.nn.Module, method: Any, task: Task, gradient_checkpointing: bool
 ) -> torch.nn.Module:
     """`method` applied to `base`, checkpointing set on the base first when asked: every command
     that trains builds its model here, so each gets the same memory settings. A PEFT method
@@ -192,7 +195,7 @@ def run_directory(
         raise
 
 
-def run_info(method: str, spec: ModelSpec, task: Any) -> dict[str, Any]:
+def run_info(method: str, spec: ModelSpec, task: Task) -> dict[str, Any]:
     """run.json: what a saved run needs besides its config (label set, base model)."""
     return {
         "lmadapt_run": 1,

@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sklearn.model_selection import train_test_split
 
@@ -24,6 +24,9 @@ from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import DataProfile
 from lmadapt.train.loop import checkpoint_metric
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 INFERRED = ("token_classification", "classification")
 """Task types `auto` tells apart by reading the file: the first whose reader accepts it wins.
@@ -50,7 +53,7 @@ class Plan:
     """What every route reads: the data, its task and profile, the dev split, the prompt."""
 
     task_section: Any
-    task: Any
+    task: Task
     profile: DataProfile
     train: Path
     dev: Path
@@ -88,7 +91,7 @@ class Plan:
         return max(1, min(most, round(TARGET_SAMPLES / max(1, self.profile.examples))))
 
 
-def single_label_text(task: Any) -> bool:
+def single_label_text(task: Task) -> bool:
     """Whether the task is single-label text classification (what prompting and distillation
     take)."""
     return bool(task.label_distribution and task.shares_backbone)

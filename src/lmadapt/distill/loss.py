@@ -4,10 +4,13 @@ keep the magnitude of the hard-label loss as T changes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 def soft_kl(
@@ -40,7 +43,7 @@ class DistillationTask:
     Everything else (metrics, decoding, dev loss) is the wrapped task's.
     """
 
-    def __init__(self, task: Any, alpha: float, temperature: float):
+    def __init__(self, task: Task, alpha: float, temperature: float):
         self.task, self.alpha, self.temperature = task, alpha, temperature
 
     def __getattr__(self, name: str) -> Any:

@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ from lmadapt.tasks import build_task
 from lmadapt.tasks.base import read_split
 from lmadapt.train.distributed import Distributed
 from lmadapt.train.loop import Hook
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 @dataclass
@@ -216,7 +219,7 @@ def run_distill(
 class DistillData:
     """The student's task (with the teacher's label set) and its examples, read and checked."""
 
-    task: Any
+    task: Task
     train: list[Any]
     dev: list[Any]
     test: list[Any]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmadapt.data.validation import MAX_LISTED, BadRow
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.io import write_text
 from lmadapt.rundir import RunDir
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 def cell(value: object, limit: int = 200) -> str:
@@ -86,7 +89,7 @@ def training_curves(history: list[dict[str, Any]], metric: str, out_dir: Path) -
     return written
 
 
-def evaluation_section(title: str, ev: Evaluation, task: Any) -> str:
+def evaluation_section(title: str, ev: Evaluation, task: Task) -> str:
     body = [f"## {title}", "", metrics_table(ev.metrics)]
     extra = task.report(ev)
     if extra:

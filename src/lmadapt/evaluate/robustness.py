@@ -30,12 +30,15 @@ import unicodedata
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate.report import cell, markdown_table
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 TYPO_RATES = (0.05, 0.2)
 """The two typo rates: the share of the words that may change that get one typo. 5% is about one
@@ -415,13 +418,13 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def check_perturbable(task: Any) -> None:
+def check_perturbable(task: Task) -> None:
     """Refuse, before any work, a task that cannot be perturbed (its `perturbed` says why)."""
     task.perturbed([], next(iter(PERTURBATIONS.values())), 0)
 
 
 def robustness(
-    task: Any,
+    task: Task,
     model: Any,
     tokenizer: Any,
     examples: list[Any],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from lmadapt.hooks import Hook
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, PeftMethod
 from lmadapt.models import ModelSpec
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 ADAPTER = "default"
 
@@ -86,7 +89,7 @@ class AdaLora(PeftMethod):
     mergeable = True
     quantized_base = True
 
-    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import AdaLoraConfig
 
         c = self.cfg
@@ -107,7 +110,7 @@ class AdaLora(PeftMethod):
         )
 
     def load(
-        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+        self, task: Task, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> torch.nn.Module:
         with warnings.catch_warnings():
             # peft's LoRA check reads AdaLoRA's rank_pattern (pruning masks, applied correctly by

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +25,9 @@ from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, NoHooks, unfreeze_modules
 from lmadapt.models import ModelSpec
 from lmadapt.schema import from_dict
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -158,7 +161,7 @@ class Adapter(NoHooks):
     def __init__(self, cfg: AdapterConfig):
         self.cfg = cfg
 
-    def apply(self, model: nn.Module, task: Any) -> nn.Module:
+    def apply(self, model: nn.Module, task: Task) -> nn.Module:
         inject(model, self.cfg)
         unfreeze_modules(model, task.head_modules(model))
         return model
@@ -181,7 +184,7 @@ class Adapter(NoHooks):
         (out_dir / CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     def load(
-        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+        self, task: Task, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> nn.Module:
         artifact = Path(artifact)
         if not (artifact / WEIGHTS).is_file() or not (artifact / CONFIG).is_file():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from lmadapt.hooks import Hook
 from lmadapt.models import ModelSpec, refuse_pickled
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 @dataclass
@@ -28,14 +31,14 @@ class Method(Protocol):
     """Whether it can train over a 4/8-bit base (QLoRA): it adds weights beside the base's
     linear layers and trains none of the base's own."""
 
-    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+    def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
         """Freeze / wrap `model` so that only this method's parameters train."""
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         """Write the artifact: a transformers model dir, or a peft adapter dir."""
 
     def load(
-        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+        self, task: Task, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> torch.nn.Module:
         """Rebuild the trained model from a saved artifact."""
 
@@ -85,7 +88,7 @@ class WholeModelMethod(NoHooks):
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def load(
-        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+        self, task: Task, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> torch.nn.Module:
         refuse_pickled(artifact, "saved model")
         spec = ModelSpec(base.name, str(artifact), base.kind)
@@ -102,10 +105,10 @@ class PeftMethod(NoHooks):
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
 
-    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         raise NotImplementedError
 
-    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+    def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
         from peft import get_peft_model
 
         return get_peft_model(model, self.peft_config(model, task, task.peft_task_type))
@@ -114,7 +117,7 @@ class PeftMethod(NoHooks):
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def load(
-        self, task: Any, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
+        self, task: Task, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
     ) -> torch.nn.Module:
         from peft import PeftModel
 

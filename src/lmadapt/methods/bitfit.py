@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, WholeModelMethod, unfreeze_modules
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 @dataclass
@@ -23,7 +26,7 @@ class BitFitConfig(MethodConfig):
 class BitFit(WholeModelMethod):
     """BitFit: bias terms and the task head train; everything else is frozen."""
 
-    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+    def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
         """Refused for a base without bias terms (Llama-style models such as SmolLM2): there
         BitFit would train the task head alone, or nothing at all for generation."""
         head = task.head_modules(model)

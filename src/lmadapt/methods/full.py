@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, WholeModelMethod
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 @dataclass
@@ -21,6 +24,6 @@ class FullConfig(MethodConfig):
 class Full(WholeModelMethod):
     """Full fine-tuning: all weights train; saved as a transformers model directory."""
 
-    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+    def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
         model.requires_grad_(True)
         return model

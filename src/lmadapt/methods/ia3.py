@@ -4,13 +4,16 @@ values and the feed-forward activations; the smallest of the reparameterising me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, PeftMethod
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 @dataclass
@@ -49,7 +52,7 @@ class IA3(PeftMethod):
     mergeable = True
     quantized_base = True
 
-    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import IA3Config
 
         return IA3Config(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, PeftMethod
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Lora(PeftMethod):
     mergeable = True
     quantized_base = True
 
-    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import LoraConfig
 
         target: Any = self.cfg.target_modules

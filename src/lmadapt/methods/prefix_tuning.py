@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +13,9 @@ from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
 from lmadapt.methods.prompt_common import VirtualTokensConfig
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 
 @dataclass
@@ -43,7 +46,7 @@ class PrefixTuningMethodConfig(VirtualTokensConfig):
 class PrefixTuning(PeftMethod):
     """Prefix tuning via peft: learned key/value prefixes in every layer; the head trains."""
 
-    def apply(self, model: torch.nn.Module, task: Any) -> torch.nn.Module:
+    def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
         if not takes_prefixes(model):
             import transformers
 
@@ -56,7 +59,7 @@ class PrefixTuning(PeftMethod):
             )
         return super().apply(model, task)
 
-    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import PrefixTuningConfig
 
         extra = {}

@@ -4,7 +4,7 @@ virtual token embeddings prepended to the input; the model itself stays frozen."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -13,6 +13,9 @@ from lmadapt.hooks import Hook
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
 from lmadapt.methods.prompt_common import VirtualTokensConfig
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 ADAPTER = "default"
 PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}
@@ -48,7 +51,7 @@ class PromptTuningMethodConfig(VirtualTokensConfig):
 class PromptTuning(PeftMethod):
     """Prompt tuning via peft: a learned soft prompt of virtual tokens; the head trains."""
 
-    def peft_config(self, model: torch.nn.Module, task: Any, task_type: str) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import PromptTuningConfig
 
         c = self.cfg

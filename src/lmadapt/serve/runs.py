@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
@@ -29,6 +29,9 @@ from lmadapt.methods.base import PeftMethod, WholeModelMethod
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import RunDir
 
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
+
 
 @dataclass
 class ServedRun:
@@ -37,7 +40,7 @@ class ServedRun:
     name: str
     run_dir: Path
     config: RunConfig
-    task: Any
+    task: Task
     tokenizer: Any
     spec: ModelSpec
     method: Any
