@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,24 @@ def frozen_in_bf16(model: torch.nn.Module) -> Any:
     return restore
 
 
+@dataclass
+class _FitRun:
+    """What one `fit` call sets up and its parts share."""
+
+    plain: torch.nn.Module
+    """The model as given (the strategy's wrapper is in `Trainer.model` until the end)."""
+    net: Any
+    """What the training step calls."""
+    total: int
+    """Optimizer steps the run takes."""
+    trainable: list[torch.nn.Parameter]
+    forward_kwargs: Callable[..., dict[str, Any]]
+    bar: Any
+    interrupt: DeferredInterrupt
+    restore_base: Callable[[], None] | None
+    """Puts the fp32 frozen weights back, where they were cast to bf16."""
+
+
 class Trainer:
     def __init__(
         self,
@@ -277,11 +296,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainResult:
-        cfg, dist, strategy = self.cfg, self.dist, self.strategy
+        cfg = self.cfg
+        run = self._setup_fit(resume)
+        state = self.state
+        try:
+            run.interrupt.install()
+            while state.step < run.total and not state.should_stop:
+                batches = self.batches_for_epoch(state.epoch)
+                for i in range(state.next_batch, len(batches)):
+                    # accumulate gradients over grad_accum batches, exchanging them on the last
+                    accumulate = bool((i + 1) % cfg.grad_accum) and i + 1 < len(batches)
+                    stops = self._train_batch(run, batches[i], accumulate)
+                    if accumulate:
+                        continue
+                    self._optimizer_step(run, next_batch=i + 1, stops=stops)
+                    if state.step >= run.total or state.should_stop:
+                        break
+                else:
+                    self._end_epoch()
+            if self._last_eval_step() != state.step:
+                self.evaluate()  # the final weights are always evaluated
+            if run.interrupt.requested:  # Ctrl-C during that evaluation is honoured, not lost
+                self._stop_here()
+        except KeyboardInterrupt:  # a second Ctrl-C, mid-step: this step cannot be saved
+            raise self._aborted() from None
+        finally:
+            self._close_fit(run)
+        return self._finish_fit(run)
+
+    def _setup_fit(self, resume: bool) -> _FitRun:
+        """Optimizer, schedule, resumed state, log and progress bar: all that `fit` needs before
+        its first batch. The model is wrapped for the strategy (and on its device) from here
+        on, until `_finish_fit` puts the plain one back."""
+        cfg, dist = self.cfg, self.dist
         plain = self.model
         # before the model moves to its device, so the fp32 originals stay on the host
         restore_base = frozen_in_bf16(plain) if self.bf16_base else None
-        self.model, net = strategy.wrap(plain, dist)  # net: what the training step calls
+        self.model, net = self.strategy.wrap(plain, dist)  # net: what the training step calls
         model = self.model
         total = self.total_steps()
         heads = (self.task.head_modules(plain), self.head_lr())
@@ -315,110 +366,119 @@ class Trainer:
             **({} if dist.is_main else {"disable": True}),
         )
         self._clock = time.perf_counter()
-        interrupt = DeferredInterrupt()
-        try:
-            interrupt.install()
-            while state.step < total and not state.should_stop:
-                batches = self.batches_for_epoch(state.epoch)
-                for i in range(state.next_batch, len(batches)):
-                    idx = batches[i]
-                    rows, share = dist.shard(idx)
-                    batch = self.collator([self.train_features[j] for j in rows])
-                    tokens = float(batch["attention_mask"].sum()) if share else 0.0  # host batch
-                    batch = {k: v.to(dist.device) for k, v in batch.items()}
-                    # accumulate gradients over grad_accum batches, exchanging them on the last
-                    accumulate = (i + 1) % cfg.grad_accum and i + 1 < len(batches)
-                    with strategy.no_sync(net) if accumulate else contextlib.nullcontext():
-                        with autocast(self.bf16, self.dist.device.type):
-                            outputs = net(**model_inputs(batch), **forward_kwargs(model, batch))
-                        loss = self.task.loss(self.task.logits(outputs), batch)
-                        for h in self.hooks:
-                            extra = h.loss_term(model, batch, outputs)
-                            if extra is not None:
-                                loss = loss + extra
-                        # the engine averages over processes: weigh each by its share of the batch
-                        (loss * (share * dist.world_size) / cfg.grad_accum).backward()
-                    if dist.enabled:
-                        # one exchange: the batch's loss, its tokens, and whether any process
-                        # was interrupted (so that all of them stop at the same step)
-                        batch_loss, tokens, stops = dist.sum(
-                            [float(loss.detach()) * share, tokens, float(interrupt.requested)]
-                        )
-                        state.running_loss += batch_loss
-                    else:  # no host sync: the loss stays on the device until it is logged
-                        self._loss_sum += loss.detach().double() * share
-                        stops = float(interrupt.requested)
-                    state.running_n += 1
-                    state.samples += len(idx)
-                    state.tokens += int(tokens)
-                    if accumulate:
-                        continue
-                    if cfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.step += 1
-                    state.next_batch = i + 1
-                    bar.update(1)
-                    for h in self.hooks:
-                        h.on_step_end(self)
-                    if state.step % cfg.log_every == 0 or state.step == total:
-                        self._read_loss()
-                        mean = state.running_loss / state.running_n
-                        self.log({"loss": mean, "lr": scheduler.get_last_lr()[0]})
-                        bar.set_postfix(loss=f"{mean:.4f}")
-                        state.running_loss, state.running_n = 0.0, 0
-                        self._loss_sum.zero_()
-                    evaluated = bool(cfg.eval_every) and state.step % cfg.eval_every == 0
-                    if evaluated:
-                        self.evaluate()
-                    if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
-                        evaluated and not cfg.checkpoint_every
-                    ):
-                        self.checkpoint()
-                    if stops:
-                        self._stop_here()
-                    if state.step >= total or state.should_stop:
-                        break
-                else:
-                    state.epoch, state.next_batch = state.epoch + 1, 0
-                    if not cfg.eval_every:
-                        self.evaluate()
-                        if not cfg.checkpoint_every:
-                            self.checkpoint()
-            if self._last_eval_step() != state.step:
-                self.evaluate()  # the final weights are always evaluated
-            if interrupt.requested:  # Ctrl-C during that evaluation is honoured, not lost
-                self._stop_here()
-        except KeyboardInterrupt:  # a second Ctrl-C, mid-step: this step cannot be saved
-            last = latest_checkpoint(RunDir(self.run_dir).checkpoints) if self.resumable else None
-            raise TrainingInterrupted(
-                f"aborted during step {state.step + 1}; "
-                + (
-                    f"resume from checkpoint {last.name} with: lmadapt train --resume "
-                    f"{self.run_dir}"
-                    if last
-                    else "no checkpoint was saved yet"
-                )
-            ) from None
-        finally:
-            if restore_base:
-                restore_base()
-            interrupt.restore()
-            self._tick()
-            bar.close()
-            if self.log_file:
-                self.log_file.close()
-            if self.tb:
-                self.tb.close()
-        strategy.unwrap(model, plain)
-        self.model = model = plain
-        dist.barrier()  # process 0 has written best.safetensors
+        return _FitRun(
+            plain, net, total, trainable, forward_kwargs, bar, DeferredInterrupt(), restore_base
+        )
+
+    def _train_batch(self, run: _FitRun, idx: Any, accumulate: bool) -> float:
+        """Forward and backward over this process's slice of one batch (gradients add up until
+        the optimizer step); returns how many processes have been interrupted (0 when none)."""
+        cfg, dist, state, model = self.cfg, self.dist, self.state, self.model
+        rows, share = dist.shard(idx)
+        batch = self.collator([self.train_features[j] for j in rows])
+        tokens = float(batch["attention_mask"].sum()) if share else 0.0  # on the host batch
+        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        with self.strategy.no_sync(run.net) if accumulate else contextlib.nullcontext():
+            with autocast(self.bf16, dist.device.type):
+                outputs = run.net(**model_inputs(batch), **run.forward_kwargs(model, batch))
+            loss = self.task.loss(self.task.logits(outputs), batch)
+            for h in self.hooks:
+                extra = h.loss_term(model, batch, outputs)
+                if extra is not None:
+                    loss = loss + extra
+            # the engine averages over processes: weigh each by its share of the batch
+            (loss * (share * dist.world_size) / cfg.grad_accum).backward()
+        if dist.enabled:
+            # one exchange: the batch's loss, its tokens, and whether any process was
+            # interrupted (so that all of them stop at the same step)
+            batch_loss, tokens, stops = dist.sum(
+                [float(loss.detach()) * share, tokens, float(run.interrupt.requested)]
+            )
+            state.running_loss += batch_loss
+        else:  # no host sync: the loss stays on the device until it is logged
+            self._loss_sum += loss.detach().double() * share
+            stops = float(run.interrupt.requested)
+        state.running_n += 1
+        state.samples += len(idx)
+        state.tokens += int(tokens)
+        return stops
+
+    def _optimizer_step(self, run: _FitRun, next_batch: int, stops: float) -> None:
+        """One optimizer step on the gradients gathered so far, then what follows a step: hooks,
+        the loss log, evaluation and checkpoint when due, and the stop a Ctrl-C asked for."""
+        cfg, state = self.cfg, self.state
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.next_batch = next_batch
+        run.bar.update(1)
+        for h in self.hooks:
+            h.on_step_end(self)
+        if state.step % cfg.log_every == 0 or state.step == run.total:
+            self._read_loss()
+            mean = state.running_loss / state.running_n
+            self.log({"loss": mean, "lr": self.scheduler.get_last_lr()[0]})
+            run.bar.set_postfix(loss=f"{mean:.4f}")
+            state.running_loss, state.running_n = 0.0, 0
+            self._loss_sum.zero_()
+        evaluated = bool(cfg.eval_every) and state.step % cfg.eval_every == 0
+        if evaluated:
+            self.evaluate()
+        if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
+            evaluated and not cfg.checkpoint_every
+        ):
+            self.checkpoint()
+        if stops:
+            self._stop_here()
+
+    def _end_epoch(self) -> None:
+        """Past an epoch's last batch; without `eval_every` an epoch's end evaluates (and, without
+        `checkpoint_every`, checkpoints)."""
+        state, cfg = self.state, self.cfg
+        state.epoch, state.next_batch = state.epoch + 1, 0
+        if not cfg.eval_every:
+            self.evaluate()
+            if not cfg.checkpoint_every:
+                self.checkpoint()
+
+    def _aborted(self) -> TrainingInterrupted:
+        """The error for a second Ctrl-C: the step under way is lost, the last checkpoint named."""
+        last = latest_checkpoint(RunDir(self.run_dir).checkpoints) if self.resumable else None
+        return TrainingInterrupted(
+            f"aborted during step {self.state.step + 1}; "
+            + (
+                f"resume from checkpoint {last.name} with: lmadapt train --resume {self.run_dir}"
+                if last
+                else "no checkpoint was saved yet"
+            )
+        )
+
+    def _close_fit(self, run: _FitRun) -> None:
+        """However `fit` ends: the fp32 base and the SIGINT handler back, the time counted, the
+        bar, log and TensorBoard writer closed."""
+        if run.restore_base:
+            run.restore_base()
+        run.interrupt.restore()
+        self._tick()
+        run.bar.close()
+        if self.log_file:
+            self.log_file.close()
+        if self.tb:
+            self.tb.close()
+
+    def _finish_fit(self, run: _FitRun) -> TrainResult:
+        """The plain model back, holding the best weights (process 0 wrote them), and the result."""
+        self.strategy.unwrap(self.model, run.plain)
+        self.model = run.plain
+        self.dist.barrier()  # process 0 has written best.safetensors
         if self.best_path.exists():
-            load_trainable(model, self.best_path)
+            load_trainable(self.model, self.best_path)
         for h in self.hooks:
             h.on_train_end(self)
+        state = self.state
         best = next(
             (r["dev"] for r in state.history if r.get("step") == state.best_step and "dev" in r),
             None,
