@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +69,28 @@ def parse_budget(budget: str | float) -> float:
     return seconds
 
 
+@dataclass(frozen=True)
+class Window:
+    """The whole call's time: `seconds` from `started` (time.monotonic())."""
+
+    started: float
+    seconds: float
+
+    @property
+    def end(self) -> float:
+        return self.started + self.seconds
+
+
+@dataclass
+class ScoreOnTest:
+    """The winner on the test file: its metrics, or a note saying why there are none."""
+
+    metrics: dict[str, float] | None = None
+    seconds: float | None = None
+    note: str = ""
+    interrupted: bool = False
+
+
 def auto(
     train_file: str | Path,
     dev_file: str | Path | None = None,
@@ -94,9 +117,47 @@ def auto(
     passes its own start): reading the data, every route's loading, training and scoring, and
     the test file. Every input is checked before the first route. A failure or Ctrl-C keeps
     the routes that finished (with report.md saying so); only a run with none is removed."""
-    started = time.monotonic() if started is None else started
-    seconds = parse_budget(budget)
-    end = started + seconds
+    window = Window(time.monotonic() if started is None else started, parse_budget(budget))
+    files = (train_file, dev_file, test_file)
+    models = _check_inputs(prefer, models, files)
+    inputs = {"train": train_file, "dev": dev_file, "--test": test_file, "--model": models}
+    out = check_output_dir(out, overwrite, "--out", "--overwrite", "--overwrite", inputs=inputs)
+    rows: list[dict[str, Any]] = []
+    with run_directory(out, "auto", keep=lambda: any(r.get("status") in OK for r in rows)):
+        plan, carved, speed_file = _plan_within(
+            window,
+            train_file,
+            dev_file,
+            out,
+            test_file=test_file,
+            fmt=fmt,
+            task=task,
+            template=template,
+            verbalizer=verbalizer,
+            prefer=prefer,
+            seed=seed,
+            device=device,
+            models=models,
+        )
+        speed_rows = len(plan.task.read(str(speed_file), fmt, labelled=False))
+        interrupted = _run_routes_until_stopped(plan, out, window.end, speed_file, rows)
+        winner = _move_winner(rows, plan.mode, interrupted, out)
+        score = ScoreOnTest() if interrupted else _score_test(winner, test_file, plan, window.end)
+        interrupted = interrupted or score.interrupted
+        result = _leaderboard(
+            plan, rows, winner, score, interrupted, files, carved, window, speed_rows
+        )
+        write_json(out / "leaderboard.json", result)
+        write_text(RunDir(out).report, markdown(result, plan))
+    _raise_unless_won(result, rows, out, test_file)
+    return result
+
+
+def _check_inputs(
+    prefer: str, models: dict[str, str] | None, files: tuple[str | Path | None, ...]
+) -> dict[str, str]:
+    """Everything checkable before any data is read: `prefer`, the route models, the files.
+    Returns the route models as a new dict."""
     if prefer not in ("accuracy", "speed"):
         raise ConfigError("--prefer", f"must be accuracy or speed, got {prefer!r}")
     models = dict(models or {})
@@ -104,96 +165,128 @@ def auto(
     if unknown:
         raise ConfigError("--model", f"unknown route(s) {unknown}; one of {ROUTES.names()}")
     check_models(models)
-    for path in (train_file, dev_file, test_file):
+    for path in files:
         if path is not None and not Path(path).exists():
             raise DataError(str(path), "no such file")
-    inputs = {"train": train_file, "dev": dev_file, "--test": test_file, "--model": models}
-    out = check_output_dir(out, overwrite, "--out", "--overwrite", "--overwrite", inputs=inputs)
-    rows: list[dict[str, Any]] = []
-    with run_directory(out, "auto", keep=lambda: any(r.get("status") in OK for r in rows)):
-        try:
-            with time_limit(end):
-                plan, carved, speed_file = make_plan(
-                    train_file,
-                    dev_file,
-                    out,
-                    test_file=test_file,
-                    fmt=fmt,
-                    task=task,
-                    template=template,
-                    verbalizer=verbalizer,
-                    prefer=prefer,
-                    seed=seed,
-                    device=device,
-                    models=models,
-                )
-        except OutOfTime:
-            raise LmadaptError(
-                f"the {seconds:.0f}s budget ran out while the data was read and checked; "
-                "pass a larger --budget"
-            ) from None
-        t, profile, metric, mode = plan.task, plan.profile, plan.metric, plan.mode
-        speed_rows = len(plan.task.read(str(speed_file), fmt, labelled=False))
-        try:
-            _run_routes(plan, out, end, speed_file, rows)
-            interrupted = False
-        except (TrainingInterrupted, KeyboardInterrupt):
-            interrupted = True
-            _not_run(plan, rows)
-        ok = [r for r in rows if r["status"] in OK]
-        if interrupted and not ok:
-            raise AutoInterrupted(f"interrupted before any route finished; {out} was removed")
-        winner = best(ok, mode) if ok else None
-        test = test_seconds = None
-        test_note = ""
-        if winner is not None:
-            dest = out / "winner"
-            shutil.move(winner["run_dir"], dest)
-            winner["run_dir"] = str(dest)
-            if test_file is not None and not interrupted:
-                t0 = time.monotonic()
-                try:
-                    with time_limit(end):
-                        test = evaluate(dest, test_file, fmt, device)[0].metrics
-                except OutOfTime:
-                    test_note = "the budget ran out before it was scored"
-                except KeyboardInterrupt:
-                    interrupted, test_note = True, "interrupted while it was scored"
-                test_seconds = round(time.monotonic() - t0, 1)
-        result = {
-            "train": str(train_file),
-            "dev": str(dev_file) if dev_file else None,
-            "carved": carved,
-            "test": str(test_file) if test_file else None,
-            "task": t.description,
-            "profile": profile.to_dict(),
-            "budget_seconds": seconds,
-            "wall_seconds": round(time.monotonic() - started, 1),
-            "metric": metric,
-            "direction": mode,
-            "prefer": prefer,
-            "speed_rows": speed_rows,
-            "winner": winner and winner["route"],
-            "winner_dir": winner and winner["run_dir"],
-            "test_metrics": test,
-            "test_rows": plan.test_rows,
-            "test_seconds": test_seconds,
-            "test_note": test_note,
-            "test_reserve_seconds": round(_test_reserve(rows, plan.test_rows), 1),
-            "interrupted": interrupted,
-            "rows": _ranked(rows, mode),
-        }
-        write_json(out / "leaderboard.json", result)
-        write_text(RunDir(out).report, markdown(result, plan))
-    if interrupted:
+    return models
+
+
+def _plan_within(window: Window, *args: Any, **kwargs: Any) -> tuple[Plan, Any, Path]:
+    """`make_plan` within the budget: running out while the data is read is an error that
+    says so, before any route starts."""
+    try:
+        with time_limit(window.end):
+            return make_plan(*args, **kwargs)
+    except OutOfTime:
+        raise LmadaptError(
+            f"the {window.seconds:.0f}s budget ran out while the data was read and checked; "
+            "pass a larger --budget"
+        ) from None
+
+
+def _run_routes_until_stopped(
+    plan: Plan, out: Path, end: float, speed_file: Path, rows: list[dict[str, Any]]
+) -> bool:
+    """Run the routes (see `_run_routes`); whether Ctrl-C stopped them, the routes it left
+    then marked in `rows`."""
+    try:
+        _run_routes(plan, out, end, speed_file, rows)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        _not_run(plan, rows)
+        return True
+    return False
+
+
+def _move_winner(
+    rows: list[dict[str, Any]], mode: str, interrupted: bool, out: Path
+) -> dict[str, Any] | None:
+    """The best finished route's row, its run moved to OUT/winner; None when none finished.
+    Ctrl-C before any finished is an error (the run directory is then removed)."""
+    ok = [r for r in rows if r["status"] in OK]
+    if interrupted and not ok:
+        raise AutoInterrupted(f"interrupted before any route finished; {out} was removed")
+    if not ok:
+        return None
+    winner = best(ok, mode)
+    dest = out / "winner"
+    shutil.move(winner["run_dir"], dest)
+    winner["run_dir"] = str(dest)
+    return winner
+
+
+def _score_test(
+    winner: dict[str, Any] | None, test_file: str | Path | None, plan: Plan, end: float
+) -> ScoreOnTest:
+    """The winner on the test file, within what is left of the budget; Ctrl-C or the budget
+    running out leaves a note instead of metrics."""
+    score = ScoreOnTest()
+    if winner is None or test_file is None:
+        return score
+    run = Path(winner["run_dir"])
+    t0 = time.monotonic()
+    try:
+        with time_limit(end):
+            score.metrics = evaluate(run, test_file, plan.fmt, plan.device)[0].metrics
+    except OutOfTime:
+        score.note = "the budget ran out before it was scored"
+    except KeyboardInterrupt:
+        score.interrupted, score.note = True, "interrupted while it was scored"
+    score.seconds = round(time.monotonic() - t0, 1)
+    return score
+
+
+def _leaderboard(
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    winner: dict[str, Any] | None,
+    score: ScoreOnTest,
+    interrupted: bool,
+    files: tuple[str | Path, str | Path | None, str | Path | None],
+    carved: dict[str, int] | None,
+    window: Window,
+    speed_rows: int,
+) -> dict[str, Any]:
+    """leaderboard.json's content (and what `auto` returns): the inputs, the budget used, the
+    winner and its test score, every route ranked."""
+    train_file, dev_file, test_file = files
+    return {
+        "train": str(train_file),
+        "dev": str(dev_file) if dev_file else None,
+        "carved": carved,
+        "test": str(test_file) if test_file else None,
+        "task": plan.task.description,
+        "profile": plan.profile.to_dict(),
+        "budget_seconds": window.seconds,
+        "wall_seconds": round(time.monotonic() - window.started, 1),
+        "metric": plan.metric,
+        "direction": plan.mode,
+        "prefer": plan.prefer,
+        "speed_rows": speed_rows,
+        "winner": winner and winner["route"],
+        "winner_dir": winner and winner["run_dir"],
+        "test_metrics": score.metrics,
+        "test_rows": plan.test_rows,
+        "test_seconds": score.seconds,
+        "test_note": score.note,
+        "test_reserve_seconds": round(_test_reserve(rows, plan.test_rows), 1),
+        "interrupted": interrupted,
+        "rows": _ranked(rows, plan.mode),
+    }
+
+
+def _raise_unless_won(
+    result: dict[str, Any], rows: list[dict[str, Any]], out: Path, test_file: Any
+) -> None:
+    """After the report is written: Ctrl-C, or no route finished, is an error saying what was
+    kept."""
+    if result["interrupted"]:
         raise AutoInterrupted(_interrupted_message(result, out, test_file))
-    if winner is None:
+    if result["winner"] is None:
         tried = "; ".join(f"{r['route']}: {r['status']}" for r in rows if r["status"] != "skipped")
         raise LmadaptError(
             f"no route finished within the budget ({tried or 'none started'}); "
             f"see {out / 'report.md'}"
         )
-    return result
 
 
 def _interrupted_message(result: dict[str, Any], out: Path, test_file: Any) -> str:
@@ -383,7 +476,23 @@ def _ranked(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
 
 
 def markdown(result: dict[str, Any], plan: Plan) -> str:
-    metric = result["metric"]
+    """report.md: the data and budget, the leaderboard, the winner's test score and how to use
+    it."""
+    lines = [
+        *_overview(result, plan),
+        "",
+        "## Leaderboard",
+        "",
+        _leaderboard_table(result),
+        *_notes(result),
+        *_test_section(result),
+        *_use_winner(result),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _overview(result: dict[str, Any], plan: Plan) -> list[str]:
+    """The bullet list at the top: data, dev split, selection, budget, outcome."""
     p = result["profile"]
     counts = ", ".join(f"{k} {v:,}" for k, v in p["label_counts"].items())
     dev = (
@@ -399,7 +508,7 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
         f"({'few' if plan.few else 'many'} per label: {counts}); "
         f"{p['mean_words']} words on average, {p['max_words']} at most",
         f"- **dev**: {dev}",
-        f"- **selection**: dev {metric} ({result['direction']}); test never read for it",
+        f"- **selection**: dev {result['metric']} ({result['direction']}); test never read for it",
         f"- **budget**: {result['budget_seconds']:.0f}s, used {result['wall_seconds']:.0f}s"
         + _test_time(result)
         + f"; prefer {result['prefer']}",
@@ -410,7 +519,11 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
         lines.append(f"- **winner**: {result['winner']} -> `{result['winner_dir']}`")
     if result["test_note"]:
         lines.append(f"- **test** (`{result['test']}`): {result['test_note']}")
-    lines += ["", "## Leaderboard", ""]
+    return lines
+
+
+def _leaderboard_table(result: dict[str, Any]) -> str:
+    """One row per route: finished ones ranked with their measures, the others with why."""
     rows = []
     for i, r in enumerate(result["rows"], 1):
         if r["status"] in OK:
@@ -429,23 +542,25 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
             )
         else:
             rows.append(["-", r["route"], r["model"], r["method"], "-", "-", "-", "-", _status(r)])
-    lines.append(
-        markdown_table(
-            [
-                "rank",
-                "route",
-                "model",
-                "method",
-                f"dev {metric}",
-                "train time",
-                "predict ex/s",
-                "size MB",
-                "status",
-            ],
-            rows,
-        )
+    return markdown_table(
+        [
+            "rank",
+            "route",
+            "model",
+            "method",
+            f"dev {result['metric']}",
+            "train time",
+            "predict ex/s",
+            "size MB",
+            "status",
+        ],
+        rows,
     )
-    lines += [
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    """How the leaderboard's speed, size and partial dev metrics were measured."""
+    lines = [
         "",
         "Predict speed: `lmadapt predict` on "
         f"{result['speed_rows']} dev examples, tokenisation included, loading excluded. Size: "
@@ -458,27 +573,35 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
             "A dev metric marked `n of N` was measured on a random n of the N dev examples: "
             "scoring all of them would not fit in the route's share of the budget.",
         ]
-    if result["test_metrics"]:
-        t = result["test_metrics"]
-        lines += [
-            "",
-            f"## Winner on test (`{result['test']}`)",
-            "",
-            markdown_table(list(t), [[f"{v:.4f}" for v in t.values()]]),
-        ]
-    if result["winner"]:
-        w = result["winner_dir"]
-        lines += [
-            "",
-            "## Use the winner",
-            "",
-            "```",
-            f'lmadapt predict {w} "some text"',
-            f"lmadapt serve {w}",
-            f"lmadapt export {w} --merge {w}-merged",
-            "```",
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _test_section(result: dict[str, Any]) -> list[str]:
+    if not result["test_metrics"]:
+        return []
+    t = result["test_metrics"]
+    return [
+        "",
+        f"## Winner on test (`{result['test']}`)",
+        "",
+        markdown_table(list(t), [[f"{v:.4f}" for v in t.values()]]),
+    ]
+
+
+def _use_winner(result: dict[str, Any]) -> list[str]:
+    if not result["winner"]:
+        return []
+    w = result["winner_dir"]
+    return [
+        "",
+        "## Use the winner",
+        "",
+        "```",
+        f'lmadapt predict {w} "some text"',
+        f"lmadapt serve {w}",
+        f"lmadapt export {w} --merge {w}-merged",
+        "```",
+    ]
 
 
 def _dev(row: dict[str, Any]) -> str:

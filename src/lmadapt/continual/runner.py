@@ -31,12 +31,13 @@ from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
+from lmadapt.pipeline import fit
 from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.schema import to_dict
 from lmadapt.session import peak_rss_mb, run_directory, seed_everything, start
 from lmadapt.tasks import Evaluation, build_task
 from lmadapt.tasks.base import Task, check_model_suits, read_split
-from lmadapt.train.loop import Trainer
+from lmadapt.train.loop import TrainResult
 
 
 @dataclass
@@ -206,8 +207,6 @@ def run_continual(
     config: ContinualConfig | str | Path, overrides: list[str] | None = None
 ) -> dict[str, Any]:
     """Train the stream with the configured strategy; returns `continual.json`'s content."""
-    from transformers import AutoModel
-
     if not isinstance(config, ContinualConfig):
         config = load_continual_config(config, overrides)
     out = check_output_dir(config.output_dir, config.overwrite, inputs=to_dict(config))
@@ -216,118 +215,178 @@ def run_continual(
     # no resume: a failure keeps only a finished run
     with run_directory(out, "continual", keep=lambda: RunDir(out).continual.is_file()):
         write_yaml(RunDir(out).config, _config_dict(config))
-        first = config.stream[0].train
-        start(first.threads, config.seed)
-        tokenizer = load_tokenizer(spec, config.trust_remote_code)
-        backbone = load_model(spec, AutoModel, config.trust_remote_code)
-        strategy = build_strategy(config.strategy)
-        learner = Learner(
-            MultiTaskModel(backbone),
-            tokenizer,
-            spec,
-            strategy,
-            config.seed,
-            first.eval_batch_size,
-            config.trust_remote_code,
-        )
-
+        learner = _learner(config, spec)
         t_start = time.perf_counter()
-        rows: list[dict[str, float]] = []
-        steps: list[dict[str, Any]] = []
-        trained_at: dict[str, int] = {}
-        frozen: dict[str, list[np.ndarray]] = {}
-        for i, entry in enumerate(config.stream):
-            slot = learner.load(entry, stream_data[i])
-            learner.activate(entry.name)
-            strategy.before_task(learner, slot)
-            run_dir = out / "steps" / f"{i:02d}-{entry.name}"
-            run_dir.mkdir(parents=True)
-            seed_everything(entry.train.seed + i)
-            trainer = Trainer(
-                learner.model,
-                slot.task,
-                slot.train_features,
-                slot.collator,
-                entry.train,
-                entry.train.lr or config.strategy.lr,
-                run_dir,
-                dev_features=slot.dev_features,
-                dev_examples=slot.dev,
-                hooks=[strategy],
-                resumable=False,
-            )
-            t0 = time.perf_counter()
-            result = trainer.fit()
-            shutil.rmtree(
-                RunDir(run_dir).checkpoints, ignore_errors=True
-            )  # the best is loaded already
-            strategy.after_task(learner, slot)
-            seconds = time.perf_counter() - t0
-            trained_at[entry.name] = i
-            row = {}
-            for name in learner.seen:
-                row[name] = learner.evaluate(name).metrics[learner.slots[name].metric]
-                if not strategy.frozen_past:
-                    continue
-                outputs = learner.outputs(name)
-                if name != entry.name and name in frozen:
-                    same = all(np.array_equal(a, b) for a, b in zip(frozen[name], outputs))
-                    if not same:
-                        raise RuntimeError(
-                            f"strategy {config.strategy.name}: predictions of earlier task "
-                            f"'{name}' changed while training '{entry.name}'"
-                        )
-                if name == entry.name:
-                    frozen[name] = outputs
-            rows.append(row)
-            steps.append(
-                {
-                    "step": i,
-                    "task": entry.name,
-                    "train_file": entry.data.train,
-                    "train_samples": len(slot.train),
-                    "optimizer_steps": result.state.step,
-                    "best_step": result.state.best_step,
-                    "seconds": round(seconds, 2),
-                    "dev": row,
-                }
-            )
-
+        rows, steps, trained_at = _train_stream(learner, config, stream_data, out)
         names = learner.seen
         R = np.array([[row.get(n, np.nan) for n in names] for row in rows], dtype=float)
-        at = [trained_at[n] for n in names]
-        forget = forgetting(R, at)
-        test = {n: learner.evaluate(n, "test").metrics for n in names if learner.slots[n].test}
-        summary = {
-            "strategy": config.strategy.name,
-            "strategy_config": to_dict(config.strategy),
-            "model": spec.name,
-            "tasks": names,
-            "metrics": {n: learner.slots[n].metric for n in names},
-            "matrix": [[None if np.isnan(v) else round(float(v), 6) for v in r] for r in R],
-            "average_accuracy": round(average_accuracy(R), 6),
-            "bwt": round(backward_transfer(R, at), 6),
-            "forgetting": {n: None if f is None else round(f, 6) for n, f in zip(names, forget)},
-            "average_forgetting": round(average_forgetting(R, at), 6),
-            "steps": steps,
-            "test": test,
-            "bad_rows_skipped": bad_rows,
-            "wall_seconds": round(time.perf_counter() - t_start, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "output_dir": str(out),
-        }
-        plots.heatmap(
-            R,
-            [f"{s['step']}: {s['task']}" for s in steps],
-            [f"{n} ({learner.slots[n].metric})" for n in names],
-            RunDir(out).plots / "accuracy_matrix.png",
-            title=f"R[i][j], strategy {config.strategy.name}",
-            xlabel="evaluated task j",
-            ylabel="after training step i",
-        )
+        summary = _summary(learner, config, R, steps, trained_at, bad_rows, t_start, out)
+        _heatmap(learner, config.strategy.name, R, steps, out)
         _write_report(out, summary)
         write_json(RunDir(out).continual, summary)
         return summary
+
+
+def _learner(config: ContinualConfig, spec: ModelSpec) -> Learner:
+    """Threads and seed set, then the backbone, its tokenizer and the strategy: no task yet."""
+    from transformers import AutoModel
+
+    first = config.stream[0].train
+    start(first.threads, config.seed)
+    tokenizer = load_tokenizer(spec, config.trust_remote_code)
+    backbone = load_model(spec, AutoModel, config.trust_remote_code)
+    strategy = build_strategy(config.strategy)
+    return Learner(
+        MultiTaskModel(backbone),
+        tokenizer,
+        spec,
+        strategy,
+        config.seed,
+        first.eval_batch_size,
+        config.trust_remote_code,
+    )
+
+
+def _train_stream(
+    learner: Learner, config: ContinualConfig, stream_data: list[EntryData], out: Path
+) -> tuple[list[dict[str, float]], list[dict[str, Any]], dict[str, int]]:
+    """Every step of the stream: train its task, then score every task seen so far. Returns
+    the rows of R (task -> dev metric), each step's record, and the last step training each
+    task."""
+    rows: list[dict[str, float]] = []
+    steps: list[dict[str, Any]] = []
+    trained_at: dict[str, int] = {}
+    frozen: dict[str, list[np.ndarray]] = {}
+    for i, entry in enumerate(config.stream):
+        slot, result, seconds = _train_step(learner, config, i, entry, stream_data[i], out)
+        trained_at[entry.name] = i
+        row = _evaluate_seen(learner, entry.name, frozen, config.strategy.name)
+        rows.append(row)
+        steps.append(
+            {
+                "step": i,
+                "task": entry.name,
+                "train_file": entry.data.train,
+                "train_samples": len(slot.train),
+                "optimizer_steps": result.state.step,
+                "best_step": result.state.best_step,
+                "seconds": round(seconds, 2),
+                "dev": row,
+            }
+        )
+    return rows, steps, trained_at
+
+
+def _train_step(
+    learner: Learner,
+    config: ContinualConfig,
+    i: int,
+    entry: StreamEntry,
+    data: EntryData,
+    out: Path,
+) -> tuple[TaskSlot, TrainResult, float]:
+    """Step i: train its task with the strategy's hooks in steps/<i>-<task>; returns the task's
+    slot, the trainer's result and the seconds it took (the strategy's after_task included)."""
+    strategy = learner.strategy
+    slot = learner.load(entry, data)
+    learner.activate(entry.name)
+    strategy.before_task(learner, slot)
+    run_dir = out / "steps" / f"{i:02d}-{entry.name}"
+    run_dir.mkdir(parents=True)
+    seed_everything(entry.train.seed + i)
+    t0 = time.perf_counter()
+    result = fit(
+        learner.model,
+        slot.task,
+        None,  # the strategy adapts the model: its hooks are the method's
+        slot.train_features,
+        slot.collator,
+        entry.train,
+        entry.train.lr or config.strategy.lr,
+        run_dir,
+        dev_features=slot.dev_features,
+        dev_examples=slot.dev,
+        hooks=[strategy],
+        resumable=False,
+    ).result
+    shutil.rmtree(RunDir(run_dir).checkpoints, ignore_errors=True)  # the best is loaded already
+    strategy.after_task(learner, slot)
+    return slot, result, time.perf_counter() - t0
+
+
+def _evaluate_seen(
+    learner: Learner, trained: str, frozen: dict[str, list[np.ndarray]], strategy: str
+) -> dict[str, float]:
+    """One row of R: every task seen so far on its dev metric, after training `trained`. A
+    strategy with `frozen_past` must leave earlier tasks' outputs as they were (`frozen` keeps
+    each task's outputs from the step that trained it)."""
+    row = {}
+    for name in learner.seen:
+        row[name] = learner.evaluate(name).metrics[learner.slots[name].metric]
+        if not learner.strategy.frozen_past:
+            continue
+        outputs = learner.outputs(name)
+        if name != trained and name in frozen:
+            same = all(np.array_equal(a, b) for a, b in zip(frozen[name], outputs))
+            if not same:
+                raise RuntimeError(
+                    f"strategy {strategy}: predictions of earlier task "
+                    f"'{name}' changed while training '{trained}'"
+                )
+        if name == trained:
+            frozen[name] = outputs
+    return row
+
+
+def _summary(
+    learner: Learner,
+    config: ContinualConfig,
+    R: np.ndarray,
+    steps: list[dict[str, Any]],
+    trained_at: dict[str, int],
+    bad_rows: dict[str, int],
+    t_start: float,
+    out: Path,
+) -> dict[str, Any]:
+    """`continual.json`'s content: R and the measures from it, the steps, and each task on its
+    test file (scored here, with the final model)."""
+    names = learner.seen
+    at = [trained_at[n] for n in names]
+    forget = forgetting(R, at)
+    test = {n: learner.evaluate(n, "test").metrics for n in names if learner.slots[n].test}
+    return {
+        "strategy": config.strategy.name,
+        "strategy_config": to_dict(config.strategy),
+        "model": learner.spec.name,
+        "tasks": names,
+        "metrics": {n: learner.slots[n].metric for n in names},
+        "matrix": [[None if np.isnan(v) else round(float(v), 6) for v in r] for r in R],
+        "average_accuracy": round(average_accuracy(R), 6),
+        "bwt": round(backward_transfer(R, at), 6),
+        "forgetting": {n: None if f is None else round(f, 6) for n, f in zip(names, forget)},
+        "average_forgetting": round(average_forgetting(R, at), 6),
+        "steps": steps,
+        "test": test,
+        "bad_rows_skipped": bad_rows,
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "output_dir": str(out),
+    }
+
+
+def _heatmap(
+    learner: Learner, strategy: str, R: np.ndarray, steps: list[dict[str, Any]], out: Path
+) -> None:
+    """plots/accuracy_matrix.png: R, one row per step, one column per task."""
+    plots.heatmap(
+        R,
+        [f"{s['step']}: {s['task']}" for s in steps],
+        [f"{n} ({learner.slots[n].metric})" for n in learner.seen],
+        RunDir(out).plots / "accuracy_matrix.png",
+        title=f"R[i][j], strategy {strategy}",
+        xlabel="evaluated task j",
+        ylabel="after training step i",
+    )
 
 
 def _fmt(v: float | None) -> str:
