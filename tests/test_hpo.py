@@ -14,6 +14,7 @@ from lmadapt.cli import main
 from lmadapt.config import load_config
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.hpo import STUDY_NAME, PruningHook, check_space, hpo, load_space
+from lmadapt.rundir import MARKER
 from lmadapt.train.loop import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,7 @@ def test_study_runs_writes_best_config_and_resumes(files, tmp_path, capsys):
     for part in ("## Best vs base config", "## Trials", "## Parameter importances", "trials.png"):
         assert part in report
     assert (out / "trials.png").is_file() and (out / "evaluations.png").is_file()
+    assert json.loads((out / MARKER).read_text()) == {"lmadapt": "hpo"}  # lmadapt's directory
     best_run = json.loads(
         (out / "trials" / str(result["best"]["number"]) / "metrics.json").read_text()
     )
@@ -182,3 +184,14 @@ def test_cli_bad_space_exits_2_before_writing(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "method.r.high" in err and "is required" in err
     assert not (tmp_path / "run_hpo").exists()
+
+
+def test_a_study_dir_holding_only_its_marker_is_reused(files, tmp_path):
+    """A new study marks its directory first; an interrupt before study.db exists leaves only
+    the marker, and the same command must then start the study, not refuse the directory."""
+    config, space = files
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / MARKER).write_text('{"lmadapt": "hpo"}')
+    result = hpo(config, space, 1, out, ["data.max_train_samples=48"])
+    assert result["complete"] + result["pruned"] == 1

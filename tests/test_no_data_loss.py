@@ -667,6 +667,7 @@ def test_an_error_after_the_first_epoch_loses_nothing(name, user, tmp_path, monk
         assert "--resume" in err and resume(out)["resumed"]
     if name == "hpo":
         assert complete_trials(out) == {0}
+        assert f"the study is kept in {out}: re-run the same command to resume it" in err
 
 
 def test_a_distill_error_after_a_checkpoint_leaves_no_false_resume(user, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from lmadapt.config import RunConfig, load_config
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.io import write_text
-from lmadapt.rundir import RunDir
+from lmadapt.rundir import MARKER, RunDir, mark
 from lmadapt.schema import config_source, from_dict, read_yaml
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Hook, Trainer, TrainingInterrupted, checkpoint_metric
@@ -200,9 +200,15 @@ def hpo(
     base = check_space(params, config, overrides, space)
     metric, direction = objective_metric(base)
     out = Path(study_dir or f"{base.output_dir}_hpo")
-    if out.exists() and not (out / "study.db").exists() and any(out.iterdir()):
+    if (
+        out.exists()
+        and not (out / "study.db").exists()
+        and any(p.name != MARKER for p in out.iterdir())
+    ):
         raise LmadaptError(f"{out} exists and holds no study.db; pick another --study-dir")
-    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "study.db").exists():  # a new study: claimed as lmadapt's, like every run
+        out.mkdir(parents=True, exist_ok=True)
+        mark(out, "hpo")
     base_dict = {k: v for k, v in base.to_dict().items() if k not in RESERVED}
     fingerprint = {
         "config": base_dict,
@@ -222,6 +228,10 @@ def hpo(
             raise TrainingInterrupted(
                 f"interrupted; re-run the same command to resume the study in {out} "
                 "(the interrupted trial starts over)"
+            ) from None
+        except LmadaptError as e:  # a trial failed: the finished ones stay in the study
+            raise LmadaptError(
+                f"{e}; the study is kept in {out}: re-run the same command to resume it"
             ) from None
     return write_results(study, out, base_dict, config, overrides, space, metric)
 

@@ -179,3 +179,21 @@ def test_cli_refuses_a_public_host_and_a_missing_root(tmp_path, capsys):
     assert "--allow-no-auth" in capsys.readouterr().err
     assert main(["ui", str(tmp_path / "missing"), "--port", "1"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, files, kind",
+    [
+        ("train", {"config.yaml"}, "run"),
+        ("continual", {"config.yaml"}, "continual"),
+        ("compare", {"compare.json"}, "compare"),
+        ("hpo", {"study.db"}, "hpo"),
+    ],
+)
+def test_a_marked_directory_is_what_its_marker_says(tmp_path, command, files, kind):
+    """compare and hpo mark their directories too: the marker must not turn them into runs."""
+    from lmadapt.rundir import MARKER, mark
+    from lmadapt.ui import runs
+
+    mark(tmp_path, command)
+    assert runs.kind_of(tmp_path, {MARKER, *files}) == kind

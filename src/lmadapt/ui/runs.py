@@ -127,9 +127,9 @@ def kind_of(path: Path, files: set[str]) -> str | None:
             command = read_json(path, MARKER).get("lmadapt")
         except (OSError, ValueError, AttributeError):
             command = None
-        if command == "continual" or CONTINUAL in files:
+        if CONTINUAL in files or command == "continual":
             return "continual"
-        return "run"
+        return command if command in ("hpo", "compare") else "run"
     if "study.db" in files:
         return "hpo"
     if "compare.json" in files:
