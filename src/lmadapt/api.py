@@ -49,6 +49,12 @@ from lmadapt.session import (
 )
 from lmadapt.tasks import TASKS, Evaluation, build_task
 from lmadapt.tasks.base import check_model_suits
+from lmadapt.tasks.capabilities import (
+    CalibratableTask,
+    ExplainableTask,
+    TunableTask,
+    cannot_explain,
+)
 from lmadapt.train import distributed
 from lmadapt.train.loop import (
     Hook,
@@ -286,7 +292,7 @@ def _train_and_report(
     if not dist.is_main:
         return dist.broadcast(None)  # process 0's metrics
 
-    if data.features["dev"]:  # what the task settles on dev (e.g. QA's no-answer threshold)
+    if data.features["dev"] and isinstance(task, TunableTask):  # e.g. QA's no-answer threshold
         task.tune(model, data.features["dev"], data.dev, collate, bs)
     save_artifact(out, method, model, data.tokenizer)
     evals: dict[str, Evaluation] = {
@@ -296,7 +302,7 @@ def _train_and_report(
     }
     # Fitted on dev (e.g. a temperature); run.json is rewritten so the run keeps it and what
     # `tune` settled.
-    calibration = task.fit_calibration(evals)
+    calibration = task.fit_calibration(evals) if isinstance(task, CalibratableTask) else {}
     write_json(RunDir(out).run_info, run_info(config.method.name, spec, task))
     metrics = {
         **_run_metrics(config, out, data, fitted, dist, trainable, total, resume),
@@ -635,6 +641,8 @@ def explain(
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     examples = input_examples(run.task, texts, file, fmt, "explain")
     bs = run.config.train.eval_batch_size
+    if not isinstance(run.task, ExplainableTask):
+        raise cannot_explain(run.task)
     items = run.task.explainables(run.model, run.tokenizer, examples, label, bs)
     pad = run.tokenizer.pad_token_id
     pad = run.tokenizer.eos_token_id if pad is None else pad

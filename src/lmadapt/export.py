@@ -21,6 +21,7 @@ from lmadapt.io import atomic_dir, write_json
 from lmadapt.methods import build_method
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import check_output_dir, mark
+from lmadapt.tasks.capabilities import ProbeableTask
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
@@ -70,7 +71,8 @@ def export_merged(
             "methods (lora, adalora, ia3) can"
         )
     task = run.task
-    feats = task.encode(task.probe_examples(PROBE_TEXTS), run.tokenizer)
+    probe = task.probe_examples if isinstance(task, ProbeableTask) else task.examples_from_texts
+    feats = task.encode(probe(PROBE_TEXTS), run.tokenizer)
     batch = task.collator(run.tokenizer)(feats)
     unmerged = _logits(run.model, batch, task)
     _unwrap_modules_to_save(run.model)

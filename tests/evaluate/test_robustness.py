@@ -15,6 +15,7 @@ from lmadapt.evaluate.robustness import (
     PERTURBATIONS,
     TYPO_RATES,
     WORD_DROP_RATE,
+    check_perturbable,
     select,
 )
 from lmadapt.evaluate.sequence import entities
@@ -170,7 +171,7 @@ def test_ner_flips_compare_entities_by_source_words():
 def test_generation_refuses_in_one_line():
     task = build_task(parse_section(TASKS, "type", "generation", "task"))
     with pytest.raises(LmadaptError, match="not generation"):
-        task.perturbed([], PERTURBATIONS["lowercase"], 0)
+        check_perturbable(task)
 
 
 def test_report_config_is_checked_and_round_trips():

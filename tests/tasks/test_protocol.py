@@ -1,5 +1,7 @@
 """Every registered task provides what the `Task` protocol says, with values callers can use:
-callers ask the task, so a task missing a member would fail far from here."""
+callers ask the task, so a task missing a member would fail far from here. Each has exactly the
+optional capabilities it claims, whole: callers check them with isinstance, so a stray stub would
+make a task claim what it cannot do."""
 
 from __future__ import annotations
 
@@ -12,10 +14,30 @@ from lmadapt.models import Kind
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import Endpoint, Task
+from lmadapt.tasks.capabilities import (
+    CalibratableTask,
+    ExplainableTask,
+    PerturbableTask,
+    ProbeableTask,
+    TunableTask,
+)
 
 MEMBERS = [
     name for name in dir(Task) if not name.startswith("_") and name not in ("register",)
 ] + list(typing.get_type_hints(Task))
+
+CAPABILITIES = (ExplainableTask, PerturbableTask, CalibratableTask, TunableTask, ProbeableTask)
+CLAIMS = {
+    "classification": {ExplainableTask, PerturbableTask, CalibratableTask},
+    "token_classification": {ExplainableTask, PerturbableTask, CalibratableTask},
+    "prompt_classification": {PerturbableTask},
+    "question_answering": {PerturbableTask, TunableTask, ProbeableTask},
+    "generation": {ExplainableTask},
+}
+
+
+def _members(capability: type) -> list[str]:
+    return [name for name in vars(capability) if not name.startswith("_")]
 
 
 @pytest.mark.parametrize("name", TASKS.names())
@@ -46,3 +68,27 @@ def test_task_follows_the_protocol(name):
 def test_protocol_lists_the_members_callers_use():
     for member in ("peft_task_type", "model_kinds", "endpoint", "evaluate_model", "predict_model"):
         assert member in MEMBERS
+
+
+def test_every_registered_task_states_its_capabilities():
+    assert set(CLAIMS) == set(TASKS.names())
+
+
+@pytest.mark.parametrize("name", TASKS.names())
+def test_task_has_exactly_the_capabilities_it_claims(name):
+    task = build_task(parse_section(TASKS, "type", name, "task"))
+    for capability in CAPABILITIES:
+        members = _members(capability)
+        assert members
+        if capability in CLAIMS[name]:
+            assert isinstance(task, capability), f"{name} is not a {capability.__name__}"
+            assert all(callable(getattr(task, m)) for m in members)
+        else:
+            assert not isinstance(task, capability), f"{name} claims {capability.__name__}"
+            stray = [m for m in members if hasattr(task, m)]
+            assert not stray, f"{name} has {stray} of {capability.__name__} without the rest"
+
+
+def test_core_protocol_leaves_the_capabilities_out():
+    optional = {m for capability in CAPABILITIES for m in _members(capability)}
+    assert optional and not optional & set(MEMBERS)

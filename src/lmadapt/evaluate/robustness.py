@@ -30,7 +30,7 @@ import unicodedata
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from lmadapt.errors import LmadaptError
 from lmadapt.evaluate.report import cell, markdown_table
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    import torch
+
+    from lmadapt.evaluate.metrics import Evaluation
     from lmadapt.tasks.base import Task
 
 TYPO_RATES = (0.05, 0.2)
@@ -418,9 +421,35 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def check_perturbable(task: Task) -> None:
-    """Refuse, before any work, a task that cannot be perturbed (its `perturbed` says why)."""
-    task.perturbed([], next(iter(PERTURBATIONS.values())), 0)
+@runtime_checkable
+class PerturbableTask(Protocol):
+    """What a task provides to be evaluated here (a capability, `lmadapt.tasks.capabilities`).
+    Generation has none: scoring a perturbed prompt means decoding it again, for a metric (loss,
+    text overlap) whose change says little about how robust the model is."""
+
+    def perturbed(self, examples: list[Any], p: Perturbation, seed: int) -> list[Any] | None:
+        """Copies of labelled examples with their input perturbed by `p` and their labels kept;
+        None when `p` has nothing to change in this task's inputs."""
+
+    def robustness_views(
+        self,
+        model: torch.nn.Module,
+        features: list[dict[str, Any]],
+        examples: list[Any],
+        collator: Any,
+        batch_size: int,
+    ) -> tuple[Evaluation, list[View]]:
+        """`evaluate_model`'s evaluation and each example's text, gold and prediction as the
+        robustness report shows and compares them (one pass where the task can)."""
+
+
+def check_perturbable(task: Task) -> PerturbableTask:
+    """Refuse, before any work, a task that cannot be perturbed; else the task, as one that can."""
+    if not isinstance(task, PerturbableTask):
+        raise LmadaptError(
+            f"robustness covers classification and token classification runs, not {task.kind}"
+        )
+    return task
 
 
 def robustness(
@@ -437,20 +466,20 @@ def robustness(
     chosen = select(perturbations, seed)
     if not examples:
         raise LmadaptError("robustness needs at least one labelled example")
-    check_perturbable(task)
+    perturbable = check_perturbable(task)
     collate = task.collator(tokenizer)
     metric = task.default_metric
 
     def score(exs: list[Any]) -> tuple[float, list[View]]:
         feats = task.encode(exs, tokenizer)
-        ev, views = task.robustness_views(model, feats, exs, collate, batch_size)
+        ev, views = perturbable.robustness_views(model, feats, exs, collate, batch_size)
         return ev.metrics[metric], views
 
     clean, base = score(examples)
     rows, skipped = [], []
     flips: dict[int, list[tuple[str, View]]] = {}
     for p in chosen:
-        perturbed = task.perturbed(examples, p, seed)
+        perturbed = perturbable.perturbed(examples, p, seed)
         if perturbed is None:
             skipped.append(p.name)
             continue

@@ -2,6 +2,8 @@
 
 A task owns every decision about itself (which models suit it, how peft wraps it, how it is
 evaluated, decoded and served): callers ask the task and keep no table of task names.
+What only some tasks can do (explain, robustness, calibration, tuning on dev, probe inputs) is
+not here but in `lmadapt.tasks.capabilities`, checked with `isinstance`.
 """
 
 from __future__ import annotations
@@ -9,18 +11,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from lmadapt.data.validation import BadRow, BadRows
-from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.evaluate.explain import Explainable
+from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import Evaluation
-from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.inference import batched_logits
 from lmadapt.models import ModelSpec
+
+if TYPE_CHECKING:
+    from lmadapt.evaluate.robustness import View
 
 Endpoint = Literal["classify", "ner", "generate", "qa"]
 
@@ -123,38 +126,6 @@ class Task(Protocol):
     ) -> list[dict[str, Any]]:
         """Task-level predictions (labels, entities, text) for unlabelled examples."""
 
-    def tune(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> None:
-        """Settle, after training, what the task decides from the trained model's dev predictions
-        (e.g. question answering's no-answer threshold); saved through `state`."""
-
-    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
-        """After training: fit what calibrates the task's confidences on `evaluations["dev"]`
-        (kept in `state`), add its effect to each evaluation, and return what metrics.json
-        records at its top level (e.g. the temperature); {} where the task calibrates nothing."""
-
-    def perturbed(self, examples: list[Any], p: Perturbation, seed: int) -> list[Any] | None:
-        """Copies of labelled examples with their input perturbed by `p` and their labels kept
-        (robustness); None when `p` has nothing to change in this task's inputs. A task that
-        cannot be perturbed raises an LmadaptError saying so, whatever the examples."""
-
-    def robustness_views(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> tuple[Evaluation, list[View]]:
-        """`evaluate_model`'s evaluation and each example's text, gold and prediction as the
-        robustness report shows and compares them (one pass where the task can)."""
-
     def report(self, evaluation: Evaluation) -> str:
         """Markdown sections for report.md."""
 
@@ -162,22 +133,6 @@ class Task(Protocol):
 
     def examples_from_texts(self, texts: list[str]) -> list[Any]:
         """Unlabelled examples for prediction."""
-
-    def probe_examples(self, sentences: list[str]) -> list[Any]:
-        """Unlabelled examples made from plain sentences, for checks that need some input of
-        this task (export's merged-vs-unmerged logits)."""
-
-    def explainables(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        examples: list[Any],
-        label: str | None,
-        batch_size: int,
-    ) -> list[Explainable]:
-        """What `lmadapt explain` attributes in each example: its encoded input, its words and
-        one target per output to explain (the predicted label, or `label`; each predicted
-        entity). Refuses, as a LmadaptError, a task it cannot explain or an unknown `label`."""
 
 
 @dataclass
@@ -210,14 +165,6 @@ class DataProfile:
             "mean_words": round(self.mean_words, 1),
             "max_words": self.max_words,
         }
-
-
-def cannot_explain(task: Task) -> LmadaptError:
-    return LmadaptError(
-        f"task '{task.kind}' cannot be explained: explain attributes classification and "
-        "token_classification runs, and generation runs with label-aware evaluation "
-        "(task.labels)"
-    )
 
 
 def read_split(
@@ -254,7 +201,8 @@ def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None
 
 class LogitsTask:
     """Shared by tasks whose evaluation and predictions are a function of one batched forward
-    pass's logits: they provide `evaluate` and `decode` over those logits."""
+    pass's logits: they provide `evaluate` and `decode` over those logits (and, to be a
+    `PerturbableTask`, `perturbed` and `robustness_view`)."""
 
     per_token = False
     """Whether logits are per token, (T, C), rather than per sequence, (C,)."""
@@ -272,27 +220,11 @@ class LogitsTask:
         """`read`'s list: examples are held in memory unless the task streams them."""
         return self.read(path, fmt, bad=bad)  # type: ignore[attr-defined]
 
-    def tune(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> None:
-        """Nothing to settle after training by default."""
-
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits
 
-    def probe_examples(self, sentences: list[str]) -> list[Any]:
-        return self.examples_from_texts(sentences)
-
     def use_model(self, spec: ModelSpec) -> None:
         """A head over the model's output needs nothing from the model in advance."""
-
-    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
-        return {}
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """What evaluation and prediction keep of a batch's logits: all of them by default."""
@@ -330,16 +262,6 @@ class LogitsTask:
         if loss is not None:
             ev.metrics["loss"] = loss
         return ev
-
-    def explainables(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        examples: list[Any],
-        label: str | None,
-        batch_size: int,
-    ) -> list[Explainable]:
-        raise cannot_explain(self)  # type: ignore[arg-type]
 
     def predict_model(
         self,

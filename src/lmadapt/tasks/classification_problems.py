@@ -81,7 +81,7 @@ class Problem(Protocol):
         """The robustness report's gold and prediction for one example."""
 
     def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
-        """See `Task.fit_calibration`."""
+        """See `CalibratableTask.fit_calibration`."""
 
     def state(self) -> dict[str, Any]:
         """What the run saves of the problem beside the labels."""

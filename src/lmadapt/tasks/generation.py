@@ -34,7 +34,6 @@ from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import cell, classification_report_markdown, markdown_table
-from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.text import exact_match, overlap_metrics
 from lmadapt.inference import (
     Decoded,
@@ -44,7 +43,8 @@ from lmadapt.inference import (
     on_model_device,
 )
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation, cannot_explain
+from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.capabilities import cannot_explain
 from lmadapt.tasks.generation_layouts import Layout, layout_for, layout_from_state
 
 EVAL_TOKENS_PER_BATCH = 4096
@@ -156,9 +156,6 @@ class GenerationConfig:
             raise ConfigError("task.labels", f"needs at least 2 distinct labels, got {self.labels}")
 
 
-NOT_PERTURBABLE = "robustness covers classification and token classification runs, not generation"
-
-
 @TASKS.register("generation", GenerationConfig)
 class GenerationTask:
     """Generation with the model's own LM head: chat/instruction tuning or continued
@@ -244,9 +241,6 @@ class GenerationTask:
         and learns the response on the decoder; what only a causal LM can do (train prompt
         tokens, pack rows, continue raw text) is refused here."""
         self.layout = layout_for(spec, self.cfg)
-
-    def probe_examples(self, sentences: list[str]) -> list[Conversation]:
-        return self.examples_from_texts(sentences)
 
     def examples_from_texts(self, texts: list[str]) -> list[Conversation]:
         return [
@@ -593,37 +587,7 @@ class GenerationTask:
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits
 
-    def tune(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> None:
-        """Nothing to settle after training."""
-
-    # ------------------------------------------------------------------ robustness
-    # Refused: scoring a perturbed prompt means decoding it again, for a metric (loss, text
-    # overlap) whose change says little about how robust the model is.
-    def perturbed(self, examples: list[Conversation], p: Perturbation, seed: int) -> list:
-        raise LmadaptError(NOT_PERTURBABLE)
-
-    def robustness_views(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Conversation],
-        collator: Any,
-        batch_size: int,
-    ) -> tuple[Evaluation, list[View]]:
-        raise LmadaptError(NOT_PERTURBABLE)
-
     # ------------------------------------------------------------------ report
-    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
-        """Generated text has no label confidence to calibrate."""
-        return {}
-
     def report(self, evaluation: Evaluation) -> str:
         parts = []
         samples = evaluation.details.get("samples")
