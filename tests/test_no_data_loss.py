@@ -27,12 +27,10 @@ import json
 import random
 import shutil
 import sqlite3
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -309,22 +307,21 @@ def _auto(u: Path, out: Path) -> list[str]:
     return ["auto", str(u / "num.csv"), "--out", str(out), "--budget", "5m", *models]
 
 
-def _in_process(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+def _in_process(cmd: list[str], log: Path) -> int:
     """compare's `python -m lmadapt train ...` run in this process (so the injector reaches
     it): its exit code as the child's, and Ctrl-C, which a terminal sends to the whole process
-    group, reaching compare too."""
+    group, reaching compare too once the child has stopped."""
     try:
         code = main(cmd[cmd.index("train") :])
     except Exception:
         code = 1
     if code == 130:
         raise KeyboardInterrupt
-    return subprocess.CompletedProcess(cmd, code)
+    return code
 
 
 def _compare_setup(mp: pytest.MonkeyPatch) -> None:
-    fake = SimpleNamespace(run=_in_process, STDOUT=subprocess.STDOUT)
-    mp.setattr(importlib.import_module("lmadapt.compare"), "subprocess", fake)
+    mp.setattr(importlib.import_module("lmadapt.compare"), "_train_child", _in_process)
 
 
 def _auto_setup(mp: pytest.MonkeyPatch) -> None:

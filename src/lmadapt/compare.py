@@ -8,6 +8,7 @@ method does not lose the others.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,28 @@ from lmadapt.methods import METHODS
 from lmadapt.rundir import MARKER, RunDir, check_output_dir, made_by_lmadapt, mark
 from lmadapt.session import run_directory
 from lmadapt.tasks import build_task
+
+CHILD_GRACE = 10.0
+"""Seconds a Ctrl-C'd method run gets to stop on its own before compare passes the signal on."""
+
+
+def _train_child(cmd: list[str], log: Path) -> int:
+    """Run one method's `lmadapt train` with its output in `log`; its exit code.
+
+    A Ctrl-C reaches the child too (same terminal), which then finishes its step and saves a
+    checkpoint, as `lmadapt train` does alone: compare waits for that (subprocess.run would kill
+    it 0.25 s later, mid-save), passes the signal on if the child did not get it, then stops."""
+    with open(log, "w", encoding="utf-8") as f:
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            try:
+                child.wait(timeout=CHILD_GRACE)
+            except subprocess.TimeoutExpired:  # the signal reached compare alone
+                child.send_signal(signal.SIGINT)
+                child.wait()
+            raise
 
 
 def dir_bytes(path: Path) -> int:
@@ -82,8 +105,7 @@ def compare(
             log = out / f"{name}.log"
             cmd = [sys.executable, "-m", "lmadapt", "train", str(config_path), *run_overrides]
             t0 = time.perf_counter()
-            with open(log, "w", encoding="utf-8") as f:
-                code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            code = _train_child(cmd, log)
             wall = time.perf_counter() - t0
             row = _row(name, Path(config.output_dir), metric, wall, code, log)
             rows.append(row)

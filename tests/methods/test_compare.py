@@ -58,3 +58,52 @@ def test_compare_refuses_a_setting_that_needs_dev_before_running(run_config, tmp
     assert cli.main(["compare", str(path), "--methods", "lora,bitfit"]) == 2
     assert "task.calibrate" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+CHILD = """
+import signal, sys, time
+from pathlib import Path
+done = Path(sys.argv[1])
+def stop(*_):  # as lmadapt train does: finish the step, save, exit 130
+    time.sleep(0.5)
+    done.write_text("checkpoint saved")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("child_got_the_signal", [True, False])
+def test_a_ctrl_c_lets_the_method_run_save_before_compare_stops(
+    tmp_path, monkeypatch, child_got_the_signal
+):
+    """subprocess.run killed the child 0.25 s after a Ctrl-C, mid-save; now compare waits for it
+    to stop by itself (a terminal signals both), or passes the signal on when it did not get it."""
+    import importlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    compare = importlib.import_module("lmadapt.compare")  # the module, not the API function
+
+    done, log = tmp_path / "done", tmp_path / "child.log"
+    real_wait = subprocess.Popen.wait
+    calls = []
+
+    def wait(self, timeout=None):
+        calls.append(timeout)
+        if len(calls) == 1:  # the user's Ctrl-C arrives while compare waits for the child
+            while "ready" not in log.read_text():
+                time.sleep(0.05)
+            if child_got_the_signal:
+                self.send_signal(signal.SIGINT)
+            raise KeyboardInterrupt
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait)
+    monkeypatch.setattr(compare, "CHILD_GRACE", 0.3 if not child_got_the_signal else 10.0)
+    with pytest.raises(KeyboardInterrupt):
+        compare._train_child([sys.executable, "-c", CHILD, str(done)], log)
+    assert done.read_text() == "checkpoint saved"
