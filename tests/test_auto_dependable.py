@@ -94,6 +94,26 @@ def test_ctrl_c_keeps_the_finished_routes_and_says_so(
     assert "interrupted" in (out / "report.md").read_text()
 
 
+def test_a_lone_finished_route_leaves_no_empty_routes_folder(
+    tmp_path, capsys, small, monkeypatch, tiny_bert
+):
+    """The only finished route becomes OUT/winner: OUT/routes is then empty and is removed."""
+    only_lora(monkeypatch)
+
+    def interrupted(self, plan, run_dir, deadline):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(routes_mod.HeadFull, "run", interrupted)
+    monkeypatch.setattr(routes_mod.HeadFull, "unfit", lambda self, plan: None)
+    train = write_csv(tmp_path / "train.csv", numeric_rows(32, seed=1))
+    out = tmp_path / "auto"
+    argv = ["auto", str(train), "--out", str(out), "--budget", "5m", "--model", f"lora={tiny_bert}"]
+    argv += ["--model", f"full={tiny_bert}"]
+    assert main(argv) == 130
+    assert (out / "winner" / "metrics.json").is_file()
+    assert not (out / "routes").exists()
+
+
 def test_ctrl_c_before_any_route_finished_removes_out_and_says_so(
     tmp_path, capsys, small, monkeypatch
 ):

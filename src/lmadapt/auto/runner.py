@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -211,6 +212,8 @@ def _move_winner(
     dest = out / "winner"
     shutil.move(winner["run_dir"], dest)
     winner["run_dir"] = str(dest)
+    with contextlib.suppress(OSError):  # the winner was the only route kept: no empty folder
+        (out / "routes").rmdir()
     return winner
 
 
