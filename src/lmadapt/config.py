@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.robustness import PERTURBATIONS
@@ -197,13 +197,26 @@ class ReportConfig:
             raise ConfigError("report.seed", f"must be >= 0, got {self.seed}")
 
 
+class TaskSection(Protocol):
+    """A task's own config dataclass (ClassificationConfig, GenerationConfig, ...), picked from
+    the task registry by `type` and built by `parse_section` before the run config is."""
+
+    type: str
+
+
+class MethodSection(Protocol):
+    """A method's own config dataclass, picked from the method registry by `name`."""
+
+    name: str
+
+
 @dataclass
 class RunConfig:
     """One training run: model + task + method + data + schedule -> a run directory."""
 
-    task: Any
+    task: TaskSection
     """Task section; `type` picks the task (classification, ...)."""
-    method: Any
+    method: MethodSection
     """Method section; `name` picks the adaptation method (full, bitfit, lora, ...)."""
     data: DataConfig
     model: str = "minilm"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmadapt.config import DataConfig, TrainConfig
+from lmadapt.config import DataConfig, TaskSection, TrainConfig
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.errors import ConfigError
 from lmadapt.schema import (
@@ -42,7 +42,7 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 class StreamEntry:
     name: str
     """Task id: picks the head (and adapter); a name seen before continues that task."""
-    task: Any
+    task: TaskSection
     """Task section, as in run configs (taken from the first entry of a repeated name)."""
     data: DataConfig
     train: TrainConfig

@@ -45,7 +45,7 @@ class TaskSlot:
     """One task of the stream: its task object, head, evaluation data and current training data."""
 
     name: str
-    task: Any
+    task: Task
     collator: Any
     dev: list[Any]
     dev_features: list[dict[str, Any]]

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -56,6 +56,9 @@ from lmadapt.train.checkpoint import (
     save_trainable,
 )
 from lmadapt.train.distributed import SINGLE, STRATEGIES, Distributed
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above the loop
+    from lmadapt.tasks.base import Task
 
 
 class TrainingInterrupted(LmadaptError):
@@ -101,7 +104,7 @@ class TrainResult:
         return self.state.tokens / max(self.state.train_seconds, 1e-9)
 
 
-def checkpoint_metric(cfg: TrainConfig, task: Any) -> tuple[str, str]:
+def checkpoint_metric(cfg: TrainConfig, task: Task) -> tuple[str, str]:
     """The dev metric that picks the best checkpoint, and its direction ('max' or 'min').
 
     Checked against what the task reports, so a misspelt name fails before anything is written;
@@ -237,7 +240,7 @@ class Trainer:
     def __init__(
         self,
         model: torch.nn.Module,
-        task: Any,
+        task: Task,
         train_features: list[dict[str, Any]],
         collator: Any,
         cfg: TrainConfig,
