@@ -7,9 +7,10 @@ class from the task or method registry, so a new method brings its own typed fie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.robustness import PERTURBATIONS
@@ -25,6 +26,8 @@ from lmadapt.schema import (
     to_dict,
 )
 from lmadapt.tasks import TASKS
+
+C = TypeVar("C")
 
 
 @dataclass
@@ -286,10 +289,16 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     return from_dict(RunConfig, {**data, "task": task, "method": method})
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply overrides, and check every field."""
+def read_config(path: str | Path, overrides: list[str] | None, build: Callable[[Any], C]) -> C:
+    """`build` on the YAML file at `path` with dotted `overrides` applied; an error names the
+    file. Shared by the run and distill configs."""
     raw = read_yaml(path)
     with config_source(path):
-        config = build_run_config(apply_overrides(raw, overrides or []))
+        return build(apply_overrides(raw, overrides or []))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides, and check every field."""
+    config = read_config(path, overrides, build_run_config)
     resolve_data_paths(path, config.data, ("train", "dev", "test"))
     return config

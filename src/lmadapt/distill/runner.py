@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lmadapt.config import RunConfig, build_run_config, check_dev_needs
+from lmadapt.config import RunConfig, build_run_config, check_dev_needs, read_config
 from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
 from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
@@ -32,15 +32,7 @@ from lmadapt.methods import build_method, count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.pipeline import Fitted, finish, fit, save_artifact
 from lmadapt.rundir import RunDir, check_output_dir
-from lmadapt.schema import (
-    apply_overrides,
-    config_source,
-    from_dict,
-    parse_section,
-    read_yaml,
-    resolve_data_paths,
-    to_dict,
-)
+from lmadapt.schema import from_dict, parse_section, resolve_data_paths, to_dict
 from lmadapt.session import (
     apply_method,
     check_quantize,
@@ -102,9 +94,7 @@ def build_distill_config(data: dict[str, Any]) -> DistillConfig:
 
 
 def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
-    raw = read_yaml(path)
-    with config_source(path):
-        config = build_distill_config(apply_overrides(raw, overrides or []))
+    config = read_config(path, overrides, build_distill_config)
     resolve_data_paths(path, config.student.data, ("train", "dev", "test"))
     resolve_data_paths(path, config.options, ("unlabeled",))
     return config

@@ -15,6 +15,14 @@ if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
 
 
+def check_lora_shape(section: str, r: int, dropout: float) -> None:
+    """LoRA's rank and dropout checks, shared with the continual `adapters` strategy."""
+    if r < 1:
+        raise ConfigError(f"{section}.r", f"must be >= 1, got {r}")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"{section}.dropout", f"must be in [0, 1), got {dropout}")
+
+
 @dataclass
 class LoraMethodConfig(MethodConfig):
     name: str = "lora"
@@ -27,10 +35,7 @@ class LoraMethodConfig(MethodConfig):
     q_proj/v_proj for Llama); ["all-linear"] adapts every linear layer but the head."""
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError("method.r", f"must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("method.dropout", f"must be in [0, 1), got {self.dropout}")
+        check_lora_shape("method", self.r, self.dropout)
 
 
 @METHODS.register("lora", LoraMethodConfig)

@@ -258,10 +258,7 @@ class LogitsTask:
         batch_size: int,
     ) -> Evaluation:
         logits, loss = self.batch_outputs(model, features, collator, batch_size)
-        ev = self.evaluate(logits, examples)
-        if loss is not None:
-            ev.metrics["loss"] = loss
-        return ev
+        return self._with_loss(self.evaluate(logits, examples), loss)
 
     def predict_model(
         self,
@@ -284,8 +281,13 @@ class LogitsTask:
         """One forward pass for both: `evaluate_model`'s evaluation and the task's
         `robustness_view` of each `predict_model` prediction."""
         logits, loss = self.batch_outputs(model, features, collator, batch_size)
-        ev = self.evaluate(logits, examples)
-        if loss is not None:
-            ev.metrics["loss"] = loss
+        ev = self._with_loss(self.evaluate(logits, examples), loss)
         preds = self.decode(logits, examples)
         return ev, [self.robustness_view(ex, p) for ex, p in zip(examples, preds)]
+
+    @staticmethod
+    def _with_loss(ev: Evaluation, loss: float | None) -> Evaluation:
+        """`ev` with the mean loss among its metrics where the examples were labelled."""
+        if loss is not None:
+            ev.metrics["loss"] = loss
+        return ev

@@ -94,6 +94,24 @@ class Problem(Protocol):
     ) -> list[Path]: ...
 
 
+class _Uncalibrated:
+    """What a problem without calibration, state, report sections or plots answers."""
+
+    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def report(self, evaluation: Evaluation) -> list[str]:
+        return []
+
+    def plots(
+        self, evaluation: Evaluation, labels: list[str], out_dir: Path, prefix: str
+    ) -> list[Path]:
+        return []
+
+
 class SingleLabel:
     """One label per example: softmax over the labels, cross-entropy, temperature scaling."""
 
@@ -207,7 +225,7 @@ class SingleLabel:
         return [path, *calibration.reliability_plot(evaluation, out_dir, prefix)]
 
 
-class MultiLabel:
+class MultiLabel(_Uncalibrated):
     """Any set of labels per example (possibly none): a sigmoid per label, binary CE, and a
     label predicted where its probability reaches `task.threshold`."""
 
@@ -284,22 +302,8 @@ class MultiLabel:
         pred = ", ".join(prediction["label"])
         return View(text, ", ".join(example.label), pred, pred)
 
-    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
-        return {}
 
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def report(self, evaluation: Evaluation) -> list[str]:
-        return []
-
-    def plots(
-        self, evaluation: Evaluation, labels: list[str], out_dir: Path, prefix: str
-    ) -> list[Path]:
-        return []
-
-
-class Regression:
+class Regression(_Uncalibrated):
     """One finite number per example: a single output, MSE, correlation metrics."""
 
     hf_problem_type = "regression"
@@ -363,20 +367,6 @@ class Regression:
     def view(self, text: str, example: Example, prediction: dict[str, Any]) -> View:
         """A score has no value that flips."""
         return View(text, f"{example.label:g}", f"{prediction['score']:.4g}", None)
-
-    def fit_calibration(self, evaluations: dict[str, Evaluation]) -> dict[str, float]:
-        return {}
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def report(self, evaluation: Evaluation) -> list[str]:
-        return []
-
-    def plots(
-        self, evaluation: Evaluation, labels: list[str], out_dir: Path, prefix: str
-    ) -> list[Path]:
-        return []
 
 
 PROBLEMS: dict[str, Callable[[ClassificationConfig, dict[str, Any]], Problem]] = {

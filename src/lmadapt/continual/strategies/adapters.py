@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.continual.strategies.base import Strategy, StrategyConfig
-from lmadapt.errors import ConfigError
+from lmadapt.methods.lora import check_lora_shape
 
 if TYPE_CHECKING:
     from lmadapt.continual.runner import Learner, TaskSlot
@@ -31,10 +31,7 @@ class AdaptersConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r < 1:
-            raise ConfigError("strategy.r", f"must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("strategy.dropout", f"must be in [0, 1), got {self.dropout}")
+        check_lora_shape("strategy", self.r, self.dropout)
 
 
 @STRATEGIES.register("adapters", AdaptersConfig)

@@ -76,5 +76,21 @@ class QuadraticAnchor:
         return total
 
 
+class AnchoredStrategy(Strategy):
+    """EWC and L2: a penalty λ/2 · `anchor()` (λ = `cfg.strength`) added to the task loss, where
+    the subclass sets the anchor after each task."""
+
+    def __init__(self, cfg: StrategyConfig):
+        super().__init__(cfg)
+        self.anchor = QuadraticAnchor()
+
+    def penalty(self) -> torch.Tensor | None:
+        total = self.anchor()
+        return None if total is None else 0.5 * self.cfg.strength * total
+
+    def loss_term(self, model: torch.nn.Module, batch: Any, outputs: Any) -> torch.Tensor | None:
+        return self.penalty()
+
+
 def trainable_named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

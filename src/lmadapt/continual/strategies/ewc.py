@@ -15,8 +15,7 @@ import torch
 
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.continual.strategies.base import (
-    QuadraticAnchor,
-    Strategy,
+    AnchoredStrategy,
     StrategyConfig,
     trainable_named,
 )
@@ -82,13 +81,12 @@ def diagonal_fisher(
 
 
 @STRATEGIES.register("ewc", EwcConfig)
-class Ewc(Strategy):
+class Ewc(AnchoredStrategy):
     """Online EWC: penalty λ/2·Σ F*(θ-θ*)² with a running diagonal Fisher (Schwarz et al. 2018)."""
 
     def __init__(self, cfg: EwcConfig):
         super().__init__(cfg)
         self.fisher: dict[str, torch.Tensor] = {}
-        self.anchor = QuadraticAnchor()
 
     def after_task(self, learner: Learner, slot: TaskSlot) -> None:
         fisher = diagonal_fisher(
@@ -111,10 +109,3 @@ class Ewc(Strategy):
             merged[n] = merged[n] + f if n in merged else f
         self.fisher = merged
         self.anchor.set(params, self.fisher)
-
-    def penalty(self) -> torch.Tensor | None:
-        total = self.anchor()
-        return None if total is None else 0.5 * self.cfg.strength * total
-
-    def loss_term(self, model: torch.nn.Module, batch: Any, outputs: Any) -> torch.Tensor | None:
-        return self.penalty()

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.continual.strategies.base import (
-    QuadraticAnchor,
-    Strategy,
+    AnchoredStrategy,
     StrategyConfig,
     trainable_named,
 )
@@ -33,19 +30,8 @@ class L2Config(StrategyConfig):
 
 
 @STRATEGIES.register("l2", L2Config)
-class L2(Strategy):
+class L2(AnchoredStrategy):
     """Penalty λ/2·Σ(θ-θ*)² toward the weights left by the previous task."""
-
-    def __init__(self, cfg: L2Config):
-        super().__init__(cfg)
-        self.anchor = QuadraticAnchor()
 
     def after_task(self, learner: Learner, slot: TaskSlot) -> None:
         self.anchor.set(trainable_named(learner.model))
-
-    def penalty(self) -> torch.Tensor | None:
-        total = self.anchor()
-        return None if total is None else 0.5 * self.cfg.strength * total
-
-    def loss_term(self, model: torch.nn.Module, batch: Any, outputs: Any) -> torch.Tensor | None:
-        return self.penalty()
