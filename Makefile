@@ -52,3 +52,4 @@ bench: setup
 style: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy

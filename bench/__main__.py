@@ -117,7 +117,8 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
     return out
 
 
-def run(s: dict) -> dict:
+def command(s: dict) -> list[str]:
+    """The bench.run_one command line of scenario `s`."""
     cmd = [
         sys.executable,
         "-m",
@@ -135,6 +136,11 @@ def run(s: dict) -> dict:
     ]
     if s["batch"]:
         cmd += ["--batch-size", str(s["batch"])]
+    return cmd
+
+
+def run(s: dict) -> dict:
+    cmd = command(s)
     print(f"== {s['name']}: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

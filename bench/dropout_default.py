@@ -86,6 +86,23 @@ def scenarios(tmp: Path, seed: int) -> dict[str, dict]:
     }
 
 
+def measure(name: str, cfg: dict, seed: int, dropout: float | None, out: Path) -> dict:
+    """One run of scenario `name` (its config from `scenarios`): train.dropout unset if None."""
+    t = {**cfg.get("train", {}), "seed": seed}
+    if dropout is not None:
+        t["dropout"] = dropout
+    run = build_run_config({**cfg, "train": t, "output_dir": str(out)})
+    start = time.perf_counter()
+    m = train(run)
+    split = "dev" if name.startswith("few-shot") else "test"
+    return {
+        "seed": seed,
+        f"{split}_accuracy": m[split]["accuracy"],
+        "train_seconds": m["train_seconds"],
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -99,23 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if seed not in (a.few_shot_seeds if few_shot else a.seeds):
                     continue
                 for dropout in (None, 0.0):
-                    t = {**cfg.get("train", {}), "seed": seed}
-                    if dropout is not None:
-                        t["dropout"] = dropout
                     out = Path(tmp) / f"run_{len(results)}_{seed}_{dropout}"
-                    run = build_run_config({**cfg, "train": t, "output_dir": str(out)})
-                    start = time.perf_counter()
-                    m = train(run)
-                    split = "dev" if few_shot else "test"
                     row = results.setdefault(name, {}).setdefault(str(dropout), [])
-                    row.append(
-                        {
-                            "seed": seed,
-                            f"{split}_accuracy": m[split]["accuracy"],
-                            "train_seconds": m["train_seconds"],
-                            "wall_seconds": round(time.perf_counter() - start, 1),
-                        }
-                    )
+                    row.append(measure(name, cfg, seed, dropout, out))
                     print(name, seed, dropout, row[-1], flush=True)
                     write_json(RESULTS / "dropout_default.json", results)
     write_text(RESULTS / "dropout_default.md", markdown(results))

@@ -107,3 +107,59 @@ def test_lower_floors_load_without_the_training_loop(module):
     code = f"import sys, {module}; print('lmadapt.train.loop' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# Floors, lowest first; a module belongs to the longest prefix that names it. Templates and
+# verbalizers are formats the prompt-classification task reads; the `prompt` command that runs
+# them (runner, modes, sources, teacher and its config) is a recipe like train or distill.
+FLOORS: list[tuple[str, list[str]]] = [
+    ("foundation", ["lmadapt", "errors", "registry", "schema", "io", "rundir", "paths", "hooks"]),
+    ("data", ["data", "models", "train.config"]),
+    ("prompt formats", ["prompting"]),
+    ("inference", ["inference"]),
+    ("evaluate", ["evaluate"]),
+    ("tasks and methods", ["tasks", "methods"]),
+    ("loop", ["train", "memory"]),
+    ("pipeline", ["pipeline", "session", "config"]),
+    (
+        "recipes",
+        ["api", "distill", "continual", "hpo", "compare", "auto", "export", "generate"]
+        + [f"prompting.{m}" for m in ("runner", "modes", "sources", "teacher", "config")],
+    ),
+    ("surfaces", ["serve", "ui", "cli", "__main__"]),
+]
+
+
+def _floor(module: str) -> int:
+    best, length = -1, -1
+    for i, (_, prefixes) in enumerate(FLOORS):
+        for p in prefixes:
+            full = "lmadapt" if p == "lmadapt" else f"lmadapt.{p}"
+            if (module == full or module.startswith(full + ".")) and len(full) > length:
+                best, length = i, len(full)
+    assert best >= 0, f"{module} is on no floor: add it to FLOORS"
+    return best
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """Each import of a module on a higher floor, except a package's own submodules (a submodule
+    registering itself with its package is the allowed exception)."""
+    return sorted(
+        f"{a} ({FLOORS[_floor(a)][0]}) -> {b} ({FLOORS[_floor(b)][0]})"
+        for a, targets in graph.items()
+        for b in targets
+        if _floor(b) > _floor(a) and not b.startswith(a + ".")
+    )
+
+
+def test_layers_point_down():
+    """Counting function-level imports: a parameter followed from `api.train` down through the
+    code never climbs back up, except through the hooks and callables it is handed."""
+    mods = _modules()
+    graph = {name: _imports(name, path, set(mods), deferred=True) for name, path in mods.items()}
+    assert _upward(graph) == []
+
+
+def test_the_checker_sees_a_climb():
+    graph = {"lmadapt.data.readers": {"lmadapt.train.loop"}, "lmadapt.train.loop": set()}
+    assert _upward(graph) == ["lmadapt.data.readers (data) -> lmadapt.train.loop (loop)"]

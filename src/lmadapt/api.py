@@ -7,10 +7,10 @@ import dataclasses
 import json
 import platform
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import torch
 
@@ -65,6 +65,20 @@ if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
 
 
+class Examples(Sized, Iterable[Any], Protocol):
+    """The training examples: a list, or (for a task that streams its file) a sized
+    `lmadapt.data.streams.Reread` that reads the file again when iterated."""
+
+
+class Features(TypedDict):
+    """Split -> features."""
+
+    train: Sequence[dict[str, Any]]
+    """A memory-mapped `lmadapt.data.cache.FeatureStore`."""
+    dev: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+
+
 @dataclass
 class Prepared:
     """Validated, tokenized data and the task that read it."""
@@ -72,12 +86,12 @@ class Prepared:
     task: Task
     tokenizer: Any
     spec: ModelSpec
-    train: Iterable[Any]
+    train: Examples
     """The training examples: a list, or (for a task that streams its file) a sized
     `lmadapt.data.streams.Reread` that reads the file again when iterated."""
     dev: list[Any]
     test: list[Any]
-    features: dict[str, Sequence[dict[str, Any]]]
+    features: Features
     """Split -> features; the train split's is a memory-mapped `lmadapt.data.cache.FeatureStore`."""
     bad_rows: dict[str, list[BadRow]]
     """Split -> the `lmadapt.data.validation.BadRow`s left out under data.bad_rows=skip (empty
@@ -97,14 +111,18 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
     d = config.data
     if not d.train:
         raise ConfigError("data.train", "is required")
+    train_file = d.train
     paths = {"train": d.train, "dev": d.dev, "test": d.test}
     bad = {s: BadRows(p, d.bad_rows, d.max_bad_fraction) for s, p in paths.items() if p}
     spec = resolve_model(config.model)
     tokenizer = load_tokenizer(spec, config.trust_remote_code)
-    key = _train_key(config, task_state, spec, tokenizer)
+    key = _train_key(config, train_file, task_state, spec, tokenizer)
     store = cache.load(key)
     if store is None:
-        train = limited(task.stream(d.train, d.format, bad["train"]), d.max_train_samples)
+        streamed = limited(task.stream(train_file, d.format, bad["train"]), d.max_train_samples)
+        # Task.stream's contract: a list, or a Reread that counts its examples
+        assert isinstance(streamed, Sized), f"{type(streamed).__name__} is not sized"
+        train: Examples = streamed
         try:
             task.fit(train)  # the first pass over a streamed file: every row is checked
             read_through(train)  # in case fit did not need every row
@@ -117,7 +135,7 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
         bad["train"].rows = [BadRow(**r) for r in store.manifest["bad_rows"]]
         bad["train"].total = store.manifest["rows"]
         train = Reread(
-            lambda into: limited(task.stream(d.train, d.format, into), d.max_train_samples),
+            lambda into: limited(task.stream(train_file, d.format, into), d.max_train_samples),
             bad["train"],
             count=store.manifest["examples"],
         )
@@ -141,7 +159,7 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
             cache.encoded(train, lambda rows: task.encode(rows, tokenizer), num_proc=d.num_proc),
             lambda: {**kept, "examples": len(train)},
         )
-    features = {
+    features: Features = {
         "train": store,
         "dev": task.encode(dev, tokenizer),
         "test": task.encode(test, tokenizer),
@@ -150,12 +168,15 @@ def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
     return Prepared(task, tokenizer, spec, train, dev, test, features, bad_rows)
 
 
-def _train_key(config: RunConfig, task_state: dict | None, spec: ModelSpec, tokenizer: Any) -> str:
-    """The feature cache's key for the training file: its bytes and everything that changes
-    what its features are (task and data settings, model, tokenizer)."""
+def _train_key(
+    config: RunConfig, train_file: str, task_state: dict | None, spec: ModelSpec, tokenizer: Any
+) -> str:
+    """The feature cache's key for the training file (`train_file`, the config's data.train):
+    its bytes and everything that changes what its features are (task and data settings, model,
+    tokenizer)."""
     d = config.data
     return cache.cache_key(
-        cache.file_digest(_existing(d.train)),
+        cache.file_digest(_existing(train_file)),
         d.format,
         dataclasses.asdict(config.task),
         task_state,

@@ -292,7 +292,9 @@ def _overrides_after_options(p: argparse.ArgumentParser) -> None:
         ns.overrides += [r for r in rest if not r.startswith("-")]
         return ns, [r for r in rest if r.startswith("-")]
 
-    p.parse_known_args = parse_known_args
+    # overridden on this one parser (argparse makes every subparser from one class), by setattr:
+    # a plain assignment to a method reads to the type checker as a mistake
+    setattr(p, "parse_known_args", parse_known_args)  # noqa: B010
 
 
 @command(

@@ -10,7 +10,7 @@ written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -24,6 +24,8 @@ from lmadapt.rundir import check_output_dir, mark
 from lmadapt.tasks.capabilities import ProbeableTask
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from transformers import PreTrainedModel
+
     from lmadapt.tasks.base import Task
 
 PROBE_TEXTS = [
@@ -33,6 +35,13 @@ PROBE_TEXTS = [
     "Paris is the capital of France.",
 ]
 """Inputs for the merged-vs-unmerged check: short and long, with and without punctuation."""
+
+
+class Mergeable(Protocol):
+    """What a mergeable method (lora, adalora, ia3) loads: a peft model whose tuner folds the
+    adapter into the base weights and returns the bare transformers model."""
+
+    def merge_and_unload(self) -> PreTrainedModel: ...
 
 
 @torch.no_grad()
@@ -76,7 +85,7 @@ def export_merged(
     batch = task.collator(run.tokenizer)(feats)
     unmerged = _logits(run.model, batch, task)
     _unwrap_modules_to_save(run.model)
-    merged_model = run.model.merge_and_unload()
+    merged_model = cast(Mergeable, run.model).merge_and_unload()
     diff_merged = max_abs_diff(_logits(merged_model, batch, task), unmerged)
     _check(diff_merged, tolerance, "merged")
     with atomic_dir(out) as tmp:

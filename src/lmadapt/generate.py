@@ -50,7 +50,7 @@ def load_generator(
         from lmadapt.api import load_run
 
         run = load_run(path, device)
-        if run.task.kind != "generation":
+        if not isinstance(run.task, GenerationTask):
             raise LmadaptError(
                 f"{path} is a {run.task.kind} run; generation needs a generation run"
             )

@@ -29,6 +29,9 @@ from lmadapt.schema import config_source, from_dict, read_yaml
 from lmadapt.tasks import build_task
 from lmadapt.train.loop import Hook, Trainer, TrainingInterrupted, checkpoint_metric
 
+Direction = Literal["maximize", "minimize"]
+"""An Optuna study's direction, as `optuna.create_study` takes it."""
+
 STUDY_NAME = "lmadapt"
 RESERVED = ("output_dir", "overwrite")
 """Config keys hpo sets for every trial, so a space cannot search them."""
@@ -56,9 +59,10 @@ class Param:
             return
         if self.choices is not None:
             raise ConfigError("choices", "only for type categorical")
-        for name in ("low", "high"):
-            if getattr(self, name) is None:
-                raise ConfigError(name, f"is required for type {self.type}")
+        if self.low is None:
+            raise ConfigError("low", f"is required for type {self.type}")
+        if self.high is None:
+            raise ConfigError("high", f"is required for type {self.type}")
         if self.type == "int":
             for name in ("low", "high", "step"):
                 v = getattr(self, name)
@@ -85,21 +89,33 @@ class Param:
         if self.log:
             raise ConfigError("log", "only for types int and float")
 
+    def _choices(self) -> list[Any]:
+        """A categorical's choices, which `__post_init__` requires."""
+        assert self.choices is not None
+        return self.choices
+
+    def _range(self) -> tuple[float, float]:
+        """An int or float range's bounds, which `__post_init__` requires."""
+        assert self.low is not None and self.high is not None
+        return self.low, self.high
+
     def suggest(self, trial: optuna.Trial, key: str) -> Any:
         if self.type == "categorical":
-            return trial.suggest_categorical(key, self.choices)
+            return trial.suggest_categorical(key, self._choices())
+        low, high = self._range()
         if self.type == "int":
             step = int(self.step or 1)
-            return trial.suggest_int(key, int(self.low), int(self.high), step=step, log=self.log)
-        return trial.suggest_float(key, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(key, int(low), int(high), step=step, log=self.log)
+        return trial.suggest_float(key, low, high, step=self.step, log=self.log)
 
     def edges(self) -> list[Any]:
         """Values checked against the config up front: every choice, or both bounds."""
         if self.type == "categorical":
-            return list(self.choices)
+            return list(self._choices())
+        low, high = self._range()
         if self.type == "int":
-            return [int(self.low), int(self.high)]
-        return [self.low, self.high]
+            return [int(low), int(high)]
+        return [low, high]
 
 
 def load_space(path: str | Path) -> dict[str, Param]:
@@ -150,7 +166,7 @@ def check_space(
     return base
 
 
-def objective_metric(config: RunConfig) -> tuple[str, str]:
+def objective_metric(config: RunConfig) -> tuple[str, Direction]:
     """The dev metric that selects the best checkpoint, and the study direction, as the
     Trainer decides them: a trial is worth what its best checkpoint is worth."""
     task = build_task(config.task)
@@ -218,7 +234,7 @@ def hpo(
     study = _open_study(out, json.loads(json.dumps(fingerprint)), direction, base, trials, pruner)
     if len(study.get_trials(deepcopy=False, states=BUDGET_STATES)) < trials:
         objective = _objective(config, overrides, params, out, metric)
-        callbacks = [
+        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
             optuna.study.MaxTrialsCallback(trials, states=BUDGET_STATES),
             _progress(metric, trials),
         ]
@@ -239,7 +255,7 @@ def hpo(
 def _open_study(
     out: Path,
     fingerprint: dict[str, Any],
-    direction: str,
+    direction: Direction,
     base: RunConfig,
     trials: int,
     pruner: optuna.pruners.BasePruner | None,
@@ -390,6 +406,12 @@ def _write_best_yaml(
     )
 
 
+def _value(trial: FrozenTrial) -> float:
+    """A complete trial's value (optuna types it optional: a failed or pruned one has none)."""
+    assert trial.value is not None
+    return trial.value
+
+
 def _plots(
     trials: list[FrozenTrial],
     complete: list[FrozenTrial],
@@ -400,8 +422,8 @@ def _plots(
     images = []
     if complete:
         better = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
-        numbers = [t.number for t in complete]
-        values = [t.value for t in complete]
+        numbers: list[float] = [t.number for t in complete]
+        values = [_value(t) for t in complete]
         running = [better(values[: i + 1]) for i in range(len(values))]
         plots.curves(
             {f"dev {metric}": (numbers, values), "best so far": (numbers, running)},
@@ -410,12 +432,12 @@ def _plots(
             xlabel="trial",
         )
         images.append(out / "trials.png")
-    curves = {}
+    curves: dict[str, tuple[list[float], list[float]]] = {}
     for t in trials:
         if t.intermediate_values:
             steps = sorted(t.intermediate_values)
             name = f"trial {t.number}" + (" (pruned)" if t.state == TrialState.PRUNED else "")
-            curves[name] = (steps, [t.intermediate_values[s] for s in steps])
+            curves[name] = (list[float](steps), [t.intermediate_values[s] for s in steps])
     if curves:
         plots.curves(curves, out / "evaluations.png", f"dev {metric} at each evaluation")
         images.append(out / "evaluations.png")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -73,6 +73,13 @@ def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractCont
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
+class Generates(Protocol):
+    """A model with transformers' `generate` (a causal or seq2seq LM, its peft wrapper, or an
+    OnDevice view of one), returning the ids (`return_dict_in_generate` left off)."""
+
+    def generate(self, **kwargs: Any) -> torch.Tensor: ...
+
+
 class OnDevice(torch.nn.Module):
     """View of a model whose weights are on a GPU: the inference code builds CPU batches and reads
     CPU logits, so inputs go to the device and logits and generated ids come back."""
@@ -92,7 +99,7 @@ class OnDevice(torch.nn.Module):
         return out
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(**self._to(kwargs)).cpu()
+        return cast(Generates, self.model).generate(**self._to(kwargs)).cpu()
 
 
 def on_model_device(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,7 +131,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def batched_logits(
     model: torch.nn.Module,
-    features: list[dict[str, Any]],
+    features: Sequence[dict[str, Any]],
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     batch_size: int,
     bf16: bool = False,
@@ -268,7 +275,7 @@ def generate_ids(
             extra: dict[str, Any] = {"tokenizer": tok} if stop_texts else {}
             if cancelled is not None:
                 extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
-            out = model.generate(
+            out = cast(Generates, model).generate(
                 input_ids=ids,
                 attention_mask=mask,
                 generation_config=gen,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -38,6 +38,8 @@ from lmadapt.models import ModelSpec, shapes_only
 from lmadapt.schema import parse_section
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from transformers import PreTrainedModel
+
     from lmadapt.tasks.base import Task
 
 GIB = 2**30
@@ -95,7 +97,11 @@ def model_shape(
     with shapes_only(), torch.device("meta"):
         base = task.build_model(spec, trust_remote_code)
         cfg = base.config
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        head = (
+            cast("PreTrainedModel", base).get_output_embeddings()
+            if hasattr(base, "get_output_embeddings")
+            else None
+        )
         model = method.apply(base, task)
     trainable, total = count_parameters(model)
     in_bf16 = {id(p) for p in bf16_castable(model)} if bf16_base else set()

@@ -41,8 +41,10 @@ def inside(root: str | os.PathLike, *parts: str, kind: Literal["file", "dir"] = 
         path = base.joinpath(*parts).resolve(strict=True)
         mode = path.stat().st_mode
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
-        loop = not isinstance(e, OSError) or e.errno == errno.ELOOP
-        why = "symlink loop" if loop else (e.strerror or "cannot be read").lower()
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            why = (e.strerror or "cannot be read").lower()
+        else:
+            why = "symlink loop"
         raise _refuse(parts, why) from None
     if path != base and base not in path.parents:
         raise _refuse(parts, "leads outside the root")

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmadapt.config import TrainConfig
 from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.evaluate.report import evaluation_record, write_report
 from lmadapt.hooks import Hook
 from lmadapt.io import atomic_dir, write_json
 from lmadapt.methods.base import Method
 from lmadapt.rundir import RunDir
+from lmadapt.train.config import TrainConfig
 from lmadapt.train.distributed import SINGLE, Distributed
 from lmadapt.train.loop import Trainer, TrainResult
 

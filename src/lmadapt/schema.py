@@ -68,7 +68,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
         return dict(value)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a class, never an instance
         return from_dict(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
@@ -105,6 +105,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and bad types name their field."""
+    if isinstance(data, cls):  # a section already built (task and method: by their registry)
+        return data
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -151,6 +153,10 @@ def parse_section(registry: Any, key: str, data: Any, path: str) -> Any:
     return from_dict(registry.get(name).config_cls, data, path)
 
 
+SECTION_KEYS = {"task": "type", "method": "name", "strategy": "name"}
+"""The polymorphic sections a name may stand for, and the key that name fills."""
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a nested mapping."""
     data = yaml.safe_load(yaml.safe_dump(data)) or {}
@@ -163,8 +169,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.get(part)
-            if isinstance(child, str) and part in ("task", "method"):
-                child = {"type" if part == "task" else "name": child}
+            if isinstance(child, str) and part in SECTION_KEYS:  # `method=lora` then `method.r=4`
+                child = {SECTION_KEYS[part]: child}
             if child is None:
                 child = {}
             if not isinstance(child, dict):

@@ -14,7 +14,7 @@ import resource
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from lmadapt.rundir import RunDir, create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from transformers import PreTrainedModel
+
     from lmadapt.tasks.base import Task
 
 
@@ -86,7 +88,7 @@ def set_attention(model: torch.nn.Module, choice: str, kind: str) -> None:
     """Pick the attention kernel; measured in bench/: eager is faster for encoder fine-tuning."""
     impl = {"auto": "eager" if kind == "encoder" else None}.get(choice, choice)
     if impl and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
+        cast("PreTrainedModel", model).set_attn_implementation(impl)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -98,10 +100,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             f"{type(model).__name__} does not support gradient checkpointing; set it to false",
         )
     kwargs = {"use_reentrant": False}
+    hf_model = cast("PreTrainedModel", model)  # a transformers model: it supports checkpointing
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def check_quantize(choice: str, method: Any) -> None:
@@ -131,7 +134,9 @@ def check_quantize(choice: str, method: Any) -> None:
 
 
 def _embeddings_frozen(model: torch.nn.Module) -> bool:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not hasattr(model, "get_input_embeddings"):  # not a transformers model
+        return False
+    embeddings = cast("PreTrainedModel", model).get_input_embeddings()
     return embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
 
 
@@ -150,7 +155,7 @@ def apply_method(
         and _embeddings_frozen(base)
         and not getattr(base, "_require_grads_hooks", None)  # transformers may have done it
     ):
-        base.enable_input_require_grads()
+        cast("PreTrainedModel", base).enable_input_require_grads()
     return model
 
 

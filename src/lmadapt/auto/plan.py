@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from sklearn.model_selection import train_test_split
 
-from lmadapt.config import TrainConfig
 from lmadapt.data.subset import write_subset
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.models import resolve_model
@@ -23,6 +22,7 @@ from lmadapt.prompting.templates import load_template, template_verbalizer
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import DataProfile
+from lmadapt.train.config import TrainConfig
 from lmadapt.train.loop import checkpoint_metric
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
@@ -230,7 +230,8 @@ def make_plan(
         _check_prompt(template, verbalizer, prompt, prompt_reason)
     test_rows = len(t.check(t.read(str(test_file), fmt))) if test_file is not None else 0
     profile = t.profile(examples)
-    train_path, dev_path, carved = Path(train_file), dev_file, None
+    train_path, carved = Path(train_file), None
+    dev_path: str | Path
     suffix = Path(train_file).suffix
     if dev_file is None:
         tr, dv = carve_dev(profile, seed)
@@ -240,6 +241,8 @@ def make_plan(
         dev_path = write_subset(train_file, fmt, [lines[i] for i in dv], data / f"dev{suffix}")
         carved = {"train": len(tr), "dev": len(dv)}
         profile = t.profile([examples[i] for i in tr])  # what the routes train on
+    else:
+        dev_path = dev_file
     dev_examples = t.check(t.read(str(dev_path), fmt))
     speed_file = write_subset(
         dev_path,

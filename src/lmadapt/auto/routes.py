@@ -100,14 +100,15 @@ class Deadline(Hook):
 
     def on_train_start(self, trainer: Trainer) -> None:
         if math.isfinite(self.end) and trainer.dev_features:
-            self._fit_dev(trainer)
+            if trainer.dev_examples is None:  # the task scores against the examples' references
+                raise ValueError("Trainer: dev_features were given without their dev_examples")
+            self._fit_dev(trainer, trainer.dev_features, trainer.dev_examples)
         self._start = (time.monotonic(), trainer.state.step)
         self._check(trainer)
 
-    def _fit_dev(self, trainer: Trainer) -> None:
-        """Sample dev down to what its scorings can take of the time, in place: the loop and
-        the run's report read the same lists."""
-        feats, examples = trainer.dev_features, trainer.dev_examples
+    def _fit_dev(self, trainer: Trainer, feats: list[dict[str, Any]], examples: list[Any]) -> None:
+        """Sample dev (the trainer's `feats` and `examples`) down to what its scorings can take
+        of the time, in place: the loop and the run's report read the same lists."""
         t0 = time.monotonic()
         k = min(len(feats), trainer.cfg.eval_batch_size)
         trainer.task.evaluate_model(

@@ -21,18 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmadapt.config import DataConfig, TaskSection, TrainConfig
+from lmadapt.config import DataConfig, TaskSection, TrainConfig, read_config
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.errors import ConfigError
-from lmadapt.schema import (
-    apply_overrides,
-    config_source,
-    from_dict,
-    parse_section,
-    read_yaml,
-    resolve_data_paths,
-    to_dict,
-)
+from lmadapt.schema import from_dict, parse_section, resolve_data_paths, to_dict
 from lmadapt.tasks import TASKS
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -172,13 +164,7 @@ def build_continual_config(data: dict[str, Any]) -> ContinualConfig:
 
 def load_continual_config(path: str | Path, overrides: list[str] | None = None) -> ContinualConfig:
     """Read a continual YAML config; overrides like `strategy=replay strategy.buffer_size=50`."""
-    raw = read_yaml(path)
-    with config_source(path):
-        for item in overrides or []:
-            if isinstance(raw, dict) and isinstance(raw.get("strategy"), str):
-                raw["strategy"] = {"name": raw["strategy"]}
-            raw = apply_overrides(raw, [item])
-        config = build_continual_config(raw)
+    config = read_config(path, overrides, build_continual_config)
     for entry in config.stream:
         resolve_data_paths(path, entry.data, ("train", "dev", "test"))
     return config

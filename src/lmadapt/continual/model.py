@@ -7,11 +7,14 @@ Every task builds its model as usual (`task.build_model`), then the model's back
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from lmadapt.inference import model_inputs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class MultiTaskModel(torch.nn.Module):
@@ -24,7 +27,7 @@ class MultiTaskModel(torch.nn.Module):
         self.active: str | None = None
 
     def add_task(self, name: str, task_model: torch.nn.Module) -> None:
-        prefix = task_model.base_model_prefix
+        prefix = cast("PreTrainedModel", task_model).base_model_prefix  # a transformers model
         if not isinstance(getattr(task_model, prefix, None), torch.nn.Module):
             raise TypeError(f"{type(task_model).__name__} has no backbone attribute '{prefix}'")
         setattr(task_model, prefix, self.backbone)

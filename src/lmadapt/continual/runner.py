@@ -7,15 +7,15 @@ transfer and forgetting (see `metrics.py`). Writes `continual.json`, `report.md`
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
+import torch
 
 from lmadapt.continual.config import ContinualConfig, StreamEntry, load_continual_config
 from lmadapt.continual.metrics import (
@@ -27,6 +27,7 @@ from lmadapt.continual.metrics import (
 from lmadapt.continual.model import MultiTaskModel
 from lmadapt.continual.strategies import Strategy, build_strategy
 from lmadapt.data import cache
+from lmadapt.errors import ConfigError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.io import write_json, write_text, write_yaml
@@ -40,12 +41,25 @@ from lmadapt.tasks.base import Task, check_model_suits, read_split
 from lmadapt.train.loop import TrainResult
 
 
+class HeadTask(Task, Protocol):
+    """What the learner asks of a task beyond `Task`: a head over the shared backbone whose
+    outputs it can read (a `LogitsTask`; the config admits only tasks that `shares_backbone`)."""
+
+    per_token: bool
+    """Whether its logits are per token, (T, C), rather than per sequence, (C,)."""
+
+    def batch_outputs(
+        self, model: torch.nn.Module, features: list[dict[str, Any]], collator: Any, bs: int
+    ) -> tuple[list[np.ndarray], float | None]:
+        """Its outputs of every feature, in input order, and the mean loss where labelled."""
+
+
 @dataclass
 class TaskSlot:
     """One task of the stream: its task object, head, evaluation data and current training data."""
 
     name: str
-    task: Task
+    task: HeadTask
     collator: Any
     dev: list[Any]
     dev_features: list[dict[str, Any]]
@@ -73,7 +87,7 @@ class EntryData:
     """One stream entry's examples, read and checked; dev and test only at a task's first entry
     (a revisited task keeps its own)."""
 
-    task: Task
+    task: HeadTask
     train: list[Any]
     dev: list[Any] = field(default_factory=list)
     test: list[Any] = field(default_factory=list)
@@ -85,16 +99,21 @@ def read_stream(
     """Every entry's files read and checked (under each entry's data.bad_rows) before the first
     step trains, so a bad file late in the stream never throws earlier training away. Returns
     the entries' data and, per "task: file", the rows left out."""
-    tasks: dict[str, Task] = {}
+    tasks: dict[str, HeadTask] = {}
     bad_rows: dict[str, int] = {}
     out = []
     for i, entry in enumerate(stream):
         d = entry.data
+        if not d.train:
+            raise ConfigError(f"stream[{i}].data.train", "is required")
         if entry.name in tasks:
             train = _read(entry, tasks[entry.name], d.train, bad_rows)
             out.append(EntryData(tasks[entry.name], train[: d.max_train_samples]))
             continue
-        task = tasks[entry.name] = build_task(entry.task)
+        if not d.dev:
+            raise ConfigError(f"stream[{i}].data.dev", "is required")
+        # the config admits only tasks with a head over a shared backbone: LogitsTasks
+        task = tasks[entry.name] = cast(HeadTask, build_task(entry.task))
         train = _read(entry, task, d.train, bad_rows, check=False)[: d.max_train_samples]
         task.fit(train)
         dev = _read(entry, task, d.dev, bad_rows)[: d.max_eval_samples]
@@ -150,11 +169,12 @@ class Learner:
             self.slots[entry.name] = slot
             self.seen.append(entry.name)
         slot.train = data.train
+        assert d.train is not None  # read_stream refused an entry without one
         # encoded once per file, task state and tokenizer (lmadapt.data.cache); memory-mapped
         parts = [
             cache.file_digest(d.train),
             d.format,
-            dataclasses.asdict(entry.task),
+            to_dict(entry.task),
             slot.task.state(),
             d.max_train_samples,
             [self.spec.name, self.spec.path, self.spec.kind],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ class Batches(Sequence):
             return NotImplemented
         return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
-    __hash__ = None  # type: ignore[assignment]  (mutable arrays inside)
+    __hash__ = None  # type: ignore[assignment]  # unhashable: mutable arrays inside
 
 
 def _order(n: int, rng: random.Random) -> np.ndarray:
@@ -102,10 +102,11 @@ class Collator:
     """Pad features to the longest in the batch (dynamic padding).
 
     `input_ids` and every key in `token_keys` are per-token lists padded to width T; other keys
-    (sequence-level labels) are stacked as they are.
+    (sequence-level labels) are stacked as they are. `token_keys` maps each to its pad value; a
+    float pad value gives a float tensor (loss weights), an int one a long tensor.
     """
 
-    def __init__(self, pad_id: int, token_keys: dict[str, int] | None = None):
+    def __init__(self, pad_id: int, token_keys: Mapping[str, float] | None = None):
         self.pad_values = {"input_ids": pad_id, "token_type_ids": 0, **(token_keys or {})}
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

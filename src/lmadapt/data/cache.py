@@ -124,7 +124,7 @@ class FeatureStore(Sequence):
         return {"path": self.path, "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["manifest"])
+        FeatureStore.__init__(self, state["path"], state["manifest"])
 
     def _read(self, file: str, dtype: np.dtype, start: int, count: int) -> np.ndarray:
         fd = self._fds.get(file)

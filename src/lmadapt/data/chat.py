@@ -77,11 +77,13 @@ def _alpaca(record: Record, labelled: bool) -> list[dict[str, str]]:
     return messages
 
 
-def _turns(record: Record, key: str, role_key: str, content_key: str, roles: dict) -> list:
+def _turns(
+    record: Record, key: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> list[dict[str, str]]:
     turns = _required(record, key)
     if not isinstance(turns, list) or not turns:
         raise record.error(f"expected a non-empty list of turns, got {turns!r}"[:200], key)
-    messages = []
+    messages: list[dict[str, str]] = []
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
@@ -129,7 +131,8 @@ def _plain_text(record: Record, labelled: bool) -> str:
     return _text(record, _required(record, "text"), "text")
 
 
-Parser = Callable[[Record, bool], object]
+Parser = Callable[[Record, bool], list[dict[str, str]] | str]
+"""(record, labelled) -> role/content turns, or raw text."""
 
 # name -> (field that identifies it, parser); checked in this order by `detect_chat_format`.
 CHAT_FORMATS: dict[str, tuple[str, Parser]] = {

@@ -157,7 +157,7 @@ def to_iob2(tags: list[str], scheme: str) -> list[str]:
             raise TagError(i, str(e)) from None
     for i, (prefix, kind) in enumerate(parsed):
         prev = out[-1] if out else "O"
-        if prefix == "O":
+        if kind is None:  # the tag O: parse_tag gives every other tag a type
             out.append("O")
             continue
         if scheme != "bioes" and prefix in ("E", "S"):

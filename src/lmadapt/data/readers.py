@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,12 +66,8 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
 
 def read_text(path: str | Path) -> str:
     """Read UTF-8 text (BOM allowed); a bad byte is reported with its line number."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(str(path), "file not found")
-    if not p.is_file():
-        raise DataError(str(path), "not a regular file")
-    raw = p.read_bytes()
+    _check_file(path)
+    raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -163,8 +159,11 @@ def _read_delimited(
     with QUOTE_NONE): a `"` is text. With csv's default quoting a stray quote at a field's start
     silently merged every row up to the next quote into one field.
     """
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(_no_nul(file, lines), delimiter=delimiter, quoting=quoting)
+    reader = csv.reader(
+        _no_nul(file, lines),
+        delimiter=delimiter,
+        quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
+    )
     kind = "TSV" if delimiter == "\t" else "CSV"
     try:
         # The header is the first non-blank row; csv.Error (e.g. a huge field) is a data error.
@@ -285,7 +284,10 @@ def _dataset_rows(file: str) -> Iterator[dict[str, Any]]:
         yield from (dict(zip(columns, values)) for values in zip(*batch.values()))
 
 
-_READERS = {
+_RowReader = Callable[[str, Any, BadRows], Iterator[Record | None]]
+"""(file, its lines or rows, the bad-row collector) -> records, None for a bad row."""
+
+_READERS: dict[str, _RowReader] = {
     "csv": lambda f, lines, b: _read_delimited(f, lines, ",", b),
     "tsv": lambda f, lines, b: _read_delimited(f, lines, "\t", b),
     "jsonl": _read_jsonl,

@@ -126,6 +126,7 @@ def _text(fields: dict[str, Any], name: str, ex: QAExample, where: str | None = 
     value = fields.get(name)
     problem = "missing field" if value is None else text_problem(value)
     if problem is None:
+        assert isinstance(value, str)  # text_problem passes nothing else
         return value
     raise _at(ex, where, problem) if where else ex.error(problem, name)
 

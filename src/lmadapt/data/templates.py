@@ -77,47 +77,47 @@ class MarkupTemplate:
         return _merge(out)
 
 
-@TEMPLATES.register("alpaca", summary="### Instruction: / ### Response: (Stanford Alpaca)")
-def _alpaca(tokenizer: Any) -> MarkupTemplate:
-    return MarkupTemplate(
-        "alpaca",
-        system="{content}\n\n",
-        user="### Instruction:\n{content}\n\n",
-        assistant_header="### Response:\n",
-        assistant_end="{eos}",
-        separator="\n\n",
-        eos=tokenizer.eos_token or "",
-        default_system="Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.",
-        stop=("### Instruction:",),
-    )
+def markup(name: str, summary: str, **fields: Any) -> None:
+    """Register a markup template given by its format strings; the tokenizer it is built for
+    supplies the end-of-text token."""
+
+    def build(tokenizer: Any) -> MarkupTemplate:
+        return MarkupTemplate(name, eos=tokenizer.eos_token or "", **fields)
+
+    TEMPLATES.register(name, summary=summary)(build)
 
 
-@TEMPLATES.register("chatml", summary="<|im_start|>role ... <|im_end|> (ChatML)")
-def _chatml(tokenizer: Any) -> MarkupTemplate:
-    return MarkupTemplate(
-        "chatml",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n",
-        assistant_header="<|im_start|>assistant\n",
-        assistant_end="<|im_end|>",
-        separator="\n",
-        eos=tokenizer.eos_token or "",
-        stop=("<|im_end|>",),
-    )
-
-
-@TEMPLATES.register("plain", summary="prompt, newline, response, end-of-text; no markup")
-def _plain(tokenizer: Any) -> MarkupTemplate:
-    return MarkupTemplate(
-        "plain",
-        system="{content}\n\n",
-        user="{content}\n",
-        assistant_header="",
-        assistant_end="{eos}",
-        separator="\n",
-        eos=tokenizer.eos_token or "",
-    )
+markup(
+    "alpaca",
+    "### Instruction: / ### Response: (Stanford Alpaca)",
+    system="{content}\n\n",
+    user="### Instruction:\n{content}\n\n",
+    assistant_header="### Response:\n",
+    assistant_end="{eos}",
+    separator="\n\n",
+    default_system="Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.",
+    stop=("### Instruction:",),
+)
+markup(
+    "chatml",
+    "<|im_start|>role ... <|im_end|> (ChatML)",
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_header="<|im_start|>assistant\n",
+    assistant_end="<|im_end|>",
+    separator="\n",
+    stop=("<|im_end|>",),
+)
+markup(
+    "plain",
+    "prompt, newline, response, end-of-text; no markup",
+    system="{content}\n\n",
+    user="{content}\n",
+    assistant_header="",
+    assistant_end="{eos}",
+    separator="\n",
+)
 
 
 def full_so_far(segments: list[Segment]) -> str:

@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -44,12 +44,12 @@ from lmadapt.session import (
     start,
 )
 from lmadapt.tasks import build_task
-from lmadapt.tasks.base import read_split
+from lmadapt.tasks.base import Task, read_split
 from lmadapt.train.distributed import Distributed
 from lmadapt.train.loop import Hook
 
-if TYPE_CHECKING:  # the protocol only: tasks sit above this module
-    from lmadapt.tasks.base import Task
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -172,9 +172,10 @@ def run_distill(
     # no resume: a failure keeps only a finished run
     with run_directory(out, "distill", keep=lambda: RunDir(out).metrics.is_file()):
         if opt.student_layers:
-            keep_first_layers(model, opt.student_layers)
+            pretrained = cast("PreTrainedModel", model)  # the task's transformers model
+            keep_first_layers(pretrained, opt.student_layers)
             base = out / "student_base"
-            model.save_pretrained(base, safe_serialization=True)
+            pretrained.save_pretrained(base, safe_serialization=True)
             tokenizer.save_pretrained(base)
             run.model = str(base)  # the run dir then reloads the truncated base (peft methods too)
             spec = resolve_model(run.model)
@@ -205,11 +206,20 @@ def run_distill(
         return _teacher_vs_student(config, out, data, teacher, model, tokenizer, fitted)
 
 
+class StudentTask(Task, Protocol):
+    """What distillation asks of the student's task beyond `Task`: its metrics from logits, so
+    that the teacher's distributions are scored the same way (a single-label classification
+    task, a `LogitsTask`)."""
+
+    def evaluate(self, logits: list[np.ndarray], examples: list[Any]) -> Evaluation:
+        """The task's metrics from one logits array per example."""
+
+
 @dataclass
 class DistillData:
     """The student's task (with the teacher's label set) and its examples, read and checked."""
 
-    task: Task
+    task: StudentTask
     train: list[Any]
     dev: list[Any]
     test: list[Any]
@@ -220,9 +230,10 @@ class DistillData:
 
 def _read(run: RunConfig, opt: _Options, teacher: Teacher) -> DistillData:
     """Every data file read under data.bad_rows before any model loads."""
-    task = build_task(run.task, {"labels": teacher.labels})
-    if not (task.label_distribution and task.shares_backbone):  # logits (B, C) from a head
+    built = build_task(run.task, {"labels": teacher.labels})
+    if not (built.label_distribution and built.shares_backbone):  # logits (B, C) from a head
         raise ConfigError("task", "distillation supports single-label classification students")
+    task = cast(StudentTask, built)  # single-label classification: a LogitsTask
     d = run.data
     if not d.train or not d.dev:
         raise ConfigError("data.dev" if d.train else "data.train", "is required")

@@ -3,12 +3,17 @@ DistilBERT, initialise the student from the teacher's layers; here simply the bo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from lmadapt.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def keep_first_layers(model: torch.nn.Module, k: int) -> None:
+
+def keep_first_layers(model: PreTrainedModel, k: int) -> None:
     """Drop every transformer block after the k-th, in place, and record it in the config."""
     n = model.config.num_hidden_layers
     if not 1 <= k <= n:

@@ -25,10 +25,10 @@ def ranked(
 ) -> list[int]:
     """Indices of the (at most) `k` kept entries with the highest (or lowest) score; ties keep
     input order, so the listing is reproducible."""
-    scores = np.asarray(scores, dtype=float)
-    order = np.argsort(-scores if highest else scores, kind="stable")
-    keep = np.asarray(keep, dtype=bool)
-    return [int(i) for i in order if keep[i]][:k]
+    values = np.asarray(scores, dtype=float)
+    order = np.argsort(-values if highest else values, kind="stable")
+    kept = np.asarray(keep, dtype=bool)
+    return [int(i) for i in order if kept[i]][:k]
 
 
 def length_slices(
@@ -37,19 +37,19 @@ def length_slices(
     """`metric` of each slice of examples by length, cut at the length quantiles (quartiles by
     default; slices merge where quantiles coincide). Each slice: its length range (`shortest`,
     `longest`, as found in it), `count` and `value`, given the slice's example indices."""
-    lengths = np.asarray(lengths)
-    if not len(lengths):
+    sizes = np.asarray(lengths)
+    if not len(sizes):
         return []
-    cuts = np.unique(np.quantile(lengths, [q / n for q in range(1, n)]))
-    which = np.searchsorted(cuts, lengths, side="right")
+    cuts = np.unique(np.quantile(sizes, [q / n for q in range(1, n)]))
+    which = np.searchsorted(cuts, sizes, side="right")
     out = []
     for s in range(len(cuts) + 1):
         idx = np.flatnonzero(which == s)
         if len(idx):
             out.append(
                 {
-                    "shortest": int(lengths[idx].min()),
-                    "longest": int(lengths[idx].max()),
+                    "shortest": int(sizes[idx].min()),
+                    "longest": int(sizes[idx].max()),
                     "count": len(idx),
                     "value": float(metric(idx)),
                 }

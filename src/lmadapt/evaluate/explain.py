@@ -20,11 +20,14 @@ import html
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 from lmadapt.inference import on_model_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Method = Literal["ig", "occlusion"]
 METHODS: tuple[str, ...] = ("ig", "occlusion")
@@ -72,7 +75,7 @@ def explain(
     delta (ig)}]}: every target of `item` attributed to its words."""
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; expected one of {METHODS}")
-    layer = model.get_input_embeddings()
+    layer = cast("PreTrainedModel", model).get_input_embeddings()  # a transformers model (or peft)
     forward_model = on_model_device(model)
     ids = torch.tensor([item.input_ids])  # (1, T)
     keys = ["attention_mask", *item.extra_inputs]

@@ -9,9 +9,10 @@ regulariser on P and Q (peft adds it only to a loss computed from `labels`, whic
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -19,16 +20,19 @@ from lmadapt.errors import ConfigError
 from lmadapt.hooks import Hook
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, PeftMethod
+from lmadapt.methods.lora import LowRankShape
 from lmadapt.models import ModelSpec
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from peft import AdaLoraConfig, AdaLoraModel, PeftModel
+
     from lmadapt.tasks.base import Task
 
 ADAPTER = "default"
 
 
 @dataclass
-class AdaLoraMethodConfig(MethodConfig):
+class AdaLoraMethodConfig(LowRankShape, MethodConfig):
     name: str = "adalora"
     lr: float = 1e-3
     """The paper uses 5e-4 to 1e-3 on GLUE; the singular values start at zero, as LoRA's B."""
@@ -36,12 +40,6 @@ class AdaLoraMethodConfig(MethodConfig):
     """Starting rank of every adapted matrix (the budget to prune from)."""
     target_r: int = 8
     """Average rank left after pruning; the total budget is target_r x number of matrices."""
-    alpha: float = 16.0
-    """Scale: the update is multiplied by alpha / rank."""
-    dropout: float = 0.1
-    target_modules: list[str] | None = None
-    """Module names to adapt; None = peft's default for the architecture (query/value for BERT,
-    q_proj/v_proj for Llama)."""
     tinit_ratio: float = 0.1
     """Share of the training steps before pruning starts (the paper's t_i)."""
     tfinal_ratio: float = 0.3
@@ -83,7 +81,7 @@ class AdaLoraMethodConfig(MethodConfig):
 
 
 @METHODS.register("adalora", AdaLoraMethodConfig)
-class AdaLora(PeftMethod):
+class AdaLora(PeftMethod[AdaLoraMethodConfig]):
     """AdaLoRA via peft: LoRA whose per-matrix rank is pruned to a budget by importance."""
 
     mergeable = True
@@ -97,7 +95,7 @@ class AdaLora(PeftMethod):
             task_type=task_type,
             init_r=c.init_r,
             target_r=c.target_r,
-            lora_alpha=c.alpha,
+            lora_alpha=c.alpha,  # type: ignore[arg-type]  # peft says int; alpha / r takes a float
             lora_dropout=c.dropout,
             target_modules=c.target_modules,
             modules_to_save=task.head_modules(model),
@@ -120,7 +118,8 @@ class AdaLora(PeftMethod):
 
     def hooks(self, model: torch.nn.Module, total_steps: int) -> list[Hook]:
         """Set the budget schedule to the trainer's step count and return the schedule hook."""
-        peft_cfg = model.peft_config[ADAPTER]  # the object peft's rank allocator reads
+        # the object peft's rank allocator reads, in the peft model apply() returned
+        peft_cfg = cast("AdaLoraConfig", cast("PeftModel", model).peft_config[ADAPTER])
         peft_cfg.total_step = total_steps
         peft_cfg.tinit = int(self.cfg.tinit_ratio * total_steps)
         peft_cfg.tfinal = int(self.cfg.tfinal_ratio * total_steps)
@@ -133,8 +132,13 @@ class AdaLoraSchedule(Hook):
     def __init__(self, model: torch.nn.Module, orth_reg_weight: float):
         self.model = model  # the peft model itself, however the trainer wraps it
         self.orth_reg_weight = orth_reg_weight
-        self.grads: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor | None] = {}
         self.handles: list[Any] = []
+
+    @property
+    def tuner(self) -> AdaLoraModel:
+        """peft's AdaLoRA tuner under the peft model: it holds the rank allocator."""
+        return cast("AdaLoraModel", self.model.base_model)
 
     def on_train_start(self, trainer: Any) -> None:
         self.params = {
@@ -164,7 +168,7 @@ class AdaLoraSchedule(Hook):
     def on_step_end(self, trainer: Any) -> None:
         for name, p in self.params.items():
             p.grad = self.grads.get(name)
-        self.model.base_model.update_and_allocate(trainer.state.step)
+        self.tuner.update_and_allocate(trainer.state.step)
         for p in self.params.values():
             p.grad = None
         self.grads.clear()
@@ -174,17 +178,20 @@ class AdaLoraSchedule(Hook):
             handle.remove()
         # The restored best checkpoint may predate the final allocation; mask it with the ranks
         # that will be saved, so the evaluated model is the saved one.
-        base = self.model.base_model
-        pattern = base.peft_config[ADAPTER].rank_pattern
+        base = self.tuner
+        pattern = cast("AdaLoraConfig", base.peft_config[ADAPTER]).rank_pattern
         if pattern:
             base.rankallocator.mask_using_rank_pattern(base.model, pattern)
 
 
-def orthogonal_penalty(factors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+def orthogonal_penalty(factors: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
     """Mean of ||PᵀP - I||_F over P (lora_B) and ||QQᵀ - I||_F over Q (lora_A), as in peft."""
-    total = 0.0
+    total: torch.Tensor | None = None
     for name, p in factors:
         cov = p @ p.T if ".lora_A." in name else p.T @ p
         eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        total = total + torch.linalg.matrix_norm(cov - eye)
+        norm = torch.linalg.matrix_norm(cov - eye)
+        total = norm if total is None else total + norm
+    if total is None:
+        raise ValueError("orthogonal_penalty needs at least one LoRA factor")
     return total / len(factors)

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -109,7 +109,7 @@ class Bottleneck(nn.Module):
 
 
 def _run_adapter(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-    return module.adapter(output)
+    return cast(Bottleneck, module.adapter)(output)  # inject() attached it
 
 
 def adapter_sites(model: nn.Module, cfg: AdapterConfig) -> list[str]:
@@ -118,13 +118,17 @@ def adapter_sites(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     default = SITES.get(model_type)
     attn = cfg.attn_modules or (default and default[0])
     ffn = cfg.ffn_modules or (default and default[1])
-    if not ffn or (cfg.variant == "houlsby" and not attn):
-        raise ConfigError(
-            "method.ffn_modules" if not ffn else "method.attn_modules",
-            f"no default adapter placement for model type '{model_type}' "
-            f"(known: {', '.join(sorted(SITES))}); give the module-name regex",
-        )
-    patterns = [re.compile(ffn)] + ([re.compile(attn)] if cfg.variant == "houlsby" else [])
+    no_default = (
+        f"no default adapter placement for model type '{model_type}' "
+        f"(known: {', '.join(sorted(SITES))}); give the module-name regex"
+    )
+    if not ffn:
+        raise ConfigError("method.ffn_modules", no_default)
+    patterns = [re.compile(ffn)]
+    if cfg.variant == "houlsby":
+        if not attn:
+            raise ConfigError("method.attn_modules", no_default)
+        patterns.append(re.compile(attn))
     sites = [
         n
         for n, m in model.named_modules()
@@ -140,7 +144,7 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     model.requires_grad_(False)
     sites = adapter_sites(model, cfg)
     for name in sites:
-        linear = model.get_submodule(name)
+        linear = cast(nn.Linear, model.get_submodule(name))  # adapter_sites keeps Linears only
         d = linear.out_features
         adapter = Bottleneck(
             d, max(1, d // cfg.reduction_factor), cfg.non_linearity, cfg.residual, cfg.init_std

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
 
@@ -12,6 +12,9 @@ from lmadapt.hooks import Hook
 from lmadapt.models import ModelSpec, refuse_pickled
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
     from lmadapt.tasks.base import Task
 
 
@@ -20,6 +23,9 @@ class MethodConfig:
     name: str
     lr: float = 5e-5
     """Default peak learning rate for this method (train.lr overrides it)."""
+
+
+C = TypeVar("C", bound=MethodConfig)
 
 
 class Method(Protocol):
@@ -85,7 +91,8 @@ class WholeModelMethod(NoHooks):
         self.cfg = cfg
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        # a transformers model: the task built it
+        cast("PreTrainedModel", model).save_pretrained(out_dir, safe_serialization=True)
 
     def load(
         self, task: Task, base: ModelSpec, artifact: Path, trust_remote_code: bool = False
@@ -95,14 +102,15 @@ class WholeModelMethod(NoHooks):
         return task.build_model(spec, trust_remote_code)
 
 
-class PeftMethod(NoHooks):
-    """Methods implemented by peft: subclasses build the peft config, peft does the rest."""
+class PeftMethod(NoHooks, Generic[C]):
+    """Methods implemented by peft: subclasses build the peft config, peft does the rest.
+    Parametrised by the method's own config class, so `self.cfg` has its fields."""
 
     mergeable = False
     saves_whole_model = False
     quantized_base = False
 
-    def __init__(self, cfg: MethodConfig):
+    def __init__(self, cfg: C):
         self.cfg = cfg
 
     def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
@@ -114,7 +122,8 @@ class PeftMethod(NoHooks):
         return get_peft_model(model, self.peft_config(model, task, task.peft_task_type))
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        # the peft model apply() returned; peft types the directory as str
+        cast("PeftModel", model).save_pretrained(str(out_dir), safe_serialization=True)
 
     def load(
         self, task: Task, base: ModelSpec, artifact: Path, trust_remote_code: bool = False

@@ -46,7 +46,7 @@ class IA3MethodConfig(MethodConfig):
 
 
 @METHODS.register("ia3", IA3MethodConfig)
-class IA3(PeftMethod):
+class IA3(PeftMethod[IA3MethodConfig]):
     """(IA)³ via peft: per-channel scaling of keys, values and FFN inputs; the head trains."""
 
     mergeable = True

@@ -23,23 +23,32 @@ def check_lora_shape(section: str, r: int, dropout: float) -> None:
         raise ConfigError(f"{section}.dropout", f"must be in [0, 1), got {dropout}")
 
 
-@dataclass
-class LoraMethodConfig(MethodConfig):
-    name: str = "lora"
-    lr: float = 5e-4
-    r: int = 8
+@dataclass(kw_only=True)
+class LowRankShape:
+    """What every LoRA-style adapter shares (lora, adalora, continual's `adapters` strategy): the
+    scale, the dropout on the adapter's input and which modules are adapted. Keyword-only, so it
+    mixes into configs whose `name` has no default."""
+
     alpha: float = 16.0
+    """Scale: the update is multiplied by alpha / rank."""
     dropout: float = 0.1
     target_modules: list[str] | None = None
     """Module names to adapt; None = peft's default for the architecture (query/value for BERT,
     q_proj/v_proj for Llama); ["all-linear"] adapts every linear layer but the head."""
+
+
+@dataclass
+class LoraMethodConfig(LowRankShape, MethodConfig):
+    name: str = "lora"
+    lr: float = 5e-4
+    r: int = 8
 
     def __post_init__(self) -> None:
         check_lora_shape("method", self.r, self.dropout)
 
 
 @METHODS.register("lora", LoraMethodConfig)
-class Lora(PeftMethod):
+class Lora(PeftMethod[LoraMethodConfig]):
     """LoRA via peft: low-rank updates on attention projections; the head trains fully."""
 
     mergeable = True
@@ -58,7 +67,7 @@ class Lora(PeftMethod):
         return LoraConfig(
             task_type=task_type,
             r=self.cfg.r,
-            lora_alpha=self.cfg.alpha,
+            lora_alpha=self.cfg.alpha,  # type: ignore[arg-type]  # peft says int; alpha / r takes a float
             lora_dropout=self.cfg.dropout,
             target_modules=target,
             exclude_modules=exclude,

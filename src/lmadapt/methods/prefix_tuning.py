@@ -12,14 +12,14 @@ import torch
 from lmadapt.errors import ConfigError
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
-from lmadapt.methods.prompt_common import VirtualTokensConfig
+from lmadapt.methods.prompt_common import EncodedTokensConfig
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
 
 
 @dataclass
-class PrefixTuningMethodConfig(VirtualTokensConfig):
+class PrefixTuningMethodConfig(EncodedTokensConfig):
     name: str = "prefix_tuning"
     lr: float = 1e-2
     """The paper uses 5e-5 to 8e-5 with a reparameterising MLP; direct prefixes on small encoders
@@ -27,15 +27,9 @@ class PrefixTuningMethodConfig(VirtualTokensConfig):
     prefix_projection: bool = False
     """Reparameterise the prefixes through a 2-layer MLP (the paper's stabiliser); costs a large
     MLP during training but is saved the same way."""
-    encoder_hidden_size: int | None = None
-    """Hidden width of that MLP; None = the model's hidden size."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
-            raise ConfigError(
-                "method.encoder_hidden_size", f"must be >= 1, got {self.encoder_hidden_size}"
-            )
         if self.encoder_hidden_size is not None and not self.prefix_projection:
             raise ConfigError(
                 "method.encoder_hidden_size", "is only used with method.prefix_projection=true"
@@ -43,7 +37,7 @@ class PrefixTuningMethodConfig(VirtualTokensConfig):
 
 
 @METHODS.register("prefix_tuning", PrefixTuningMethodConfig)
-class PrefixTuning(PeftMethod):
+class PrefixTuning(PeftMethod[PrefixTuningMethodConfig]):
     """Prefix tuning via peft: learned key/value prefixes in every layer; the head trains."""
 
     def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
@@ -62,15 +56,13 @@ class PrefixTuning(PeftMethod):
     def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import PrefixTuningConfig
 
-        extra = {}
-        if self.cfg.encoder_hidden_size is not None:
-            extra["encoder_hidden_size"] = self.cfg.encoder_hidden_size
-        return PrefixTuningConfig(
-            task_type=task_type,
-            num_virtual_tokens=self.cfg.num_virtual_tokens,
-            prefix_projection=self.cfg.prefix_projection,
-            modules_to_save=task.head_modules(model),
-            **extra,
+        return self.cfg.sized(
+            PrefixTuningConfig(
+                task_type=task_type,
+                num_virtual_tokens=self.cfg.num_virtual_tokens,
+                prefix_projection=self.cfg.prefix_projection,
+                modules_to_save=task.head_modules(model),
+            )
         )
 
 

@@ -4,7 +4,7 @@ virtual token embeddings prepended to the input; the model itself stays frozen."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
@@ -15,6 +15,9 @@ from lmadapt.methods.base import PeftMethod
 from lmadapt.methods.prompt_common import VirtualTokensConfig
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from peft import PeftModel, PromptEmbedding
+    from transformers import PreTrainedModel
+
     from lmadapt.tasks.base import Task
 
 ADAPTER = "default"
@@ -48,31 +51,29 @@ class PromptTuningMethodConfig(VirtualTokensConfig):
 
 
 @METHODS.register("prompt_tuning", PromptTuningMethodConfig)
-class PromptTuning(PeftMethod):
+class PromptTuning(PeftMethod[PromptTuningMethodConfig]):
     """Prompt tuning via peft: a learned soft prompt of virtual tokens; the head trains."""
 
     def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import PromptTuningConfig
 
         c = self.cfg
-        text = {}
-        if c.init == "text":  # peft tokenizes the text with the model's own tokenizer
-            text = {
-                "prompt_tuning_init_text": c.init_text,
-                "tokenizer_name_or_path": model.name_or_path,
-            }
+        text = c.init == "text"  # peft tokenizes the text with the model's own tokenizer
         return PromptTuningConfig(
             task_type=task_type,
             num_virtual_tokens=c.num_virtual_tokens,
             prompt_tuning_init=PEFT_INIT[c.init],
             modules_to_save=task.head_modules(model),
-            **text,
+            prompt_tuning_init_text=c.init_text if text else None,
+            tokenizer_name_or_path=cast("PreTrainedModel", model).name_or_path if text else None,
         )
 
     def hooks(self, model: torch.nn.Module, total_steps: int) -> list[Hook]:
         if not self.cfg.l2_penalty:
             return []
-        return [PromptL2(model.prompt_encoder[ADAPTER].embedding.weight, self.cfg.l2_penalty)]
+        # the peft model apply() returned; prompt tuning's encoder is a PromptEmbedding
+        encoder = cast("PromptEmbedding", cast("PeftModel", model).prompt_encoder[ADAPTER])
+        return [PromptL2(encoder.embedding.weight, self.cfg.l2_penalty)]
 
 
 class PromptL2(Hook):

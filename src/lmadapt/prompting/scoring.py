@@ -19,11 +19,12 @@ content-free calibration inputs, and stage C reuses each query across label cont
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -71,7 +72,7 @@ class PrefixScorer:
 
     def __init__(self, model: torch.nn.Module, pad_id: int, batch_size: int = 16):
         self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
-        self.config = model.config
+        self.config = cast(PretrainedConfig, model.config)
         self.device = next(model.parameters()).device
 
     def _forward(

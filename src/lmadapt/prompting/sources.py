@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmadapt.errors import ConfigError, DataError
+from lmadapt.errors import ConfigError
 from lmadapt.prompting.config import PromptConfig
 from lmadapt.prompting.demos import SELECTORS, sample_pool
 from lmadapt.prompting.templates import template_verbalizer
@@ -43,7 +43,8 @@ class CachedEmbed:
     """Embeds texts once per process run (queries are re-embedded by every kNN seed otherwise)."""
 
     def __init__(self, embedder: Any):
-        self.embedder, self.cache = embedder, {}
+        self.embedder = embedder
+        self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
@@ -68,6 +69,7 @@ def resolve_verbalizer(cfg: PromptConfig) -> Verbalizer:
 def read_labelled_file(cfg: PromptConfig, path: str, labels: list[str]) -> list[Any]:
     """Examples through the classification task's reader; every label must have a verbalizer."""
     from lmadapt.tasks.classification import ClassificationConfig, ClassificationTask
+    from lmadapt.tasks.prompt_classification import check_verbalized
 
     task = ClassificationTask(
         ClassificationConfig(
@@ -76,16 +78,7 @@ def read_labelled_file(cfg: PromptConfig, path: str, labels: list[str]) -> list[
             label_column=cfg.data.label_column,
         )
     )
-    rows = task.read(path, cfg.data.format)
-    for ex in rows:
-        if ex.label not in labels:
-            raise DataError(
-                ex.file,
-                f"label {ex.label!r} has no verbalizer entry (known: {', '.join(labels)})",
-                ex.line,
-                cfg.data.label_column,
-            )
-    return rows
+    return check_verbalized(task.read(path, cfg.data.format), labels, cfg.data.label_column)
 
 
 def read_labelled(cfg: PromptConfig, labels: list[str]) -> tuple[list[Any], list[Any]]:

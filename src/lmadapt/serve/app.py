@@ -562,8 +562,9 @@ class Server:
     ) -> GenerationSettings:
         """The run's decoding settings with the request's overrides. Temperature 0 is greedy and
         > 0 samples (OpenAI's convention); an omitted max_new_tokens is the run's, capped."""
-        cap = min(run.task.cfg.max_new_tokens, self.settings.max_new_tokens)
-        settings = run.task.settings(
+        task = run.generation
+        cap = min(task.cfg.max_new_tokens, self.settings.max_new_tokens)
+        settings = task.settings(
             max_new_tokens=max_new_tokens or cap,
             do_sample=None if req.temperature is None else req.temperature > 0,
             temperature=req.temperature or None,
@@ -584,12 +585,13 @@ class Server:
     ) -> list[list[int]]:
         """Templated prompt tokens; 413 for a prompt the task would truncate (it keeps the last
         task.max_length tokens) or one the model's context cannot hold with its answer."""
+        task = run.generation
         try:
-            feats = run.task.encode(conversations, run.tokenizer)
+            feats = task.encode(conversations, run.tokenizer)
         except (LmadaptError, TemplateError) as e:
             raise HTTPException(400, f"cannot render the prompt for {run.name!r}: {e}") from None
-        limit, context = run.task.cfg.max_length, self.group_of[run.name].context
-        ids = [run.task.prompt_ids(f, c) for f, c in zip(feats, conversations)]
+        limit, context = task.cfg.max_length, self.group_of[run.name].context
+        ids = [task.prompt_ids(f, c) for f, c in zip(feats, conversations)]
         for field, prompt in zip(fields, ids):
             if len(prompt) >= limit:
                 raise ApiError(
@@ -650,7 +652,7 @@ class Server:
         stream = TokenStream(run.tokenizer)
         job = GenerationJob(ids, settings, stream)
         future = self.submit_generation(run, [job])
-        cutter = StopCutter(run.task.stop_strings(settings))
+        cutter = StopCutter(run.generation.stop_strings(settings))
         head = {**head, "object": "chat.completion.chunk"}
         if include_usage:
             head["usage"] = None
@@ -738,8 +740,10 @@ def create_app(
 
 def _guards(app: FastAPI, settings: ServeSettings, hosts: frozenset[str] | None) -> None:
     """Error handlers and the guards; the middleware added last runs first."""
-    app.add_exception_handler(RequestValidationError, request_invalid)
-    app.add_exception_handler(StarletteHTTPException, http_error)
+    # FastAPI's decorator, called: Starlette types add_exception_handler's handlers as taking
+    # any Exception, which handlers of one exception class are not
+    app.exception_handler(RequestValidationError)(request_invalid)
+    app.exception_handler(StarletteHTTPException)(http_error)
     app.add_middleware(BodyLimit, limit=settings.body_limit)
     if settings.api_key is not None:  # added last, so it runs first: no body is read unchecked
         app.add_middleware(ApiKey, key=settings.api_key)
@@ -858,18 +862,17 @@ def _chat_route(app: FastAPI, server: Server) -> None:
         settings = server.decoding(run, req, max_new)
         conv = Conversation(messages, file="<request>")
         (ids,) = server.prompt_ids(run, [conv], ["messages"], settings.max_new_tokens)
-        head = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": run.name,
-        }
+        chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": chat_id, "created": created, "model": run.name}
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             return server.stream_chat(run, ids, settings, head, include_usage)
         jobs = [GenerationJob(ids, settings) for _ in range(req.n)]
         done = await server.generation(run, jobs, request)
         return ChatCompletion(
-            **head,
+            id=chat_id,
+            created=created,
+            model=run.name,
             choices=[
                 ChatChoice(
                     index=i,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from peft import PeftModel
@@ -31,6 +31,7 @@ from lmadapt.rundir import RunDir
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
+    from lmadapt.tasks.generation import GenerationTask
 
 
 @dataclass
@@ -49,6 +50,13 @@ class ServedRun:
     def kind(self) -> str:
         return self.task.kind
 
+    @property
+    def generation(self) -> GenerationTask:
+        """The task of a run served at the generation endpoints (its endpoint is 'generate')."""
+        if self.task.endpoint != "generate":
+            raise LmadaptError(f"run {self.name!r} ({self.kind}) does not generate text")
+        return cast("GenerationTask", self.task)
+
     def info(self) -> dict[str, Any]:
         labels = self.task.labels
         return {
@@ -63,11 +71,12 @@ def read_run(run_dir: str | Path) -> ServedRun:
     """A run's config, task and tokenizer, without loading its model (so groups can share one)."""
     info = api.read_run(run_dir)
     name = info.run_dir.resolve().name
-    if info.task.endpoint == "generate":
-        info.task.template(info.tokenizer)  # resolved now, so a bad template fails start-up
-    return ServedRun(
+    run = ServedRun(
         name, info.run_dir, info.config, info.task, info.tokenizer, info.spec, info.method
     )
+    if run.task.endpoint == "generate":
+        run.generation.template(run.tokenizer)  # resolved now, so a bad template fails start-up
+    return run
 
 
 def base_key(run: ServedRun) -> tuple | None:
@@ -106,12 +115,15 @@ class GenerationJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+FinishReason = Literal["stop", "length"]
+
+
 @dataclass
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str
+    finish_reason: FinishReason
     """Either "stop" (end of turn or a stop string) or "length" (max_new_tokens ran out)."""
 
 
@@ -139,7 +151,8 @@ class ModelGroup:
 
     def _activate(self, name: str) -> None:
         if self.adapters:
-            self.model.set_adapter(self.adapters[name], inference_mode=True)
+            # several runs' adapters share the model: a PeftModel
+            cast(PeftModel, self.model).set_adapter(self.adapters[name], inference_mode=True)
 
     def predict(self, name: str, texts: list[str]) -> list[dict[str, Any]]:
         """The same computation as `lmadapt.api.predict` on texts, with `name`'s adapter active."""
@@ -176,7 +189,7 @@ class ModelGroup:
         with self.lock:
             self._activate(name)
             try:
-                out = run.task.decode_ids(
+                out = run.generation.decode_ids(
                     self.model,
                     [j.prompt_ids for j in jobs],
                     first.settings,
@@ -187,8 +200,9 @@ class ModelGroup:
                 if first.streamer is not None:
                     first.streamer.end()  # wakes the reader; the error reaches it via the future
                 raise
+        # Decoded.finish holds only "stop" and "length", typed as str
         return [
-            Completion(text, len(j.prompt_ids), n, finish)
+            Completion(text, len(j.prompt_ids), n, cast(FinishReason, finish))
             for j, text, n, finish in zip(jobs, out.texts, out.lengths, out.finish)
         ]
 
@@ -239,7 +253,8 @@ def load_groups(
     by_key: dict[Any, list[ServedRun]] = {}
     for run in runs:
         by_key.setdefault(share_key(run) or ("own", run.name), []).append(run)
-    groups, pool = [], BasePool()
+    groups: list[ModelGroup] = []
+    pool = BasePool()
     for members in by_key.values():
         first = members[0]
         model = first.method.load(

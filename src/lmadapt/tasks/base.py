@@ -8,15 +8,16 @@ not here but in `lmadapt.tasks.capabilities`, checked with `isinstance`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from lmadapt.data.validation import BadRow, BadRows
+from lmadapt.data.validation import BadRow, BadRows, collect
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.inference import batched_logits
@@ -31,8 +32,11 @@ Endpoint = Literal["classify", "ner", "generate", "qa"]
 class Task(Protocol):
     kind: str
     """The name the task is registered under (`task.type`)."""
-    peft_task_type: str
-    """How peft wraps a model for it (SEQ_CLS, TOKEN_CLS, CAUSAL_LM)."""
+
+    @property
+    def peft_task_type(self) -> str:
+        """How peft wraps a model for it (SEQ_CLS, TOKEN_CLS, CAUSAL_LM)."""
+
     model_kinds: tuple[str, ...]
     """Which kinds of model suit it ('encoder', 'causal')."""
     endpoint: Endpoint
@@ -53,8 +57,10 @@ class Task(Protocol):
     description: str
     """The task as a report names it, e.g. 'classification (multi_label)'."""
     default_metric: str
-    metric_names: tuple[str, ...]
-    """Every scalar its dev evaluation reports (what `train.metric` may name)."""
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every scalar its dev evaluation reports (what `train.metric` may name)."""
 
     def read(
         self, path: str, fmt: str, labelled: bool = True, bad: BadRows | None = None
@@ -187,6 +193,26 @@ def read_split(
     return examples, bad.rows
 
 
+class FromFile(Protocol):
+    """An example that names the file it was read from."""
+
+    @property
+    def file(self) -> str: ...
+
+
+E = TypeVar("E", bound=FromFile)
+
+
+def keep_valid(examples: list[E], valid: Callable[[E], E], bad: BadRows | None) -> list[E]:
+    """What `Task.check` returns: the examples that `valid` passes; each other one is a bad row
+    (the DataError `valid` raised) in `bad`, or, without `bad`, all of them are raised in one
+    error."""
+    if not examples:
+        return examples
+    with collect(examples[0].file, bad) as bad:
+        return bad.keep(examples, valid)
+
+
 def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None:
     """Refuse a model whose kind the task cannot use, naming the config field; else tell the
     task which model it gets (`Task.use_model`)."""
@@ -199,17 +225,39 @@ def check_model_suits(task: Task, spec: ModelSpec, field: str = "model") -> None
     task.use_model(spec)
 
 
-class LogitsTask:
+class LogitsTask(ABC):
     """Shared by tasks whose evaluation and predictions are a function of one batched forward
-    pass's logits: they provide `evaluate` and `decode` over those logits (and, to be a
-    `PerturbableTask`, `perturbed` and `robustness_view`)."""
+    pass's logits: they provide `evaluate` and `decode` over those logits, the `loss` of them,
+    `read` and `robustness_view` (and, to be a `PerturbableTask`, `perturbed`)."""
 
     per_token = False
     """Whether logits are per token, (T, C), rather than per sequence, (C,)."""
     shares_backbone = True
     label_distribution = False
     groups_by_length = True
-    head_lr_floor = None
+    head_lr_floor: float | None = None
+
+    @abstractmethod
+    def read(
+        self, path: str, fmt: str, labelled: bool = True, bad: BadRows | None = None
+    ) -> list[Any]:
+        """See `Task.read`."""
+
+    @abstractmethod
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """See `Task.loss`."""
+
+    @abstractmethod
+    def evaluate(self, logits: list[np.ndarray], examples: list[Any]) -> Evaluation:
+        """The metrics (and report details) of each example's `outputs`, in input order."""
+
+    @abstractmethod
+    def decode(self, logits: list[np.ndarray], examples: list[Any]) -> list[dict[str, Any]]:
+        """One prediction row per example from its `outputs`, in input order."""
+
+    @abstractmethod
+    def robustness_view(self, example: Any, prediction: dict[str, Any]) -> View:
+        """The robustness report's text, gold and prediction for one example."""
 
     def forward_kwargs(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
@@ -218,13 +266,14 @@ class LogitsTask:
 
     def stream(self, path: str, fmt: str, bad: BadRows) -> Iterable[Any]:
         """`read`'s list: examples are held in memory unless the task streams them."""
-        return self.read(path, fmt, bad=bad)  # type: ignore[attr-defined]
+        return self.read(path, fmt, bad=bad)
 
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits
 
     def use_model(self, spec: ModelSpec) -> None:
         """A head over the model's output needs nothing from the model in advance."""
+        return None
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """What evaluation and prediction keep of a batch's logits: all of them by default."""

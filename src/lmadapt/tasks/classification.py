@@ -242,7 +242,7 @@ class ClassificationTask(LogitsTask):
                 spans.setdefault((seq, w), [start, end])[1] = end
                 word_ids.append(len(spans) - 1)  # a word's pieces are consecutive
             words = [
-                {"word": (ex.text_pair if seq else ex.text)[a:b], "start": a, "end": b}
+                {"word": _sequence_text(ex, seq)[a:b], "start": a, "end": b}
                 | ({"in": "text_pair"} if seq else {})
                 for (seq, _), (a, b) in spans.items()
             ]
@@ -325,3 +325,11 @@ class ClassificationTask(LogitsTask):
 
     def plots(self, evaluation: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
         return self.problem.plots(evaluation, self.labels, out_dir, prefix)
+
+
+def _sequence_text(ex: Example, seq: int) -> str:
+    """The text that tokens of sequence `seq` (0 or 1) were cut from: the pair's for 1, which
+    `_tokenize` passes only for examples with a text_pair."""
+    text = ex.text_pair if seq else ex.text
+    assert text is not None, f"{ex.file} line {ex.line}: a second sequence without text_pair"
+    return text

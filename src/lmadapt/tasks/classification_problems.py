@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from scipy.special import expit, softmax
 
 from lmadapt.data.readers import Record
-from lmadapt.data.validation import BadRows, collect
+from lmadapt.data.validation import BadRows
 from lmadapt.errors import DataError
 from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate import metrics as M
@@ -28,6 +28,7 @@ from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, sl
 from lmadapt.evaluate.explain import Target
 from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.evaluate.robustness import View
+from lmadapt.tasks.base import keep_valid
 
 if TYPE_CHECKING:
     from lmadapt.tasks.classification import ClassificationConfig, Example
@@ -117,7 +118,7 @@ class SingleLabel:
 
     hf_problem_type = "single_label_classification"
     default_metric = "accuracy"
-    metric_names = ("accuracy", "macro_f1", "ece", "loss")
+    metric_names: tuple[str, ...] = ("accuracy", "macro_f1", "ece", "loss")
     label_distribution = True
 
     def __init__(self, cfg: ClassificationConfig, state: dict[str, Any]):
@@ -150,7 +151,7 @@ class SingleLabel:
     def check(
         self, examples: list[Example], labels: list[str], column: str, bad: BadRows | None
     ) -> list[Example]:
-        return _known(examples, labels, self.names, column, bad)
+        return known_labels(examples, labels, self.names, column, bad)
 
     def target(self, label: str, labels: list[str]) -> int:
         return {n: i for i, n in enumerate(labels)}[label]
@@ -231,9 +232,15 @@ class MultiLabel(_Uncalibrated):
 
     hf_problem_type = "multi_label_classification"
     default_metric = "micro_f1"
-    metric_names = ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "loss")
+    metric_names: tuple[str, ...] = (
+        "micro_f1",
+        "macro_f1",
+        "samples_f1",
+        "subset_accuracy",
+        "loss",
+    )
     label_distribution = False
-    temperature = None
+    temperature: float | None = None
 
     def __init__(self, cfg: ClassificationConfig, state: dict[str, Any]):
         self.cfg = cfg
@@ -259,7 +266,7 @@ class MultiLabel(_Uncalibrated):
     def check(
         self, examples: list[Example], labels: list[str], column: str, bad: BadRows | None
     ) -> list[Example]:
-        return _known(examples, labels, self.names, column, bad)
+        return known_labels(examples, labels, self.names, column, bad)
 
     def target(self, label: list[str], labels: list[str]) -> list[float]:
         index = {n: i for i, n in enumerate(labels)}
@@ -308,9 +315,9 @@ class Regression(_Uncalibrated):
 
     hf_problem_type = "regression"
     default_metric = "mse"
-    metric_names = ("mse", "pearson", "spearman", "loss")
+    metric_names: tuple[str, ...] = ("mse", "pearson", "spearman", "loss")
     label_distribution = False
-    temperature = None
+    temperature: float | None = None
 
     def __init__(self, cfg: ClassificationConfig, state: dict[str, Any]):
         """A score needs no setting and saves no state."""
@@ -400,16 +407,16 @@ def _counts(examples: list[Example], names: Callable[[Any], list[str]]) -> dict[
     return dict(sorted(Counter(n for ex in examples for n in names(ex.label)).items()))
 
 
-def _known(
+def known_labels(
     examples: list[Example],
     labels: list[str],
     names: Callable[[Any], list[str]],
     column: str,
     bad: BadRows | None,
+    unknown: str = "does not occur in the training data",
 ) -> list[Example]:
-    """The examples whose label names are all in `labels`; the others are bad rows."""
-    if not examples:
-        return examples
+    """The examples whose label names are all in `labels`; the others are bad rows, each saying
+    that its label `unknown` (what `labels` were taken from: the training data, a verbalizer)."""
     known = set(labels)
 
     def checked(ex: Example) -> Example:
@@ -417,15 +424,13 @@ def _known(
             if name not in known:
                 raise DataError(
                     ex.file,
-                    f"label {name!r} does not occur in the training data "
-                    f"(known: {', '.join(labels)})",
+                    f"label {name!r} {unknown} (known: {', '.join(labels)})",
                     ex.line,
                     column,
                 )
         return ex
 
-    with collect(examples[0].file, bad) as bad:
-        return bad.keep(examples, checked)
+    return keep_valid(examples, checked, bad)
 
 
 def _label_rows(
@@ -453,9 +458,15 @@ def _label_targets(
 ) -> list[Target]:
     """An explanation target per chosen label: its log-probability, (B, C) logits -> (B,)."""
     return [
-        Target({"label": labels[c]}, round(float(probs[c]), 6), lambda z, c=c: log_prob(z, c))
-        for c in chosen
+        Target({"label": labels[c]}, round(float(probs[c]), 6), _bound(log_prob, c)) for c in chosen
     ]
+
+
+def _bound(
+    log_prob: Callable[[torch.Tensor, int], torch.Tensor], c: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`log_prob` of label `c` alone: (B, C) logits -> (B,)."""
+    return lambda z: log_prob(z, c)
 
 
 def _error_analysis(

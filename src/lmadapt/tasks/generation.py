@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from lmadapt.inference import (
     on_model_device,
 )
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import Endpoint, Evaluation, keep_valid
 from lmadapt.tasks.capabilities import cannot_explain
 from lmadapt.tasks.generation_layouts import Layout, layout_for, layout_from_state
 
@@ -107,7 +107,7 @@ class GenerationConfig:
 
     def settings(self, **overrides: Any) -> GenerationSettings:
         """These decoding settings with `overrides` (None = keep), checked."""
-        values = {
+        values: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
             "temperature": self.temperature,
@@ -163,12 +163,12 @@ class GenerationTask:
     encoder reads the prompt and whose decoder is trained on the response."""
 
     kind = "generation"
-    model_kinds = ("causal", "seq2seq")
-    endpoint = "generate"
+    model_kinds: tuple[str, ...] = ("causal", "seq2seq")
+    endpoint: Endpoint = "generate"
     shares_backbone = False  # the LM head is the pretrained one, not a task head
     label_distribution = False
     groups_by_length = True
-    head_lr_floor = None
+    head_lr_floor: float | None = None
     description = "generation"
     default_metric = "loss"
 
@@ -198,15 +198,14 @@ class GenerationTask:
         """`read`'s list: conversations are held in memory."""
         return self.read(path, fmt, bad=bad)
 
-    def fit(self, train: list[Conversation]) -> None:
-        self.check(train)
+    def fit(self, train: Iterable[Conversation]) -> None:
+        self.check(list(train))
 
     def check(self, examples: list[Conversation], bad: BadRows | None = None) -> list[Conversation]:
         """With `labels`, every reference must mention one, or it could not be scored."""
-        if not self.cfg.labels or not examples:
+        if not self.cfg.labels:
             return examples
-        with collect(examples[0].file, bad) as bad:
-            return bad.keep(examples, self._scorable)
+        return keep_valid(examples, self._scorable, bad)
 
     def _scorable(self, ex: Conversation) -> Conversation:
         if ex.reference is not None and self.label_of(ex.reference) is None:
@@ -283,7 +282,8 @@ class GenerationTask:
             spans = split_words(content)
             segs = self.segments(ex, template)
             where = next((i for i in reversed(range(len(segs))) if content in segs[i].text), -1)
-            ids, word_ids = list(bos), [None] * len(bos)
+            ids = list(bos)
+            word_ids: list[int | None] = [None] * len(bos)
             for i, seg in enumerate(segs):
                 enc = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)
                 ids += enc["input_ids"]
@@ -310,7 +310,7 @@ class GenerationTask:
                         Target(
                             about,
                             round(float(log_probs[firsts[k]].exp()), 6),
-                            lambda z, t=firsts[k]: F.log_softmax(z[:, -1], -1)[:, t],
+                            _next_token_log_prob(firsts[k]),
                         )
                     ],
                 )
@@ -520,7 +520,9 @@ class GenerationTask:
         return tuple(names)
 
     def extract(self, text: str) -> str | None:
-        m = self.pattern.search(text) if self.pattern else None
+        if self.pattern is None:
+            return None
+        m = self.pattern.search(text)
         if m is None:
             return None
         return m.group(1) if self.pattern.groups else m.group(0)
@@ -613,6 +615,11 @@ class GenerationTask:
         names = evaluation.details["labels"]
         plots.confusion_matrix(np.array(cm), names, path, title=f"{prefix}confusion matrix")
         return [path]
+
+
+def _next_token_log_prob(token: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, T, V) logits -> (B,): the log-probability of `token` as the next token."""
+    return lambda z: F.log_softmax(z[:, -1], -1)[:, token]
 
 
 def _word_at(spans: list[tuple[int, int]], start: int, end: int) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -32,8 +33,10 @@ class Layout(Protocol):
     kind: str
     """The model kind it lays examples out for ('causal', 'seq2seq')."""
     peft_task_type: str
-    decoder_start: int | None
-    """The decoder's first input token (an encoder-decoder's); None for a causal LM."""
+
+    @property
+    def decoder_start(self) -> int | None:
+        """The decoder's first input token (an encoder-decoder's); None for a causal LM."""
 
     def state(self) -> dict[str, Any]:
         """What the run's task state keeps of it (`layout_from_state` reads it back)."""
@@ -76,7 +79,7 @@ def layout_for(spec: ModelSpec, cfg: GenerationConfig) -> Layout:
 def layout_from_state(state: dict[str, Any], cfg: GenerationConfig) -> Layout:
     """The layout a saved run's task state names (causal unless it says otherwise)."""
     if state.get("model_kind") == "seq2seq":
-        return Seq2SeqLayout(cfg, state.get("decoder_start"))
+        return Seq2SeqLayout(cfg, state["decoder_start"])  # saved beside model_kind
     return CausalLayout(cfg)
 
 
@@ -190,7 +193,7 @@ class Seq2SeqLayout:
     kind = "seq2seq"
     peft_task_type = "SEQ_2_SEQ_LM"
 
-    def __init__(self, cfg: GenerationConfig, decoder_start: int | None):
+    def __init__(self, cfg: GenerationConfig, decoder_start: int):
         self.cfg = cfg
         self.decoder_start = decoder_start
 
@@ -299,14 +302,15 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
     causal LMs). Prompt-learning methods put virtual tokens first, which would shift them."""
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes(type(base), "logits_to_keep")
+    get_base_model = getattr(model, "get_base_model", None)  # a peft model's
+    base: torch.nn.Module = get_base_model() if get_base_model is not None else model
+    return _forward_takes(type(base).forward, "logits_to_keep")
 
 
 @functools.cache
-def _forward_takes(cls: type, name: str) -> bool:
-    """Asked every training step; the signature is read once per model class."""
-    return name in inspect.signature(cls.forward).parameters
+def _forward_takes(forward: Callable[..., Any], name: str) -> bool:
+    """Asked every training step; the signature is read once per model class (its `forward`)."""
+    return name in inspect.signature(forward).parameters
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

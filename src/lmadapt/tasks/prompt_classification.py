@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy.special import softmax
 
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError
+from lmadapt.errors import ConfigError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import classification_report_markdown
@@ -28,6 +28,7 @@ from lmadapt.prompting.verbalizers import Continuations, Verbalizer
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
 from lmadapt.tasks.classification import ClassificationConfig, ClassificationTask, Example
+from lmadapt.tasks.classification_problems import known_labels
 
 
 @dataclass
@@ -51,6 +52,22 @@ class PromptClassificationConfig:
             isinstance(self.template, str) and template_verbalizer(self.template)
         ):
             raise ConfigError("task.verbalizer", "is required (the template suggests none)")
+
+
+def check_verbalized(
+    examples: list[Example], labels: list[str], label_column: str, bad: BadRows | None = None
+) -> list[Example]:
+    """The examples whose label has a verbalizer entry; the others are bad rows (all of them
+    listed in one error when there is no collector). The prompt-classification task and the
+    `prompt` command's verbalizer mode read their examples through this one check."""
+    return known_labels(
+        examples, labels, _label_names, label_column, bad, unknown="has no verbalizer entry"
+    )
+
+
+def _label_names(label: Any) -> list[str]:
+    """A single label as a list of names: none for an unlabelled example."""
+    return [] if label is None else [label]
 
 
 class PromptCollator:
@@ -100,6 +117,7 @@ class PromptClassificationTask(LogitsTask):
         self.cfg = cfg
         self.template = load_template(cfg.template)
         raw = cfg.verbalizer or template_verbalizer(cfg.template)
+        assert raw is not None  # PromptClassificationConfig refuses a config without one
         self.verbalizer = Verbalizer.from_config(raw, "task.verbalizer")
         self.labels = self.verbalizer.labels
         self.reader = ClassificationTask(
@@ -124,21 +142,7 @@ class PromptClassificationTask(LogitsTask):
         self.check(train)
 
     def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
-        """The examples whose label has a verbalizer entry; the others are bad rows."""
-        if not examples:
-            return examples
-        with collect(examples[0].file, bad) as bad:
-            return bad.keep(examples, self._verbalized)
-
-    def _verbalized(self, ex: Example) -> Example:
-        if ex.label is not None and ex.label not in self.labels:
-            raise DataError(
-                ex.file,
-                f"label {ex.label!r} has no verbalizer entry (known: {', '.join(self.labels)})",
-                ex.line,
-                self.cfg.label_column,
-            )
-        return ex
+        return check_verbalized(examples, self.labels, self.cfg.label_column, bad)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -149,6 +153,13 @@ class PromptClassificationTask(LogitsTask):
 
     def examples_from_texts(self, texts: list[str]) -> list[Example]:
         return self.reader.examples_from_texts(texts)
+
+    @property
+    def continuations(self) -> Continuations:
+        """The verbalizer's token ids, known once `encode` or `collator` has seen the tokenizer."""
+        if self.conts is None:
+            raise RuntimeError("prompt_classification scores labels only after encode or collator")
+        return self.conts
 
     def _prepare(self, tokenizer: Any) -> Renderer:
         if self.conts is None:
@@ -183,7 +194,7 @@ class PromptClassificationTask(LogitsTask):
 
     def collator(self, tokenizer: Any) -> PromptCollator:
         self._prepare(tokenizer)
-        return PromptCollator(tokenizer.pad_token_id, self.conts)
+        return PromptCollator(tokenizer.pad_token_id, self.continuations)
 
     # ------------------------------------------------------------------ model
     def build_model(self, spec: Any, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -202,7 +213,7 @@ class PromptClassificationTask(LogitsTask):
 
     def label_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(rows, kept positions, vocab) LM logits -> (B, C) label log-scores."""
-        conts = self.conts
+        conts = self.continuations
         lp = logits.float().log_softmax(-1)
         if conts.single_token:
             per_cont = lp[:, -1, [c[0] for c in conts.ids]]

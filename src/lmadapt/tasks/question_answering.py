@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,7 @@ from lmadapt.evaluate.report import cell, markdown_table
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.text import squad_exact, squad_f1
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation, LogitsTask
+from lmadapt.tasks.base import Evaluation, LogitsTask, keep_valid
 
 QUESTION_TYPES = ("what", "who", "when", "where", "why", "how", "which")
 """Report slices: a question's type is its first wh-word ('In what year...' is a what)."""
@@ -178,10 +179,9 @@ class QuestionAnsweringTask(LogitsTask):
 
     def check(self, examples: list[QAExample], bad: BadRows | None = None) -> list[QAExample]:
         """Under v1, unanswerable questions are bad rows."""
-        if self.v2 or not examples:
+        if self.v2:
             return examples
-        with collect(examples[0].file, bad) as bad:
-            return bad.keep(examples, self._answerable)
+        return keep_valid(examples, self._answerable, bad)
 
     def _answerable(self, ex: QAExample) -> QAExample:
         if ex.answers == []:
@@ -200,11 +200,11 @@ class QuestionAnsweringTask(LogitsTask):
         pairs = [{"question": "What is this about?", "context": s} for s in sentences]
         return self.examples_from_texts(pairs)
 
-    def examples_from_texts(self, texts: list[str | dict[str, Any]]) -> list[QAExample]:
+    def examples_from_texts(self, texts: Sequence[str | dict[str, Any]]) -> list[QAExample]:
         """Question/context pairs, as objects or JSON text `{"question": ..., "context": ...}`."""
         out = []
         for i, text in enumerate(texts, start=1):
-            item = text
+            item: object = text
             if isinstance(text, str):
                 try:
                     item = json.loads(text)
@@ -368,7 +368,7 @@ class QuestionAnsweringTask(LogitsTask):
         ]
 
     def evaluate(self, logits: list[np.ndarray], examples: list[QAExample]) -> Evaluation:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for ex, d in zip(examples, self.decisions(logits, examples)):
             golds = [a.text for a in ex.answers or []] or [""]  # official v2: no answer is ""
             rows.append(

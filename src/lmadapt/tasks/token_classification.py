@@ -21,7 +21,7 @@ from scipy.special import softmax
 
 from lmadapt.data import Collator
 from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, split_words
-from lmadapt.data.validation import BadRows, collect
+from lmadapt.data.validation import BadRows
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
@@ -30,7 +30,7 @@ from lmadapt.evaluate.report import markdown_table
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask
+from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask, keep_valid
 
 IGNORE = -100
 """Label of positions the loss skips (special tokens, non-first subwords, padding)."""
@@ -180,11 +180,8 @@ class TokenClassificationTask(LogitsTask):
 
     def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
         """The sentences whose entity types occur in the training data; the others are bad."""
-        if not examples:
-            return examples
         known = set(self.types)
-        with collect(examples[0].file, bad) as bad:
-            return bad.keep(examples, lambda ex: self._known(ex, known))
+        return keep_valid(examples, lambda ex: self._known(ex, known), bad)
 
     def _known(self, ex: Example, known: set[str]) -> Example:
         for i, tag in enumerate(ex.tags or []):

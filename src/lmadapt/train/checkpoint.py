@@ -120,6 +120,7 @@ def save_checkpoint(
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         py_state = random.getstate()
         np_state = np.random.get_state()
+        assert isinstance(np_state, tuple)  # the global generator is MT19937: the legacy tuple
         meta = {
             "step": step,
             "optimizer": opt_meta,

@@ -20,7 +20,7 @@ import datetime
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -177,6 +177,11 @@ def _gather(trained: torch.nn.Module, model: torch.nn.Module) -> None:
     load_tensors(model, trainable_state(trained), "the sharded model")
 
 
+def _ddp_no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """`model` is the DistributedDataParallel wrapper that `_ddp` returned."""
+    return cast(torch.nn.parallel.DistributedDataParallel, model).no_sync()
+
+
 @contextlib.contextmanager
 def _fsdp_no_sync(model: Any) -> Iterator[None]:
     model.set_requires_gradient_sync(False)
@@ -188,6 +193,6 @@ def _fsdp_no_sync(model: Any) -> Iterator[None]:
 
 STRATEGIES: dict[str, Strategy] = {
     "none": Strategy(_plain, _to_cpu, lambda m: contextlib.nullcontext(), sharded=False),
-    "ddp": Strategy(_ddp, _to_cpu, lambda m: m.no_sync(), sharded=False),
+    "ddp": Strategy(_ddp, _to_cpu, _ddp_no_sync, sharded=False),
     "fsdp": Strategy(_fsdp, _gather, _fsdp_no_sync, sharded=True),
 }

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from lmadapt.config import TrainConfig
 from lmadapt.data.batching import (
     Batches,
     feature_lengths,
@@ -55,6 +54,7 @@ from lmadapt.train.checkpoint import (
     save_checkpoint,
     save_trainable,
 )
+from lmadapt.train.config import TrainConfig
 from lmadapt.train.distributed import SINGLE, STRATEGIES, Distributed
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above the loop
@@ -74,19 +74,27 @@ class TrainState:
     step: int = 0
     """Optimizer steps taken."""
     epoch: int = 0
+    """Passes over the training set begun (0-based: the one in progress)."""
     next_batch: int = 0
     """Index of the next batch of `epoch` to train on (data-loader position)."""
     samples: int = 0
+    """Training examples seen, all processes together."""
     tokens: int = 0
     """Non-padding tokens seen (all processes together, like `samples`)."""
     train_seconds: float = 0.0
+    """Time in training steps, evaluations excluded (samples/s is measured on it)."""
     running_loss: float = 0.0
+    """Sum of the losses since the last log line; their mean is what is logged."""
     running_n: int = 0
     best_metric: float | None = None
+    """The best dev value of the checkpoint metric so far; None before the first evaluation."""
     best_step: int | None = None
     bad_evals: int = 0
+    """Evaluations in a row without improvement (early stopping counts them)."""
     should_stop: bool = False
+    """Set by early stopping or a hook; the loop ends after the current step."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    """Every logged and evaluated row, in order: the lines of the run's log.jsonl."""
 
 
 @dataclass
@@ -427,7 +435,7 @@ class Trainer:
             run.bar.set_postfix(loss=f"{mean:.4f}")
             state.running_loss, state.running_n = 0.0, 0
             self._loss_sum.zero_()
-        evaluated = bool(cfg.eval_every) and state.step % cfg.eval_every == 0
+        evaluated = bool(cfg.eval_every and state.step % cfg.eval_every == 0)
         if evaluated:
             self.evaluate()
         if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
@@ -551,6 +559,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         if not self.dev_features:
             return None
+        if self.dev_examples is None:  # the task scores against the examples' references
+            raise ValueError("Trainer: dev_features were given without their dev_examples")
         self._tick()
         metrics = None
         if self.takes_part:

@@ -116,7 +116,9 @@ class Playground:
                 app = create_app([run_dir], self.settings)
                 self.close()
                 self.app, self.entry = app, entry
-            return self.card()
+            card = self.card()
+            assert card is not None  # a run is loaded
+            return card
 
     def card(self) -> dict[str, Any] | None:
         if self.app is None:
@@ -184,7 +186,7 @@ def create_ui_app(runs_root: str | Path, settings: ServeSettings | None = None) 
 
     app = FastAPI(title="lmadapt ui", version="1", lifespan=lifespan)
     app.state.root, app.state.playground = root, playground
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.exception_handler(RequestValidationError)(validation_error)  # typed, unlike add_...
     # the last added runs first: headers on every answer, then the host, then the body
     app.add_middleware(BodyLimit, limit=UI_BODY_BYTES, skip="/serve", setting=None)
     app.add_middleware(HostCheck, hosts=settings.host_names)

@@ -368,7 +368,9 @@ class Series:
     def __init__(self) -> None:
         self.x: list[Any] = []
         self.y: list[float] = []
-        self.every, self.seen, self.last = 1, 0, None
+        self.every, self.seen = 1, 0
+        self.last: tuple[Any, float] | None = None
+        """The latest point when it was not kept: shown until the next is read."""
 
     def add(self, x: Any, y: float) -> None:
         if self.seen % self.every == 0:

@@ -13,21 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.continual.strategies.base import Strategy, StrategyConfig
-from lmadapt.methods.lora import check_lora_shape
+from lmadapt.methods.lora import LowRankShape, check_lora_shape
 
 if TYPE_CHECKING:
     from lmadapt.continual.runner import Learner, TaskSlot
 
 
 @dataclass
-class AdaptersConfig(StrategyConfig):
+class AdaptersConfig(LowRankShape, StrategyConfig):
     name: str = "adapters"
     lr: float = 5e-4
     r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: list[str] | None = None
-    """Module names to adapt; None = peft's default for the architecture (query/value in BERT)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,6 +36,8 @@ class Adapters(Strategy):
 
     frozen_past = True
 
+    cfg: AdaptersConfig
+
     def __init__(self, cfg: AdaptersConfig):
         super().__init__(cfg)
         self.peft: Any = None
@@ -49,7 +47,7 @@ class Adapters(Strategy):
 
         return LoraConfig(
             r=self.cfg.r,
-            lora_alpha=self.cfg.alpha,
+            lora_alpha=self.cfg.alpha,  # type: ignore[arg-type]  # peft says int; alpha / r takes a float
             lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules,
         )

@@ -25,6 +25,19 @@ class StrategyConfig:
             raise ConfigError("strategy.lr", f"must be > 0, got {self.lr}")
 
 
+@dataclass
+class AnchoredConfig(StrategyConfig):
+    """The config of an `AnchoredStrategy` (EWC, L2): it names the penalty's weight λ."""
+
+    strength: float = 0.0
+    """λ: weight of the anchor penalty (each strategy sets its own default)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strength < 0:
+            raise ConfigError("strategy.strength", f"must be >= 0, got {self.strength}")
+
+
 class Strategy(Hook):
     """Hook methods act inside one task's training; the rest around it, for the whole stream."""
 
@@ -80,7 +93,9 @@ class AnchoredStrategy(Strategy):
     """EWC and L2: a penalty λ/2 · `anchor()` (λ = `cfg.strength`) added to the task loss, where
     the subclass sets the anchor after each task."""
 
-    def __init__(self, cfg: StrategyConfig):
+    cfg: AnchoredConfig
+
+    def __init__(self, cfg: AnchoredConfig):
         super().__init__(cfg)
         self.anchor = QuadraticAnchor()
 

@@ -8,6 +8,7 @@ estimate F* = γ·F* + F_k; the anchor θ* becomes the current weights. Later ta
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +16,8 @@ import torch
 
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.continual.strategies.base import (
+    AnchoredConfig,
     AnchoredStrategy,
-    StrategyConfig,
     trainable_named,
 )
 from lmadapt.errors import ConfigError
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class EwcConfig(StrategyConfig):
+class EwcConfig(AnchoredConfig):
     name: str = "ewc"
     strength: float = 1e6
     """λ. The empirical Fisher of a 22M-parameter encoder is tiny per weight (~1e-7), hence the
@@ -38,8 +39,6 @@ class EwcConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.strength < 0:
-            raise ConfigError("strategy.strength", f"must be >= 0, got {self.strength}")
         if not 0 <= self.gamma <= 1:
             raise ConfigError("strategy.gamma", f"must be in [0, 1], got {self.gamma}")
         if self.fisher_samples < 1:
@@ -49,7 +48,7 @@ class EwcConfig(StrategyConfig):
 def diagonal_fisher(
     model: torch.nn.Module,
     loss_fn: Any,
-    features: list[dict[str, Any]],
+    features: Sequence[dict[str, Any]],
     collator: Any,
     samples: int,
     seed: int,
@@ -83,6 +82,8 @@ def diagonal_fisher(
 @STRATEGIES.register("ewc", EwcConfig)
 class Ewc(AnchoredStrategy):
     """Online EWC: penalty λ/2·Σ F*(θ-θ*)² with a running diagonal Fisher (Schwarz et al. 2018)."""
+
+    cfg: EwcConfig
 
     def __init__(self, cfg: EwcConfig):
         super().__init__(cfg)

@@ -7,26 +7,20 @@ from typing import TYPE_CHECKING
 
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.continual.strategies.base import (
+    AnchoredConfig,
     AnchoredStrategy,
-    StrategyConfig,
     trainable_named,
 )
-from lmadapt.errors import ConfigError
 
 if TYPE_CHECKING:
     from lmadapt.continual.runner import Learner, TaskSlot
 
 
 @dataclass
-class L2Config(StrategyConfig):
+class L2Config(AnchoredConfig):
     name: str = "l2"
     strength: float = 0.05
     """λ: weight of the squared distance to the weights after the previous task."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.strength < 0:
-            raise ConfigError("strategy.strength", f"must be >= 0, got {self.strength}")
 
 
 @STRATEGIES.register("l2", L2Config)

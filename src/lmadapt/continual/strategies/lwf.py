@@ -47,6 +47,8 @@ def _key(ids: list[int]) -> tuple[int, ...]:
 class Lwf(Strategy):
     """Distil the previous model's old-head outputs on the new data (Li & Hoiem 2016)."""
 
+    cfg: LwfConfig
+
     def __init__(self, cfg: LwfConfig):
         super().__init__(cfg)
         self.targets: dict[str, dict[tuple[int, ...], np.ndarray]] = {}

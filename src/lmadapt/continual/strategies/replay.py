@@ -75,6 +75,8 @@ class ReplayConfig(StrategyConfig):
 class Replay(Strategy):
     """Reservoir buffer of N old examples; each step adds their loss through their own heads."""
 
+    cfg: ReplayConfig
+
     def __init__(self, cfg: ReplayConfig):
         super().__init__(cfg)
         self.buffer: Reservoir[tuple[str, dict[str, Any]]] | None = None

@@ -15,7 +15,7 @@ import torch
 from scipy.special import softmax
 
 from lmadapt.evaluate import plots
-from lmadapt.evaluate.metrics import single_label_metrics
+from lmadapt.evaluate.metrics import Evaluation, single_label_metrics
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.prompting.calibration import (
     CONTENT_FREE,
@@ -35,7 +35,7 @@ from lmadapt.prompting.sources import (
     resolve_verbalizer,
     select_demos,
 )
-from lmadapt.prompting.templates import Renderer, TemplateConfig, load_template
+from lmadapt.prompting.templates import Demo, Renderer, TemplateConfig, load_template
 from lmadapt.prompting.verbalizers import Verbalizer
 
 
@@ -65,7 +65,7 @@ def score_seed(
     pool, selection = select_demos(cfg, train, dev, seed)
 
     @functools.cache
-    def demo(j: int) -> str:
+    def demo(j: int) -> Demo:
         ex = pool[j]
         return renderer.demo(fields_of(ex), verbalizer.words[ex.label][0])
 
@@ -144,7 +144,8 @@ def classification_outcome(
     variants = {"uncalibrated": lambda s: s.probs}
     if cfg.calibration != "none":
         variants["calibrated"] = lambda s: s.calibrated
-    per_seed, rows, evals = [], [], {}
+    per_seed, rows = [], []
+    evals: dict[str, Evaluation] = {}
     for s in seeds:
         entry: dict[str, Any] = {
             "seed": s.seed,
