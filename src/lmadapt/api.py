@@ -34,7 +34,7 @@ from lmadapt.methods import Method, build_method, count_parameters
 from lmadapt.models import ModelSpec, check_weights, load_tokenizer, resolve_model
 from lmadapt.pipeline import Fitted, finish, fit, save_artifact
 from lmadapt.rundir import CONFIG, MODEL, RUN_INFO, RunDir, check_output_dir
-from lmadapt.schema import config_source, read_yaml
+from lmadapt.schema import config_source, read_yaml, to_dict
 from lmadapt.session import (
     apply_method,
     check_quantize,
@@ -178,7 +178,7 @@ def _train_key(
     return cache.cache_key(
         cache.file_digest(_existing(train_file)),
         d.format,
-        dataclasses.asdict(config.task),
+        to_dict(config.task),  # the JSON that dataclasses.asdict gave: cached keys still match
         task_state,
         [d.bad_rows, d.max_bad_fraction, d.max_train_samples],
         [spec.name, spec.path, spec.kind],
