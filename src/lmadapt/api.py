@@ -28,6 +28,7 @@ from lmadapt.evaluate.report import (
 )
 from lmadapt.evaluate.robustness import RobustnessResult, check_perturbable, select
 from lmadapt.evaluate.robustness import robustness as perturbed_evaluation
+from lmadapt.inference import Encoded, autocast_bf16
 from lmadapt.io import clean_orphans, write_json, write_yaml
 from lmadapt.memory import check_fits
 from lmadapt.methods import Method, build_method, count_parameters
@@ -39,6 +40,7 @@ from lmadapt.session import (
     apply_method,
     check_quantize,
     peak_rss_mb,
+    quantized_spec,
     resolve_device,
     run_directory,
     run_info,
@@ -96,6 +98,14 @@ class Prepared:
     bad_rows: dict[str, list[BadRow]]
     """Split -> the `lmadapt.data.validation.BadRow`s left out under data.bad_rows=skip (empty
     lists under error, which refuses any); one entry per split read."""
+
+    def eval_splits(self, collator: Any, batch_size: int) -> dict[str, Encoded]:
+        """Dev then test, each where it has examples, as the task scores them."""
+        return {
+            split: Encoded(self.features[split], getattr(self, split), collator, batch_size)
+            for split in ("dev", "test")
+            if self.features[split]
+        }
 
 
 def prepare(config: RunConfig, task_state: dict | None = None) -> Prepared:
@@ -260,6 +270,7 @@ def _run(
     checkpoint_metric(config.train, task)  # a misspelt train.metric fails before any writing
     method = build_method(config.method)
     check_quantize(config.quantize, method)
+    spec = base_spec(config, spec, task, dist.device)
     longest = int(max(feature_lengths(data.features["train"]), default=1))
     check_fits(config, spec, task, method, longest, dist.device, report=dist.is_main)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
@@ -313,20 +324,20 @@ def _train_and_report(
     if not dist.is_main:
         return dist.broadcast(None)  # process 0's metrics
 
-    if data.features["dev"] and isinstance(task, TunableTask):  # e.g. QA's no-answer threshold
-        task.tune(model, data.features["dev"], data.dev, collate, bs)
+    splits = data.eval_splits(collate, bs)
+    if "dev" in splits and isinstance(task, TunableTask):  # e.g. QA's no-answer threshold
+        task.tune(model, splits["dev"])
     save_artifact(out, method, model, data.tokenizer)
     evals: dict[str, Evaluation] = {
-        split: task.evaluate_model(model, data.features[split], getattr(data, split), collate, bs)
-        for split in ("dev", "test")
-        if data.features[split]
+        split: task.evaluate_model(model, encoded) for split, encoded in splits.items()
     }
     # Fitted on dev (e.g. a temperature); run.json is rewritten so the run keeps it and what
     # `tune` settled.
     calibration = task.fit_calibration(evals) if isinstance(task, CalibratableTask) else {}
     write_json(RunDir(out).run_info, run_info(config.method.name, spec, task))
+    trained = TrainedRun(config, out, data, fitted, dist, trainable, total, resume)
     metrics = {
-        **_run_metrics(config, out, data, fitted, dist, trainable, total, resume),
+        **trained.metrics(),
         **{split: ev.metrics for split, ev in evals.items()},
         **calibration,
     }
@@ -334,7 +345,7 @@ def _train_and_report(
     images = training_curves(result.state.history, trainer.metric, plot_dir)
     for split, ev in evals.items():
         images += task.plots(ev, plot_dir, f"{split}_")
-    summary = _run_summary(config, data, fitted, dist, trainable, total, resume)
+    summary = trained.summary()
     weights = "best checkpoint" if data.dev else "last step"
     sections = [
         evaluation_section(f"{split.capitalize()} set ({weights})", ev, task)
@@ -349,71 +360,69 @@ def _train_and_report(
     return dist.broadcast(metrics)
 
 
-def _run_metrics(
-    config: RunConfig,
-    out: Path,
-    data: Prepared,
-    fitted: Fitted,
-    dist: distributed.Distributed,
-    trainable: int,
-    total: int,
-    resume: bool,
-) -> dict[str, Any]:
-    """metrics.json's account of the run itself (the splits' metrics are added beside it)."""
-    state, result = fitted.result.state, fitted.result
-    return {
-        "run_dir": str(out),
-        "task": data.task.kind,
-        "method": config.method.name,
-        "model": data.spec.name,
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_samples": len(data.train),
-        "steps": state.step,
-        "epochs": round(state.samples / max(1, len(data.train)), 3),
-        "best_step": state.best_step,
-        "stopped_early": result.stopped_early,
-        "resumed": resume,
-        "train_seconds": round(state.train_seconds, 2),
-        "wall_seconds": round(fitted.wall_seconds, 2),
-        "samples_per_second": round(result.samples_per_second, 2),
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "bf16": fitted.trainer.bf16,
-        "threads": torch.get_num_threads(),
-        "processes": dist.world_size,
-        **bad_rows_metrics(data.bad_rows),
-    }
+@dataclass
+class TrainedRun:
+    """What the report of a finished training run is written from."""
 
+    config: RunConfig
+    out: Path
+    data: Prepared
+    fitted: Fitted
+    dist: distributed.Distributed
+    trainable: int
+    total: int
+    resume: bool
 
-def _run_summary(
-    config: RunConfig,
-    data: Prepared,
-    fitted: Fitted,
-    dist: distributed.Distributed,
-    trainable: int,
-    total: int,
-    resume: bool,
-) -> dict[str, str]:
-    """The head of report.md: what was trained, how fast, which weights were kept."""
-    state, result, trainer, spec = fitted.result.state, fitted.result, fitted.trainer, data.spec
-    return {
-        "model": f"{spec.name} (`{spec.path}`)",
-        "task": data.task.description,
-        "method": config.method.name,
-        "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
-        "training": f"{state.step} steps, {len(data.train):,} examples, "
-        f"{state.train_seconds:.1f}s, {result.samples_per_second:.1f} samples/s, "
-        f"{result.tokens_per_second:.0f} tokens/s" + (" (resumed)" if resume else ""),
-        "best checkpoint": f"step {state.best_step} by dev {trainer.metric}"
-        + (" (stopped early)" if result.stopped_early else "")
-        if data.dev
-        else "no dev set: the last step's weights",
-        "peak RSS": f"{peak_rss_mb():.0f} MB",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}"
-        + (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else ""),
-    }
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json's account of the run itself (the splits' metrics are added beside it)."""
+        config, data, fitted, resume = self.config, self.data, self.fitted, self.resume
+        state, result = fitted.result.state, fitted.result
+        return {
+            "run_dir": str(self.out),
+            "task": data.task.kind,
+            "method": config.method.name,
+            "model": data.spec.name,
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "train_samples": len(data.train),
+            "steps": state.step,
+            "epochs": round(state.samples / max(1, len(data.train)), 3),
+            "best_step": state.best_step,
+            "stopped_early": result.stopped_early,
+            "resumed": resume,
+            "train_seconds": round(state.train_seconds, 2),
+            "wall_seconds": round(fitted.wall_seconds, 2),
+            "samples_per_second": round(result.samples_per_second, 2),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "bf16": fitted.trainer.bf16,
+            "threads": torch.get_num_threads(),
+            "processes": self.dist.world_size,
+            **bad_rows_metrics(data.bad_rows),
+        }
+
+    def summary(self) -> dict[str, str]:
+        """The head of report.md: what was trained, how fast, which weights were kept."""
+        data, dist, trainable, total = self.data, self.dist, self.trainable, self.total
+        state, result, trainer = self.fitted.result.state, self.fitted.result, self.fitted.trainer
+        spec = data.spec
+        return {
+            "model": f"{spec.name} (`{spec.path}`)",
+            "task": data.task.description,
+            "method": self.config.method.name,
+            "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+            "training": f"{state.step} steps, {len(data.train):,} examples, "
+            f"{state.train_seconds:.1f}s, {result.samples_per_second:.1f} samples/s, "
+            f"{result.tokens_per_second:.0f} tokens/s" + (" (resumed)" if self.resume else ""),
+            "best checkpoint": f"step {state.best_step} by dev {trainer.metric}"
+            + (" (stopped early)" if result.stopped_early else "")
+            if data.dev
+            else "no dev set: the last step's weights",
+            "peak RSS": f"{peak_rss_mb():.0f} MB",
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+            f"bf16 autocast {'on' if trainer.bf16 else 'off'}, torch {torch.__version__}"
+            + (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else ""),
+        }
 
 
 def _robustness_report(config: RunConfig, out: Path, data: Prepared, model: torch.nn.Module) -> str:
@@ -456,6 +465,27 @@ class LoadedRun:
     model: torch.nn.Module
     tokenizer: Any
     spec: ModelSpec
+
+    def encoded(self, examples: list[Any]) -> Encoded:
+        """`examples` as the run's task scores or predicts them, `train.eval_batch_size` at a
+        time."""
+        return Encoded(
+            self.task.encode(examples, self.tokenizer),
+            examples,
+            self.task.collator(self.tokenizer),
+            self.config.train.eval_batch_size,
+        )
+
+
+def base_spec(
+    config: RunConfig, spec: ModelSpec, task: Task, device: torch.device, dequantize: bool = False
+) -> ModelSpec:
+    """The base model as `config`'s run trains on it: quantised on `device` when it asks to be
+    (`quantize`), computing in bf16 where it autocasts to bf16 on a GPU."""
+    bf16 = autocast_bf16(config.train.precision, device)
+    return quantized_spec(
+        spec, task, config.quantize, device, bf16, config.trust_remote_code, dequantize
+    )
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -510,9 +540,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
     where = resolve_device(device)
     info = read_run(run_dir)
     set_threads(info.config.train.threads)
-    model = info.method.load(
-        info.task, info.spec, RunDir(info.run_dir).model, info.config.trust_remote_code
-    )
+    base = base_spec(info.config, info.spec, info.task, where)
+    artifact, trust = RunDir(info.run_dir).model, info.config.trust_remote_code
+    model = info.method.load(info.task, base, artifact, trust)
     model.to(where).eval()
     return LoadedRun(info.config, info.task, model, info.tokenizer, info.spec)
 
@@ -524,14 +554,7 @@ def evaluate(
     run = load_run(run_dir, device)
     examples = run.task.read(str(data_path), fmt)
     run.task.check(examples)
-    feats = run.task.encode(examples, run.tokenizer)
-    ev = run.task.evaluate_model(
-        run.model,
-        feats,
-        examples,
-        run.task.collator(run.tokenizer),
-        run.config.train.eval_batch_size,
-    )
+    ev = run.task.evaluate_model(run.model, run.encoded(examples))
     return ev, evaluation_section(f"Evaluation on `{data_path}`", ev, run.task)
 
 
@@ -561,14 +584,7 @@ def predict(
     `device` applies when the run is loaded here."""
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     examples = input_examples(run.task, texts, file, fmt, "predict")
-    feats = run.task.encode(examples, run.tokenizer)
-    return run.task.predict_model(
-        run.model,
-        feats,
-        examples,
-        run.task.collator(run.tokenizer),
-        run.config.train.eval_batch_size,
-    )
+    return run.task.predict_model(run.model, run.encoded(examples))
 
 
 def methods(model: str | None = "minilm") -> list[dict[str, Any]]:

@@ -28,6 +28,12 @@ def command(name: str, help: str, api: str) -> Callable:
     return deco
 
 
+def _show(report: Path, where: str) -> None:
+    """A finished command's report.md, then where its files are."""
+    print(report.read_text(encoding="utf-8"))
+    print(where)
+
+
 @command(
     "train", "fine-tune a model from a YAML config (key=value overrides after it)", api="train"
 )
@@ -50,8 +56,7 @@ def _train(p: argparse.ArgumentParser) -> None:
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only process 0 reports (other nodes may not see its files)
         out = Path(metrics["run_dir"])
-        print(RunDir(out).report.read_text(encoding="utf-8"))
-        print(f"run directory: {out}")
+        _show(RunDir(out).report, f"run directory: {out}")
 
     p.set_defaults(run=run)
 
@@ -203,21 +208,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
     def run(a: argparse.Namespace) -> None:
         # an empty variable counts as unset; an empty --api-key is refused
         key = a.api_key if a.api_key is not None else os.environ.get("LMADAPT_API_KEY") or None
-        settings = ServeSettings(
-            host=a.host,
-            port=a.port,
-            max_batch=a.max_batch,
-            max_wait_ms=a.max_wait_ms,
-            max_texts=a.max_texts,
-            max_chars=a.max_chars,
-            max_new_tokens=a.max_new_tokens,
-            max_queue=a.max_queue,
-            max_body_bytes=a.max_body_bytes,
-            api_key=key,
-            allow_no_auth=a.allow_no_auth,
-            device=a.device,
-            allowed_hosts=a.allowed_hosts,
-        )
+        settings = ServeSettings.from_flags(a, api_key=key)
         from lmadapt.serve import serve
 
         serve(a.run_dirs, settings, a.log_level)
@@ -274,8 +265,7 @@ def _hpo(p: argparse.ArgumentParser) -> None:
         # hpo prints a line per trial, and a failing trial ends the command with its error
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         out = Path(hpo(a.config, a.space, a.trials, a.study_dir, a.overrides)["study_dir"])
-        print(RunDir(out).report.read_text(encoding="utf-8"))
-        print(f"study directory: {out}")
+        _show(RunDir(out).report, f"study directory: {out}")
 
     p.set_defaults(run=run)
 
@@ -350,11 +340,10 @@ def _continual(p: argparse.ArgumentParser) -> None:
         if a.strategies:
             names = [s.strip() for s in a.strategies.split(",") if s.strip()]
             out = Path(run_continual_many(a.config, names, a.overrides)["output_dir"])
-            print((out / "summary.md").read_text(encoding="utf-8"))
+            _show(out / "summary.md", f"written to {out}")
         else:
             out = Path(run_continual(a.config, a.overrides)["output_dir"])
-            print(RunDir(out).report.read_text(encoding="utf-8"))
-        print(f"written to {out}")
+            _show(RunDir(out).report, f"written to {out}")
 
     p.set_defaults(run=run)
 
@@ -372,8 +361,7 @@ def _distill(p: argparse.ArgumentParser) -> None:
         from lmadapt.distill import run_distill
 
         out = Path(run_distill(a.config, a.overrides)["run_dir"])
-        print(RunDir(out).report.read_text(encoding="utf-8"))
-        print(f"run directory: {out}")
+        _show(RunDir(out).report, f"run directory: {out}")
 
     p.set_defaults(run=run)
 
@@ -557,8 +545,7 @@ def _prompt(p: argparse.ArgumentParser) -> None:
             raise LmadaptError("prompt needs a CONFIG.yaml (or --templates)")
         metrics = run_prompt(a.config, a.overrides)
         out = Path(metrics["output_dir"])
-        print(RunDir(out).report.read_text(encoding="utf-8"))
-        print(f"output directory: {out}")
+        _show(RunDir(out).report, f"output directory: {out}")
 
     p.set_defaults(run=run)
 
@@ -656,13 +643,7 @@ def _ui(p: argparse.ArgumentParser) -> None:
         from lmadapt.serve.settings import ServeSettings
         from lmadapt.ui import ui
 
-        settings = ServeSettings(
-            host=a.host,
-            port=a.port,
-            allow_no_auth=a.allow_no_auth,
-            device=a.device,
-            allowed_hosts=a.allowed_hosts,
-        )
+        settings = ServeSettings.from_flags(a)
         ui(a.runs_root, settings, a.log_level)
 
     p.set_defaults(run=run)
@@ -736,8 +717,7 @@ def _auto(p: argparse.ArgumentParser) -> None:
             overwrite=a.overwrite,
             started=a.started,
         )
-        print(RunDir(a.out).report.read_text(encoding="utf-8"))
-        print(f"winner: {result['winner_dir']}")
+        _show(RunDir(a.out).report, f"winner: {result['winner_dir']}")
 
     # main builds the parser first thing: the budget counts from there, library imports included
     p.set_defaults(run=run, started=time.monotonic())

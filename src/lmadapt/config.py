@@ -150,6 +150,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if self.quantize != "none" and self.train.base_dtype == "bf16":
+            raise ConfigError(
+                "train.base_dtype",
+                f"a {self.quantize} base is already stored quantised; leave train.base_dtype "
+                "at auto with quantize",
+            )
         if self.report.robustness and not (self.data.dev or self.data.test):
             raise ConfigError("report.robustness", "needs data.test or data.dev to perturb")
 

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
-from lmadapt.api import load_run
+from lmadapt.api import base_spec, load_run
 from lmadapt.errors import LmadaptError
 from lmadapt.inference import model_inputs, on_model_device
 from lmadapt.io import atomic_dir, write_json
 from lmadapt.methods import build_method
 from lmadapt.models import ModelSpec
-from lmadapt.rundir import check_output_dir, mark
+from lmadapt.rundir import RunDir, check_output_dir, mark
+from lmadapt.session import resolve_device
 from lmadapt.tasks.capabilities import ProbeableTask
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
@@ -74,7 +75,8 @@ def export_merged(
     )
     run = load_run(run_dir, device)
     name = run.config.method.name
-    if not build_method(run.config.method).mergeable:
+    method = build_method(run.config.method)
+    if not method.mergeable:
         raise LmadaptError(
             f"method '{name}' cannot be merged into the base weights; only reparameterising "
             "methods (lora, adalora, ia3) can"
@@ -84,8 +86,16 @@ def export_merged(
     feats = task.encode(probe(PROBE_TEXTS), run.tokenizer)
     batch = task.collator(run.tokenizer)(feats)
     unmerged = _logits(run.model, batch, task)
-    _unwrap_modules_to_save(run.model)
-    merged_model = cast(Mergeable, run.model).merge_and_unload()
+    model = run.model
+    if run.config.quantize != "none":
+        # merged into the weights the run trained against: its quantised base, dequantised
+        # (a merge into 4/8-bit layers would quantise the sum again, and lose the update)
+        where = resolve_device(device)
+        base = base_spec(run.config, run.spec, task, where, dequantize=True)
+        model = method.load(task, base, RunDir(run_dir).model, run.config.trust_remote_code)
+        model.to(where).eval()
+    _unwrap_modules_to_save(model)
+    merged_model = cast(Mergeable, model).merge_and_unload()
     diff_merged = max_abs_diff(_logits(merged_model, batch, task), unmerged)
     _check(diff_merged, tolerance, "merged")
     with atomic_dir(out) as tmp:

@@ -176,18 +176,11 @@ def evaluate_base(
     net = load_run(run_dir, device).model if run_dir else data.task.build_model(data.spec)
     net.to(where)
     result: dict[str, Any] = {"model": str(run_dir or data.spec.name), "config": str(config)}
-    collate = data.task.collator(data.tokenizer)
-    for split in ("dev", "test"):
-        if data.features[split]:
-            ev = data.task.evaluate_model(
-                net,
-                data.features[split],
-                getattr(data, split),
-                collate,
-                cfg.train.eval_batch_size,
-            )
-            result[split] = ev.metrics
-            result[f"{split}_samples"] = ev.details.get("samples", [])
+    splits = data.eval_splits(data.task.collator(data.tokenizer), cfg.train.eval_batch_size)
+    for split, encoded in splits.items():
+        ev = data.task.evaluate_model(net, encoded)
+        result[split] = ev.metrics
+        result[f"{split}_samples"] = ev.details.get("samples", [])
     if "dev" not in result and "test" not in result:
         raise LmadaptError(f"{config}: no data.dev or data.test to evaluate on")
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -128,6 +128,28 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return inputs
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """Examples as a task runs its model on them (`Task.evaluate_model`, `predict_model` and the
+    capabilities that score or tune on a split): the features, the examples they encode, the
+    collator that batches the features and the batch size always travel together. Here, below
+    the tasks, so that the loop and evaluation, which tasks build on, can make one."""
+
+    features: list[dict[str, Any]]
+    """What `Task.encode` made of `examples`, one per example, in the same order."""
+    examples: list[Any]
+    """The examples themselves: what scoring and decoding read besides the model's outputs
+    (gold labels, references, words, contexts)."""
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    """The task's collator (`Task.collator`) for the tokenizer that encoded `features`."""
+    batch_size: int
+    """How many features go through the model at once."""
+
+    def __len__(self) -> int:
+        """The number of examples."""
+        return len(self.examples)
+
+
 @torch.no_grad()
 def batched_logits(
     model: torch.nn.Module,

@@ -34,7 +34,7 @@ import torch
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.inference import autocast_bf16, bf16_castable, bf16_frozen_base
 from lmadapt.methods import METHODS, build_method, count_parameters
-from lmadapt.models import ModelSpec, shapes_only
+from lmadapt.models import ModelSpec, Quantized, shapes_only
 from lmadapt.schema import parse_section
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
@@ -105,12 +105,14 @@ def model_shape(
         model = method.apply(base, task)
     trainable, total = count_parameters(model)
     in_bf16 = {id(p) for p in bf16_castable(model)} if bf16_base else set()
+    packed = quantized_bytes(base, spec.quantized) if spec.quantized else {}
     seen: set[int] = set()
     frozen_bytes = 0
     for p in model.parameters():
         if id(p) not in seen and not p.requires_grad:
             seen.add(id(p))
-            frozen_bytes += p.numel() * (2 if id(p) in in_bf16 else p.element_size())
+            size = p.numel() * (2 if id(p) in in_bf16 else p.element_size())
+            frozen_bytes += int(packed.get(id(p), size))
     return Shape(
         frozen_bytes=frozen_bytes,
         trainable=trainable,
@@ -120,6 +122,25 @@ def model_shape(
         heads=int(getattr(cfg, "num_attention_heads", 0) or 0),
         vocab=int(getattr(cfg, "vocab_size", 0) or 0) if head is not None else 0,
     )
+
+
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""Per weight of an NF4 layer: 4 bits, an 8-bit scale per block of 64, and (double
+quantisation) an fp32 scale per 256 of those (Dettmers et al. 2023, section 3)."""
+
+
+def quantized_bytes(base: torch.nn.Module, q: Quantized) -> dict[int, float]:
+    """Bytes each weight that bitsandbytes will quantise takes once it has, by parameter id:
+    the weights of the linear layers transformers converts (all but `q.keep`)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    out: dict[int, float] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and should_convert_module(name, list(q.keep)):
+            w = module.weight
+            # int8: a byte per weight and an fp32 scale per output row (LLM.int8())
+            out[id(w)] = w.numel() * NF4_BYTES if q.bits == "nf4" else w.numel() + 4 * w.shape[0]
+    return out
 
 
 def activation_bytes(

@@ -22,6 +22,41 @@ Kind = Literal["encoder", "causal", "seq2seq"]
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """The frozen base loaded 4-bit (NF4) or 8-bit by bitsandbytes, as QLoRA trains (Dettmers et
+    al. 2023, arXiv:2305.14314): every linear layer but `keep` is stored quantised and computes
+    in `compute_dtype`. bitsandbytes has a CPU backend, so the same path runs with or without a
+    GPU."""
+
+    bits: Literal["nf4", "int8"]
+    keep: tuple[str, ...] = ()
+    """Modules left in full precision: the task's head (it trains) and the ones transformers
+    itself never quantises (the LM head). Given here, since a skip list replaces its default."""
+    device: str = "cpu"
+    """Where the quantised weights are made and live: bitsandbytes quantises while loading."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    dequantize: bool = False
+    """Turn the quantised layers back into full-precision ones after loading: the weights are
+    those the run trained against (`export --merge` merges into them)."""
+
+    def load_kwargs(self) -> dict[str, Any]:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == "nf4":
+            config = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,  # QLoRA's: the block scales quantised too
+                bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+                llm_int8_skip_modules=list(self.keep),
+            )
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(self.keep))
+        return {"quantization_config": config, "device_map": {"": self.device}}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     """What the user wrote: short name, directory or hub id."""
@@ -31,6 +66,8 @@ class ModelSpec:
     """What the architecture is; each task says which kinds suit it (`task.model_kinds`)."""
     gguf_file: str | None = None
     description: str = ""
+    quantized: Quantized | None = None
+    """How the frozen base is quantised while it loads (run config `quantize`); None: not."""
 
     def load_kwargs(self, trust_remote_code: bool = False) -> dict[str, Any]:
         kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -215,10 +252,23 @@ def load_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool = False, 
     """Load `spec` with a transformers Auto class (e.g. AutoModelForSequenceClassification)."""
     if _SHAPES_ONLY.get():
         return _meta_model(spec, auto_cls, trust_remote_code, **kw)
+    q = spec.quantized
     try:
-        return auto_cls.from_pretrained(spec.path, **spec.load_kwargs(trust_remote_code), **kw)
+        model = auto_cls.from_pretrained(
+            spec.path, **spec.load_kwargs(trust_remote_code), **(q.load_kwargs() if q else {}), **kw
+        )
     except OSError as e:  # missing or unreadable files, or no safetensors weights on the hub
         raise LmadaptError(f"model '{spec.name}' could not be loaded: {e}") from None
+    if q is not None and q.dequantize:
+        return model.dequantize()
+    for module in model.modules():
+        # bitsandbytes (0.50) repacks a 4-bit layer for its AVX512-BF16 CPU kernel the first
+        # time it runs in eval mode: a kernel with no backward (a model evaluated between
+        # training steps then fails), that computes in bf16 (predictions would differ from
+        # the evaluation during training) and needs widths in multiples of its block.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -56,8 +56,9 @@ def fit(
     adapted: torch.nn.Module | None = None,
 ) -> Fitted:
     """Train `model` with the one loop: the method's own hooks (e.g. AdaLoRA's rank budget)
-    first, then the caller's. `adapted` is the model the method adapted, when `model` wraps it
-    (distill feeds the student through a wrapper that drops the teacher's columns)."""
+    first, then the caller's, and the method's learning-rate rules (e.g. LoRA+'s). `adapted` is
+    the model the method adapted, when `model` wraps it (distill feeds the student through a
+    wrapper that drops the teacher's columns)."""
     trainer = Trainer(
         model,
         task,
@@ -70,6 +71,7 @@ def fit(
         dev_examples=dev_examples,
         dist=dist,
         resumable=resumable,
+        lr_rules=method.lr_rules() if method is not None else None,
     )
     target = adapted if adapted is not None else model
     own = method.hooks(target, trainer.total_steps()) if method is not None else []

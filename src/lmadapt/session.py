@@ -7,6 +7,7 @@ before it can be resumed, a failed write reported in one line) and run.json.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import random
@@ -14,13 +15,13 @@ import resource
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
 
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.models import ModelSpec
+from lmadapt.models import ModelSpec, Quantized, shapes_only
 from lmadapt.rundir import RunDir, create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
 
@@ -108,29 +109,66 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def check_quantize(choice: str, method: Any) -> None:
-    """Refuse a 4/8-bit base (`quantize`) where it cannot train, in one line naming the field.
-
-    lmadapt's lock does not install bitsandbytes (it needs a CUDA build this project cannot
-    test yet), so for now every quantized request is refused with the reason that applies."""
+    """Refuse a 4/8-bit base (`quantize`) where it cannot train, in one line naming the field:
+    a method that trains the base's own weights (they would be quantised), or no bitsandbytes."""
     if choice == "none":
         return
     if not method.quantized_base:
         raise ConfigError(
             "quantize",
-            f"{choice} weights cannot be trained, and method {method.cfg.name} trains the base's "
-            "own weights or its inputs; use lora, adalora or ia3, or quantize: none",
-        )
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "quantize",
-            f"{choice} needs bitsandbytes on a CUDA GPU and none is visible; "
-            "use quantize: none (train.base_dtype: bf16 also halves the base's memory)",
+            f"{choice} weights cannot change, and method {method.cfg.name} as configured trains "
+            "or rewrites the base's own weights (full, bitfit, PiSSA/OLoRA init) or its inputs "
+            "(prompt methods); use lora, adalora or ia3, or quantize: none",
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
-            "quantize", f"{choice} needs bitsandbytes, which is not installed; use quantize: none"
+            "quantize",
+            f"{choice} needs bitsandbytes, which is not installed "
+            "(pip install 'lmadapt[quantize]'); use quantize: none",
         )
-    raise ConfigError("quantize", f"{choice} bases are not supported by this version yet")
+
+
+def quantized_spec(
+    spec: ModelSpec,
+    task: Task,
+    choice: Literal["none", "nf4", "int8"],
+    device: torch.device,
+    bf16: bool = False,
+    trust_remote_code: bool = False,
+    dequantize: bool = False,
+) -> ModelSpec:
+    """`spec`, loading its base quantised as `choice` on `device` (`quantize: none`: unchanged).
+
+    The task's head stays in full precision, and so do the modules transformers never quantises
+    (the LM head): both are read from a meta-device copy of the task's model, since a skip list
+    given to transformers replaces its own. Computes in bf16 where the run autocasts to it on a
+    GPU; on a CPU in fp32 (bitsandbytes' CPU kernels dequantise to the compute dtype)."""
+    if choice == "none":
+        return spec
+    if spec.gguf_file:
+        raise ConfigError(
+            "quantize",
+            f"{spec.name} is read from a GGUF file, which transformers dequantises on load; "
+            "quantize a safetensors model directory instead, or use quantize: none",
+        )
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with shapes_only(), torch.device("meta"):
+        meta = task.build_model(spec, trust_remote_code)
+    heads = set(task.head_modules(meta))
+    # transformers matches a skip entry from the start of a name or as its suffix: give it the
+    # full name of every linear layer under a head module (BERT's "pooler" holds "pooler.dense")
+    under_heads = {
+        name
+        for name, module in meta.named_modules()
+        if isinstance(module, torch.nn.Linear) and not heads.isdisjoint(name.split("."))
+    }
+    keep = tuple(sorted(under_heads | set(get_keys_to_not_convert(meta))))
+    compute: Literal["float32", "bfloat16"] = (
+        "bfloat16" if bf16 and device.type == "cuda" else "float32"
+    )
+    where = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
+    return dataclasses.replace(spec, quantized=Quantized(choice, keep, where, compute, dequantize))
 
 
 def _embeddings_frozen(model: torch.nn.Module) -> bool:

@@ -20,6 +20,7 @@ from lmadapt.api import train
 from lmadapt.auto.plan import Plan
 from lmadapt.config import build_run_config
 from lmadapt.hooks import Hook
+from lmadapt.inference import Encoded
 from lmadapt.registry import Registry
 from lmadapt.schema import to_dict
 from lmadapt.train.loop import Trainer, linear_factor
@@ -111,9 +112,8 @@ class Deadline(Hook):
         of the time, in place: the loop and the run's report read the same lists."""
         t0 = time.monotonic()
         k = min(len(feats), trainer.cfg.eval_batch_size)
-        trainer.task.evaluate_model(
-            trainer.model, feats[:k], examples[:k], trainer.collator, trainer.cfg.eval_batch_size
-        )
+        sample = Encoded(feats[:k], examples[:k], trainer.collator, trainer.cfg.eval_batch_size)
+        trainer.task.evaluate_model(trainer.model, sample)
         now = time.monotonic()
         per_row = max(now - t0, 1e-6) / k
         # kept for after the run: reloading it (about what loading took) and `after`

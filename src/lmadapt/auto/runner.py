@@ -458,12 +458,11 @@ def _predict_speed(
     run = load_run(run_dir, plan.device)
     t1 = time.perf_counter()
     examples = run.task.read(str(speed_file), plan.fmt, labelled=False)
-    task, batch = run.task, run.config.train.eval_batch_size
-    collate = task.collator(run.tokenizer)
+    batch = run.config.train.eval_batch_size
     done = 0
     while done < len(examples) and (not done or time.perf_counter() - t1 < seconds):
         part = examples[done : done + batch]
-        task.predict_model(run.model, task.encode(part, run.tokenizer), part, collate, batch)
+        run.task.predict_model(run.model, run.encoded(part))
         done += len(part)
     return t1 - t0, done / max(time.perf_counter() - t1, 1e-9)
 
@@ -483,15 +482,16 @@ def markdown(result: dict[str, Any], plan: Plan) -> str:
     it."""
     lines = [
         *_overview(result, plan),
-        "",
-        "## Leaderboard",
-        "",
-        _leaderboard_table(result),
-        *_notes(result),
+        *_section("Leaderboard", [_leaderboard_table(result), *_notes(result)]),
         *_test_section(result),
         *_use_winner(result),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _section(title: str, body: list[str]) -> list[str]:
+    """A report.md section: a blank line, its heading, a blank line, its lines."""
+    return ["", f"## {title}", "", *body]
 
 
 def _overview(result: dict[str, Any], plan: Plan) -> list[str]:
@@ -583,28 +583,20 @@ def _test_section(result: dict[str, Any]) -> list[str]:
     if not result["test_metrics"]:
         return []
     t = result["test_metrics"]
-    return [
-        "",
-        f"## Winner on test (`{result['test']}`)",
-        "",
-        markdown_table(list(t), [[f"{v:.4f}" for v in t.values()]]),
-    ]
+    table = markdown_table(list(t), [[f"{v:.4f}" for v in t.values()]])
+    return _section(f"Winner on test (`{result['test']}`)", [table])
 
 
 def _use_winner(result: dict[str, Any]) -> list[str]:
     if not result["winner"]:
         return []
     w = result["winner_dir"]
-    return [
-        "",
-        "## Use the winner",
-        "",
-        "```",
+    commands = [
         f'lmadapt predict {w} "some text"',
         f"lmadapt serve {w}",
         f"lmadapt export {w} --merge {w}-merged",
-        "```",
     ]
+    return _section("Use the winner", ["```", *commands, "```"])
 
 
 def _dev(row: dict[str, Any]) -> str:

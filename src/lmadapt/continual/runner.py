@@ -30,6 +30,7 @@ from lmadapt.data import cache
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import markdown_table
+from lmadapt.inference import Encoded
 from lmadapt.io import write_json, write_text, write_yaml
 from lmadapt.models import ModelSpec, load_model, load_tokenizer, resolve_model
 from lmadapt.pipeline import fit
@@ -49,7 +50,7 @@ class HeadTask(Task, Protocol):
     """Whether its logits are per token, (T, C), rather than per sequence, (C,)."""
 
     def batch_outputs(
-        self, model: torch.nn.Module, features: list[dict[str, Any]], collator: Any, bs: int
+        self, model: torch.nn.Module, data: Encoded
     ) -> tuple[list[np.ndarray], float | None]:
         """Its outputs of every feature, in input order, and the mean loss where labelled."""
 
@@ -71,6 +72,12 @@ class TaskSlot:
     @property
     def metric(self) -> str:
         return self.task.default_metric
+
+    def encoded(self, split: str, batch_size: int) -> Encoded:
+        """Its dev or test split as its task scores it."""
+        return Encoded(
+            getattr(self, f"{split}_features"), getattr(self, split), self.collator, batch_size
+        )
 
 
 def _read(
@@ -189,18 +196,13 @@ class Learner:
         """The task's metrics through its own head (and adapter), as `lmadapt eval` has them."""
         slot = self.slots[name]
         self.activate(name)
-        features, examples = getattr(slot, f"{split}_features"), getattr(slot, split)
-        return slot.task.evaluate_model(
-            self.model, features, examples, slot.collator, self.eval_batch_size
-        )
+        return slot.task.evaluate_model(self.model, slot.encoded(split, self.eval_batch_size))
 
     def outputs(self, name: str) -> list[np.ndarray]:
         """Task `name`'s dev outputs through its own head, to check that they stay put."""
         slot = self.slots[name]
         self.activate(name)
-        return slot.task.batch_outputs(
-            self.model, slot.dev_features, slot.collator, self.eval_batch_size
-        )[0]
+        return slot.task.batch_outputs(self.model, slot.encoded("dev", self.eval_batch_size))[0]
 
 
 def _config_dict(config: ContinualConfig) -> dict[str, Any]:

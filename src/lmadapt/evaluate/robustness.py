@@ -36,6 +36,7 @@ import numpy as np
 
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate.report import cell, markdown_table
+from lmadapt.inference import Encoded
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     import torch
@@ -432,12 +433,7 @@ class PerturbableTask(Protocol):
         None when `p` has nothing to change in this task's inputs."""
 
     def robustness_views(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
+        self, model: torch.nn.Module, data: Encoded
     ) -> tuple[Evaluation, list[View]]:
         """`evaluate_model`'s evaluation and each example's text, gold and prediction as the
         robustness report shows and compares them (one pass where the task can)."""
@@ -471,8 +467,8 @@ def robustness(
     metric = task.default_metric
 
     def score(exs: list[Any]) -> tuple[float, list[View]]:
-        feats = task.encode(exs, tokenizer)
-        ev, views = perturbable.robustness_views(model, feats, exs, collate, batch_size)
+        data = Encoded(task.encode(exs, tokenizer), exs, collate, batch_size)
+        ev, views = perturbable.robustness_views(model, data)
         return ev.metrics[metric], views
 
     clean, base = score(examples)

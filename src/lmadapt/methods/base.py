@@ -51,12 +51,20 @@ class Method(Protocol):
     def hooks(self, model: torch.nn.Module, total_steps: int) -> list[Hook]:
         """What the method adds to the training loop (schedules, loss terms); often nothing."""
 
+    def lr_rules(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name part (e.g. LoRA+'s {"lora_B": 16}): a
+        parameter with that part in its dotted name trains at the run's rate times it (the head
+        keeps its own rate). Empty for one rate."""
+
 
 class NoHooks:
-    """For methods that need nothing from the loop beyond the task loss."""
+    """For methods that need nothing from the loop beyond the task loss at one learning rate."""
 
     def hooks(self, model: torch.nn.Module, total_steps: int) -> list[Hook]:
         return []
+
+    def lr_rules(self) -> dict[str, float]:
+        return {}
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,9 +1,16 @@
-"""LoRA (Hu et al., 2021, arXiv:2106.09685) through peft: W + (alpha/r)·B·A on target linears."""
+"""LoRA (Hu et al., 2021, arXiv:2106.09685) through peft: W + (alpha/r)·B·A on target linears.
+
+peft's own variants are settings of the same method: DoRA (`use_dora`), rank-stabilised scaling
+(`use_rslora`), the initialisation of A and B (`init`) and LoRA+'s faster B (`loraplus_ratio`,
+applied by the training loop's optimizer through `lr_rules`).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -13,6 +20,17 @@ from lmadapt.methods.base import MethodConfig, PeftMethod
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
+
+LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+INIT_LORA_WEIGHTS: dict[str, bool | Literal["gaussian", "pissa", "olora"]] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "olora": "olora",
+}
+"""`init` -> peft's `init_lora_weights` (loftq is refused, see `LoraMethodConfig.__post_init__`)."""
+MUTATES_BASE = ("pissa", "olora")
+"""Inits that move the top of W into B·A and train over the residual base W - s·B0·A0."""
 
 
 def check_lora_shape(section: str, r: int, dropout: float) -> None:
@@ -42,17 +60,62 @@ class LoraMethodConfig(LowRankShape, MethodConfig):
     name: str = "lora"
     lr: float = 5e-4
     r: int = 8
+    use_dora: bool = False
+    """DoRA (Liu et al., 2024, arXiv:2402.09353): each weight split into a trained magnitude
+    (one per output row) and a direction that LoRA updates; closer to full fine-tuning at the
+    same rank, about twice LoRA's step time."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale alpha / sqrt(r)
+    instead of alpha / r, so that higher ranks keep learning; changes the effective scale."""
+    init: LoraInit = "default"
+    """How A and B start. default: A Kaiming-uniform, B zero (the update starts at 0).
+    gaussian: A ~ N(0, 1/r), B zero. pissa (Meng et al., 2024, arXiv:2404.02948): A, B from the
+    top r singular vectors of W by a full SVD (exact and deterministic, so a resumed run rebuilds
+    the same start; slower than peft's randomised `pissa_niter_16` on large layers), and the base
+    keeps the residual. olora (Büyükakyüz, 2024, arXiv:2406.01775): A, B from a QR of W, the base
+    keeps the residual. pissa and olora adapters are saved converted to plain LoRA of rank 2r
+    (B·A - B0·A0) that loads onto the original base. loftq: refused (see the error)."""
+    loraplus_ratio: float | None = None
+    """LoRA+ (Hayou et al., 2024, arXiv:2402.12354): the B matrices train at lr x ratio (the
+    paper suggests 16); None = one rate. Biases and DoRA magnitudes keep the run's rate, and
+    the head keeps its own (train.head_lr), whatever the ratio."""
 
     def __post_init__(self) -> None:
         check_lora_shape("method", self.r, self.dropout)
+        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
+            raise ConfigError(
+                "method.loraplus_ratio",
+                f"must be > 0 (the paper uses 16), got {self.loraplus_ratio}",
+            )
+        if self.init == "loftq":
+            raise ConfigError(
+                "method.init",
+                "loftq is not supported: peft 0.21.2 computes LoftQ's quantisation on a CUDA/XPU "
+                "device only (hard-coded in peft.utils.loftq_utils), and its adapter reproduces "
+                "the run only over the nf4-quantised base it was fitted to, which lmadapt neither "
+                "saves nor trains on a CPU (quantize: nf4 needs bitsandbytes on CUDA); use pissa "
+                "for a data-free SVD start",
+            )
 
 
 @METHODS.register("lora", LoraMethodConfig)
 class Lora(PeftMethod[LoraMethodConfig]):
-    """LoRA via peft: low-rank updates on attention projections; the head trains fully."""
+    """LoRA via peft; options use_dora, use_rslora, init (pissa, olora...), loraplus_ratio.
+
+    Low-rank updates on the target linears; the head trains fully."""
 
     mergeable = True
-    quantized_base = True
+
+    @property
+    def quantized_base(self) -> bool:  # type: ignore[override]
+        """PiSSA and OLoRA start by rewriting the base weights (W - A0 B0), which a quantised
+        base cannot hold; every other LoRA leaves them as they are."""
+        return self.cfg.init not in ("pissa", "olora")
+
+    def __init__(self, cfg: LoraMethodConfig):
+        super().__init__(cfg)
+        self.initial: dict[str, torch.Tensor] | None = None
+        """PiSSA/OLoRA's starting A0, B0 (peft's adapter keys): `save` converts against them."""
 
     def peft_config(self, model: torch.nn.Module, task: Task, task_type: str) -> Any:
         from peft import LoraConfig
@@ -72,4 +135,55 @@ class Lora(PeftMethod[LoraMethodConfig]):
             target_modules=target,
             exclude_modules=exclude,
             modules_to_save=heads,
+            use_dora=self.cfg.use_dora,
+            use_rslora=self.cfg.use_rslora,
+            init_lora_weights=INIT_LORA_WEIGHTS[self.cfg.init],
         )
+
+    def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
+        """Adapt `model`; with pissa/olora, keep A0 and B0 for the conversion on save."""
+        from peft.utils import get_peft_model_state_dict
+
+        adapted = super().apply(model, task)
+        if self.cfg.init in MUTATES_BASE:
+            state = get_peft_model_state_dict(adapted)
+            self.initial = {k: v.detach().clone() for k, v in state.items() if _is_factor(k)}
+        return adapted
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        """peft's adapter; a pissa/olora one rewritten as plain LoRA over the original base:
+        W_res + s·B·A = W + s·(B·A - B0·A0) = W + s·[B | -B0]·[A ; A0] (peft's
+        `subtract_mutated_init`, which would also drop the head and DoRA's magnitudes)."""
+        super().save(model, out_dir)
+        if self.cfg.init not in MUTATES_BASE:
+            return
+        if self.initial is None:
+            raise RuntimeError(
+                f"Lora.save: init {self.cfg.init} needs the model this method adapted"
+            )
+        from safetensors.torch import load_file, save_file
+
+        weights = out_dir / "adapter_model.safetensors"
+        state = load_file(str(weights))
+        for key, value in state.items():
+            if ".lora_A." in key or ".lora_embedding_A." in key:
+                state[key] = torch.cat([value, self.initial[key]], dim=0)  # (2r, in)
+            elif ".lora_B." in key or ".lora_embedding_B." in key:
+                state[key] = torch.cat([value, -self.initial[key]], dim=1)  # (out, 2r)
+        save_file(state, str(weights), metadata={"format": "pt"})
+        config_path = out_dir / "adapter_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        # twice the rank at the same scale: alpha / r, or alpha / sqrt(r) under rsLoRA
+        config["lora_alpha"] *= 2**0.5 if config["use_rslora"] else 2
+        config.update(r=2 * config["r"], init_lora_weights=True)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+    def lr_rules(self) -> dict[str, float]:
+        """LoRA+: B (and an embedding's B) at lr x ratio."""
+        ratio = self.cfg.loraplus_ratio
+        return {} if ratio is None else {"lora_B": ratio, "lora_embedding_B": ratio}
+
+
+def _is_factor(key: str) -> bool:
+    """A LoRA factor (A or B) in peft's saved-adapter keys."""
+    return any(f".lora_{part}." in key for part in ("A", "B", "embedding_A", "embedding_B"))

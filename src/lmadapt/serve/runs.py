@@ -24,7 +24,7 @@ from peft import PeftModel
 from lmadapt import api
 from lmadapt.config import RunConfig
 from lmadapt.errors import LmadaptError
-from lmadapt.inference import GenerationSettings
+from lmadapt.inference import Encoded, GenerationSettings
 from lmadapt.methods.base import PeftMethod, WholeModelMethod
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import RunDir
@@ -84,6 +84,8 @@ def base_key(run: ServedRun) -> tuple | None:
     model of its own (full fine-tuning, BitFit), which shares nothing."""
     if isinstance(run.method, WholeModelMethod):
         return None
+    if run.config.quantize != "none":  # quantised weights are packed per model: not pooled
+        return None
     return (run.spec.path, run.spec.gguf_file, run.config.trust_remote_code)
 
 
@@ -100,6 +102,7 @@ def share_key(run: ServedRun) -> tuple | None:
         run.kind,
         head,
         run.config.method.name,
+        run.config.quantize,
     )
 
 
@@ -158,16 +161,15 @@ class ModelGroup:
         """The same computation as `lmadapt.api.predict` on texts, with `name`'s adapter active."""
         run = self.runs[name]
         examples = run.task.examples_from_texts(texts)
-        feats = run.task.encode(examples, run.tokenizer)
+        data = Encoded(
+            run.task.encode(examples, run.tokenizer),
+            examples,
+            run.task.collator(run.tokenizer),
+            self.batch_size,
+        )
         with self.lock:
             self._activate(name)
-            return run.task.predict_model(
-                self.model,
-                feats,
-                examples,
-                run.task.collator(run.tokenizer),
-                self.batch_size,
-            )
+            return run.task.predict_model(self.model, data)
 
     def explain(
         self, name: str, texts: list[str], method: str, label: str | None, steps: int
@@ -257,8 +259,9 @@ def load_groups(
     pool = BasePool()
     for members in by_key.values():
         first = members[0]
+        base = api.base_spec(first.config, first.spec, first.task, device)
         model = first.method.load(
-            first.task, first.spec, RunDir(first.run_dir).model, first.config.trust_remote_code
+            first.task, base, RunDir(first.run_dir).model, first.config.trust_remote_code
         )
         adapters: dict[str, str] = {}
         if len(members) > 1:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from lmadapt.errors import ConfigError, LmadaptError
 
@@ -46,6 +47,13 @@ class ServeSettings:
     allowed_hosts: list[str] = field(default_factory=list)
     """Host names a request may name besides loopback and --host (see `host_names`), e.g. the
     name a reverse proxy forwards."""
+
+    @classmethod
+    def from_flags(cls, flags: Any, **given: Any) -> ServeSettings:
+        """The settings a command line gave: each field its flag of the same name where the
+        command has one (serve has all, ui a few), else the default; `given` wins."""
+        own = {f.name: getattr(flags, f.name) for f in fields(cls) if hasattr(flags, f.name)}
+        return cls(**{**own, **given})
 
     def __post_init__(self) -> None:
         for name in (

@@ -20,7 +20,7 @@ import torch
 from lmadapt.data.validation import BadRow, BadRows, collect
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import Evaluation
-from lmadapt.inference import batched_logits
+from lmadapt.inference import Encoded, batched_logits
 from lmadapt.models import ModelSpec
 
 if TYPE_CHECKING:
@@ -112,24 +112,10 @@ class Task(Protocol):
     ) -> dict[str, Any]:
         """Extra forward arguments in training (e.g. logits only where the loss reads them)."""
 
-    def evaluate_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> Evaluation:
+    def evaluate_model(self, model: torch.nn.Module, data: Encoded) -> Evaluation:
         """Score `model` on labelled examples: the task's metrics plus the mean loss."""
 
-    def predict_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> list[dict[str, Any]]:
+    def predict_model(self, model: torch.nn.Module, data: Encoded) -> list[dict[str, Any]]:
         """Task-level predictions (labels, entities, text) for unlabelled examples."""
 
     def report(self, evaluation: Evaluation) -> str:
@@ -284,55 +270,36 @@ class LogitsTask(ABC):
         return self.loss(outputs, batch)
 
     def batch_outputs(
-        self, model: torch.nn.Module, features: list[dict[str, Any]], collator: Any, bs: int
+        self, model: torch.nn.Module, data: Encoded
     ) -> tuple[list[np.ndarray], float | None]:
         """`outputs` of every feature, in input order, and the mean loss where labelled."""
         return batched_logits(
             model,
-            features,
-            collator,
-            bs,
+            data.features,
+            data.collator,
+            data.batch_size,
             loss_fn=self.outputs_loss,
             per_token=self.per_token,
             transform=self.outputs,
             read=self.logits,
         )
 
-    def evaluate_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> Evaluation:
-        logits, loss = self.batch_outputs(model, features, collator, batch_size)
-        return self._with_loss(self.evaluate(logits, examples), loss)
+    def evaluate_model(self, model: torch.nn.Module, data: Encoded) -> Evaluation:
+        logits, loss = self.batch_outputs(model, data)
+        return self._with_loss(self.evaluate(logits, data.examples), loss)
 
-    def predict_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> list[dict[str, Any]]:
-        return self.decode(self.batch_outputs(model, features, collator, batch_size)[0], examples)
+    def predict_model(self, model: torch.nn.Module, data: Encoded) -> list[dict[str, Any]]:
+        return self.decode(self.batch_outputs(model, data)[0], data.examples)
 
     def robustness_views(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
+        self, model: torch.nn.Module, data: Encoded
     ) -> tuple[Evaluation, list[View]]:
         """One forward pass for both: `evaluate_model`'s evaluation and the task's
         `robustness_view` of each `predict_model` prediction."""
-        logits, loss = self.batch_outputs(model, features, collator, batch_size)
-        ev = self._with_loss(self.evaluate(logits, examples), loss)
-        preds = self.decode(logits, examples)
-        return ev, [self.robustness_view(ex, p) for ex, p in zip(examples, preds)]
+        logits, loss = self.batch_outputs(model, data)
+        ev = self._with_loss(self.evaluate(logits, data.examples), loss)
+        preds = self.decode(logits, data.examples)
+        return ev, [self.robustness_view(ex, p) for ex, p in zip(data.examples, preds)]
 
     @staticmethod
     def _with_loss(ev: Evaluation, loss: float | None) -> Evaluation:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from lmadapt.evaluate.explain import Explainable
     from lmadapt.evaluate.metrics import Evaluation
+    from lmadapt.inference import Encoded
     from lmadapt.tasks.base import Task
 
 __all__ = [
@@ -60,14 +61,7 @@ class CalibratableTask(Protocol):
 
 @runtime_checkable
 class TunableTask(Protocol):
-    def tune(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Any],
-        collator: Any,
-        batch_size: int,
-    ) -> None:
+    def tune(self, model: torch.nn.Module, data: Encoded) -> None:
         """Settle, after training, what the task decides from the trained model's dev predictions
         (e.g. question answering's no-answer threshold); saved through `state`."""
 

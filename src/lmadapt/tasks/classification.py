@@ -18,6 +18,7 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.robustness import Perturbation, View
+from lmadapt.inference import Encoded
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask
 from lmadapt.tasks.classification_problems import PROBLEMS, Problem
@@ -228,7 +229,9 @@ class ClassificationTask(LogitsTask):
             return []
         enc = self._tokenize(examples, tokenizer, return_offsets_mapping=True)
         feats = self._features(examples, enc)
-        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
+        logits, _ = self.batch_outputs(
+            model, Encoded(feats, examples, self.collator(tokenizer), batch_size)
+        )
         out = []
         for i, (ex, feat, z) in enumerate(zip(examples, feats, logits)):
             spans: dict[tuple[int, int], list[int]] = {}  # (sequence, word) -> [start, end]

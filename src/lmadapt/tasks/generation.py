@@ -37,6 +37,7 @@ from lmadapt.evaluate.report import cell, classification_report_markdown, markdo
 from lmadapt.evaluate.text import exact_match, overlap_metrics
 from lmadapt.inference import (
     Decoded,
+    Encoded,
     GenerationSettings,
     generate_ids,
     model_inputs,
@@ -475,16 +476,11 @@ class GenerationTask:
             model.train(was_training)
         return total / count if count else float("nan")
 
-    def evaluate_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Conversation],
-        collator: Any,
-        batch_size: int,
-    ) -> Evaluation:
+    def evaluate_model(self, model: torch.nn.Module, data: Encoded) -> Evaluation:
         """Response loss and perplexity on every example; metrics of decoded responses on the
-        first `eval_generate_max_samples` examples that have a reference."""
+        first `eval_generate_max_samples` examples that have a reference. Batches are the
+        task's own (by tokens, `EVAL_TOKENS_PER_BATCH`), not `data`'s collator and size."""
+        features, examples = data.features, data.examples
         loss = self.response_loss(model, features)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
         scored = [i for i, ex in enumerate(examples) if ex.reference is not None]
@@ -564,16 +560,12 @@ class GenerationTask:
         metrics["no_label_rate"] = float(np.mean(pred_ids == index[NO_LABEL]))
         return Evaluation(metrics, ev.details)
 
-    def predict_model(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[Conversation],
-        collator: Any,
-        batch_size: int,
-    ) -> list[dict[str, Any]]:
+    def predict_model(self, model: torch.nn.Module, data: Encoded) -> list[dict[str, Any]]:
+        examples: list[Conversation] = data.examples
         decoded = self.decode_ids(
-            model, [self.prompt_ids(f, ex) for f, ex in zip(features, examples)], self.settings()
+            model,
+            [self.prompt_ids(f, ex) for f, ex in zip(data.features, examples)],
+            self.settings(),
         )
         rows = []
         for ex, out in zip(examples, decoded.texts):

