@@ -137,6 +137,19 @@ def instruct_config(rows: int, opts: dict) -> dict:
     }
 
 
+def hf_features(features: list[dict]) -> list[dict]:
+    """lmadapt's generation features as the peer's Trainer takes them: the same token ids and
+    response labels, every token attended."""
+    return [
+        {
+            "input_ids": f["input_ids"],
+            "attention_mask": [1] * len(f["input_ids"]),
+            "labels": f["labels"],
+        }
+        for f in features
+    ]
+
+
 def run_lmadapt_instruct(args: argparse.Namespace) -> dict:
     from lmadapt.api import train
     from lmadapt.config import build_run_config
@@ -162,18 +175,7 @@ def run_hf_instruct(args: argparse.Namespace) -> dict:
     cfg["output_dir"] = tempfile.mkdtemp(prefix="bench-hf-") + "/unused"
     prep = prepare(build_run_config(cfg))
     tok = prep.tokenizer
-
-    def strip(features):
-        return [
-            {
-                "input_ids": f["input_ids"],
-                "attention_mask": [1] * len(f["input_ids"]),
-                "labels": f["labels"],
-            }
-            for f in features
-        ]
-
-    train_ds, dev_ds = strip(prep.features["train"]), strip(prep.features["dev"])
+    train_ds, dev_ds = hf_features(prep.features["train"]), hf_features(prep.features["dev"])
     torch.manual_seed(args.seed)
     model = prep.task.build_model(prep.spec)
     # transformers de-quantizes GGUF to fp32 on load but keeps the "quantized" flag, and

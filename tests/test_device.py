@@ -247,10 +247,12 @@ def test_quantize_is_refused_for_methods_that_train_the_base(run_config, method)
 
 
 @pytest.mark.parametrize("choice", ["nf4", "int8"])
-def test_quantize_without_a_gpu_is_refused_in_one_line(no_cuda, run_config, tmp_path, choice):
-    cfg = run_config(method={"name": "lora"})
-    assert _train_cli(tmp_path, cfg, f"quantize={choice}") == 2
-    assert not Path(cfg["output_dir"]).exists()
+def test_quantize_trains_without_a_gpu(no_cuda, run_config, tmp_path, choice):
+    """bitsandbytes' CPU backend: QLoRA is no longer refused where no GPU is visible
+    (tests/methods/test_quantize.py checks what such a run does)."""
+    cfg = run_config(method={"name": "lora"}, train={"max_steps": 2})
+    assert _train_cli(tmp_path, cfg, f"quantize={choice}") == 0
+    assert (Path(cfg["output_dir"]) / "model" / "adapter_model.safetensors").exists()
 
 
 def test_quantize_without_bitsandbytes_is_refused(monkeypatch, run_config):

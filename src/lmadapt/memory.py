@@ -24,6 +24,7 @@ measured 4.8 GB, estimated 4.6 GB; with gradient checkpointing 2.9 GB, estimated
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -72,10 +73,19 @@ class Estimate:
     batch: int
     length: int
     checkpointing: bool
+    held: int = 0
+    """What the process holds before the model loads (Python, torch, the data): on the CPU the
+    run's peak RSS counts it too, and the host's free memory already leaves it out."""
 
     @property
     def total(self) -> int:
+        """What the run adds to the process (compared with free memory)."""
         return self.weights + self.trainable_state + self.activations
+
+    @property
+    def peak(self) -> int:
+        """The peak memory of the process (on the CPU: its peak RSS)."""
+        return self.total + self.held
 
     def describe(self) -> str:
         return (
@@ -260,11 +270,16 @@ def check_fits(
     need = estimate(
         shape, config.train.batch_size, longest, config.train.gradient_checkpointing, eager
     )
+    if device.type == "cpu":
+        import psutil
+
+        need = dataclasses.replace(need, held=psutil.Process().memory_info().rss)
     free, where = free_bytes(device)
     if report:
+        peak = f"; peak RSS about {need.peak / GIB:.2f} GiB" if need.held else ""
         print(
             f"lmadapt: memory: this run needs {need.describe()}; {where} has "
-            f"{free / GIB:.1f} GiB free",
+            f"{free / GIB:.1f} GiB free{peak}",
             file=sys.stderr,
             flush=True,
         )

