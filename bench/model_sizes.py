@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +70,9 @@ VARIANTS = {
 LR, WARMUP, SEED = 5e-4, 0.05, 42
 NOTE = (
     "tokens/s: steady state (end of step 1 to end of the last step), batch 1, every row seq "
-    "tokens. peak: the row process's ru_maxrss, loading included. estimated peak: the peak RSS "
+    "tokens. peak: the row process's ru_maxrss, loading included (it counts the page cache of the "
+    "memory-mapped weight files transformers reads); peak anon: the largest RssAnon sampled every "
+    "50 ms, the memory the run allocated itself. estimated peak: the peak RSS "
     "lmadapt printed before loading the model (what the process held then, plus weights, "
     "trainable state and activations)."
 )
@@ -297,15 +300,39 @@ def one_row(name: str, args: argparse.Namespace) -> None:
     imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row = next(r for r in rows(list(SHAPES), ["lmadapt", "hf"]) if r["name"] == name)
     model_dir = CACHE / row["shape"]
+    anon = AnonPeak()
     result = (run_lmadapt if row["impl"] == "lmadapt" else run_hf)(row, model_dir, args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_rss_mb"] = round(peak, 1)
+    result["peak_anon_mb"] = round(anon.stop(), 1)
     result["import_rss_mb"] = round(imports, 1)
     if result.get("estimate_mb"):
         result["estimate_over_peak"] = round(result["estimate_mb"] / peak, 3)
     params = json.loads((model_dir / "shape.json").read_text())["params"]
     row.update(params=params, steps=args.steps, seq=args.seq, **result)
     print("RESULT " + json.dumps(row), flush=True)
+
+
+class AnonPeak:
+    """The largest anonymous RSS (/proc/self/status RssAnon) seen every 50 ms: the memory the
+    run itself allocated, without the page cache of memory-mapped weight files that the peak
+    RSS also counts."""
+
+    def __init__(self) -> None:
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.05):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]))
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak / 1024
 
 
 def _cell(d: dict, key: str, spec: str = ".0f") -> str:
@@ -325,9 +352,9 @@ def table(results: list[dict]) -> str:
     head = (
         "| shape | params | variant | ckpt | steps x seq | lmadapt peak MB | peer peak MB | "
         "x peer peak | lmadapt tok/s | peer tok/s | x peer tok/s | estimated peak GiB | "
-        "est / peak |"
+        "est / peak | lmadapt peak anon MB | peer peak anon MB |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 15]
     for key in dict.fromkeys(r["name"].rsplit("/", 1)[0] for r in results):
         a, b = by.get(key + "/lmadapt", {}), by.get(key + "/hf", {})
         r = a or b
@@ -345,6 +372,8 @@ def table(results: list[dict]) -> str:
             _ratio(a, b, "tokens_per_second"),
             _cell(a, "estimate_gib_printed", ".1f"),
             _cell(a, "estimate_over_peak", ".2f"),
+            _cell(a, "peak_anon_mb"),
+            _cell(b, "peak_anon_mb"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -76,6 +77,11 @@ class Estimate:
     held: int = 0
     """What the process holds before the model loads (Python, torch, the data): on the CPU the
     run's peak RSS counts it too, and the host's free memory already leaves it out."""
+    loading: int = 0
+    """Quantising on the CPU: transformers reads every weight from the memory-mapped
+    safetensors files, whose pages count in RSS while the model is built (the quantised layers
+    grow beside them), so the load can peak above training. Their pages are cache the kernel
+    may drop: this counts toward the peak RSS, not toward what must fit."""
 
     @property
     def total(self) -> int:
@@ -85,7 +91,7 @@ class Estimate:
     @property
     def peak(self) -> int:
         """The peak memory of the process (on the CPU: its peak RSS)."""
-        return self.total + self.held
+        return max(self.total, self.loading + self.weights) + self.held
 
     def describe(self) -> str:
         return (
@@ -273,7 +279,12 @@ def check_fits(
     if device.type == "cpu":
         import psutil
 
-        need = dataclasses.replace(need, held=psutil.Process().memory_info().rss)
+        mapped = (
+            sum(f.stat().st_size for f in Path(spec.path).glob("*.safetensors"))
+            if spec.quantized
+            else 0
+        )
+        need = dataclasses.replace(need, held=psutil.Process().memory_info().rss, loading=mapped)
     free, where = free_bytes(device)
     if report:
         peak = f"; peak RSS about {need.peak / GIB:.2f} GiB" if need.held else ""

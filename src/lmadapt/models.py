@@ -290,8 +290,17 @@ def load_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool = False, 
         )
     except OSError as e:  # missing or unreadable files, or no safetensors weights on the hub
         raise LmadaptError(f"model '{spec.name}' could not be loaded: {e}") from None
-    if q is not None and q.dequantize:
+    if q is None:
+        return model
+    if q.dequantize:
         return model.dequantize()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        # the layers left unquantised are views of the memory-mapped safetensors file: owning
+        # them lets the mapping go, and the file's pages with it (on a CPU those count in the
+        # process's memory as long as one view holds the file, which is all of it after the
+        # quantising read)
+        if tensor.is_floating_point() and tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
     for module in model.modules():
         # bitsandbytes (0.50) repacks a 4-bit layer for its AVX512-BF16 CPU kernel the first
         # time it runs in eval mode: a kernel with no backward (a model evaluated between

@@ -159,3 +159,16 @@ def test_smollm2_from_its_gguf_file_trains_as_qlora(tmp_path):
     run = load_run(m["run_dir"], "cpu")
     assert "Linear4bit" in _base_layers(run.model)
     assert len(generate(m["run_dir"], ["Repeat: red"], {"max_new_tokens": 3})) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", ["nf4", "int8"])
+def test_a_quantised_run_on_the_gpu_reloads_and_merges(bits, run_config, tmp_path):
+    """The path of a GPU machine: bitsandbytes' CUDA kernels, bf16 compute under autocast."""
+    cfg = _config(run_config, tmp_path, bits, "gpu", precision="auto")
+    m = train(build_run_config({**cfg, "device": "cuda"}))
+    ev, _ = evaluate(m["run_dir"], cfg["data"]["dev"], device="cuda")
+    assert ev.metrics["loss"] == pytest.approx(m["dev"]["loss"], abs=1e-3)
+    out = export_merged(m["run_dir"], tmp_path / "merged", tolerance=1e-2, device="cuda")
+    assert out["max_abs_diff"] <= 1e-2
