@@ -72,10 +72,11 @@ def test_a_quantised_run_trains_reloads_and_merges(bits, run_config, tmp_path):
     assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
 
 
-def test_a_quantised_run_resumes_exactly(run_config, tmp_path):
-    reference = train(build_run_config(_config(run_config, tmp_path, "nf4", "ref")))
+@pytest.mark.parametrize("bits", ["nf4", "int8"])
+def test_a_quantised_run_resumes_exactly(bits, run_config, tmp_path):
+    reference = train(build_run_config(_config(run_config, tmp_path, bits, "ref")))
     with pytest.raises(TrainingInterrupted, match="interrupted at step 6"):
-        train(build_run_config(_config(run_config, tmp_path, "nf4", "cut")), hooks=[SigintAt(5)])
+        train(build_run_config(_config(run_config, tmp_path, bits, "cut")), hooks=[SigintAt(5)])
     resumed = resume(tmp_path / "cut")
     assert resumed["resumed"] and resumed["dev"] == reference["dev"]
     a = load_file(f"{reference['run_dir']}/model/adapter_model.safetensors")
