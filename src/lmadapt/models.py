@@ -267,7 +267,7 @@ def as_safetensors(spec: ModelSpec) -> ModelSpec:
     if not (out / "config.json").exists():
         from transformers import AutoModelForCausalLM  # a GGUF file holds a causal LM
 
-        model = AutoModelForCausalLM.from_pretrained(spec.path, **spec.load_kwargs())
+        model: Any = AutoModelForCausalLM.from_pretrained(spec.path, **spec.load_kwargs())
         # the weights are dequantised fp32, but transformers keeps its GGUF "quantizer", which
         # refuses to save: drop it, so the directory is a plain transformers model
         model.is_quantized, model.hf_quantizer = False, None
