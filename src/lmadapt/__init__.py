@@ -6,11 +6,16 @@ config) does not import all of it."""
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 from typing import Any
 
 __version__ = "0.1.0"
+# bitsandbytes (imported by peft and transformers whenever it is installed) warns on import that
+# its optional AVX512-BF16 CPU kernel cannot be fetched; lmadapt turns that kernel off
+# (models.load_model), so the warning would only be noise on every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 _HOME = {
     "ConfigError": "lmadapt.errors",
     "DataError": "lmadapt.errors",
