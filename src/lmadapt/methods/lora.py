@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from lmadapt.errors import ConfigError
+from lmadapt.io import atomic_path, write_text
 from lmadapt.methods import METHODS
 from lmadapt.methods.base import MethodConfig, PeftMethod
 
@@ -92,9 +93,8 @@ class LoraMethodConfig(LowRankShape, MethodConfig):
                 "method.init",
                 "loftq is not supported: peft 0.21.2 computes LoftQ's quantisation on a CUDA/XPU "
                 "device only (hard-coded in peft.utils.loftq_utils), and its adapter reproduces "
-                "the run only over the nf4-quantised base it was fitted to, which lmadapt neither "
-                "saves nor trains on a CPU (quantize: nf4 needs bitsandbytes on CUDA); use pissa "
-                "for a data-free SVD start",
+                "the run only over the nf4-quantised base it was fitted to, which lmadapt does "
+                "not save; use pissa for a data-free SVD start",
             )
 
 
@@ -170,13 +170,14 @@ class Lora(PeftMethod[LoraMethodConfig]):
                 state[key] = torch.cat([value, self.initial[key]], dim=0)  # (2r, in)
             elif ".lora_B." in key or ".lora_embedding_B." in key:
                 state[key] = torch.cat([value, -self.initial[key]], dim=1)  # (out, 2r)
-        save_file(state, str(weights), metadata={"format": "pt"})
+        with atomic_path(weights) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
         config_path = out_dir / "adapter_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
         # twice the rank at the same scale: alpha / r, or alpha / sqrt(r) under rsLoRA
         config["lora_alpha"] *= 2**0.5 if config["use_rslora"] else 2
         config.update(r=2 * config["r"], init_lora_weights=True)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        write_text(config_path, json.dumps(config, indent=2, sort_keys=True))
 
     def lr_rules(self) -> dict[str, float]:
         """LoRA+: B (and an embedding's B) at lr x ratio."""
