@@ -110,7 +110,7 @@ class Lora(PeftMethod[LoraMethodConfig]):
     def quantized_base(self) -> bool:  # type: ignore[override]
         """PiSSA and OLoRA start by rewriting the base weights (W - A0 B0), which a quantised
         base cannot hold; every other LoRA leaves them as they are."""
-        return self.cfg.init not in ("pissa", "olora")
+        return self.cfg.init not in MUTATES_BASE
 
     def __init__(self, cfg: LoraMethodConfig):
         super().__init__(cfg)
