@@ -113,7 +113,7 @@ def on_model_device(model: torch.nn.Module) -> torch.nn.Module:
     return OnDevice(model, weight.device)
 
 
-LOSS_ONLY_KEYS = ("labels", "loss_weights", "teacher_logits")
+LOSS_ONLY_KEYS = ("labels", "loss_weights", "teacher_logits", "reference_logps")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

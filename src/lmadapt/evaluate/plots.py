@@ -134,3 +134,13 @@ def reliability_diagram(panels: dict[str, dict], path: Path, title: str = "") ->
         ax.legend(loc="upper left", fontsize=7)
     fig.suptitle(title or "reliability diagram", y=1.03)
     _save(fig, path)
+
+
+def histogram(values: Sequence[float], path: Path, title: str, xlabel: str = "") -> None:
+    """The distribution of `values`, with a line at 0."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.hist(values, bins=min(40, max(5, len(values) // 5)), color="#4c72b0")
+    ax.axvline(0.0, color="#c44e52", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    _save(fig, path)

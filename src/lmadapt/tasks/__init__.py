@@ -7,6 +7,7 @@ TASKS: Registry = Registry("task")
 from lmadapt.tasks import (  # noqa: E402,F401  (each registers itself)
     classification,
     generation,
+    preference,
     prompt_classification,
     question_answering,
     token_classification,

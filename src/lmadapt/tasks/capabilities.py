@@ -9,6 +9,9 @@ for a task without it (an error saying so, or nothing to do).
 | CalibratableTask    | classification, token_classification               | training's end    |
 | TunableTask         | question_answering                                 | training's end    |
 | ProbeableTask       | question_answering                                 | export's check    |
+| BatchPreparingTask  | preference                                         | the training loop |
+
+(`BatchPreparingTask` is defined beside the loop that asks it, `lmadapt.train.loop`.)
 """
 
 from __future__ import annotations

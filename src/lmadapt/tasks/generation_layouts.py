@@ -148,7 +148,7 @@ class CausalLayout:
         """
         if not (self.cfg.loss_positions_only and _keeps_logits(model)):
             return {}
-        return {"logits_to_keep": _loss_positions(batch["loss_weights"])}
+        return {"logits_to_keep": loss_positions(batch["loss_weights"])}
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted mean next-token cross-entropy: Σ w·ce / Σ w over shifted tokens.
@@ -160,12 +160,12 @@ class CausalLayout:
         """
         ids, w = batch["input_ids"], batch["loss_weights"]
         if logits.shape[1] < ids.shape[1]:  # only the loss positions (forward_kwargs)
-            pos = _loss_positions(w) + 1
+            pos = loss_positions(w) + 1
 
             def targets(m: torch.Tensor) -> torch.Tensor:
                 return m[:, pos]
         else:
-            logits = _align(logits, batch)[:, :-1]
+            logits = align_virtual(logits, batch)[:, :-1]
 
             def targets(m: torch.Tensor) -> torch.Tensor:
                 return m[:, 1:]
@@ -276,13 +276,13 @@ class Seq2SeqLayout:
         """Mean cross-entropy over the response tokens: decoder logits (B, T_dec, V) line up
         with the labels, unshifted."""
         labels = batch["labels"]
-        return _ce(_align(logits, {"input_ids": labels}), labels, (labels != IGNORE).float())
+        return _ce(align_virtual(logits, {"input_ids": labels}), labels, (labels != IGNORE).float())
 
     def prompt_ids(self, feature: dict[str, Any], example: Conversation) -> list[int]:
         return feature["input_ids"]  # the encoder's input is the prompt
 
 
-def _align(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def align_virtual(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Drop the positions of virtual tokens that prompt-learning methods put before the input."""
     extra = logits.shape[1] - batch["input_ids"].shape[1]
     if extra and "position_ids" in batch:
@@ -292,7 +292,7 @@ def _align(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return logits[:, extra:] if extra else logits
 
 
-def _loss_positions(weights: torch.Tensor) -> torch.Tensor:
+def loss_positions(weights: torch.Tensor) -> torch.Tensor:
     """Positions t whose next token t+1 carries loss weight in any row of the batch."""
     return (weights[:, 1:] > 0).any(0).nonzero().squeeze(1)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +60,15 @@ from lmadapt.train.distributed import SINGLE, STRATEGIES, Distributed
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above the loop
     from lmadapt.tasks.base import Task
+
+
+@runtime_checkable
+class BatchPreparingTask(Protocol):
+    """A task whose loss needs what only the model can add to a batch, asked before each
+    training forward (e.g. preference's reference log-probabilities)."""
+
+    def prepare_batch(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        """Add to `batch` (on the device) what the task's loss reads; no gradients flow."""
 
 
 class TrainingInterrupted(LmadaptError):
@@ -408,6 +417,8 @@ class Trainer:
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         with self.strategy.no_sync(run.net) if accumulate else contextlib.nullcontext():
             with autocast(self.bf16, dist.device.type):
+                if isinstance(self.task, BatchPreparingTask):
+                    self.task.prepare_batch(run.plain, batch)
                 outputs = run.net(**model_inputs(batch), **run.forward_kwargs(model, batch))
             loss = self.task.loss(self.task.logits(outputs), batch)
             for h in self.hooks:
