@@ -3,8 +3,10 @@ the budget, the leaderboard, and a winner that reloads like any run."""
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +20,45 @@ from lmadapt.cli import main
 from lmadapt.errors import ConfigError
 from tests.conftest import sentiment_rows, write_csv
 from tests.tasks.test_token_classification import ner_sentences, write_conll
+
+
+def preference_pairs(n: int, seed: int = 0, layout: str = "prompt") -> list[dict]:
+    """Pairs of a right and a wrong sum, in one of the preference reader's layouts: `prompt`
+    with reply strings, two whole `dialogues` (message lists), or HH-RLHF `transcripts`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        ask, good, bad = f"what is {a} plus {b}?", f"it is {a + b}", f"it is {a + b + 1}"
+        if layout == "prompt":
+            rows.append({"prompt": ask, "chosen": good, "rejected": bad})
+        elif layout == "dialogues":
+            user = {"role": "user", "content": ask}
+            rows.append(
+                {
+                    "chosen": [user, {"role": "assistant", "content": good}],
+                    "rejected": [user, {"role": "assistant", "content": bad}],
+                }
+            )
+        else:
+            hh = f"\n\nHuman: {ask}\n\nAssistant: "
+            rows.append({"chosen": hh + good, "rejected": hh + bad})
+    return rows
+
+
+def write_records(path: Path, rows: list[dict]) -> Path:
+    """rows as jsonl, json (one list) or csv (string fields only), by the suffix."""
+    if path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
 
 plan_mod = importlib.import_module("lmadapt.auto.plan")  # `lmadapt.auto` is the function
 routes_mod = importlib.import_module("lmadapt.auto.routes")
@@ -80,6 +121,59 @@ def test_route_choice_follows_the_data(tmp_path, monkeypatch):
     assert plan.task.kind == "token_classification"
     assert fitting_routes(plan) == ["lora", "full"]  # no prompting, no distillation of tags
     assert plan.profile.label_counts.keys() == {"LOC", "PER"}
+
+
+@pytest.mark.parametrize(
+    "layout, name", [("prompt", "p.jsonl"), ("dialogues", "d.json"), ("transcripts", "t.csv")]
+)
+def test_a_file_of_preference_pairs_is_a_preference_task_for_dpo_on_a_causal_lm(
+    tmp_path, layout, name
+):
+    rows = preference_pairs(30, layout=layout)
+    path = write_records(tmp_path / name, rows)
+    plan, carved, speed = make_plan(path, None, tmp_path / "out")
+    assert plan.task.kind == "preference" and (plan.metric, plan.mode) == ("loss", "min")
+    assert fitting_routes(plan) == ["lm_lora"]
+    reasons = {e.name: e.impl(e.name).unfit(plan) for e in routes_mod.ROUTES}
+    assert "takes no encoder" in reasons["lora"] and "takes no encoder" in reasons["full"]
+    assert "single-label text" in reasons["zero_shot"]
+    assert plan.profile.label_counts == {} and plan.profile.max_words > 0
+
+    # the carved dev set is written in the file's own format and layout, and reads back
+    assert Path(plan.dev).suffix == Path(name).suffix and carved == {"train": 24, "dev": 6}
+    train, dev = (plan.task.read(str(f)) for f in (plan.train, plan.dev))
+    assert (len(train), len(dev)) == (24, 6)
+    key = [(p.prompt[-1]["content"], p.chosen) for p in train + dev]
+    assert sorted(key) == sorted(
+        (p.prompt[-1]["content"], p.chosen) for p in plan.task.read(str(path))
+    )
+    assert len(plan.task.read(str(speed), labelled=False)) == 6  # prompts to answer
+
+
+def test_preference_pairs_train_dpo_lora_and_the_winner_answers(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setattr(plan_mod, "TARGET_SAMPLES", 48)  # 2 epochs of 24 pairs: 6 steps
+    task = routes_mod.LmLora.task  # short replies: the speed probe generates them
+    monkeypatch.setattr(routes_mod.LmLora, "task", lambda *a: {**task(*a), "max_new_tokens": 4})
+    train = write_records(tmp_path / "train.jsonl", preference_pairs(30, seed=1))
+    test = write_records(tmp_path / "test.jsonl", preference_pairs(6, seed=2))
+    out = tmp_path / "auto"
+    result = auto(train, budget="3m", out=out, test_file=test, models={"lm_lora": tiny_llama})
+    rows = {r["route"]: r for r in result["rows"]}
+    assert result["winner"] == "lm_lora" and rows["lm_lora"]["status"] == "done"
+    assert rows["lm_lora"]["steps"] == 6 and rows["lm_lora"]["predict_per_second"] > 0
+    assert {rows[n]["status"] for n in ("zero_shot", "lora", "full", "prompt_ft")} == {"skipped"}
+    assert result["metric"] == "loss" and result["task"].startswith("preference (dpo")
+    assert {"reward_accuracy", "reward_margin", "base_reward_accuracy"} <= set(
+        result["test_metrics"]
+    )
+    report = (out / "report.md").read_text()
+    assert "24 training examples;" in report and "per label" not in report
+
+    run = load_run(out / "winner", "cpu")
+    assert run.task.kind == "preference" and run.config.method.name == "lora"
+    assert run.config.train.dropout == 0.0 and run.task.pcfg.report_samples == 0
+    (answer,) = predict(run, texts=["what is 2 plus 2?"])
+    assert answer["prompt"] == "what is 2 plus 2?" and isinstance(answer["output"], str)
 
 
 def test_auto_runs_the_routes_and_the_winner_reloads(tmp_path, tiny_bert, tiny_llama, monkeypatch):
@@ -209,7 +303,7 @@ def test_deadline_anneals_the_rate_into_the_time_left(monkeypatch):
     [
         (["missing.csv"], "no such file"),
         (["{train}", "--budget", "ten"], "--budget"),
-        (["{train}", "--task", "generation"], "auto adapts"),
+        (["{train}", "--task", "generation"], "classification, preference and token_class"),
         (["{train}", "--model", "nosuch=x"], "unknown route"),
     ],
 )

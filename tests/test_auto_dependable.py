@@ -19,6 +19,7 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.rundir import mark
 from lmadapt.train.loop import TrainingInterrupted
 from tests.conftest import sentiment_rows, write_csv
+from tests.test_auto import preference_pairs, write_records
 
 plan_mod = importlib.import_module("lmadapt.auto.plan")
 routes_mod = importlib.import_module("lmadapt.auto.routes")
@@ -179,6 +180,38 @@ def test_a_bad_template_verbalizer_or_model_fails_before_any_route(
     assert f"'{field}'" in err and all(w in err for w in words), err
     assert "suggests no verbalizer" not in err
     assert not out.exists() and not no_route
+
+
+def test_an_encoder_for_preference_pairs_is_refused_before_any_route(
+    tmp_path, capsys, no_route, tiny_bert
+):
+    train = write_records(tmp_path / "pairs.jsonl", preference_pairs(20))
+    out = tmp_path / "auto"
+    argv = ["auto", str(train), "--out", str(out), "--model", f"lm_lora={tiny_bert}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'--model'" in err and len(err.splitlines()) == 1
+    assert all(w in err for w in ("lm_lora=", "is an encoder model", "preference", "causal")), err
+    assert not out.exists() and not no_route
+    # a model for a route that does not fit the data is not checked: that route is skipped
+    with pytest.raises(LmadaptError, match="no route finished"):
+        auto(train, out=out, models={"lora": tiny_bert})
+    assert no_route == ["lm_lora"]
+
+
+@pytest.mark.parametrize(
+    "rows, words",
+    [  # recognised as pairs, so the preference reader's refusal is the file's error
+        ([{"prompt": "hi", "chosen": "yes", "rejected": "yes"}], ["line 1", "'rejected'"]),
+        ([{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "b"}], ["'rejected'"]),
+    ],
+)
+def test_a_bad_file_of_pairs_fails_with_its_own_error(tmp_path, capsys, no_route, rows, words):
+    train = write_records(tmp_path / "pairs.jsonl", rows * 10)
+    assert main(["auto", str(train), "--out", str(tmp_path / "auto")]) == 2
+    err = capsys.readouterr().err
+    assert "no task reads this file" not in err and all(w in err for w in words), err
+    assert not no_route
 
 
 def test_an_error_after_the_routes_keeps_them(tmp_path, small, monkeypatch, tiny_bert):

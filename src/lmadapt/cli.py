@@ -655,7 +655,9 @@ def _ui(p: argparse.ArgumentParser) -> None:
     api="auto",
 )
 def _auto(p: argparse.ArgumentParser) -> None:
-    p.add_argument("train", help="labelled training file (csv, tsv, jsonl, CoNLL)")
+    p.add_argument(
+        "train", help="labelled training file (csv, tsv, jsonl, CoNLL; preference pairs)"
+    )
     p.add_argument("dev", nargs="?", help="dev file; default: a stratified share of TRAIN")
     p.add_argument(
         "--budget",
@@ -665,7 +667,10 @@ def _auto(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="runs/auto", help="output directory (runs/auto)")
     p.add_argument("--test", help="test file, scored for the winner only (never for selection)")
-    p.add_argument("--task", help="classification or token_classification (default: inferred)")
+    p.add_argument(
+        "--task",
+        help="classification, preference or token_classification (default: inferred)",
+    )
     p.add_argument(
         "--prefer",
         choices=["accuracy", "speed"],

@@ -16,6 +16,8 @@ estimate = weights + trainable state + activations, where
   taken as fp32 (twice that), the conservative case. Gradient checkpointing keeps only each
   layer's input (s·b·h·4 bytes) plus one layer's full set during its recompute. A language-model
   head adds its fp32 logits, their log-softmax and both gradients (4·s·b·vocab·4 bytes).
+  A task whose example is several rows (`PairedTask`: a preference pair's two replies) has b
+  count rows, and a frozen reference copy of the model counts among the weights.
 
 Rough by design: it is there to refuse, before loading, what clearly cannot fit. Against
 bench/checkpointing_rss.py (SmolLM2-135M LoRA, batch 4 x 512, fp32, CPU): weights + one step
@@ -29,7 +31,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -51,6 +53,17 @@ ACT_BYTES = 4
 """Activations counted as fp32 (bf16 autocast keeps some in 16 bits: the estimate errs high)."""
 
 
+@runtime_checkable
+class PairedTask(Protocol):
+    """A task whose training example puts several rows in a batch and whose loss may need a
+    second, frozen copy of the model (preference: a pair's two replies; its reference model)."""
+
+    rows_per_example: int
+
+    def reference_bytes(self, model: torch.nn.Module) -> int:
+        """Bytes of the frozen copy training holds beside `model` (adapted), 0 for none."""
+
+
 @dataclass(frozen=True)
 class Shape:
     """What the estimate needs from a model and a method, read on the meta device."""
@@ -63,6 +76,8 @@ class Shape:
     heads: int
     vocab: int
     """Width of the language-model head's logits; 0 when the task's model has none."""
+    rows_per_example: int = 1
+    """Batch rows per training example (2 for a preference pair)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,7 @@ def model_shape(
         )
         model = method.apply(base, task)
     trainable, total = count_parameters(model)
+    paired = task if isinstance(task, PairedTask) else None
     in_bf16 = {id(p) for p in bf16_castable(model)} if bf16_base else set()
     packed = quantized_bytes(base, spec.quantized) if spec.quantized else {}
     seen: set[int] = set()
@@ -129,6 +145,8 @@ def model_shape(
             seen.add(id(p))
             size = p.numel() * (2 if id(p) in in_bf16 else p.element_size())
             frozen_bytes += int(packed.get(id(p), size))
+    if paired is not None:
+        frozen_bytes += paired.reference_bytes(model)
     return Shape(
         frozen_bytes=frozen_bytes,
         trainable=trainable,
@@ -137,6 +155,7 @@ def model_shape(
         hidden=int(getattr(cfg, "hidden_size", 0) or 0),
         heads=int(getattr(cfg, "num_attention_heads", 0) or 0),
         vocab=int(getattr(cfg, "vocab_size", 0) or 0) if head is not None else 0,
+        rows_per_example=paired.rows_per_example if paired is not None else 1,
     )
 
 
@@ -163,7 +182,7 @@ def activation_bytes(
     shape: Shape, batch: int, length: int, checkpointing: bool, eager_attention: bool
 ) -> int:
     """Activations the backward pass keeps (the module docstring gives the formula's source)."""
-    tokens = batch * length
+    tokens = batch * shape.rows_per_example * length
     scores = 5 * shape.heads * length / shape.hidden if eager_attention and shape.hidden else 0
     per_layer = tokens * shape.hidden * (34 + scores) * ACT_BYTES / 2
     if checkpointing:

@@ -15,6 +15,7 @@ from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import Endpoint, Task
 from lmadapt.tasks.capabilities import (
+    AdaptableTask,
     CalibratableTask,
     ExplainableTask,
     PerturbableTask,
@@ -34,14 +35,15 @@ CAPABILITIES = (
     TunableTask,
     ProbeableTask,
     BatchPreparingTask,
+    AdaptableTask,
 )
 CLAIMS = {
-    "classification": {ExplainableTask, PerturbableTask, CalibratableTask},
-    "token_classification": {ExplainableTask, PerturbableTask, CalibratableTask},
+    "classification": {ExplainableTask, PerturbableTask, CalibratableTask, AdaptableTask},
+    "token_classification": {ExplainableTask, PerturbableTask, CalibratableTask, AdaptableTask},
     "prompt_classification": {PerturbableTask},
     "question_answering": {PerturbableTask, TunableTask, ProbeableTask},
     "generation": {ExplainableTask},
-    "preference": {BatchPreparingTask},
+    "preference": {BatchPreparingTask, AdaptableTask},
 }
 
 

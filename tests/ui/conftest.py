@@ -1,6 +1,7 @@
-"""A runs root for the dashboard tests: two tiny finished runs trained here, and next to them
-the kinds of directory the dashboard must show without crashing (running, interrupted,
-half-written, unparsable, continual, hpo) and a symlink leading out of the root."""
+"""A runs root for the dashboard tests: tiny finished runs trained here (classification, chat,
+NER, preference), and next to them the kinds of directory the dashboard must show without
+crashing (running, interrupted, half-written, unparsable, continual, hpo) and a symlink leading
+out of the root."""
 
 from __future__ import annotations
 
@@ -76,6 +77,37 @@ def _train_ner(root: Path, tiny_bert: str) -> None:
     train(build_run_config(cfg))
 
 
+def _train_preference(root: Path, tiny_llama: str) -> None:
+    """A DPO run of the tiny Llama on 8 pairs, 2 steps, dev scored after each (its rewards and
+    margin curve)."""
+    from lmadapt.api import train
+    from lmadapt.config import build_run_config
+
+    pairs = [
+        {"prompt": f"what is {i} plus {i}?", "chosen": f"it is {2 * i}", "rejected": "no idea"}
+        for i in range(8)
+    ]
+    data = root.parent / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    cfg = {
+        "model": tiny_llama,
+        "task": {"type": "preference", "max_length": 48, "max_new_tokens": 4, "report_samples": 1},
+        "method": {"name": "lora"},
+        "data": {"train": str(data), "dev": str(data)},
+        "train": {
+            "max_steps": 2,
+            "batch_size": 4,
+            "eval_every": 1,
+            "log_every": 1,
+            "lr": 0.05,
+            "precision": "fp32",
+            "threads": 1,
+        },
+        "output_dir": str(root / "dpo-run"),
+    }
+    train(build_run_config(cfg))
+
+
 def _study(path: Path) -> None:
     """A real Optuna study as `lmadapt hpo` stores it (no training: the values are made up)."""
     import optuna
@@ -109,6 +141,7 @@ def ui_root(tmp_path_factory, tiny_bert, tiny_llama) -> Path:
     _train(root, data, tiny_bert, "bitfit-run", "bitfit")
     _train_chat(root, tiny_llama)
     _train_ner(root, tiny_bert)
+    _train_preference(root, tiny_llama)
 
     for name, age in (("running", 0), ("interrupted", 3600)):
         shutil.copytree(root / "lora-run", root / name, ignore=shutil.ignore_patterns("model"))

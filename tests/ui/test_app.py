@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from lmadapt.cli import main
 from lmadapt.ui.app import create_ui_app, report_html
+from lmadapt.ui.runs import REWARDS, rewards
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def test_runs_lists_every_entry_with_its_status(client):
         "search_hpo": ("hpo", "finished"),
         "ner-run": ("run", "finished"),
         "chat-run": ("run", "finished"),
+        "dpo-run": ("run", "finished"),
     }
     assert {i: (rows[i]["kind"], rows[i]["status"]) for i in expected} == expected
     lora = rows["lora-run"]
@@ -49,6 +51,7 @@ def test_runs_lists_every_entry_with_its_status(client):
     assert "no config.yaml" in rows["half-written"]["problems"][0]
     assert rows["search_hpo"]["best"] == pytest.approx(0.7)
     assert rows["chat-run"]["task"] == "generation"
+    assert (rows["dpo-run"]["task"], rows["dpo-run"]["metric"]) == ("preference", "loss")
     assert "escape" not in rows and "foreign" not in rows  # a symlink out; no run files
 
 
@@ -120,6 +123,38 @@ def test_run_detail_has_curves_confusion_and_report_images(client):
     image = client.get("/api/file", params={"id": "lora-run", "name": "plots/loss.png"})
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.content[:4] == b"\x89PNG"
+
+
+def test_a_preference_run_shows_its_rewards_beside_the_base_models_and_its_margin_curve(client):
+    d = client.get("/api/run", params={"id": "dpo-run"}).json()
+    assert d["summary"]["problems"] == []
+    (dev,) = d["rewards"]
+    m = d["metrics"]["dev"]
+    assert dev["split"] == "dev" and set(dev["trained"]) == set(dev["base"]) == set(REWARDS)
+    assert dev["trained"] == {k: m[k] for k in REWARDS}
+    assert dev["base"] == {k: m[f"base_{k}"] for k in REWARDS}
+    # DPO's rewards are log-ratios to the base model: 0 for the base itself, a coin toss
+    assert dev["base"]["reward_margin"] == 0 and dev["base"]["reward_accuracy"] == 0.5
+    steps, margins = d["curves"]["dev"]["reward_margin"]
+    assert steps == [1, 2] and all(isinstance(x, float) for x in margins)
+    assert d["curves"]["dev"]["base_reward_margin"][1] == [0.0, 0.0]
+    assert client.get("/api/run", params={"id": "lora-run"}).json()["rewards"] == []
+
+
+def test_rewards_take_only_numbers_from_a_foreign_metrics_file():
+    metrics = {
+        "dev": {"reward_accuracy": 0.75, "reward_margin": "big", "base_reward_accuracy": True},
+        "test": {"accuracy": 0.9},
+        "steps": 3,
+        "train": [1, 2],
+    }
+    assert rewards(metrics) == [
+        {
+            "split": "dev",
+            "trained": {k: 0.75 if k == "reward_accuracy" else None for k in REWARDS},
+            "base": dict.fromkeys(REWARDS),
+        }
+    ]
 
 
 def test_continual_and_hpo_details(client):

@@ -148,6 +148,16 @@ def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
     assert "COMPLETE" in driver.find_element(By.ID, "trials").text
     shot("hpo")
 
+    # A preference run: its rewards beside the base model's, and the dev margin over training.
+    driver.get(url + "/run?id=dpo-run")
+    wait(driver, "#margin-plot .main-svg")
+    assert "base (untrained)" in driver.find_element(By.ID, "rewards").text
+    names = driver.execute_script(
+        "return document.getElementById('margin-plot').data.map((t) => t.name)"
+    )
+    assert names == ["dev reward margin", "base model"]
+    shot("preference")
+
     # Compare: two runs overlaid, side by side, config diff naming the method.
     driver.get(url + "/compare?id=lora-run&id=bitfit-run")
     wait(driver, "#overlay-loss .main-svg")
@@ -206,6 +216,7 @@ def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
         "run.png",
         "continual.png",
         "hpo.png",
+        "preference.png",
         "compare.png",
         "playground.png",
         "ner.png",

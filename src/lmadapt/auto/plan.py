@@ -22,15 +22,13 @@ from lmadapt.prompting.templates import load_template, template_verbalizer
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import DataProfile
+from lmadapt.tasks.capabilities import AdaptableTask
 from lmadapt.train.config import TrainConfig
 from lmadapt.train.loop import checkpoint_metric
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
 
-INFERRED = ("token_classification", "classification")
-"""Task types `auto` tells apart by reading the file: the first whose reader accepts it wins.
-Tagged sentences come first: a CoNLL file is no table, and a table has no tokens and tags."""
 FEW_PER_LABEL = 100
 """Below this many training examples for some label the data counts as few-shot: prompt-based
 fine-tuning through the LM head beat a new classifier head on the same model by 0.31 at 16 and
@@ -97,28 +95,43 @@ def single_label_text(task: Task) -> bool:
     return bool(task.label_distribution and task.shares_backbone)
 
 
+def adaptable() -> list[str]:
+    """The task types `auto` adapts (each an `AdaptableTask`), in registration order."""
+    return [e.name for e in TASKS if issubclass(e.impl, AdaptableTask)]
+
+
 def read_train(path: str | Path, fmt: str, task: str | None) -> tuple[Any, Any, list[Any]]:
-    """(task section, task fitted on train, examples) for the named task type, or the first of
-    INFERRED whose reader accepts the file."""
-    names = [task] if task else list(INFERRED)
+    """(task section, task fitted on train, examples) for the named task type; else for the
+    adaptable task that recognises the file by its form, else for the first whose reader
+    accepts it."""
+    names = adaptable()
+    if task is not None and task not in names:
+        raise ConfigError("--task", f"auto adapts {_listed(names)}, not {task!r}")
+    sections = {n: parse_section(TASKS, "type", n, "--task") for n in ([task] if task else names)}
+    tasks: dict[str, Any] = {n: build_task(section) for n, section in sections.items()}
+    if task is None:
+        own = next((n for n, t in tasks.items() if t.recognises(str(path), fmt)), None)
+        if own is not None:
+            tasks = {own: tasks[own]}
     refusals = []
-    for name in names:
-        if name not in INFERRED:
-            raise ConfigError("--task", f"auto adapts {' and '.join(INFERRED)}, not {name!r}")
-        section = parse_section(TASKS, "type", name, "--task")
-        t = build_task(section)
+    for name, t in tasks.items():
         try:
             examples = t.read(str(path), fmt)
         except DataError as e:
-            if task:
+            if len(tasks) == 1:  # named, or recognised: the reader's refusal is the file's
                 raise
             refusals.append(f"{name}: {str(e).splitlines()[0]}")
             continue
         t.fit(examples)
-        return section, t, examples
+        return sections[name], t, examples
     raise DataError(
         str(path), "no task reads this file (" + "; ".join(refusals) + "); pass --task TYPE"
     )
+
+
+def _listed(names: list[str]) -> str:
+    """'a, b and c'."""
+    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
 
 
 def carve_dev(profile: DataProfile, seed: int) -> tuple[list[int], list[int]]:
@@ -180,12 +193,21 @@ def prompt_recipe(
     return {"template": template, "verbalizer": verbalizer}, ""
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether a model name is a hub id (owner/name, no such local path): resolving it may
+    download, so it is left to its route."""
+    return (
+        bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name))
+        and not Path(name).exists()
+    )
+
+
 def check_models(models: dict[str, str]) -> None:
     """Refuse a model that cannot resolve (`--model ROUTE=MODEL`) before any route runs: an
     embedded name, a model directory or .gguf file, or a hub id (owner/name, resolved when its
     route runs: it may download)."""
     for route, name in models.items():
-        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) and not Path(name).exists():
+        if is_hub_id(name):
             continue
         try:
             resolve_model(name)

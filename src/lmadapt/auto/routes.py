@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from lmadapt.api import train
-from lmadapt.auto.plan import Plan
+from lmadapt.auto.plan import Plan, is_hub_id
 from lmadapt.config import build_run_config
+from lmadapt.errors import ConfigError
 from lmadapt.hooks import Hook
 from lmadapt.inference import Encoded
+from lmadapt.models import resolve_model
 from lmadapt.registry import Registry
 from lmadapt.schema import to_dict
+from lmadapt.tasks import TASKS
 from lmadapt.train.loop import Trainer, linear_factor
 
 PROBE_STEPS = 10
@@ -178,6 +181,11 @@ class Route:
         for this kind of data, before anything else."""
         return False
 
+    def model_kinds(self, plan: Plan) -> tuple[str, ...]:
+        """The kinds of model it can train (a `--model` for it is checked against them): those
+        of the task it trains, the data's own by default."""
+        return plan.task.model_kinds
+
 
 ROUTES: Registry[type[Route]] = Registry("route")
 """In running order, cheapest first."""
@@ -197,6 +205,10 @@ class TrainedRoute(Route):
 
     def data_section(self, plan: Plan) -> dict[str, Any]:
         return {}
+
+    def model_kinds(self, plan: Plan) -> tuple[str, ...]:
+        kinds: tuple[str, ...] = TASKS.get(self.task(plan)["type"]).impl.model_kinds
+        return kinds
 
     def run(self, plan: Plan, run_dir: Path, deadline: Deadline) -> None:
         config = build_run_config(
@@ -282,12 +294,15 @@ class HeadFull(HeadLora):
     method = "full"
 
     def unfit(self, plan: Plan) -> str | None:
+        why = super().unfit(plan)
+        if why is not None:
+            return why
         if plan.few:
             return (
                 f"few examples per label ({plan.profile.min_per_label} < {plan.few_limit}): "
                 "full fine-tuning overfits them"
             )
-        return super().unfit(plan)
+        return None
 
     def method_section(self, plan: Plan) -> dict[str, Any]:
         return {"name": "full"}
@@ -322,6 +337,47 @@ class PromptFinetune(PromptRoute):
         return plan.few
 
 
+@ROUTES.register("lm_lora")
+class LmLora(TrainedRoute):
+    """LoRA on SmolLM2-135M-Instruct trained on the task as read, through the LM's own head:
+    the route of tasks that take no encoder (preference pairs: DPO against the model before
+    training, the preference task's default loss). r 16 on every linear layer; no dropout, so
+    that the policy and its reference (the same model, adapters disabled) score alike; rate
+    5e-5, between TRL's LoRA DPO example (5e-6 over an epoch of UltraFeedback) and the SFT
+    recipes' 5e-4, so that the few hundred steps a CPU budget allows move the policy (not yet
+    measured on real pairs); the best dev checkpoint is kept if it overshoots. No sample
+    replies in its report: every dev scoring, and the Deadline's timing of one, would generate
+    them."""
+
+    model = "smollm2-135m-instruct"
+    method = "lora"
+    min_seconds = 60.0
+
+    def unfit(self, plan: Plan) -> str | None:
+        kinds = plan.task.model_kinds
+        if "encoder" in kinds:
+            return "the task takes an encoder with a new head: the head routes adapt it"
+        if "causal" not in kinds:
+            return f"the task takes no causal LM ({' or '.join(kinds)} only)"
+        return None
+
+    def task(self, plan: Plan) -> dict[str, Any]:
+        return {**to_dict(plan.task_section), "report_samples": 0}
+
+    def method_section(self, plan: Plan) -> dict[str, Any]:
+        return {"name": "lora", "r": 16, "alpha": 32, "target_modules": ["all-linear"]}
+
+    def train_section(self, plan: Plan) -> dict[str, Any]:
+        return {
+            "epochs": plan.epochs(3),
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "lr": 5e-5,
+            "warmup_ratio": 0.1,
+            "dropout": 0.0,
+        }
+
+
 @ROUTES.register("distill")
 class Distill(Route):
     """Only with prefer='speed': the best head classifier found so far taught to the first half
@@ -343,7 +399,6 @@ class Distill(Route):
 
         from lmadapt.distill import run_distill
         from lmadapt.distill.runner import build_distill_config
-        from lmadapt.models import resolve_model
 
         teachers = [r for r in plan.done if r["teaches"] and r["status"] in OK]
         if not teachers:
@@ -378,6 +433,25 @@ OK = ("done", "stopped at its time share")
 def fitting_routes(plan: Plan) -> list[str]:
     """The routes that fit the data, in running order."""
     return [e.name for e in ROUTES if e.impl(e.name).unfit(plan) is None]
+
+
+def check_route_models(plan: Plan) -> None:
+    """Refuse, before any route runs, a model given to a route that fits the data (`--model
+    ROUTE=MODEL`) whose kind the task that route trains cannot use: an encoder for preference
+    pairs, say. A hub id is left to its route (resolving it may download)."""
+    for name in fitting_routes(plan):
+        model = plan.models.get(name)
+        if model is None or is_hub_id(model):
+            continue
+        kinds = ROUTES.get(name).impl(name).model_kinds(plan)
+        kind = resolve_model(model).kind
+        if kind not in kinds:
+            a = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigError(
+                "--model",
+                f"{name}={model}: {model} is {a} {kind} model; the {name} route trains "
+                f"{plan.task.description} on a {' or '.join(kinds)} model",
+            )
 
 
 def best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:

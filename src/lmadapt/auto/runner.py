@@ -24,6 +24,7 @@ from lmadapt.auto.routes import (
     Route,
     Skip,
     best,
+    check_route_models,
     fitting_routes,
     time_limit,
 )
@@ -173,11 +174,13 @@ def _check_inputs(
 
 
 def _plan_within(window: Window, *args: Any, **kwargs: Any) -> tuple[Plan, Any, Path]:
-    """`make_plan` within the budget: running out while the data is read is an error that
-    says so, before any route starts."""
+    """`make_plan` within the budget, and the route models checked against the task: running
+    out while the data is read is an error that says so, before any route starts."""
     try:
         with time_limit(window.end):
-            return make_plan(*args, **kwargs)
+            plan, carved, speed_file = make_plan(*args, **kwargs)
+            check_route_models(plan)
+            return plan, carved, speed_file
     except OutOfTime:
         raise LmadaptError(
             f"the {window.seconds:.0f}s budget ran out while the data was read and checked; "
@@ -498,6 +501,7 @@ def _overview(result: dict[str, Any], plan: Plan) -> list[str]:
     """The bullet list at the top: data, dev split, selection, budget, outcome."""
     p = result["profile"]
     counts = ", ".join(f"{k} {v:,}" for k, v in p["label_counts"].items())
+    per_label = f" ({'few' if plan.few else 'many'} per label: {counts})" if counts else ""
     dev = (
         f"`{result['dev']}`"
         if result["dev"]
@@ -507,9 +511,8 @@ def _overview(result: dict[str, Any], plan: Plan) -> list[str]:
     lines = [
         "# lmadapt auto",
         "",
-        f"- **data**: `{result['train']}`, {result['task']}, {p['examples']:,} training examples "
-        f"({'few' if plan.few else 'many'} per label: {counts}); "
-        f"{p['mean_words']} words on average, {p['max_words']} at most",
+        f"- **data**: `{result['train']}`, {result['task']}, {p['examples']:,} training examples"
+        f"{per_label}; {p['mean_words']} words on average, {p['max_words']} at most",
         f"- **dev**: {dev}",
         f"- **selection**: dev {result['metric']} ({result['direction']}); test never read for it",
         f"- **budget**: {result['budget_seconds']:.0f}s, used {result['wall_seconds']:.0f}s"

@@ -111,7 +111,8 @@ def _check_order(record: Record, key: str, role_key: str, messages: list[dict]) 
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m["role"] != expected:
             raise record.error(
-                f"expected a {expected} turn here, got {m['role']} (system first, then user and "
+                f"expected {'an' if expected == 'assistant' else 'a'} {expected} turn here, got "
+                f"{m['role']} (system first, then user and "
                 "assistant turns alternating)",
                 f"{key}[{i}].{role_key}",
             )

@@ -51,7 +51,7 @@ def _messages(record: Record, key: str) -> list[dict[str, str]]:
 
 def _reply(record: Record, key: str) -> str:
     """A reply: a non-empty string, or a list holding one assistant message."""
-    value = record.fields.get(key)
+    value = _required(record, key)
     if isinstance(value, list):
         turns = _messages_unordered(record, key)
         if len(turns) != 1 or turns[0]["role"] != "assistant":

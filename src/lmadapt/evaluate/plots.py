@@ -58,6 +58,27 @@ def curves(
     _save(fig, path)
 
 
+def panels(
+    series: dict[str, tuple[list[float], list[float]]], path: Path, title: str, xlabel: str = "step"
+) -> None:
+    """One small plot per named (x, y) series, each on its own scale (accuracies beside sums of
+    log-probabilities), three to a row."""
+    cols = min(3, len(series))
+    rows = -(-len(series) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, (xs, ys)) in zip(axes.flat, series.items()):
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def bars(
     names: Sequence[str], values: Sequence[float], path: Path, title: str, ylabel: str = ""
 ) -> None:

@@ -68,7 +68,8 @@ def metrics_table(metrics: dict[str, float]) -> str:
 
 
 def training_curves(history: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
-    """loss.png (train and dev loss) and metric.png (dev metric) from the run's log records."""
+    """loss.png (train and dev loss) and metrics.png (every other dev metric that changes, one
+    panel each) from the run's log records."""
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     dev = [(r["step"], r["dev"]) for r in history if "dev" in r]
     written = []
@@ -82,10 +83,16 @@ def training_curves(history: list[dict[str, Any]], metric: str, out_dir: Path) -
         plots.curves(series, out_dir / "loss.png", "loss")
         written.append(out_dir / "loss.png")
     if dev:
-        keys = [k for k in dev[0][1] if k != "loss"]
-        series = {k: ([s for s, _ in dev], [d.get(k, float("nan")) for _, d in dev]) for k in keys}
-        plots.curves(series, out_dir / "metrics.png", f"dev metrics (selection: {metric})")
-        written.append(out_dir / "metrics.png")
+        steps = [s for s, _ in dev]
+        series = {}
+        for key in dev[0][1]:
+            values = [d.get(key, float("nan")) for _, d in dev]
+            # a metric that never moves (the untrained model's, measured beside it) is no curve
+            if key != "loss" and (len(values) == 1 or len(set(values)) > 1):
+                series[key] = (steps, values)
+        if series:
+            plots.panels(series, out_dir / "metrics.png", f"dev metrics (selection: {metric})")
+            written.append(out_dir / "metrics.png")
     return written
 
 

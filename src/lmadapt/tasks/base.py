@@ -50,6 +50,8 @@ class Task(Protocol):
     groups_by_length: bool
     """Whether training batches are length-grouped unless `train.group_by_length` says."""
     head_lr_floor: float | None
+    train_dropout: float | None
+    """The dropout its training sets unless `train.dropout` says (None: the model's own)."""
     """The least learning rate of the parameters of `head_modules` unless `train.head_lr` says
     (None: they train at the run's rate like the rest)."""
     labels: list[str]
@@ -136,7 +138,8 @@ class DataProfile:
     examples: int
     label_counts: dict[str, int]
     """Examples per label (classification) or entity mentions per type (token classification):
-    the "examples per class" that decides between few-shot and many-shot routes."""
+    the "examples per class" that decides between few-shot and many-shot routes. Empty where the
+    data has no labels (preference pairs)."""
     strata: list[str]
     """One per example: what a stratified split keeps in proportion (e.g. its label)."""
     source_lines: list[list[int]]
@@ -222,6 +225,7 @@ class LogitsTask(ABC):
     label_distribution = False
     groups_by_length = True
     head_lr_floor: float | None = None
+    train_dropout: float | None = None
 
     @abstractmethod
     def read(

@@ -10,6 +10,7 @@ for a task without it (an error saying so, or nothing to do).
 | TunableTask         | question_answering                                 | training's end    |
 | ProbeableTask       | question_answering                                 | export's check    |
 | BatchPreparingTask  | preference                                         | the training loop |
+| AdaptableTask       | classification, token_classification, preference   | `lmadapt auto`    |
 
 (`BatchPreparingTask` is defined beside the loop that asks it, `lmadapt.train.loop`.)
 """
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
     from lmadapt.evaluate.explain import Explainable
     from lmadapt.evaluate.metrics import Evaluation
     from lmadapt.inference import Encoded
-    from lmadapt.tasks.base import Task
+    from lmadapt.tasks.base import DataProfile, Task
 
 __all__ = [
+    "AdaptableTask",
     "CalibratableTask",
     "ExplainableTask",
     "PerturbableTask",
@@ -75,6 +77,21 @@ class ProbeableTask(Protocol):
         """Unlabelled examples made from plain sentences, for checks that need some input of
         this task (export's merged-vs-unmerged logits), where `examples_from_texts` does not
         take plain sentences."""
+
+
+@runtime_checkable
+class AdaptableTask(Protocol):
+    """A task that `lmadapt auto` adapts: it tells its training files by their form, and
+    describes the data its routes are chosen by and its dev set is carved with."""
+
+    def recognises(self, path: str, fmt: str) -> bool:
+        """Whether the file is plainly this task's data by its form alone (a CoNLL file; records
+        holding `chosen` and `rejected`): auto then reads it with this task only, so that the
+        reader's refusal is the file's error. False leaves it to the readers: the adaptable tasks
+        try it in turn and the first that reads it takes it."""
+
+    def profile(self, examples: list[Any]) -> DataProfile:
+        """The labelled training examples described: per label, strata, source lines, lengths."""
 
 
 def cannot_explain(task: Task) -> LmadaptError:

@@ -155,6 +155,11 @@ class ClassificationTask(LogitsTask):
     def fit(self, train: Iterable[Example]) -> None:
         self.labels = self.problem.label_set(train, self.cfg.label_column)
 
+    def recognises(self, path: str, fmt: str) -> bool:
+        """Nothing in a table's form says it holds labelled text: whether this task takes a
+        file is its reader's to say (`lmadapt auto`)."""
+        return False
+
     def profile(self, examples: list[Example]) -> DataProfile:
         """Examples per label (each label of a multi-label row counts), stratified by the label
         (multi-label: the row's label set; regression: its quartile)."""

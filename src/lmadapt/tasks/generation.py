@@ -170,6 +170,7 @@ class GenerationTask:
     label_distribution = False
     groups_by_length = True
     head_lr_floor: float | None = None
+    train_dropout: float | None = None
     description = "generation"
     default_metric = "loss"
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,15 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from lmadapt.data.batching import Collator, token_budget_batches
-from lmadapt.data.preference import PreferencePair, read_pairs
+from lmadapt.data.preference import PreferencePair, looks_like_pairs, read_pairs
+from lmadapt.data.readers import iter_records
 from lmadapt.data.validation import BadRows
-from lmadapt.errors import ConfigError
+from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, markdown_table
 from lmadapt.inference import Encoded, model_inputs, on_model_device
 from lmadapt.models import ModelSpec
 from lmadapt.tasks import TASKS
-from lmadapt.tasks.base import Evaluation
+from lmadapt.tasks.base import DataProfile, Evaluation
 from lmadapt.tasks.generation import EVAL_TOKENS_PER_BATCH, GenerationConfig, GenerationTask
 from lmadapt.tasks.generation_layouts import IGNORE, align_virtual, loss_positions
 
@@ -152,8 +153,10 @@ def simpo(policy: Logps, reference: Logps | None, cfg: PreferenceConfig) -> Pair
 
 def orpo(policy: Logps, reference: Logps | None, cfg: PreferenceConfig) -> PairLoss:
     beta = cfg.strength
-    pc, pr = policy.split(policy.means)
-    log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
+    # log(1 - p) as log(-expm1(m)), m kept below 0: a nearly certain reply (m -> 0) would
+    # otherwise give log(0) and a NaN gradient
+    pc, pr = (m.clamp(max=-1e-6) for m in policy.split(policy.means))
+    log_odds = (pc - pr) - (torch.log(-torch.expm1(pc)) - torch.log(-torch.expm1(pr)))
     sums, counts = policy.split(policy.sums)[0], policy.split(policy.counts)[0]
     nll = -sums.sum() / counts.sum().clamp(min=1)  # token mean over the chosen replies
     return PairLoss(nll - beta * F.logsigmoid(log_odds).mean(), beta * pc, beta * pr)
@@ -222,6 +225,10 @@ class PreferenceTask(GenerationTask):
     groups_by_length = True
     default_metric = "loss"
     explainables = None  # type: ignore[assignment]  # no label to attribute: not explainable
+    rows_per_example = 2  # a pair trains as its chosen and its rejected row
+    # no dropout: the policy's log-probabilities are compared with the reference's, which has
+    # none (TRL's DPOConfig.disable_dropout does the same)
+    train_dropout: float | None = 0.0
 
     def __init__(self, cfg: PreferenceConfig, state: dict[str, Any] | None = None):
         super().__init__(cfg.generation(), state)
@@ -244,6 +251,32 @@ class PreferenceTask(GenerationTask):
 
     def fit(self, train: Iterable[Any]) -> None:
         """Nothing to learn from the pairs (no label set)."""
+
+    def recognises(self, path: str, fmt: str) -> bool:
+        """Records holding `chosen` and `rejected` (its first one) are preference pairs, in
+        any of the reader's layouts (`lmadapt auto`)."""
+        try:  # the first record only: the rest of the file is not read
+            first = next(iter_records(path, fmt), None)
+        except DataError:  # no records (CoNLL, an unknown format...): not a file of pairs
+            return False
+        return first is not None and looks_like_pairs(first.fields)
+
+    def profile(self, examples: list[PreferencePair]) -> DataProfile:
+        """Pairs have no labels to count or keep in proportion: one stratum, so a carved dev set
+        is a random share of them. Lengths are in words: the prompt's and the longer reply's."""
+        words = [
+            sum(len(m["content"].split()) for m in p.prompt)
+            + max(len((p.chosen or "").split()), len((p.rejected or "").split()))
+            for p in examples
+        ]
+        return DataProfile(
+            examples=len(examples),
+            label_counts={},
+            strata=["pair"] * len(examples),
+            source_lines=[[p.line] for p in examples],
+            mean_words=float(np.mean(words)) if words else 0.0,
+            max_words=max(words, default=0),
+        )
 
     def use_model(self, spec: Any) -> None:
         """Kept: a model trained without adapters is scored against a fresh copy of it."""
@@ -268,6 +301,16 @@ class PreferenceTask(GenerationTask):
             for c, r in zip(rows[::2], rows[1::2])
         ]
 
+    def segments(self, ex: Any, template: Any) -> list[Any]:
+        """As generation's, but only the last assistant turn (the pair's reply) is trained: the
+        prompt's earlier assistant turns are context, outside the reply's log-probability."""
+        segs = super().segments(ex, template)
+        end = max((i + 1 for i, s in enumerate(segs) if s.train), default=0)
+        start = end
+        while start and segs[start - 1].train:  # the last run of trained segments: the reply
+            start -= 1
+        return [replace(s, train=False) if i < start else s for i, s in enumerate(segs)]
+
     def collator(self, tokenizer: Any) -> Any:
         self.tokenizer = tokenizer
         return PairCollator(tokenizer.pad_token_id)
@@ -289,6 +332,14 @@ class PreferenceTask(GenerationTask):
             weight = next(model.parameters())
             self._frozen = frozen.to(device=weight.device).eval()
         yield self._frozen
+
+    def reference_bytes(self, model: torch.nn.Module) -> int:
+        """The frozen copy `base_model` loads for a model without peft's adapters (as the base
+        loads: every weight in its own dtype), for the reference or for evaluation's base
+        figures; 0 where adapters are disabled instead."""
+        if hasattr(model, "disable_adapter"):
+            return 0
+        return sum(p.numel() * p.element_size() for p in model.parameters())
 
     @torch.no_grad()
     def _base_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Logps:

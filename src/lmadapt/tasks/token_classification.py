@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scipy.special import softmax
 
 from lmadapt.data import Collator
+from lmadapt.data.conll import is_conll
 from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, split_words
 from lmadapt.data.validation import BadRows
 from lmadapt.errors import ConfigError, DataError, LmadaptError
@@ -159,6 +160,10 @@ class TokenClassificationTask(LogitsTask):
         if not kinds:
             raise DataError(train[0].file, "no entities in the training data (every tag is O)")
         self.labels = ["O"] + [f"{p}-{k}" for k in sorted(kinds) for p in "BI"]
+
+    def recognises(self, path: str, fmt: str) -> bool:
+        """A CoNLL file is tagged sentences: no table (`lmadapt auto`)."""
+        return is_conll(path, fmt)
 
     def profile(self, examples: list[Example]) -> DataProfile:
         """Entity mentions per type; a sentence's stratum is its most frequent entity type (O

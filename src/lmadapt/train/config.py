@@ -51,7 +51,8 @@ class TrainConfig:
     then runs under autocast too. The fp32 weights come back when training ends, so the saved
     artifact and the final evaluation are those of the fp32 model."""
     dropout: float | None = None
-    """Override every dropout probability in the model (LoRA's too); None keeps the model's.
+    """Override every dropout probability in the model (LoRA's too); None keeps the model's (or
+    the task's choice: preference trains without dropout).
     0 is the fast choice on CPU, where random masks cost a quarter of a MiniLM step."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping

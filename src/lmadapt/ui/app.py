@@ -265,9 +265,9 @@ def _run_routes(app: FastAPI, root: Path) -> None:
 
     @app.get("/api/run")
     async def run_detail(id: str) -> dict[str, Any]:
-        """A run's row, report, config, curves, and what else it wrote (confusion matrices, the
-        continual accuracy matrix, hpo trials); each part that cannot be read names its problem
-        instead."""
+        """A run's row, report, config, curves, and what else it wrote (confusion matrices, a
+        preference run's rewards, the continual accuracy matrix, hpo trials); each part that
+        cannot be read names its problem instead."""
         path = _run_dir(root, id)
         return await asyncio.to_thread(detail, root, path)
 
@@ -344,4 +344,6 @@ def detail(root: Path, path: Path) -> dict[str, Any]:
         part("trials", lambda: runs.hpo_trials(path))
     if METRICS in files:
         part("metrics", lambda: runs.read_json(path, METRICS))
+    if isinstance(out.get("metrics"), dict):
+        part("rewards", lambda: runs.rewards(out["metrics"]))
     return out

@@ -16,6 +16,7 @@ log.jsonl changed within `RUNNING_WINDOW_S`; older unfinished runs are "interrup
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -429,3 +430,29 @@ def confusion_matrices(path: Path) -> list[dict[str, Any]]:
         for split, ev in evaluations.items()
         if isinstance(ev, dict) and "confusion_matrix" in ev and "labels" in ev
     ]
+
+
+REWARDS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logp_accuracy")
+"""What a preference run's page shows of each split, trained beside base: the metrics.json keys,
+each also as `base_<key>` (the untrained model scored as if it were the policy)."""
+
+
+def rewards(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rewards of a run's metrics.json per split, trained and base (`REWARDS`), for each split
+    that has them (a preference run's); [] for any other run. A value that is not a finite
+    number is None."""
+
+    def numbers(m: dict[str, Any], prefix: str) -> dict[str, float | None]:
+        return {k: _number(m.get(prefix + k)) for k in REWARDS}
+
+    return [
+        {"split": split, "trained": numbers(m, ""), "base": numbers(m, "base_")}
+        for split, m in metrics.items()
+        if isinstance(m, dict) and "reward_accuracy" in m
+    ]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value

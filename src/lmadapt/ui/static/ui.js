@@ -128,6 +128,26 @@ function drawCurves(d) {
   Plotly.react("metric-plot", lineTraces(dev, "dev "), { title: { text: "dev metrics" }, xaxis: { title: { text: "step" } }, height: 340 }, PLOT);
 }
 
+const REWARD_COLUMNS = [["reward accuracy", "reward_accuracy"], ["reward margin", "reward_margin"], ["chosen reward", "chosen_reward"],
+  ["rejected reward", "rejected_reward"], ["logp accuracy", "logp_accuracy"]];
+
+function drawRewards(rewards, curves) {
+  // a preference run: each split's rewards, the untrained model's beside the trained one's, and the
+  // dev reward margin over training (the base model's is a constant, dashed)
+  const box = $("#rewards");
+  box.append(el("h2", { text: "Preference: trained vs base model" }),
+    table(["split", "model", ...REWARD_COLUMNS.map(([name]) => name)], rewards.flatMap((r) => [
+      [r.split, "base (untrained)", ...REWARD_COLUMNS.map(([, k]) => r.base[k])],
+      [r.split, "trained", ...REWARD_COLUMNS.map(([, k]) => r.trained[k])]])));
+  const dev = curves ? curves.dev : {};
+  if (!dev.reward_margin) return;
+  const traces = lineTraces({ "dev reward margin": dev.reward_margin });
+  if (dev.base_reward_margin) traces.push(...lineTraces({ "base model": dev.base_reward_margin }).map((t) => ({ ...t, mode: "lines", line: { dash: "dash" } })));
+  const div = el("div", { class: "plot", id: "margin-plot" });
+  box.append(div);
+  Plotly.newPlot(div, traces, { title: { text: "reward margin (chosen - rejected) over training" }, xaxis: { title: { text: "step" } }, yaxis: { title: { text: "margin" } }, height: 340 }, PLOT);
+}
+
 async function runPage() {
   const id = document.body.dataset.entry;
   const d = await getJSON("/api/run?id=" + encodeURIComponent(id)).catch((e) => ({ summary: { problems: [e.message] } }));
@@ -144,6 +164,7 @@ async function runPage() {
     $("#confusion").append(div);
     heatmap(div, "confusion matrix: " + cm.title, cm.matrix, cm.labels, cm.gold, "predicted", "gold");
   }
+  if (d.rewards && d.rewards.length) drawRewards(d.rewards, d.curves);
   if (d.continual) {
     const c = d.continual;
     const div = el("div", { class: "plot", id: "continual-plot" });
