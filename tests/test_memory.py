@@ -88,6 +88,27 @@ def test_a_bf16_base_halves_the_frozen_fp32_weights(llama_7b_fp32):
     assert bf16.trainable == fp32.trainable
 
 
+def test_a_preference_pair_is_two_rows_and_full_fine_tuning_holds_a_reference_copy(
+    llama_7b_bf16,
+):
+    """DPO trains a pair as two rows; with LoRA its reference is the same model with adapters
+    off (nothing more held), with full fine-tuning a frozen copy of every weight."""
+    lora_gen, lora_pref = (
+        shape_of(llama_7b_bf16, "lora"),
+        shape_of(llama_7b_bf16, "lora", "preference"),
+    )
+    full_gen, full_pref = (
+        shape_of(llama_7b_bf16, "full"),
+        shape_of(llama_7b_bf16, "full", "preference"),
+    )
+    assert (lora_gen.rows_per_example, lora_pref.rows_per_example) == (1, 2)
+    assert lora_pref.frozen_bytes == lora_gen.frozen_bytes
+    assert full_pref.frozen_bytes == full_gen.frozen_bytes + 2 * full_gen.total  # bf16 copy
+    one = estimate(lora_gen, 4, 512, checkpointing=False, eager_attention=False)
+    pair = estimate(lora_pref, 4, 512, checkpointing=False, eager_attention=False)
+    assert pair.activations == 2 * one.activations
+
+
 def test_full_7b_is_refused_before_loading_and_lora_is_named(
     monkeypatch, tmp_path, llama_7b_bf16, capsys
 ):

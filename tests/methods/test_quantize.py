@@ -173,3 +173,17 @@ def test_a_quantised_run_on_the_gpu_reloads_and_merges(bits, run_config, tmp_pat
     assert ev.metrics["loss"] == pytest.approx(m["dev"]["loss"], abs=1e-3)
     out = export_merged(m["run_dir"], tmp_path / "merged", tolerance=1e-2, device="cuda")
     assert out["max_abs_diff"] <= 1e-2
+
+
+def test_dpo_trains_over_a_4bit_base_against_the_same_base(tiny_llama, tmp_path):
+    """Preference pairs over an nf4 base: the reference is the quantised model with its adapters
+    disabled, so the untrained figures are the quantised base's own (reward accuracy 0.5)."""
+    from tests.tasks.test_preference import preference_config
+
+    cfg = preference_config(tmp_path, tiny_llama, max_steps=2)
+    m = train(build_run_config({**cfg, "quantize": "nf4"}))
+    run = load_run(m["run_dir"], "cpu")
+    assert "Linear4bit" in _base_layers(run.model)
+    test = m["test"]
+    assert test["base_reward_accuracy"] == 0.5 and test["base_reward_margin"] == 0.0
+    assert m["steps"] == 2 and 0 < test["loss"] < 10

@@ -750,3 +750,17 @@ def test_the_run_predicts_and_serves(tmp_path, tiny_llama):
         r = c.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == want
+
+
+def test_a_long_row_loses_the_start_of_its_prompt_and_keeps_its_reply(spec, tok):
+    from lmadapt.data.preference import PreferencePair
+
+    long_prompt = " ".join(f"word{i}" for i in range(200))
+    pair = PreferencePair([user(long_prompt)], "short yes", "short no", "x.jsonl", 1)
+    whole = make_task(spec, max_length=4096).encode([pair], tok)[0]
+    cut = make_task(spec, max_length=64).encode([pair], tok)[0]
+    assert len(whole["input_ids"]) > 64 and len(cut["input_ids"]) == 64
+    reply = [t for t in whole["labels"] if t != -100]
+    assert [t for t in cut["labels"] if t != -100] == reply  # the reply whole
+    assert cut["input_ids"] == whole["input_ids"][-64:]  # the prompt's end kept
+    assert cut["labels"][0] == -100

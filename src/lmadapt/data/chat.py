@@ -50,7 +50,7 @@ class Conversation:
         return self.messages[:-1] if self.reference is not None else list(self.messages)
 
 
-def _text(record: Record, value: object, where: str, allow_empty: bool = False) -> str:
+def text_field(record: Record, value: object, where: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise record.error(f"expected text, got {type(value).__name__} {value!r}", where)
     if not allow_empty and not value.strip():
@@ -67,17 +67,17 @@ def _required(record: Record, name: str) -> object:
 
 
 def _alpaca(record: Record, labelled: bool) -> list[dict[str, str]]:
-    instruction = _text(record, _required(record, "instruction"), "instruction").strip()
-    extra = _text(record, record.fields.get("input") or "", "input", allow_empty=True).strip()
+    instruction = text_field(record, _required(record, "instruction"), "instruction").strip()
+    extra = text_field(record, record.fields.get("input") or "", "input", allow_empty=True).strip()
     user = f"{instruction}\n\n{extra}" if extra else instruction
     messages = [{"role": "user", "content": user}]
     if labelled or record.fields.get("output") is not None:
-        output = _text(record, _required(record, "output"), "output")
+        output = text_field(record, _required(record, "output"), "output")
         messages.append({"role": "assistant", "content": output.strip()})
     return messages
 
 
-def _turns(
+def message_turns(
     record: Record, key: str, role_key: str, content_key: str, roles: dict[str, str]
 ) -> list[dict[str, str]]:
     turns = _required(record, key)
@@ -98,13 +98,13 @@ def _turns(
             )
         if content_key not in turn:
             raise record.error("missing field", f"{where}.{content_key}")
-        content = _text(record, turn[content_key], f"{where}.{content_key}")
+        content = text_field(record, turn[content_key], f"{where}.{content_key}")
         messages.append({"role": role, "content": content.strip()})
-    _check_order(record, key, role_key, messages)
+    check_turn_order(record, key, role_key, messages)
     return messages
 
 
-def _check_order(record: Record, key: str, role_key: str, messages: list[dict]) -> None:
+def check_turn_order(record: Record, key: str, role_key: str, messages: list[dict]) -> None:
     """System only first; then user, assistant, user, ... (what chat templates expect)."""
     start = 1 if messages[0]["role"] == "system" else 0
     for i, m in enumerate(messages[start:], start=start):
@@ -121,15 +121,15 @@ def _check_order(record: Record, key: str, role_key: str, messages: list[dict]) 
 
 
 def _sharegpt(record: Record, labelled: bool) -> list[dict[str, str]]:
-    return _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+    return message_turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
 
 
 def _openai(record: Record, labelled: bool) -> list[dict[str, str]]:
-    return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+    return message_turns(record, "messages", "role", "content", {r: r for r in ROLES})
 
 
 def _plain_text(record: Record, labelled: bool) -> str:
-    return _text(record, _required(record, "text"), "text")
+    return text_field(record, _required(record, "text"), "text")
 
 
 Parser = Callable[[Record, bool], list[dict[str, str]] | str]

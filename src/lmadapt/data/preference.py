@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmadapt.data.chat import ROLES, Conversation, _check_order, _text, _turns
+from lmadapt.data.chat import ROLES, Conversation, check_turn_order, message_turns, text_field
 from lmadapt.data.readers import Record, read_records
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import DataError
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -46,7 +45,7 @@ class PreferencePair:
 
 def _messages(record: Record, key: str) -> list[dict[str, str]]:
     """A message list under `key` (role/content objects, roles checked, order checked)."""
-    return _turns(record, key, "role", "content", {r: r for r in ROLES})
+    return message_turns(record, key, "role", "content", {r: r for r in ROLES})
 
 
 def _reply(record: Record, key: str) -> str:
@@ -61,7 +60,7 @@ def _reply(record: Record, key: str) -> str:
                 key,
             )
         return turns[0]["content"]
-    return _text(record, value, key).strip()
+    return text_field(record, value, key).strip()
 
 
 def _messages_unordered(record: Record, key: str) -> list[dict[str, str]]:
@@ -77,14 +76,14 @@ def _messages_unordered(record: Record, key: str) -> list[dict[str, str]]:
             raise record.error(
                 f"unknown role {role!r}; one of: {', '.join(ROLES)}", f"{where}.role"
             )
-        content = _text(record, turn.get("content"), f"{where}.content").strip()
+        content = text_field(record, turn.get("content"), f"{where}.content").strip()
         out.append({"role": role, "content": content})
     return out
 
 
 def _transcript(record: Record, key: str) -> list[dict[str, str]]:
     """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages."""
-    text = _text(record, record.fields[key], key)
+    text = text_field(record, record.fields[key], key)
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise record.error(
@@ -99,7 +98,7 @@ def _transcript(record: Record, key: str) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not m["content"] and i < len(messages) - 1:
             raise record.error(f"turn {i} is empty", key)
-    _check_order(record, key, "role", messages)
+    check_turn_order(record, key, "role", messages)
     return messages
 
 
@@ -123,7 +122,7 @@ def _pair(record: Record, labelled: bool) -> PreferencePair:
     if "prompt" in record.fields:
         value = record.fields["prompt"]
         if isinstance(value, str):
-            prompt = [{"role": "user", "content": _text(record, value, "prompt").strip()}]
+            prompt = [{"role": "user", "content": text_field(record, value, "prompt").strip()}]
         else:
             prompt = _messages(record, "prompt")
         if prompt[-1]["role"] != "user":
@@ -170,4 +169,4 @@ def looks_like_pairs(fields: dict[str, Any]) -> bool:
     return "chosen" in fields and "rejected" in fields
 
 
-__all__ = ["DataError", "PreferencePair", "looks_like_pairs", "read_pairs"]
+__all__ = ["PreferencePair", "looks_like_pairs", "read_pairs"]

@@ -340,10 +340,18 @@ class GenerationTask:
 
     def encode(self, examples: list[Conversation], tokenizer: Any) -> list[dict[str, Any]]:
         """Features as the model's layout wants them (input_ids, labels, and loss_weights for a
-        causal LM), from the conversations' tokens and which of them are responses.
+        causal LM), from the conversations' tokens and which of them are responses."""
+        rows = self.token_rows(examples, tokenizer)
+        return [
+            self.layout.feature(ex, ids, train, tokenizer)
+            for ex, (ids, train) in zip(examples, rows)
+        ]
 
-        Each segment is tokenized on its own so the response mask is exact.
-        """
+    def token_rows(
+        self, examples: list[Conversation], tokenizer: Any
+    ) -> list[tuple[list[int], list[bool]]]:
+        """Each conversation's tokens through the template, uncut, and which of them train
+        (responses). Each segment is tokenized on its own so the response mask is exact."""
         if not examples:
             return []
         template = self.template(tokenizer)
@@ -351,15 +359,15 @@ class GenerationTask:
         per_example = [self.segments(ex, template) for ex in examples]
         flat = [s.text for segs in per_example for s in segs]
         ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"]
-        feats, k = [], 0
-        for ex, segs in zip(examples, per_example):
+        rows, k = [], 0
+        for segs in per_example:
             ids, train = list(bos), [False] * len(bos)
             for s in segs:
                 ids += ids_flat[k]
                 train += [s.train] * len(ids_flat[k])
                 k += 1
-            feats.append(self.layout.feature(ex, ids, train, tokenizer))
-        return feats
+            rows.append((ids, train))
+        return rows
 
     def collator(self, tokenizer: Any) -> Collator | PackingCollator | Seq2SeqCollator:
         self.tokenizer = tokenizer

@@ -63,7 +63,8 @@ class PreferenceConfig:
     template: str = "auto"
     """The chat template (as for generation): the tokenizer's own if it has one."""
     max_length: int = 1024
-    """Prompt + reply tokens per row; longer rows lose their end."""
+    """Prompt + reply tokens per row; a longer row loses the start of its prompt (the reply,
+    what the loss scores, is kept whole where it fits)."""
     loss_positions_only: bool = True
     """Compute the LM head's logits only at reply positions (less time and memory)."""
     max_new_tokens: int = 128
@@ -290,16 +291,25 @@ class PreferenceTask(GenerationTask):
         if not examples or not isinstance(examples[0], PreferencePair):
             return super().encode(examples, tokenizer)
         convs = [p.conversation(reply) for p in examples for reply in (p.chosen, p.rejected)]
-        rows = super().encode(convs, tokenizer)
+        rows = [self._cut(ids, train) for ids, train in self.token_rows(convs, tokenizer)]
         return [
-            {
-                "input_ids": c["input_ids"],
-                "labels": c["labels"],
-                "rejected_ids": r["input_ids"],
-                "rejected_labels": r["labels"],
-            }
+            {"input_ids": c[0], "labels": c[1], "rejected_ids": r[0], "rejected_labels": r[1]}
             for c, r in zip(rows[::2], rows[1::2])
         ]
+
+    def _cut(self, ids: list[int], train: list[bool]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one row within max_length: a longer row loses the start of its
+        prompt, so that the reply (what the loss scores) stays whole; a reply longer than
+        max_length by itself keeps its start after one prompt token. Labels are the reply's
+        tokens, -100 elsewhere and always at the first position (nothing predicts it)."""
+        limit = self.pcfg.max_length
+        if len(ids) > limit:
+            start = train.index(True)  # every row has a reply (the reader refuses empty ones)
+            keep = max(0, min(len(ids) - limit, start - 1))
+            ids, train = ids[keep : keep + limit], train[keep : keep + limit]
+        labels = [t if on else IGNORE for t, on in zip(ids, train)]
+        labels[0] = IGNORE
+        return ids, labels
 
     def segments(self, ex: Any, template: Any) -> list[Any]:
         """As generation's, but only the last assistant turn (the pair's reply) is trained: the
