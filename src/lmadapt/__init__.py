@@ -34,6 +34,7 @@ _HOME = {
     "compare": "lmadapt.compare",
     "hpo": "lmadapt.hpo",
     "export_merged": "lmadapt.export",
+    "export_run": "lmadapt.export",
     "run_continual": "lmadapt.continual",
     "run_distill": "lmadapt.distill",
     "generate": "lmadapt.generate",

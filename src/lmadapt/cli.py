@@ -289,36 +289,98 @@ def _overrides_after_options(p: argparse.ArgumentParser) -> None:
 
 @command(
     "export",
-    "write a run as a plain transformers model dir, adapter merged in",
-    api="export_merged",
+    "write a run as a plain model: transformers (adapter merged in), ONNX or GGUF",
+    api="export_run",
 )
 def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument(
+        "--out",
         "--merge",
+        dest="out",
         metavar="OUT_DIR",
         required=True,
-        help="merge the adapter (lora, adalora, ia3) and write the model here",
+        help="where to write the export (--merge OUT_DIR: the older spelling, same meaning)",
+    )
+    # checked against lmadapt.export.FORMATS by export_run: importing the registry here would
+    # load the model code whenever any command's parser is built
+    p.add_argument(
+        "--format",
+        default="safetensors",
+        metavar="{safetensors,onnx,gguf}",
+        help="safetensors (default): a transformers model dir, adapter merged in; onnx: "
+        "model.onnx for ONNX Runtime (classification, token classification, QA); gguf: a GGUF "
+        "file",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="onnx: int8 weights (onnxruntime dynamic quantisation), checked on the dev set",
     )
     p.add_argument(
         "--tolerance",
         type=float,
-        default=1e-4,
-        help="max abs logit difference merged vs unmerged (default 1e-4)",
+        default=None,
+        help="max abs logit difference from the run's own (safetensors: merged vs unmerged; "
+        "onnx: ONNX Runtime vs PyTorch); default 1e-4",
+    )
+    p.add_argument(
+        "--max-metric-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="onnx --quantize int8: the most the dev metric may drop against fp32, in points "
+        "(default 0.5); larger accepts a bigger loss",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
-        from lmadapt.export import export_merged
+        from lmadapt.export import export_run
 
-        result = export_merged(a.run_dir, a.merge, a.tolerance, a.overwrite, a.device)
-        print(
-            f"merged {result['method']} model written to {result['out_dir']} "
-            f"(max abs logit diff {result['max_abs_diff']:.2e}, tolerance {a.tolerance:g})"
+        result = export_run(
+            a.run_dir,
+            a.out,
+            a.format,
+            a.overwrite,
+            a.device,
+            tolerance=a.tolerance,
+            quantize=a.quantize,
+            max_metric_drop=a.max_metric_drop,
         )
+        print(_exported(a.format, result))
 
     p.set_defaults(run=run)
+
+
+def _exported(fmt: str, result: dict) -> str:
+    """What `lmadapt export` says it wrote and what its check measured."""
+    out = result["out_dir"]
+    if fmt == "safetensors":
+        return (
+            f"merged {result['method']} model written to {out} (max abs logit diff "
+            f"{result['max_abs_diff']:.2e}, tolerance {result['tolerance']:g})"
+        )
+    if fmt != "onnx":
+        return f"{fmt} export written to {out}"
+    lines = [
+        f"ONNX model ({result['quantize'] or 'fp32'}) written to {out}: fp32 ONNX Runtime vs "
+        f"PyTorch max abs logit diff {result['max_abs_diff']:.2e} (tolerance "
+        f"{result['tolerance']:g})"
+    ]
+    q = result.get("int8")
+    if q:
+        dev = q["dev"]
+        if dev is None:
+            lines.append(f"int8: {q['note']}")
+        else:
+            lines.append(
+                f"int8: dev {dev['metric']} {dev['fp32']:.4f} -> {dev['int8']:.4f} (drop "
+                f"{dev['drop_points']:.2f} points, allowed {q['max_metric_drop']:g}); "
+                f"see {out}/report.md"
+            )
+    return "\n".join(lines)
 
 
 @command(

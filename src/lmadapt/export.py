@@ -1,58 +1,42 @@
-"""Export a trained run as a plain transformers model directory, with the adapter merged in.
+"""Export a trained run: as a plain transformers model directory with the adapter merged in
+(`export_merged`, format safetensors), or in another format (`FORMATS`: ONNX, GGUF), each
+through `export_run`.
 
 Merging folds a reparameterising adapter (LoRA, AdaLoRA, IA3) into the base weights, so the
 exported model needs neither peft nor lmadapt and runs at the base model's speed. Merging
 changes floating-point rounding, so the export is checked: the merged model, reloaded from the
 written files, must give the same logits as the unmerged one on a few inputs, or nothing is
-written.
+written. Every format checks itself likewise before anything is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any
 
-import torch
-
-from lmadapt.api import base_spec, load_run
-from lmadapt.errors import LmadaptError
-from lmadapt.inference import model_inputs, on_model_device
+from lmadapt.api import load_run
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.export_common import PROBE_TEXTS, Mergeable, max_abs_diff, merged_model, probe_batch
+from lmadapt.export_common import task_logits as _logits
+from lmadapt.export_common import (  # noqa: F401  (its name here before export_common)
+    unwrap_modules_to_save as _unwrap_modules_to_save,
+)
 from lmadapt.io import atomic_dir, write_json
 from lmadapt.methods import build_method
 from lmadapt.models import ModelSpec
-from lmadapt.rundir import RunDir, check_output_dir, mark
-from lmadapt.session import resolve_device
-from lmadapt.tasks.capabilities import ProbeableTask
+from lmadapt.rundir import check_output_dir, mark
 
-if TYPE_CHECKING:  # the protocol only: tasks sit above this module
-    from transformers import PreTrainedModel
-
-    from lmadapt.tasks.base import Task
-
-PROBE_TEXTS = [
-    "the film was good",
-    "A dull, lifeless script; I left before the end.",
-    "Not bad at all, though the second half drags.",
-    "Paris is the capital of France.",
+__all__ = [
+    "FORMATS",
+    "PROBE_TEXTS",
+    "Format",
+    "Mergeable",
+    "export_merged",
+    "export_run",
+    "max_abs_diff",
 ]
-"""Inputs for the merged-vs-unmerged check: short and long, with and without punctuation."""
-
-
-class Mergeable(Protocol):
-    """What a mergeable method (lora, adalora, ia3) loads: a peft model whose tuner folds the
-    adapter into the base weights and returns the bare transformers model."""
-
-    def merge_and_unload(self) -> PreTrainedModel: ...
-
-
-@torch.no_grad()
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
-    model.eval()
-    return task.logits(on_model_device(model)(**model_inputs(batch))).float()
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
 
 
 def export_merged(
@@ -71,7 +55,7 @@ def export_merged(
     if tolerance < 0:
         raise LmadaptError(f"tolerance must be >= 0, got {tolerance}")
     out = check_output_dir(
-        out_dir, overwrite, "--merge", "--overwrite", "--overwrite", inputs={"RUN": run_dir}
+        out_dir, overwrite, "--out", "--overwrite", "--overwrite", inputs={"RUN": run_dir}
     )
     run = load_run(run_dir, device)
     name = run.config.method.name
@@ -82,25 +66,14 @@ def export_merged(
             "methods (lora, adalora, ia3) can"
         )
     task = run.task
-    probe = task.probe_examples if isinstance(task, ProbeableTask) else task.examples_from_texts
-    feats = task.encode(probe(PROBE_TEXTS), run.tokenizer)
-    batch = task.collator(run.tokenizer)(feats)
+    batch = probe_batch(task, run.tokenizer)
     unmerged = _logits(run.model, batch, task)
-    model = run.model
-    if run.config.quantize != "none":
-        # merged into the weights the run trained against: its quantised base, dequantised
-        # (a merge into 4/8-bit layers would quantise the sum again, and lose the update)
-        where = resolve_device(device)
-        base = base_spec(run.config, run.spec, task, where, dequantize=True)
-        model = method.load(task, base, RunDir(run_dir).model, run.config.trust_remote_code)
-        model.to(where).eval()
-    _unwrap_modules_to_save(model)
-    merged_model = cast(Mergeable, model).merge_and_unload()
-    diff_merged = max_abs_diff(_logits(merged_model, batch, task), unmerged)
+    merged = merged_model(run, run_dir, device)
+    diff_merged = max_abs_diff(_logits(merged, batch, task), unmerged)
     _check(diff_merged, tolerance, "merged")
     with atomic_dir(out) as tmp:
         mark(tmp, "export")
-        merged_model.save_pretrained(tmp, safe_serialization=True)
+        merged.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
         spec = ModelSpec(run.spec.name, str(tmp), run.spec.kind)
         reloaded = task.build_model(spec, run.config.trust_remote_code)
@@ -118,25 +91,81 @@ def export_merged(
     return {"out_dir": str(out), **result}
 
 
-def _unwrap_modules_to_save(model: torch.nn.Module) -> None:
-    """Put each trained head copy (peft's ModulesToSaveWrapper) in place of its wrapper.
-
-    merge_and_unload does the same, but for IA3 (peft 0.21) it fails on heads without a `weight`
-    (BERT's pooler); unwrapping first leaves it only the adapter layers to merge.
-    """
-    from peft.utils import ModulesToSaveWrapper
-
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    for name in wrapped:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        module = getattr(parent, child)
-        setattr(parent, child, module.unload_and_optionally_merge_module(True, False, None))
-
-
 def _check(diff: float, tolerance: float, what: str) -> None:
     if not diff <= tolerance:  # also catches NaN
         raise LmadaptError(
             f"{what} logits differ from the unmerged model's by {diff:.3g} (tolerance "
             f"{tolerance:g}); nothing was written"
         )
+
+
+# ---------------------------------------------------------------------- formats
+
+Exporter = Callable[..., dict[str, Any]]
+"""A format's export function: `(run_dir, out_dir, *, overwrite, device, **options) -> result`,
+writing `out_dir` atomically and raising LmadaptError (nothing written) when it refuses."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """One export format. Its exporter is imported on first use, so that exporting one format
+    loads none of the others' libraries (onnx, onnxruntime, a GGUF writer)."""
+
+    load: Callable[[], Exporter]
+    options: tuple[str, ...]
+    """The keyword options it takes beyond run, output directory, overwrite and device."""
+    about: str
+
+
+def _safetensors() -> Exporter:
+    return export_merged
+
+
+def _onnx() -> Exporter:
+    from lmadapt.export_onnx import export_onnx
+
+    return export_onnx
+
+
+def _gguf() -> Exporter:
+    from lmadapt.export_gguf import export_gguf
+
+    return export_gguf
+
+
+FORMATS: dict[str, Format] = {
+    "safetensors": Format(
+        _safetensors, ("tolerance",), "a transformers model directory, the adapter merged in"
+    ),
+    "onnx": Format(
+        _onnx,
+        ("tolerance", "quantize", "max_metric_drop"),
+        "model.onnx for ONNX Runtime (classification, token classification, question "
+        "answering), fp32 or int8",
+    ),
+    "gguf": Format(_gguf, (), "a GGUF file"),
+}
+"""Format name (`lmadapt export --format`) -> its exporter and options."""
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    fmt: str = "safetensors",
+    overwrite: bool = False,
+    device: str = "auto",
+    **options: Any,
+) -> dict[str, Any]:
+    """Export a finished run in format `fmt` (a name in FORMATS) to `out_dir`.
+
+    The one entry point of `lmadapt export`, so that every format is chosen, and an option it
+    does not take refused, in one place, before anything loads. `options` are the format's own
+    (`Format.options`); an option given as None takes the format's default. Returns the
+    format's result (`out_dir` and what its check measured)."""
+    if fmt not in FORMATS:
+        raise ConfigError("--format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    given = {key: value for key, value in options.items() if value is not None}
+    for key in given:
+        if key not in FORMATS[fmt].options:
+            raise ConfigError(f"--{key.replace('_', '-')}", f"does not apply to --format {fmt}")
+    return FORMATS[fmt].load()(run_dir, out_dir, overwrite=overwrite, device=device, **given)
