@@ -405,12 +405,12 @@ def test_generation_on_a_classifier_is_400(client, stream):
     r = client.post("/v1/generate", json={"model": "clf", "prompt": "hi"})
     assert r.status_code == 400
     assert r.json()["detail"] == (
-        "model 'clf' is a classification model; /v1/generate needs a generation model"
+        "model 'clf' is a classification model; /v1/generate needs a generation or preference model"
     )
     msgs = [{"role": "user", "content": "hi"}]
     body = {"model": "clf", "messages": msgs, "stream": stream}
     r = client.post("/v1/chat/completions", json=body)
-    assert r.status_code == 400 and "needs a generation model" in _message(r)
+    assert r.status_code == 400 and "needs a generation or preference model" in _message(r)
     r = client.post("/v1/classify", json={"model": "echo", "texts": ["hi"]})
     assert r.status_code == 400 and "is a generation model" in r.json()["detail"]
 
