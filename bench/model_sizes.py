@@ -33,7 +33,14 @@ import threading
 import time
 from pathlib import Path
 
-from bench.run_one import INSTRUCT_LORA, INSTRUCT_TARGETS, SHARED, hf_args, hf_features
+from bench.run_one import (
+    INSTRUCT_LORA,
+    INSTRUCT_TARGETS,
+    SHARED,
+    hf_args,
+    hf_features,
+    instruct_lora_config,
+)
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path("/tmp/lmadapt-shapes")
@@ -214,7 +221,7 @@ def run_lmadapt(row: dict, model_dir: Path, args: argparse.Namespace) -> dict:
 
 def run_hf(row: dict, model_dir: Path, args: argparse.Namespace) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         BitsAndBytesConfig,
@@ -248,13 +255,7 @@ def run_hf(row: dict, model_dir: Path, args: argparse.Namespace) -> dict:
             model, ckpt, gradient_checkpointing_kwargs=gc_kwargs
         )
     # peft keeps the adapters in fp32 on a bf16 base (autocast_adapter_dtype)
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=INSTRUCT_LORA["r"],
-        lora_alpha=INSTRUCT_LORA["alpha"],
-        lora_dropout=INSTRUCT_LORA["dropout"],
-        target_modules=INSTRUCT_TARGETS,
-    )
+    lora = instruct_lora_config()
     model = get_peft_model(model, lora)
     ends: list[float] = []
 

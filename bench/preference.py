@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run_one import INSTRUCT_LORA, INSTRUCT_TARGETS, SHARED
+from bench.run_one import INSTRUCT_LORA, INSTRUCT_TARGETS, SHARED, instruct_lora_config
 
 RESULTS = Path(__file__).parent / "results"
 DATA = SHARED / "preference"
@@ -268,7 +268,6 @@ def train_lmadapt(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def train_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import DPOTrainer
 
@@ -290,13 +289,7 @@ def train_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         def on_step_end(self, targs, state, control, **kw):  # type: ignore[no-untyped-def]
             ends.append(time.perf_counter())
 
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=INSTRUCT_LORA["r"],
-        lora_alpha=INSTRUCT_LORA["alpha"],
-        lora_dropout=INSTRUCT_LORA["dropout"],
-        target_modules=INSTRUCT_TARGETS,
-    )
+    lora = instruct_lora_config()
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(args, str(work / "trl-out"), bf16),

@@ -22,6 +22,21 @@ LR = {"lora": 5e-4, "bitfit": 1e-3, "full": 5e-5}
 # first INSTRUCT_DEV test problems scored by response loss (no generation: speed is the point)
 INSTRUCT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 INSTRUCT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def instruct_lora_config() -> object:
+    """peft's LoraConfig of the instruct LoRA above, as the peers train it."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=INSTRUCT_LORA["r"],
+        lora_alpha=INSTRUCT_LORA["alpha"],
+        lora_dropout=INSTRUCT_LORA["dropout"],
+        target_modules=INSTRUCT_TARGETS,
+    )
+
+
 INSTRUCT_DEV = 64
 
 

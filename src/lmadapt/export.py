@@ -18,25 +18,19 @@ from typing import Any
 
 from lmadapt.api import load_run
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.export_common import PROBE_TEXTS, Mergeable, max_abs_diff, merged_model, probe_batch
-from lmadapt.export_common import task_logits as _logits
-from lmadapt.export_common import (  # noqa: F401  (its name here before export_common)
-    unwrap_modules_to_save as _unwrap_modules_to_save,
+from lmadapt.export_common import (
+    PROBE_TEXTS,
+    max_abs_diff,
+    merged_model,
+    probe_batch,
+    task_logits,
 )
 from lmadapt.io import atomic_dir, write_json
 from lmadapt.methods import build_method
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import check_output_dir, mark
 
-__all__ = [
-    "FORMATS",
-    "PROBE_TEXTS",
-    "Format",
-    "Mergeable",
-    "export_merged",
-    "export_run",
-    "max_abs_diff",
-]
+__all__ = ["FORMATS", "Format", "export_merged", "export_run"]
 
 
 def export_merged(
@@ -67,9 +61,9 @@ def export_merged(
         )
     task = run.task
     batch = probe_batch(task, run.tokenizer)
-    unmerged = _logits(run.model, batch, task)
+    unmerged = task_logits(run.model, batch, task)
     merged = merged_model(run, run_dir, device)
-    diff_merged = max_abs_diff(_logits(merged, batch, task), unmerged)
+    diff_merged = max_abs_diff(task_logits(merged, batch, task), unmerged)
     _check(diff_merged, tolerance, "merged")
     with atomic_dir(out) as tmp:
         mark(tmp, "export")
@@ -77,7 +71,7 @@ def export_merged(
         run.tokenizer.save_pretrained(tmp)
         spec = ModelSpec(run.spec.name, str(tmp), run.spec.kind)
         reloaded = task.build_model(spec, run.config.trust_remote_code)
-        diff_reloaded = max_abs_diff(_logits(reloaded, batch, task), unmerged)
+        diff_reloaded = max_abs_diff(task_logits(reloaded, batch, task), unmerged)
         _check(diff_reloaded, tolerance, "merged and reloaded")
         result = {
             "source_run": str(Path(run_dir).resolve()),

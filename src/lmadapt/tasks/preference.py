@@ -247,9 +247,6 @@ class PreferenceTask(GenerationTask):
         pairs = read_pairs(path, fmt, labelled, bad)
         return pairs if labelled else [p.conversation(None) for p in pairs]
 
-    def stream(self, path: str, fmt: str, bad: BadRows) -> list[Any]:
-        return self.read(path, fmt, bad=bad)
-
     def fit(self, train: Iterable[Any]) -> None:
         """Nothing to learn from the pairs (no label set)."""
 
@@ -436,7 +433,7 @@ class PreferenceTask(GenerationTask):
     def _samples(self, model: torch.nn.Module, pairs: list[PreferencePair]) -> list[dict]:
         """Greedy replies of the trained and of the base model to `pairs`' prompts."""
         prompts = [p.conversation(None) for p in pairs]
-        feats = GenerationTask.encode(self, prompts, self.tokenizer)
+        feats = self.encode(prompts, self.tokenizer)
         ids = [self.prompt_ids(f, c) for f, c in zip(feats, prompts)]
         settings = self.settings()
         after = self.decode_ids(model, ids, settings).texts

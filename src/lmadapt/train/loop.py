@@ -299,6 +299,8 @@ class Trainer:
         self.bf16 = autocast_bf16(cfg.precision, dist.device)
         self.bf16_base = bf16_frozen_base(cfg.base_dtype, self.bf16, dist.device, dist.strategy)
         self.metric, self.mode = checkpoint_metric(cfg, task)
+        # asked once here, not on every batch (an isinstance on a Protocol reads its members)
+        self.prepare_batch = task.prepare_batch if isinstance(task, BatchPreparingTask) else None
         self.best_path = RunDir(self.run_dir).checkpoints / "best.safetensors"
         self.lengths = feature_lengths(train_features)  # a feature store's, read from disk
         self._loss_sum = torch.zeros((), dtype=torch.float64)  # set on the device by `fit`
@@ -418,8 +420,8 @@ class Trainer:
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         with self.strategy.no_sync(run.net) if accumulate else contextlib.nullcontext():
             with autocast(self.bf16, dist.device.type):
-                if isinstance(self.task, BatchPreparingTask):
-                    self.task.prepare_batch(run.plain, batch)
+                if self.prepare_batch is not None:
+                    self.prepare_batch(run.plain, batch)
                 outputs = run.net(**model_inputs(batch), **run.forward_kwargs(model, batch))
             loss = self.task.loss(self.task.logits(outputs), batch)
             for h in self.hooks:
