@@ -512,15 +512,22 @@ def read_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(run_dir, config, task, spec, build_method(config.method), tokenizer)
 
 
-def _run_json(path: Path) -> dict[str, Any]:
-    """run.json checked for the fields a saved run needs, its errors naming the file and field
-    (a hand-edited or truncated file is one line, not a KeyError)."""
+def json_object(path: Path) -> dict[str, Any]:
+    """A JSON file lmadapt wrote, holding an object; a hand-edited or truncated one is a
+    DataError naming the file, not a traceback."""
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(str(path), f"not valid JSON ({e})") from None
     if not isinstance(info, dict):
         raise DataError(str(path), f"expected a JSON object, got {type(info).__name__}")
+    return info
+
+
+def _run_json(path: Path) -> dict[str, Any]:
+    """run.json checked for the fields a saved run needs, its errors naming the file and field
+    (a hand-edited or truncated file is one line, not a KeyError)."""
+    info = json_object(path)
     if not isinstance(info.get("task"), dict):
         raise DataError(str(path), "missing or not an object", field="task")
     model = info.get("model")

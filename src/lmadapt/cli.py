@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lmadapt.errors import LmadaptError
+from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.rundir import RunDir
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -160,7 +160,24 @@ def _serve(p: argparse.ArgumentParser) -> None:
     from lmadapt.serve.settings import ServeSettings
 
     d = ServeSettings()
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="served by directory name")
+    p.add_argument(
+        "run_dirs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="runs or ONNX exports (`lmadapt export --format onnx`), served by directory name",
+    )
+    p.add_argument(
+        "--runs-dir",
+        metavar="DIR",
+        help="instead of RUN_DIRs: serve every finished run under DIR, loading one when first "
+        "asked for (runs added later included), least recently used ones unloaded to stay "
+        "within --memory-budget-mb",
+    )
+    p.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="with --runs-dir: most MB of weights in memory (default: half the available RAM)",
+    )
     p.add_argument(
         "--host",
         default=d.host,
@@ -209,9 +226,11 @@ def _serve(p: argparse.ArgumentParser) -> None:
         # an empty variable counts as unset; an empty --api-key is refused
         key = a.api_key if a.api_key is not None else os.environ.get("LMADAPT_API_KEY") or None
         settings = ServeSettings.from_flags(a, api_key=key)
+        if bool(a.run_dirs) == bool(a.runs_dir):
+            raise ConfigError("RUN_DIR", "give run directories or --runs-dir DIR (one of the two)")
         from lmadapt.serve import serve
 
-        serve(a.run_dirs, settings, a.log_level)
+        serve(a.run_dirs, settings, a.log_level, a.runs_dir)
 
     p.set_defaults(run=run)
 
@@ -499,7 +518,6 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     """`--device`: spelling checked here, availability when the command starts (before loading)."""
 
     def spelling(value: str) -> str:
-        from lmadapt.errors import ConfigError
         from lmadapt.schema import check_device_name
 
         try:

@@ -12,6 +12,8 @@ The directory (written whole or not at all, like every export):
 - the tokenizer files, as `save_pretrained` writes them;
 - `lmadapt_task.json`: the task's config and saved state (its labels in the model's output
   order, QA's version and no-answer threshold...), what decoding the logits needs;
+- `config.yaml`: the run's resolved config, so that `lmadapt serve` serves the directory as it
+  serves the run (`read_export`), decoding with the run's task;
 - `lmadapt_export.json`: what was checked and measured; with int8 also a short `report.md`.
 
 fp32 is checked against PyTorch (`ONNX_TOLERANCE`); int8 against the fp32 export, on the run's
@@ -33,8 +35,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from lmadapt.api import LoadedRun, RunInfo, load_run, read_run
-from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.api import LoadedRun, RunInfo, json_object, load_run, read_run, saved_config
+from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.metrics import Evaluation, metric_direction
 from lmadapt.export_common import (
     PROBE_TEXTS,
@@ -45,9 +47,15 @@ from lmadapt.export_common import (
 )
 from lmadapt.inference import Encoded, model_inputs
 from lmadapt.io import atomic_dir, write_json, write_text
-from lmadapt.rundir import check_output_dir, mark
+from lmadapt.methods import build_method
+from lmadapt.models import ModelSpec, load_tokenizer
+from lmadapt.rundir import CONFIG, RunDir, check_output_dir, mark
 from lmadapt.schema import to_dict
+from lmadapt.tasks import build_task
 from lmadapt.tasks.base import LogitsTask
+
+EXPORT_INFO = "lmadapt_export.json"
+TASK_INFO = "lmadapt_task.json"
 
 ONNX_TOLERANCE = 1e-4
 """Largest absolute difference allowed between ONNX Runtime's fp32 logits and the PyTorch run's
@@ -144,6 +152,7 @@ def export_onnx(
             "format": "onnx",
             "method": run.config.method.name,
             "model": run.spec.name,
+            "model_kind": run.spec.kind,
             "task": task.kind,
             **graph,
             "tolerance": tolerance,
@@ -157,11 +166,12 @@ def export_onnx(
             write_text(tmp / "report.md", _report(result))
         result["model_bytes"] = (tmp / "model.onnx").stat().st_size
         run.tokenizer.save_pretrained(tmp)
+        shutil.copyfile(RunDir(run_dir).config, tmp / CONFIG)
         write_json(
-            tmp / "lmadapt_task.json",
+            tmp / TASK_INFO,
             {"task": to_dict(run.config.task), "state": task.state(), "labels": task.labels},
         )
-        write_json(tmp / "lmadapt_export.json", result)
+        write_json(tmp / EXPORT_INFO, result)
     return {"out_dir": str(out), **result}
 
 
@@ -291,6 +301,40 @@ def export_graph(
         "outputs": outputs,
         "dynamic_axes": list(AXES.values()),
     }
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    """Whether `path` is a directory `export_onnx` wrote (its lmadapt_export.json says onnx)."""
+    info = Path(path) / EXPORT_INFO
+    if not info.is_file():
+        return False
+    try:
+        return json_object(info).get("format") == "onnx"
+    except DataError:
+        return False
+
+
+def read_export(path: str | Path) -> RunInfo:
+    """An ONNX export as its run, for serving: the run's config and task (its saved state: labels
+    in the graph's output order, QA's thresholds) and the exported tokenizer; `spec.path` is
+    the export directory, whose model.onnx `OnnxModel` runs. Raises LmadaptError naming the
+    file that is missing or unusable."""
+    path = Path(path)
+    for name in (CONFIG, TASK_INFO, "model.onnx"):
+        if not (path / name).is_file():
+            raise LmadaptError(
+                f"{path} is not a complete ONNX export (no {name}); export the run again with "
+                "`lmadapt export RUN --format onnx`"
+            )
+    config = saved_config(path)
+    exported, saved = json_object(path / EXPORT_INFO), json_object(path / TASK_INFO)
+    try:
+        task = build_task(config.task, saved["state"])
+        spec = ModelSpec(exported["model"], str(path), exported["model_kind"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(str(path / TASK_INFO), f"unusable task state ({e!r})") from None
+    tokenizer = load_tokenizer(spec)
+    return RunInfo(path, config, task, spec, build_method(config.method), tokenizer)
 
 
 class OnnxModel(torch.nn.Module):

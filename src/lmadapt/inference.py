@@ -144,6 +144,9 @@ class Encoded:
     """The task's collator (`Task.collator`) for the tokenizer that encoded `features`."""
     batch_size: int
     """How many features go through the model at once."""
+    forward_args: Callable[[list[int]], dict[str, Any]] | None = None
+    """Extra forward arguments for a batch of the features at these indices: a server batching
+    several LoRA adapters of one model gives each row its own (`adapter_names`)."""
 
     def __len__(self) -> int:
         """The number of examples."""
@@ -161,12 +164,14 @@ def batched_logits(
     per_token: bool = False,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     read: Callable[[Any], torch.Tensor] | None = None,
+    forward_args: Callable[[list[int]], dict[str, Any]] | None = None,
 ) -> tuple[list[np.ndarray], float | None]:
     """Logits for every feature, in input order, and the mean loss when labels are present.
 
     `read` takes the logits out of the model's output (default `output.logits`); `transform`
     maps a batch's logits to what is kept (and what `loss_fn` reads), e.g. a
-    prompt-based classifier's label scores out of the LM's vocabulary logits.
+    prompt-based classifier's label scores out of the LM's vocabulary logits; `forward_args`
+    adds arguments per batch from its features' indices (see `Encoded.forward_args`).
 
     fp32 by default, also after bf16 training: saved artifacts then give the same numbers here as
     in plain transformers/peft.
@@ -183,8 +188,9 @@ def batched_logits(
     try:
         for idx in sequential_batches(lengths, batch_size):
             batch = collator([features[i] for i in idx])
+            extra = forward_args(idx) if forward_args is not None else {}
             with autocast(bf16):
-                output = model(**model_inputs(batch))
+                output = model(**model_inputs(batch), **extra)
             logits = output.logits if read is None else read(output)
             logits = logits.float() if transform is None else transform(logits).float()
             if loss_fn is not None and "labels" in batch:

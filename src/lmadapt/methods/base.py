@@ -117,6 +117,9 @@ class PeftMethod(NoHooks, Generic[C]):
     mergeable = False
     saves_whole_model = False
     quantized_base = False
+    mixed_batches = False
+    """Whether one forward pass can run rows through different adapters of this method loaded
+    in one PeftModel (peft's `adapter_names`), as a server batching several runs does."""
 
     def __init__(self, cfg: C):
         self.cfg = cfg

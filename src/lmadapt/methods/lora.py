@@ -112,6 +112,11 @@ class Lora(PeftMethod[LoraMethodConfig]):
         base cannot hold; every other LoRA leaves them as they are."""
         return self.cfg.init not in MUTATES_BASE
 
+    @property
+    def mixed_batches(self) -> bool:  # type: ignore[override]
+        """peft runs rows of one batch through different LoRA adapters, except DoRA ones."""
+        return not self.cfg.use_dora
+
     def __init__(self, cfg: LoraMethodConfig):
         super().__init__(cfg)
         self.initial: dict[str, torch.Tensor] | None = None

@@ -46,7 +46,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmadapt.data.chat import Conversation
 from lmadapt.errors import LmadaptError
 from lmadapt.inference import GenerationSettings
-from lmadapt.serve.batching import MicroBatcher, QueueFullError
+from lmadapt.serve.batching import QueueFullError
+from lmadapt.serve.catalog import Catalog, Entry, MemoryBudgetFull, UnknownRun
 from lmadapt.serve.guards import (
     MAX_ERRORS,
     MAX_FIELD,
@@ -56,7 +57,7 @@ from lmadapt.serve.guards import (
     shorten,
     validation_error,
 )
-from lmadapt.serve.runs import Completion, GenerationJob, ModelGroup, ServedRun, load_groups
+from lmadapt.serve.runs import Completion, GenerationJob, ModelGroup, ServedRun
 from lmadapt.serve.settings import ServeSettings
 from lmadapt.serve.streaming import StopCutter, TokenStream, sse
 from lmadapt.session import resolve_device
@@ -311,7 +312,11 @@ class ModelCard(BaseModel):
     task: str
     method: str
     base_model: str
+    engine: Literal["pytorch", "onnxruntime"] = Field(
+        description="What runs the model: the run's PyTorch weights or its ONNX export."
+    )
     labels: list[str] | None = None
+    loaded: bool = Field(description="Whether the run is in memory now (see --runs-dir).")
     shares_base_with: list[str] = Field(
         default_factory=list,
         description="Other runs that use the same in-memory copy of the base model's weights.",
@@ -438,44 +443,56 @@ class OpenAIErrorShape:
 
 
 class Server:
-    """Run table, one micro-batcher per in-memory model, and the request checks."""
+    """The request checks, over the catalog of served runs (which loads and batches them)."""
 
-    def __init__(self, groups: list[ModelGroup], settings: ServeSettings):
+    def __init__(self, catalog: Catalog, settings: ServeSettings):
         self.settings = settings
-        self.groups = groups
-        self.runs: dict[str, ServedRun] = {}
-        self.group_of: dict[str, ModelGroup] = {}
-        self.batchers: dict[int, MicroBatcher] = {}
+        self.catalog = catalog
         self._solo = itertools.count()
-        for i, g in enumerate(groups):
-            self.batchers[id(g)] = MicroBatcher(
-                g.generate if g.endpoint == "generate" else g.predict,
-                settings.max_batch,
-                settings.max_wait_ms,
-                settings.max_queue,
-                name=f"lmadapt-batcher-{i}",
-            )
-            for name, run in g.runs.items():
-                self.runs[name], self.group_of[name] = run, g
+
+    @property
+    def runs(self) -> dict[str, ServedRun]:
+        """The runs in memory, by name."""
+        return {name: e.run for name, e in self.catalog.entries.items()}
+
+    @property
+    def groups(self) -> list[ModelGroup]:
+        """The models in memory."""
+        return self.catalog.groups
 
     def close(self) -> None:
-        for b in self.batchers.values():
-            b.close()
+        self.catalog.close()
 
-    def run_for(self, name: str | None) -> ServedRun:
-        names = ", ".join(sorted(self.runs))
-        if name is None:
-            if len(self.runs) == 1:
-                return next(iter(self.runs.values()))
-            raise ApiError(400, f"field 'model' is required; served models: {names}", "model")
-        if name not in self.runs:
+    def name_of(self, name: str | None) -> str:
+        """The served run a request's `model` names (the only one, when it names none); 404
+        for a name not served."""
+        try:
+            return self.catalog.resolve(name)
+        except UnknownRun:
+            names = ", ".join(self.catalog.names())
+            if name is None:
+                raise ApiError(
+                    400, f"field 'model' is required; served models: {names}", "model"
+                ) from None
             raise ApiError(
                 404,
                 f"unknown model {shorten(name)!r}; served models: {names}",
                 "model",
                 "model_not_found",
-            )
-        return self.runs[name]
+            ) from None
+
+    async def entry(self, name: str | None) -> Entry:
+        """The named run in memory (loaded now, off the event loop, if it was not): 404 for a
+        name not served, 503 when the memory budget has no room for it now."""
+        name = self.name_of(name)
+        if self.catalog.loaded(name):
+            return self.catalog.get(name)
+        try:
+            return await asyncio.to_thread(self.catalog.get, name)
+        except MemoryBudgetFull as e:
+            raise ApiError(503, str(e), "model") from None
+        except LmadaptError as e:
+            raise ApiError(500, f"model {name!r} could not be loaded: {e}", "model") from None
 
     def check_texts(
         self, texts: list[str], field: str = "texts", allow_empty: bool = False
@@ -525,9 +542,10 @@ class Server:
                 413, f"{field}={n} exceeds the server limit {self.settings.max_new_tokens}", field
             )
 
-    def run_for_endpoint(self, name: str | None, endpoint: str, path: str) -> ServedRun:
+    async def entry_for_endpoint(self, name: str | None, endpoint: str, path: str) -> Entry:
         """The named run, if its task answers at `endpoint` (the task decides, not a table)."""
-        run = self.run_for(name)
+        entry = await self.entry(name)
+        run = entry.run
         if run.task.endpoint != endpoint:
             served = " or ".join(e.name for e in TASKS if e.impl.endpoint == endpoint)
             raise ApiError(
@@ -535,13 +553,19 @@ class Server:
                 f"model {run.name!r} is a {run.kind} model; {path} needs a {served} model",
                 "model",
             )
-        return run
+        return entry
 
-    def submit(self, run: ServedRun, key: Hashable, items: list[Any]) -> Future:
+    def submit(self, entry: Entry, key: Hashable, items: list[Any]) -> Future:
         try:
-            return self.batchers[id(self.group_of[run.name])].submit(key, items)
+            return self.catalog.submit(entry, key, items)
         except QueueFullError as e:
             raise HTTPException(503, str(e)) from None
+
+    def submit_inputs(self, entry: Entry, inputs: list[Any]) -> Future:
+        """Texts (or QA items) to predict on, batched with those of runs sharing the model
+        where it can mix adapters (`ModelGroup.batch_key`)."""
+        key = entry.group.batch_key(entry.run)
+        return self.submit(entry, key, [(entry.run.name, x) for x in inputs])
 
     async def results(self, future: Future | asyncio.Future) -> list[Any]:
         try:
@@ -550,10 +574,10 @@ class Server:
             raise HTTPException(400, str(e)) from None
 
     async def texts(self, req: TextsRequest, endpoint: str) -> TextsResponse:
-        run = self.run_for_endpoint(req.model, endpoint, f"/v1/{endpoint}")
+        entry = await self.entry_for_endpoint(req.model, endpoint, f"/v1/{endpoint}")
         self.check_texts(req.texts)
-        results = await self.results(self.submit(run, run.name, req.texts))
-        return TextsResponse(model=run.name, results=results)
+        results = await self.results(self.submit_inputs(entry, req.texts))
+        return TextsResponse(model=entry.run.name, results=results)
 
     # ------------------------------------------------------------------ generation
 
@@ -578,19 +602,19 @@ class Server:
 
     def prompt_ids(
         self,
-        run: ServedRun,
+        entry: Entry,
         conversations: list[Conversation],
         fields: list[str],
         max_new_tokens: int,
     ) -> list[list[int]]:
         """Templated prompt tokens; 413 for a prompt the task would truncate (it keeps the last
         task.max_length tokens) or one the model's context cannot hold with its answer."""
-        task = run.generation
+        run, task = entry.run, entry.run.generation
         try:
             feats = task.encode(conversations, run.tokenizer)
         except (LmadaptError, TemplateError) as e:
             raise HTTPException(400, f"cannot render the prompt for {run.name!r}: {e}") from None
-        limit, context = task.cfg.max_length, self.group_of[run.name].context
+        limit, context = task.cfg.max_length, entry.group.context
         ids = [task.prompt_ids(f, c) for f, c in zip(feats, conversations)]
         for field, prompt in zip(fields, ids):
             if len(prompt) >= limit:
@@ -609,22 +633,21 @@ class Server:
                 )
         return ids
 
-    def submit_generation(self, run: ServedRun, jobs: list[GenerationJob]) -> Future:
+    def submit_generation(self, entry: Entry, jobs: list[GenerationJob]) -> Future:
         """Greedy jobs with equal settings from concurrent requests decode as one batch; sampled
         or streamed ones alone (a seed then gives the same text whatever else is queued)."""
         first = jobs[0]
         alone = first.settings.do_sample or first.streamer is not None
-        return self.submit(
-            run, (run.name, next(self._solo) if alone else repr(first.settings)), jobs
-        )
+        name = entry.run.name
+        return self.submit(entry, (name, next(self._solo) if alone else repr(first.settings)), jobs)
 
     async def generation(
-        self, run: ServedRun, jobs: list[GenerationJob], request: Request
+        self, entry: Entry, jobs: list[GenerationJob], request: Request
     ) -> list[Completion]:
         """The jobs' completions, unless the client leaves first: then a queued request is
         dropped and a running decode ends at its next token (once every request in its batch
         has gone), and the answer is a 499 nobody reads."""
-        done = asyncio.wrap_future(self.submit_generation(run, jobs))
+        done = asyncio.wrap_future(self.submit_generation(entry, jobs))
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -639,7 +662,7 @@ class Server:
 
     def stream_chat(
         self,
-        run: ServedRun,
+        entry: Entry,
         ids: list[int],
         settings: GenerationSettings,
         head: dict[str, Any],
@@ -649,9 +672,10 @@ class Server:
         to the non-streamed answer), a last chunk with finish_reason, with `include_usage` one
         more with the usage and no choices (each chunk then has a `usage` key, null before),
         then [DONE]."""
+        run = entry.run
         stream = TokenStream(run.tokenizer)
         job = GenerationJob(ids, settings, stream)
-        future = self.submit_generation(run, [job])
+        future = self.submit_generation(entry, [job])
         cutter = StopCutter(run.generation.stop_strings(settings))
         head = {**head, "object": "chat.completion.chunk"}
         if include_usage:
@@ -687,36 +711,41 @@ class Server:
         )
 
     def card(self, name: str) -> ModelCard:
-        base = self.group_of[name].base
-        siblings = sorted(n for n, g in self.group_of.items() if g.base == base and n != name)
-        return ModelCard(id=name, shares_base_with=siblings, **self.runs[name].info())
+        """A served run as /v1/models lists it (read from its directory when not loaded)."""
+        entry = self.catalog.entries.get(name)
+        if entry is None:
+            return ModelCard(id=name, loaded=False, **self.catalog.describe(name).info())
+        base = entry.group.base
+        siblings = sorted(
+            n for n, e in self.catalog.entries.items() if e.group.base == base and n != name
+        )
+        return ModelCard(id=name, loaded=True, shares_base_with=siblings, **entry.run.info())
+
+    def cards(self) -> list[ModelCard]:
+        """Every served run's card; a run under --runs-dir that cannot be read is left out."""
+        cards = []
+        for name in self.catalog.names():
+            with contextlib.suppress(LmadaptError):
+                cards.append(self.card(name))
+        return cards
 
     def health(self) -> dict[str, Any]:
-        batches = sum(b.stats.batches for b in self.batchers.values())
-        items = sum(b.stats.items for b in self.batchers.values())
-        return {
-            "status": "ok",
-            "models": sorted(self.runs),
-            "base_models_in_memory": len({g.base for g in self.groups}),
-            "batches": batches,
-            "items": items,
-            "largest_batch": max((b.stats.largest for b in self.batchers.values()), default=0),
-        }
+        return {"status": "ok", "models": self.catalog.names(), **self.catalog.stats()}
 
 
 def create_app(
-    run_dirs: list[str | Path],
+    run_dirs: list[str | Path] | None,
     settings: ServeSettings | None = None,
     hosts: frozenset[str] | None = None,
+    runs_dir: str | Path | None = None,
 ) -> FastAPI:
-    """Load the runs (adapters over one base model share its weights) and build the app.
+    """Load the runs (adapters over one base model share its weights), or serve every run
+    under `runs_dir` as requests name them (see serve.catalog), and build the app.
     `hosts`: the Host names requests must give (`serve` passes settings.host_names when there
     is no API key); None: any."""
     settings = settings or ServeSettings()
-    if not run_dirs:
-        raise LmadaptError("serve needs at least one run directory")
     device = resolve_device(settings.device)
-    server = Server(load_groups(list(run_dirs), settings.max_batch, device), settings)
+    server = Server(Catalog(settings, device, run_dirs, runs_dir), settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -763,12 +792,12 @@ def _model_routes(app: FastAPI, server: Server) -> None:
     @app.get("/v1/models")
     async def models() -> ModelList:
         """Served runs (OpenAI list shape) with task, method, base model and labels."""
-        return ModelList(data=[server.card(name) for name in server.runs])
+        return ModelList(data=server.cards())
 
     @app.get("/v1/models/{model}")
     async def model(model: str) -> ModelCard:
         """One served run, as listed by /v1/models (OpenAI's models.retrieve)."""
-        return server.card(server.run_for(model).name)
+        return server.card(server.name_of(model))
 
 
 def _prediction_routes(app: FastAPI, server: Server) -> None:
@@ -788,27 +817,28 @@ def _prediction_routes(app: FastAPI, server: Server) -> None:
     async def qa(req: QARequest) -> TextsResponse:
         """The answer to each question as a span of its context, with its character offsets and
         score (an extractive question-answering run), as `lmadapt predict` gives it."""
-        run = server.run_for_endpoint(req.model, "qa", "/v1/qa")
+        entry = await server.entry_for_endpoint(req.model, "qa", "/v1/qa")
         server.check_texts([item.question for item in req.items], "questions")
         server.check_texts([item.context for item in req.items], "contexts")
         items = [item.model_dump() for item in req.items]
-        results = await server.results(server.submit(run, run.name, items))
-        return TextsResponse(model=run.name, results=results)
+        results = await server.results(server.submit_inputs(entry, items))
+        return TextsResponse(model=entry.run.name, results=results)
 
     @app.post("/v1/explain")
     async def explain(req: ExplainRequest) -> TextsResponse:
         """Per-word attributions of each text's prediction (a classification or NER run), as
         `lmadapt explain` prints them; computed outside the micro-batcher (it needs gradients)."""
-        run = server.run_for(req.model)
+        entry = await server.entry(req.model)
         server.check_texts(req.texts)
-        group = server.group_of[run.name]
+        name = entry.run.name
         try:
-            results = await asyncio.to_thread(
-                group.explain, run.name, req.texts, req.method, req.label, req.steps
-            )
+            with server.catalog.busy(entry):
+                results = await asyncio.to_thread(
+                    entry.group.explain, name, req.texts, req.method, req.label, req.steps
+                )
         except LmadaptError as e:
             raise HTTPException(400, str(e)) from None
-        return TextsResponse(model=run.name, results=results)
+        return TextsResponse(model=name, results=results)
 
 
 def _generate_route(app: FastAPI, server: Server) -> None:
@@ -820,15 +850,16 @@ def _generate_route(app: FastAPI, server: Server) -> None:
         many = req.prompts is not None
         server.check_texts(req.texts, "prompts" if many else "prompt")
         server.check_new_tokens(req.max_new_tokens, "max_new_tokens")
-        run = server.run_for_endpoint(req.model, "generate", "/v1/generate")
+        entry = await server.entry_for_endpoint(req.model, "generate", "/v1/generate")
+        run = entry.run
         settings = server.decoding(run, req, req.max_new_tokens)
         convs = [
             Conversation([{"role": "user", "content": t}], file="<request>") for t in req.texts
         ]
         fields = [f"prompts[{i}]" for i in range(len(convs))] if many else ["prompt"]
-        ids = server.prompt_ids(run, convs, fields, settings.max_new_tokens)
+        ids = server.prompt_ids(entry, convs, fields, settings.max_new_tokens)
         jobs = [GenerationJob(p, settings) for p in ids]
-        done = await server.generation(run, jobs, request)
+        done = await server.generation(entry, jobs, request)
         return GenerateResponse(
             model=run.name,
             results=[GenerationOutput(**asdict(c)) for c in done],
@@ -856,19 +887,20 @@ def _chat_route(app: FastAPI, server: Server) -> None:
             max_new, "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         )
         server.check_choices(req.n, req.stream)
-        run = server.run_for_endpoint(req.model, "generate", "/v1/chat/completions")
+        entry = await server.entry_for_endpoint(req.model, "generate", "/v1/chat/completions")
+        run = entry.run
         messages = [{"role": m.role, "content": t} for m, t in zip(req.messages, texts)]
         _check_turns(messages)
         settings = server.decoding(run, req, max_new)
         conv = Conversation(messages, file="<request>")
-        (ids,) = server.prompt_ids(run, [conv], ["messages"], settings.max_new_tokens)
+        (ids,) = server.prompt_ids(entry, [conv], ["messages"], settings.max_new_tokens)
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": chat_id, "created": created, "model": run.name}
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return server.stream_chat(run, ids, settings, head, include_usage)
+            return server.stream_chat(entry, ids, settings, head, include_usage)
         jobs = [GenerationJob(ids, settings) for _ in range(req.n)]
-        done = await server.generation(run, jobs, request)
+        done = await server.generation(entry, jobs, request)
         return ChatCompletion(
             id=chat_id,
             created=created,

@@ -9,28 +9,36 @@ A peft model holds adapters of a single tuner type, and peft's `PeftMixedModel` 
 tuners only (not IA3, prompt learning or the bottleneck adapters) and no task head, so runs of
 other methods or tasks over one base are separate models. They still need only one copy of the
 frozen base: `BasePool` makes their equal weight tensors one tensor (see there).
+
+A directory `lmadapt export --format onnx` wrote is served like its run, by ONNX Runtime on the
+CPU (`engine` "onnxruntime"): the same task decodes the graph's logits, so the answers have the
+same shape and, within the export's checked tolerance, the same values.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from peft import PeftModel
+from peft.utils import ModulesToSaveWrapper
 
 from lmadapt import api
 from lmadapt.config import RunConfig
 from lmadapt.errors import LmadaptError
+from lmadapt.export_onnx import OnnxModel, is_onnx_export, read_export
 from lmadapt.inference import Encoded, GenerationSettings
 from lmadapt.methods.base import PeftMethod, WholeModelMethod
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import RunDir
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
-    from lmadapt.tasks.base import Task
+    from lmadapt.tasks.base import LogitsTask, Task
     from lmadapt.tasks.generation import GenerationTask
 
 
@@ -45,6 +53,8 @@ class ServedRun:
     tokenizer: Any
     spec: ModelSpec
     method: Any
+    engine: Literal["pytorch", "onnxruntime"] = "pytorch"
+    """What runs the model: the run's PyTorch weights, or an ONNX export's graph."""
 
     @property
     def kind(self) -> str:
@@ -63,16 +73,26 @@ class ServedRun:
             "task": self.kind,
             "method": self.config.method.name,
             "base_model": self.spec.name,
+            "engine": self.engine,
             **({"labels": list(labels)} if labels else {}),
         }
 
 
 def read_run(run_dir: str | Path) -> ServedRun:
-    """A run's config, task and tokenizer, without loading its model (so groups can share one)."""
-    info = api.read_run(run_dir)
+    """A run's (or an ONNX export's) config, task and tokenizer, without loading its model (so
+    groups can share one)."""
+    onnx = is_onnx_export(run_dir)
+    info = read_export(run_dir) if onnx else api.read_run(run_dir)
     name = info.run_dir.resolve().name
     run = ServedRun(
-        name, info.run_dir, info.config, info.task, info.tokenizer, info.spec, info.method
+        name,
+        info.run_dir,
+        info.config,
+        info.task,
+        info.tokenizer,
+        info.spec,
+        info.method,
+        "onnxruntime" if onnx else "pytorch",
     )
     if run.task.endpoint == "generate":
         run.generation.template(run.tokenizer)  # resolved now, so a bad template fails start-up
@@ -81,8 +101,8 @@ def read_run(run_dir: str | Path) -> ServedRun:
 
 def base_key(run: ServedRun) -> tuple | None:
     """Runs with equal keys load the same frozen base weights; None = the run saved a whole
-    model of its own (full fine-tuning, BitFit), which shares nothing."""
-    if isinstance(run.method, WholeModelMethod):
+    model of its own (full fine-tuning, BitFit, an ONNX graph), which shares nothing."""
+    if isinstance(run.method, WholeModelMethod) or run.engine != "pytorch":
         return None
     if run.config.quantize != "none":  # quantised weights are packed per model: not pooled
         return None
@@ -91,7 +111,7 @@ def base_key(run: ServedRun) -> tuple | None:
 
 def share_key(run: ServedRun) -> tuple | None:
     """Runs with equal keys can share one base model; None = this run needs its own model."""
-    if not isinstance(run.method, PeftMethod):
+    if not isinstance(run.method, PeftMethod) or run.engine != "pytorch":
         return None
     head = len(run.task.labels)
     # One PeftModel holds one tuner type (LoRA, IA3, prefix...), hence the method name.
@@ -104,6 +124,35 @@ def share_key(run: ServedRun) -> tuple | None:
         run.config.method.name,
         run.config.quantize,
     )
+
+
+MIXABLE_HEADS = (
+    torch.nn.Linear,
+    torch.nn.Embedding,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+)
+"""Trained heads (peft's modules_to_save) whose per-adapter copies peft can run in one mixed
+batch: the list in peft's ModulesToSaveWrapper._mixed_batch_forward (peft 0.21), which raises
+TypeError for any other module."""
+MIXED = "mixed adapters"
+"""First element of a batch key whose requests go through one forward pass, each row with its
+own run's adapter (`ModelGroup.batch_key`)."""
+
+
+def adapter_bytes(model: torch.nn.Module, adapter: str) -> int:
+    """Bytes of one peft adapter's weights in `model` (its LoRA matrices and head copy)."""
+    part = f".{adapter}."
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if part in n)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's weights and buffers, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 @dataclass
@@ -142,6 +191,10 @@ class ModelGroup:
     lock: threading.Lock = field(default_factory=threading.Lock)
     base: int = 0
     """Groups with equal `base` hold one copy of their base model's weights (see BasePool)."""
+    share: Hashable = None
+    """The `share_key` of its runs: a run with the same key joins this group as an adapter."""
+    mixed: int = 0
+    """Forward passes that mixed several runs' adapters (`batch_key`)."""
 
     @property
     def endpoint(self) -> str:
@@ -157,19 +210,105 @@ class ModelGroup:
             # several runs' adapters share the model: a PeftModel
             cast(PeftModel, self.model).set_adapter(self.adapters[name], inference_mode=True)
 
-    def predict(self, name: str, texts: list[str]) -> list[dict[str, Any]]:
-        """The same computation as `lmadapt.api.predict` on texts, with `name`'s adapter active."""
+    def batch_key(self, run: ServedRun) -> Hashable:
+        """Prediction requests with equal keys share forward passes: those of one run, or, where
+        the runs' method lets peft send each row through its own adapter, those of every run
+        of this model with the same task settings and vocabulary."""
+        if (
+            self.adapters
+            and run.method.mixed_batches
+            and run.task.endpoint != "generate"
+            and self.heads_mix
+        ):
+            tok = run.tokenizer
+            return (MIXED, repr(run.config.task), len(tok), tok.pad_token_id)
+        return run.name
+
+    @functools.cached_property
+    def heads_mix(self) -> bool:
+        """Whether peft can route rows through each adapter's copy of the trained heads: it
+        can for plain layers (a token classifier, QA's span head), not for others, such as
+        the pooler a BERT sentence classifier trains."""
+        return all(
+            isinstance(m.original_module, MIXABLE_HEADS)
+            for m in self.model.modules()
+            if isinstance(m, ModulesToSaveWrapper)
+        )
+
+    def predict(self, key: Hashable, items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """Predictions for (run name, input) items, the same computation as
+        `lmadapt.api.predict`: under a mixed `batch_key`, one forward pass whose rows each go
+        through their run's adapter; else the one run's, with its adapter active."""
+        by_run: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(items):
+            by_run.setdefault(name, []).append(i)
+        parts = {n: self._encode(n, [items[i][1] for i in idx]) for n, idx in by_run.items()}
+        with self.lock:
+            if isinstance(key, tuple) and key[0] == MIXED:
+                rows = self._mixed(parts)
+            else:
+                ((name, data),) = parts.items()
+                self._activate(name)
+                rows = {name: self.runs[name].task.predict_model(self.model, data)}
+        out: list[dict[str, Any]] = [{}] * len(items)
+        for name, idx in by_run.items():
+            for i, row in zip(idx, rows[name]):
+                out[i] = row
+        return out
+
+    def _encode(self, name: str, inputs: list[Any]) -> Encoded:
         run = self.runs[name]
-        examples = run.task.examples_from_texts(texts)
-        data = Encoded(
+        examples = run.task.examples_from_texts(inputs)
+        return Encoded(
             run.task.encode(examples, run.tokenizer),
             examples,
             run.task.collator(run.tokenizer),
             self.batch_size,
         )
+
+    def _mixed(self, parts: dict[str, Encoded]) -> dict[str, list[dict[str, Any]]]:
+        """Every run's features through the model at once, each row with its run's adapter
+        (peft's `adapter_names`); each run's task decodes its own rows."""
+        features: list[dict[str, Any]] = []
+        adapters: list[str] = []
+        spans = {}
+        for name, data in parts.items():
+            spans[name] = (len(features), len(features) + len(data.features))
+            features += data.features
+            adapters += [self.adapters[name]] * len(data.features)
+        first = next(iter(parts.values()))
+        joint = Encoded(
+            features,
+            [],
+            first.collator,
+            self.batch_size,
+            forward_args=lambda idx: {"adapter_names": [adapters[i] for i in idx]},
+        )
+        task = cast("LogitsTask", self.runs[next(iter(parts))].task)
+        outputs, _ = task.batch_outputs(self.model, joint)
+        self.mixed += len(parts) > 1
+        return {
+            name: cast("LogitsTask", self.runs[name].task).decode(
+                outputs[a:b], parts[name].examples
+            )
+            for name, (a, b) in spans.items()
+        }
+
+    def attach(self, run: ServedRun, adapter: str) -> int:
+        """Load `run`'s adapter into this group's PeftModel as `adapter`; returns its bytes."""
+        model = cast(PeftModel, self.model)
+        device = next(model.parameters()).device
         with self.lock:
-            self._activate(name)
-            return run.task.predict_model(self.model, data)
+            model.load_adapter(str(RunDir(run.run_dir).model), adapter, torch_device=str(device))
+            model.eval()
+            self.adapters[run.name], self.runs[run.name] = adapter, run
+        return adapter_bytes(model, adapter)
+
+    def detach(self, name: str) -> None:
+        """Unload one run's adapter from the shared model (never its last: the group goes)."""
+        with self.lock:
+            cast(PeftModel, self.model).delete_adapter(self.adapters.pop(name))
+            del self.runs[name]
 
     def explain(
         self, name: str, texts: list[str], method: str, label: str | None, steps: int
@@ -177,6 +316,11 @@ class ModelGroup:
         """`lmadapt.api.explain` on texts with `name`'s adapter active. It needs gradients, so
         it runs on its own, not in a micro-batch."""
         run = self.runs[name]
+        if run.engine != "pytorch":
+            raise LmadaptError(
+                f"model {name!r} is served by {run.engine}, which computes no gradients; "
+                "explain the PyTorch run it was exported from"
+            )
         with self.lock:
             self._activate(name)
             loaded = api.LoadedRun(run.config, run.task, self.model, run.tokenizer, run.spec)
@@ -259,23 +403,36 @@ def load_groups(
     pool = BasePool()
     for members in by_key.values():
         first = members[0]
-        base = api.base_spec(first.config, first.spec, first.task, device)
-        model = first.method.load(
-            first.task, base, RunDir(first.run_dir).model, first.config.trust_remote_code
-        )
+        model = load_model(first, device)
         adapters: dict[str, str] = {}
         if len(members) > 1:
-            adapters[first.name] = model.active_adapter
+            adapters[first.name] = cast(PeftModel, model).active_adapter
             # peft names the first adapter "default"; numbered names cannot collide with it.
             for i, run in enumerate(members[1:], start=1):
                 adapters[run.name] = f"run{i}"
-                model.load_adapter(str(RunDir(run.run_dir).model), adapter_name=f"run{i}")
+                cast(PeftModel, model).load_adapter(
+                    str(RunDir(run.run_dir).model), adapter_name=f"run{i}"
+                )
         model.to(device).eval()
         group = ModelGroup(
-            model, {r.name: r for r in members}, adapters, batch_size, base=len(groups)
+            model,
+            {r.name: r for r in members},
+            adapters,
+            batch_size,
+            base=len(groups),
+            share=share_key(first),
         )
         key = base_key(first)
         if key is not None:  # now, so that at most one extra copy of a base is ever in memory
             pool.adopt(group, key)
         groups.append(group)
     return groups
+
+
+def load_model(run: ServedRun, device: torch.device) -> torch.nn.Module:
+    """The run's model as its engine runs it: ONNX Runtime on the CPU for an export, else the
+    run's weights over its base on `device`."""
+    if run.engine == "onnxruntime":
+        return OnnxModel(run.run_dir / "model.onnx")
+    base = api.base_spec(run.config, run.spec, run.task, device)
+    return run.method.load(run.task, base, RunDir(run.run_dir).model, run.config.trust_remote_code)

@@ -44,6 +44,9 @@ class ServeSettings:
     """Serve on a non-loopback host without an API key (see `check_exposure`)."""
     device: str = "auto"
     """Where the models run: auto | cpu | cuda | cuda:N | mps (session.resolve_device)."""
+    memory_budget_mb: float | None = None
+    """With --runs-dir: the most megabytes of weights kept in memory (least recently used runs
+    are unloaded to stay under it); None: half of the memory available at start-up."""
     allowed_hosts: list[str] = field(default_factory=list)
     """Host names a request may name besides loopback and --host (see `host_names`), e.g. the
     name a reverse proxy forwards."""
@@ -68,6 +71,8 @@ class ServeSettings:
             if value is not None and value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(flag, f"must be >= 1, got {value}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise ConfigError("--memory-budget-mb", f"must be > 0, got {self.memory_budget_mb}")
         if self.max_wait_ms < 0:
             raise ConfigError("--max-wait-ms", f"must be >= 0, got {self.max_wait_ms}")
         key = self.api_key
@@ -89,6 +94,14 @@ class ServeSettings:
         rebinding) sends that name, and is refused."""
         names = (*LOOPBACK_NAMES, self.host, *self.allowed_hosts)
         return frozenset(n for n in map(host_name, names) if n is not None)
+
+    def memory_budget(self) -> int:
+        """memory_budget_mb in bytes, or half of the RAM available now."""
+        if self.memory_budget_mb is not None:
+            return int(self.memory_budget_mb * 2**20)
+        import psutil
+
+        return psutil.virtual_memory().available // 2
 
     @property
     def body_limit(self) -> int:

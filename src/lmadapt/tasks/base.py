@@ -286,6 +286,7 @@ class LogitsTask(ABC):
             per_token=self.per_token,
             transform=self.outputs,
             read=self.logits,
+            forward_args=data.forward_args,
         )
 
     def evaluate_model(self, model: torch.nn.Module, data: Encoded) -> Evaluation:
