@@ -107,6 +107,15 @@ def baseline_app(run_dir: str) -> Any:
 # ---------------------------------------------------------------------- processes and clients
 
 
+def host() -> dict[str, Any]:
+    """The machine a serving benchmark ran on, for its JSON."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -285,11 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": host(),
         "labels_agree": warm["lmadapt"] == warm["baseline"],
         "speedup": round(
             results["lmadapt"]["requests_per_second"]

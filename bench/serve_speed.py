@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from bench.load_test import REQUEST_TIMEOUT, drive, free_port, start_server, stop_server
+from bench.load_test import REQUEST_TIMEOUT, drive, free_port, host, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -195,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_load": args.seconds,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": host(),
         "int8_export": {
             "fp32_mb": round(int8_q["fp32_bytes"] / 2**20, 1),
             "int8_mb": round(int8_q["int8_bytes"] / 2**20, 1),

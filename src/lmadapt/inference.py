@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -73,6 +73,21 @@ def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractCont
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside, in the mode it had after. Switching walks every submodule:
+    4.5 ms on MiniLM with LoRA on all its linears, a fifth of a one-text prediction, so a
+    model already in eval mode (a served one) is left as it is."""
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
 class Generates(Protocol):
     """A model with transformers' `generate` (a causal or seq2seq LM, its peft wrapper, or an
     OnDevice view of one), returning the ids (`return_dict_in_generate` left off)."""
@@ -87,6 +102,7 @@ class OnDevice(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, device: torch.device):
         super().__init__()
         self.model, self.device = model, device
+        self.training = model.training  # the view's mode is the model's (see eval_mode)
 
     def _to(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
@@ -180,12 +196,10 @@ def batched_logits(
     each example's own length.
     """
     model = on_model_device(model)
-    was_training = model.training
-    model.eval()
     out: list[np.ndarray | None] = [None] * len(features)
     lengths = [len(f["input_ids"]) for f in features]
     total_loss, n_loss = 0.0, 0
-    try:
+    with eval_mode(model):
         for idx in sequential_batches(lengths, batch_size):
             batch = collator([features[i] for i in idx])
             extra = forward_args(idx) if forward_args is not None else {}
@@ -201,8 +215,6 @@ def batched_logits(
             skip = arr.shape[1] - batch["input_ids"].shape[1] if per_token else 0
             for row, i in enumerate(idx):
                 out[i] = arr[row, skip : skip + lengths[i]] if per_token else arr[row]
-    finally:
-        model.train(was_training)
     return out, (total_loss / n_loss if n_loss else None)  # type: ignore[return-value]
 
 
@@ -283,13 +295,11 @@ def generate_ids(
         raise ConfigError("num_beams", "beam search cannot stream; use num_beams: 1")
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     model = on_model_device(model)
-    was_training = model.training
-    model.eval()
     texts: list[str | None] = [None] * len(prompts)
     lengths, finish = [0] * len(prompts), ["length"] * len(prompts)
     t0 = time.perf_counter()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    try:
+    with eval_mode(model):
         if settings.do_sample:
             torch.manual_seed(settings.seed)
         for start in range(0, len(order), batch_size):
@@ -320,8 +330,6 @@ def generate_ids(
                         end -= 1
                 lengths[i], finish[i] = end, "stop" if stopped else "length"
                 texts[i] = cut_at_stops(text, stop_texts)
-    finally:
-        model.train(was_training)
     seconds = time.perf_counter() - t0
     return Decoded(texts, seconds, lengths, finish)  # type: ignore[arg-type]
 

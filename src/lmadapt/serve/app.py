@@ -714,7 +714,7 @@ class Server:
         """A served run as /v1/models lists it (read from its directory when not loaded)."""
         entry = self.catalog.entries.get(name)
         if entry is None:
-            return ModelCard(id=name, loaded=False, **self.catalog.describe(name).info())
+            return ModelCard(id=name, loaded=False, **self.catalog.describe(name))
         base = entry.group.base
         siblings = sorted(
             n for n, e in self.catalog.entries.items() if e.group.base == base and n != name

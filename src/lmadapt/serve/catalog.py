@@ -7,7 +7,8 @@ Runs are named in one of two ways:
   found when first named (DIR is listed again, at most once a second). Before a load would take
   the weights in memory past the budget (`--memory-budget-mb`), the least recently used runs
   are unloaded: an adapter from the model it shares, or a model with its last run. A run
-  answering a request, or named in the last `GRACE_SECONDS`, is never unloaded.
+  answering a request, or named in the last `GRACE_SECONDS`, is never unloaded: a load waits
+  for one to go idle, up to `WAIT_SECONDS`, then answers 503.
 
 LoRA runs over one base share one PeftModel (`ModelGroup`), so a cold run of a base already in
 memory costs only its adapter; requests for several such runs in one micro-batch go through one
@@ -32,6 +33,7 @@ from typing import Any, cast
 import torch
 from peft import PeftModel
 
+from lmadapt.api import saved_config
 from lmadapt.errors import LmadaptError
 from lmadapt.export_onnx import is_onnx_export
 from lmadapt.rundir import RunDir
@@ -50,9 +52,11 @@ from lmadapt.serve.settings import ServeSettings
 
 RESCAN_SECONDS = 1.0
 """Least time between two listings of --runs-dir (a request naming an unknown run lists it)."""
-GRACE_SECONDS = 2.0
+GRACE_SECONDS = 0.5
 """A run named this recently is not unloaded: its request may be between looking the run up
-and queueing its batch."""
+and queueing its batch (no await lies between the two, so this is ample)."""
+WAIT_SECONDS = 5.0
+"""How long a load waits for busy runs to go idle before answering 503 (memory budget full)."""
 
 
 class UnknownRun(LmadaptError):
@@ -120,7 +124,7 @@ class Catalog:
         self.batchers: dict[int, MicroBatcher] = {}  # id(group) -> its micro-batcher
         self.paths: dict[str, Path] = {}
         self.loads = self.unloads = 0
-        self._lock = threading.Lock()  # the tables above
+        self._lock = threading.RLock()  # the tables above (read by the event loop's thread)
         self._loading = threading.Lock()  # one load (and its unloads) at a time
         self._scanned = -RESCAN_SECONDS
         self._adapters = itertools.count(1)
@@ -141,8 +145,8 @@ class Catalog:
     # ------------------------------------------------------------------ names
 
     def scan(self, force: bool = False) -> None:
-        """List --runs-dir again (at most once per RESCAN_SECONDS unless `force`); runs whose
-        directory has gone are unloaded once idle."""
+        """List --runs-dir again (at most once per RESCAN_SECONDS unless `force`). A run whose
+        directory has gone is no longer named, so it soon becomes the least recently used."""
         if self.runs_dir is None:
             return
         now = time.monotonic()
@@ -150,23 +154,27 @@ class Catalog:
             return
         self._scanned = now
         found = {p.name: p for p in sorted(self.runs_dir.iterdir()) if servable(p)}
-        with self._lock:
-            self.paths = found
-            gone = [n for n, e in self.entries.items() if n not in found and self._idle(e)]
-        if gone:
-            with self._loading:
-                for name in gone:
-                    self._unload(name)
+        self.paths = found
 
     def names(self) -> list[str]:
         """Every run this server answers for, loaded or not."""
         self.scan()
         return sorted(self.paths)
 
-    def describe(self, name: str) -> ServedRun:
-        """The run as loaded, or read from its directory (config, task, tokenizer) if not."""
+    def describe(self, name: str) -> dict[str, Any]:
+        """A run's card (`ServedRun.info`): as loaded, or from its config.yaml alone, without
+        its labels (listing many runs reads no tokenizer or task state)."""
         entry = self.entries.get(name)
-        return entry.run if entry is not None else read_run(self.paths[name])
+        if entry is not None:
+            return entry.run.info()
+        path = self.paths[name]
+        config = saved_config(path)
+        return {
+            "task": config.task.type,
+            "method": config.method.name,
+            "base_model": config.model,
+            "engine": "onnxruntime" if is_onnx_export(path) else "pytorch",
+        }
 
     def resolve(self, name: str | None) -> str:
         """The run a request means: `name`, or the only one served when it gives none."""
@@ -204,10 +212,15 @@ class Catalog:
     def _load(self, name: str) -> Entry:
         run = read_run(self.paths[name])
         key = share_key(run)
-        group = next(
-            (e.group for e in self.entries.values() if key is not None and e.group.share == key),
-            None,
-        )
+        with self._lock:
+            group = next(
+                (
+                    e.group
+                    for e in self.entries.values()
+                    if key is not None and e.group.share == key
+                ),
+                None,
+            )
         model_dir = RunDir(run.run_dir).model if run.engine == "pytorch" else run.run_dir
         need = weight_files_bytes(model_dir)
         if group is None and run.engine == "pytorch" and not run.method.saves_whole_model:
@@ -252,42 +265,52 @@ class Catalog:
     @property
     def groups(self) -> list[ModelGroup]:
         """The models in memory, each once."""
-        return list({id(e.group): e.group for e in self.entries.values()}.values())
+        with self._lock:
+            return list({id(e.group): e.group for e in self.entries.values()}.values())
 
     @property
     def resident_bytes(self) -> int:
         """Weights in memory: each model once, each adapter once."""
-        return sum(self.base_bytes.values()) + sum(e.bytes for e in self.entries.values())
+        with self._lock:
+            return sum(self.base_bytes.values()) + sum(e.bytes for e in self.entries.values())
 
     def _idle(self, entry: Entry) -> bool:
         return entry.in_flight == 0 and time.monotonic() - entry.used > GRACE_SECONDS
 
     def _make_room(self, need: int, keep: ModelGroup | None, name: str) -> None:
-        """Unload least recently used idle runs (not of `keep`) until `need` more bytes fit."""
+        """Unload least recently used idle runs until `need` more bytes fit, never `name` nor
+        the last run of `keep` (the model `name` is joining)."""
         if self.budget is None:
             return
         mb = 2**20
         if need > self.budget:
             raise MemoryBudgetFull(
-                f"model {name!r} needs about {need / mb:.0f} MB, more than the memory budget of "
-                f"{self.budget / mb:.0f} MB (--memory-budget-mb)"
+                f"model {name!r} needs about {need / mb:.1f} MB, more than the memory budget of "
+                f"{self.budget / mb:.1f} MB (--memory-budget-mb)"
             )
+        waited = 0.0
         while self.resident_bytes + need > self.budget:
             with self._lock:
                 victim = next(
                     (
                         n
                         for n, e in self.entries.items()
-                        if e.group is not keep and n != name and self._idle(e)
+                        if n != name
+                        and self._idle(e)
+                        and (e.group is not keep or len(keep.runs) > 1)  # keep the model
                     ),
                     None,
                 )
+            if victim is None and need > 0 and waited < WAIT_SECONDS:
+                time.sleep(0.05)  # a busy run may finish its request
+                waited += 0.05
+                continue
             if victim is None:
                 if need == 0:  # loaded already: over budget until the busy runs go idle
                     return
                 raise MemoryBudgetFull(
-                    f"loading model {name!r} (about {need / mb:.0f} MB) would pass the memory "
-                    f"budget of {self.budget / mb:.0f} MB, and every loaded run is answering "
+                    f"loading model {name!r} (about {need / mb:.1f} MB) would pass the memory "
+                    f"budget of {self.budget / mb:.1f} MB, and every loaded run is answering "
                     "requests; retry shortly"
                 )
             self._unload(victim)
@@ -340,10 +363,15 @@ class Catalog:
 
     def stats(self) -> dict[str, Any]:
         """What /health reports about models in memory and micro-batching."""
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         batchers = list(self.batchers.values())
         return {
             "loaded": sorted(self.entries),
             "base_models_in_memory": len({e.group.base for e in self.entries.values()}),
+            "weights_bytes": self.resident_bytes,
             "weights_mb": round(self.resident_bytes / 2**20, 1),
             "memory_budget_mb": None if self.budget is None else round(self.budget / 2**20, 1),
             "loads": self.loads,

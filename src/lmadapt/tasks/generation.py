@@ -39,6 +39,7 @@ from lmadapt.inference import (
     Decoded,
     Encoded,
     GenerationSettings,
+    eval_mode,
     generate_ids,
     model_inputs,
     on_model_device,
@@ -468,10 +469,8 @@ class GenerationTask:
         """Mean cross-entropy over response tokens (teacher forcing), fp32, token-weighted."""
         collate = self.layout.eval_collator(self.tokenizer)
         forward = on_model_device(model)
-        was_training = model.training
-        model.eval()
         total, count = 0.0, 0
-        try:
+        with eval_mode(model):
             for idx in token_budget_batches(
                 [len(f["input_ids"]) for f in features], EVAL_TOKENS_PER_BATCH
             ):
@@ -481,8 +480,6 @@ class GenerationTask:
                     inputs = model_inputs(batch) | self.forward_kwargs(model, batch)
                     total += float(self.loss(forward(**inputs).logits, batch)) * n
                     count += int(n)
-        finally:
-            model.train(was_training)
         return total / count if count else float("nan")
 
     def evaluate_model(self, model: torch.nn.Module, data: Encoded) -> Evaluation:

@@ -38,7 +38,7 @@ from lmadapt.data.validation import BadRows
 from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, markdown_table
-from lmadapt.inference import Encoded, model_inputs, on_model_device
+from lmadapt.inference import Encoded, eval_mode, model_inputs, on_model_device
 from lmadapt.models import ModelSpec
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation
@@ -388,11 +388,9 @@ class PreferenceTask(GenerationTask):
         features: list[dict[str, Any]] = list(data.features)
         collate = PairCollator(self.tokenizer.pad_token_id)
         lengths = [max(len(f["input_ids"]), len(f["rejected_ids"])) for f in features]
-        was = model.training
-        model.eval()
         rows: dict[str, list[np.ndarray]] = {}
         losses = {"loss": 0.0, "base_loss": 0.0}
-        try:
+        with eval_mode(model):
             forward = on_model_device(model)
             for idx in token_budget_batches(lengths, EVAL_TOKENS_PER_BATCH // 2):
                 batch = collate([features[i] for i in idx])
@@ -415,8 +413,6 @@ class PreferenceTask(GenerationTask):
                     for k, v in values.items():
                         rows.setdefault(prefix + k, []).append(v.float().cpu().numpy())
                 rows.setdefault("index", []).append(np.array(idx))
-        finally:
-            model.train(was)
         order = np.argsort(np.concatenate(rows.pop("index")))
         per_pair = {k: np.concatenate(v)[order] for k, v in rows.items()}
         n = max(len(features), 1)
