@@ -212,3 +212,24 @@ def test_bad_settings_are_refused_by_name(options, field, message):
     with pytest.raises(ConfigError, match=message) as e:
         _lora(**options)
     assert e.value.field == field
+
+
+def test_the_pooler_copied_as_its_linear_layer_trains_as_the_pooler(
+    run_config, tmp_path, monkeypatch
+):
+    """LoRA hands peft BERT's pooler as "pooler.dense" (so a server can mix adapters' copies in
+    one batch): the same parameters train to the same values as with the pooler copied whole,
+    and are saved under the same names."""
+    from lmadapt.methods import lora
+
+    linear = train(_config(run_config, tmp_path, "linear", {}))
+    saved = json.loads((Path(linear["run_dir"]) / "model" / "adapter_config.json").read_text())
+    assert "pooler.dense" in saved["modules_to_save"] and "pooler" not in saved["modules_to_save"]
+    monkeypatch.setattr(lora, "linear_heads", lambda model, heads: heads)
+    whole = train(_config(run_config, tmp_path, "whole", {}))
+    assert linear["dev"]["loss"] == pytest.approx(whole["dev"]["loss"], abs=1e-6)
+    a = load_file(Path(linear["run_dir"]) / "model" / "adapter_model.safetensors")
+    b = load_file(Path(whole["run_dir"]) / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("pooler" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

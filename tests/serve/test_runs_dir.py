@@ -57,19 +57,43 @@ def no_grace(monkeypatch):
     monkeypatch.setattr(catalog, "GRACE_SECONDS", 0.0)
 
 
-def test_twenty_lora_runs_on_one_base_answer_as_each_alone(trained, tmp_path):
-    """20 NER adapters: one base in memory, concurrent requests for all of them mixed into
-    shared forward passes, and each answer the one its run gives loaded alone."""
-    runs = variants(trained["ner"], tmp_path, 20, "ner")
-    expected = {r.name: predict(load_run(r), NER_TEXTS) for r in runs}
+def _same(got: list[dict], want: list[dict]) -> None:
+    """Equal predictions, scores within float noise (a batch's padding differs)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in g:
+            if isinstance(g[k], float):
+                assert g[k] == pytest.approx(w[k], abs=1e-5), k
+            elif k == "probabilities":
+                assert g[k] == pytest.approx(w[k], abs=1e-5)
+            elif k == "entities":
+                assert [(e["type"], e["start"], e["end"]) for e in g[k]] == [
+                    (e["type"], e["start"], e["end"]) for e in w[k]
+                ]
+                assert [e["score"] for e in g[k]] == pytest.approx(
+                    [e["score"] for e in w[k]], abs=1e-5
+                )
+            else:
+                assert g[k] == w[k], k
+
+
+@pytest.mark.parametrize("kind", ["ner", "cls"])
+def test_twenty_lora_runs_on_one_base_answer_as_each_alone(kind, trained, tmp_path):
+    """20 adapters (NER; sentence classification, whose BERT pooler LoRA copies as its linear
+    layer): one base in memory, concurrent requests for all of them mixed into shared forward
+    passes, and each answer the one its run gives loaded alone."""
+    path, texts = ("/v1/ner", NER_TEXTS) if kind == "ner" else ("/v1/classify", TEXTS)
+    runs = variants(trained[kind], tmp_path, 20, kind)
+    expected = {r.name: predict(load_run(r), texts) for r in runs}
     assert len({str(e) for e in expected.values()}) > 10  # the variants really differ
     with TestClient(create_app(None, SETTINGS, runs_dir=tmp_path)) as c:
         assert c.get("/health").json()["loaded"] == []  # nothing loaded before it is asked for
         for r in runs[:2]:  # cold: each loads (the second as an adapter of the first's model)
-            assert c.post("/v1/ner", json={"model": r.name, "texts": NER_TEXTS}).status_code == 200
+            assert c.post(path, json={"model": r.name, "texts": texts}).status_code == 200
 
         def ask(name: str) -> list[dict]:
-            got = c.post("/v1/ner", json={"model": name, "texts": NER_TEXTS})
+            got = c.post(path, json={"model": name, "texts": texts})
             assert got.status_code == 200, got.text
             return got.json()["results"]
 
@@ -77,13 +101,7 @@ def test_twenty_lora_runs_on_one_base_answer_as_each_alone(trained, tmp_path):
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(ask, names))
         for name, got in zip(names, answers):
-            want = expected[name]
-            assert [(g["tags"], [e["type"] for e in g["entities"]]) for g in got] == [
-                (w["tags"], [e["type"] for e in w["entities"]]) for w in want
-            ], name
-            for g, w in zip(got, want):
-                for ge, we in zip(g["entities"], w["entities"]):
-                    assert ge["score"] == pytest.approx(we["score"], abs=1e-5)
+            _same(got, expected[name])
         health = c.get("/health").json()
         assert len(health["loaded"]) == 20 and health["base_models_in_memory"] == 1
         assert health["mixed_batches"] >= 1  # several adapters in one forward pass
@@ -93,16 +111,14 @@ def test_twenty_lora_runs_on_one_base_answer_as_each_alone(trained, tmp_path):
 
 
 def test_least_recently_used_runs_are_unloaded_within_the_budget(trained, tmp_path):
-    """Classification adapters (a BERT classifier trains its pooler: peft cannot mix those, so
-    each run's requests batch alone). With room for the base and two adapters, a third run
-    unloads the least recently used one, which answers as before when asked again."""
+    """With room for the base and two adapters, a third run unloads the least recently used
+    one, which answers as before when asked again."""
     runs = variants(trained["cls"], tmp_path / "runs", 4, "cls")
     sizes = {}
     with TestClient(create_app(None, SETTINGS, runs_dir=tmp_path / "runs")) as c:
         for n, r in enumerate(runs[:2], start=1):
             assert c.post("/v1/classify", json={"model": r.name, "texts": TEXTS}).status_code == 200
             sizes[n] = c.get("/health").json()["weights_bytes"]
-        assert c.get("/health").json()["mixed_batches"] == 0
     adapter = sizes[2] - sizes[1]
     assert 0 < adapter < sizes[1] / 4  # an adapter is a small part of a base in memory
     budget = (sizes[2] + adapter / 2) / 2**20
@@ -113,7 +129,7 @@ def test_least_recently_used_runs_are_unloaded_within_the_budget(trained, tmp_pa
         def ask(name: str) -> None:
             got = c.post("/v1/classify", json={"model": name, "texts": TEXTS})
             assert got.status_code == 200, got.text
-            assert got.json()["results"] == expected[name]
+            _same(got.json()["results"], expected[name])
 
         for r in runs[:3]:
             ask(r.name)
@@ -148,7 +164,7 @@ def test_runs_added_later_are_found_and_unfinished_ones_are_not(trained, tmp_pat
         catalog_.scan(force=True)
         got = c.post("/v1/classify", json={"model": second.name, "texts": TEXTS})
         assert got.status_code == 200, got.text
-        assert got.json()["results"] == predict(load_run(second), TEXTS)
+        _same(got.json()["results"], predict(load_run(second), TEXTS))
         assert c.get("/health").json()["models"] == sorted([first.name, second.name])
         for name in ("training", ".export-tmp"):
             assert c.post("/v1/classify", json={"model": name, "texts": TEXTS}).status_code == 404

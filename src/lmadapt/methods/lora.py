@@ -98,6 +98,28 @@ class LoraMethodConfig(LowRankShape, MethodConfig):
             )
 
 
+def linear_heads(model: torch.nn.Module, heads: list[str]) -> list[str]:
+    """The task's heads as peft should copy them per adapter: a head that is not a linear layer
+    but holds its parameters in linear layers only (BERT's pooler: "pooler.dense") by those
+    layers. The same parameters train the same way, and a server can run several adapters'
+    copies in one batch (peft mixes only plain layers, see serve.runs.MIXABLE_HEADS)."""
+    named = dict(model.named_modules())
+    out: list[str] = []
+    for head in heads:
+        modules = [(n, m) for n, m in named.items() if n == head or n.endswith("." + head)]
+        if not modules or any(isinstance(m, torch.nn.Linear) for _, m in modules):
+            out.append(head)
+            continue
+        name, module = modules[0]
+        linears = [c for c, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+        held = sum(p.numel() for c in linears for p in module.get_submodule(c).parameters())
+        if len(modules) == 1 and linears and held == sum(p.numel() for p in module.parameters()):
+            out += [f"{head}.{c}" for c in linears]
+        else:
+            out.append(head)
+    return out
+
+
 @METHODS.register("lora", LoraMethodConfig)
 class Lora(PeftMethod[LoraMethodConfig]):
     """LoRA via peft; options use_dora, use_rslora, init (pissa, olora...), loraplus_ratio.
@@ -139,7 +161,7 @@ class Lora(PeftMethod[LoraMethodConfig]):
             lora_dropout=self.cfg.dropout,
             target_modules=target,
             exclude_modules=exclude,
-            modules_to_save=heads,
+            modules_to_save=linear_heads(model, heads),
             use_dora=self.cfg.use_dora,
             use_rslora=self.cfg.use_rslora,
             init_lora_weights=INIT_LORA_WEIGHTS[self.cfg.init],
