@@ -106,6 +106,8 @@ def test_twenty_lora_runs_on_one_base_answer_as_each_alone(kind, trained, tmp_pa
         assert len(health["loaded"]) == 20 and health["base_models_in_memory"] == 1
         assert health["mixed_batches"] >= 1  # several adapters in one forward pass
         assert len(c.app.state.server.groups) == 1
+        entries = c.app.state.server.catalog.entries.values()
+        assert len({id(e.run.tokenizer) for e in entries}) == 1  # one tokenizer for all 20
         cards = c.get("/v1/models").json()["data"]
         assert len(cards) == 20 and all(card["loaded"] for card in cards)
 

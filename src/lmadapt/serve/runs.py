@@ -18,8 +18,9 @@ same shape and, within the export's checked tolerance, the same values.
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -136,6 +137,40 @@ MIXABLE_HEADS = (
 """Trained heads (peft's modules_to_save) whose per-adapter copies peft can run in one mixed
 batch: the list in peft's ModulesToSaveWrapper._mixed_batch_forward (peft 0.21), which raises
 TypeError for any other module."""
+TOKENIZER_FILES = (
+    "tokenizer",
+    "special_tokens_map",
+    "vocab",
+    "merges",
+    "added_tokens",
+    "chat_template",
+    "spiece",
+    "sentencepiece",
+)
+"""Name prefixes of the files a tokenizer is loaded from (transformers' save_pretrained)."""
+
+
+def tokenizer_digest(model_dir: Path) -> str:
+    """A hash of the tokenizer files a run saved: equal digests load equal tokenizers."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.name.startswith(TOKENIZER_FILES):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def share_tokenizer(run: ServedRun, others: Iterable[ServedRun]) -> None:
+    """Give `run` the tokenizer object of a run of its model that saved the same tokenizer
+    files: one copy (about 10 MB for a BERT vocabulary) instead of one per adapter. Runs of one
+    model are encoded in its batcher thread, one batch at a time, so sharing is safe."""
+    mine = tokenizer_digest(RunDir(run.run_dir).model)
+    for other in others:
+        same = other.engine == run.engine == "pytorch"
+        if same and tokenizer_digest(RunDir(other.run_dir).model) == mine:
+            run.tokenizer = other.tokenizer
+            return
+
+
 MIXED = "mixed adapters"
 """First element of a batch key whose requests go through one forward pass, each row with its
 own run's adapter (`ModelGroup.batch_key`)."""
@@ -296,6 +331,7 @@ class ModelGroup:
 
     def attach(self, run: ServedRun, adapter: str) -> int:
         """Load `run`'s adapter into this group's PeftModel as `adapter`; returns its bytes."""
+        share_tokenizer(run, self.runs.values())
         model = cast(PeftModel, self.model)
         device = next(model.parameters()).device
         with self.lock:
@@ -409,6 +445,7 @@ def load_groups(
             adapters[first.name] = cast(PeftModel, model).active_adapter
             # peft names the first adapter "default"; numbered names cannot collide with it.
             for i, run in enumerate(members[1:], start=1):
+                share_tokenizer(run, members[:i])
                 adapters[run.name] = f"run{i}"
                 cast(PeftModel, model).load_adapter(
                     str(RunDir(run.run_dir).model), adapter_name=f"run{i}"
