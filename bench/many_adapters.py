@@ -223,11 +223,11 @@ def markdown(r: dict[str, Any]) -> str:
         "| cold: first request of the first run (loads the base) | 1 "
         f"| {lat['cold_first_run']} | | |",
     ]
-    for label, key in (
-        ("cold: first request of each other run (loads its adapter)", "cold_other_runs"),
-        ("warm: round-robin over all runs, one client", "warm_round_robin"),
+    for label, s in (
+        ("cold: first request of each other run (loads its adapter)", lat["cold_other_runs"]),
+        ("warm: round-robin over all runs, one client", lat["warm_round_robin"]),
+        ("warm: one run served alone (its own process), one client", r["one_run_alone_warm_ms"]),
     ):
-        s = lat[key]
         lines.append(
             f"| {label} | {s['requests']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} |"
         )
@@ -270,9 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         proc = server([str(root / names[0])], port, Path(tmp) / "alone.log")
         try:
+            texts = sample_texts()
             with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
                 ask(http, f"http://127.0.0.1:{port}", names[0], "a warm film")
+                alone = [
+                    ask(http, f"http://127.0.0.1:{port}", names[0], texts[i % len(texts)])
+                    for i in range(args.warm_rounds * len(names))
+                ]
             report["one_run_alone_rss_mb"] = rss_mb(proc.pid)
+            report["one_run_alone_warm_ms"] = summary(alone)
         finally:
             stop_server(proc)
         report["runs_dir"] = measure_dir(root, names, free_port(), Path(tmp) / "dir.log", args)
