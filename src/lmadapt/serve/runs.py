@@ -262,8 +262,8 @@ class ModelGroup:
     @functools.cached_property
     def heads_mix(self) -> bool:
         """Whether peft can route rows through each adapter's copy of the trained heads: it
-        can for plain layers (a token classifier, QA's span head), not for others, such as
-        the pooler a BERT sentence classifier trains."""
+        can for plain layers (classifiers, QA's span head), not for other modules, such as a
+        BERT pooler copied whole (LoRA runs trained before `methods.lora.linear_heads`)."""
         return all(
             isinstance(m.original_module, MIXABLE_HEADS)
             for m in self.model.modules()
