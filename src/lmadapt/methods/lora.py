@@ -103,20 +103,21 @@ def linear_heads(model: torch.nn.Module, heads: list[str]) -> list[str]:
     but holds its parameters in linear layers only (BERT's pooler: "pooler.dense") by those
     layers. The same parameters train the same way, and a server can run several adapters'
     copies in one batch (peft mixes only plain layers, see serve.runs.MIXABLE_HEADS)."""
-    named = dict(model.named_modules())
     out: list[str] = []
     for head in heads:
-        modules = [(n, m) for n, m in named.items() if n == head or n.endswith("." + head)]
-        if not modules or any(isinstance(m, torch.nn.Linear) for _, m in modules):
+        found = [m for n, m in model.named_modules() if n == head or n.endswith("." + head)]
+        if len(found) != 1:  # absent, or several modules of that name: peft's own matching
             out.append(head)
             continue
-        name, module = modules[0]
-        linears = [c for c, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-        held = sum(p.numel() for c in linears for p in module.get_submodule(c).parameters())
-        if len(modules) == 1 and linears and held == sum(p.numel() for p in module.parameters()):
-            out += [f"{head}.{c}" for c in linears]
-        else:
-            out.append(head)
+        linears = {c: m for c, m in found[0].named_modules() if isinstance(m, torch.nn.Linear)}
+        inside = sum(p.numel() for m in linears.values() for p in m.parameters())
+        # "" is the head itself, already a linear layer
+        split = (
+            linears
+            and "" not in linears
+            and inside == sum(p.numel() for p in found[0].parameters())
+        )
+        out += [f"{head}.{c}" for c in linears] if split else [head]
     return out
 
 

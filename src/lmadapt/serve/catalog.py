@@ -367,23 +367,20 @@ class Catalog:
     def stats(self) -> dict[str, Any]:
         """What /health reports about models in memory and micro-batching."""
         with self._lock:
-            return self._stats()
-
-    def _stats(self) -> dict[str, Any]:
-        batchers = list(self.batchers.values())
-        return {
-            "loaded": sorted(self.entries),
-            "base_models_in_memory": len({e.group.base for e in self.entries.values()}),
-            "weights_bytes": self.resident_bytes,
-            "weights_mb": round(self.resident_bytes / 2**20, 1),
-            "memory_budget_mb": None if self.budget is None else round(self.budget / 2**20, 1),
-            "loads": self.loads,
-            "unloads": self.unloads,
-            "batches": sum(b.stats.batches for b in batchers),
-            "items": sum(b.stats.items for b in batchers),
-            "largest_batch": max((b.stats.largest for b in batchers), default=0),
-            "mixed_batches": sum(g.mixed for g in self.groups),
-        }
+            batchers, resident = list(self.batchers.values()), self.resident_bytes
+            return {
+                "loaded": sorted(self.entries),
+                "base_models_in_memory": len({e.group.base for e in self.entries.values()}),
+                "weights_bytes": resident,
+                "weights_mb": round(resident / 2**20, 1),
+                "memory_budget_mb": None if self.budget is None else round(self.budget / 2**20, 1),
+                "loads": self.loads,
+                "unloads": self.unloads,
+                "batches": sum(b.stats.batches for b in batchers),
+                "items": sum(b.stats.items for b in batchers),
+                "largest_batch": max((b.stats.largest for b in batchers), default=0),
+                "mixed_batches": sum(g.mixed for g in self.groups),
+            }
 
     def close(self) -> None:
         for b in self.batchers.values():

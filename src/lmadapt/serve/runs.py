@@ -56,6 +56,9 @@ class ServedRun:
     method: Any
     engine: Literal["pytorch", "onnxruntime"] = "pytorch"
     """What runs the model: the run's PyTorch weights, or an ONNX export's graph."""
+    tokenizer_files: str = ""
+    """A hash of the tokenizer files it saved (`tokenizer_digest`): equal hashes, equal
+    tokenizers."""
 
     @property
     def kind(self) -> str:
@@ -94,6 +97,7 @@ def read_run(run_dir: str | Path) -> ServedRun:
         info.spec,
         info.method,
         "onnxruntime" if onnx else "pytorch",
+        tokenizer_digest(info.run_dir if onnx else RunDir(info.run_dir).model),
     )
     if run.task.endpoint == "generate":
         run.generation.template(run.tokenizer)  # resolved now, so a bad template fails start-up
@@ -163,10 +167,8 @@ def share_tokenizer(run: ServedRun, others: Iterable[ServedRun]) -> None:
     """Give `run` the tokenizer object of a run of its model that saved the same tokenizer
     files: one copy (about 10 MB for a BERT vocabulary) instead of one per adapter. Runs of one
     model are encoded in its batcher thread, one batch at a time, so sharing is safe."""
-    mine = tokenizer_digest(RunDir(run.run_dir).model)
     for other in others:
-        same = other.engine == run.engine == "pytorch"
-        if same and tokenizer_digest(RunDir(other.run_dir).model) == mine:
+        if other.tokenizer_files == run.tokenizer_files:
             run.tokenizer = other.tokenizer
             return
 
