@@ -99,6 +99,16 @@ def wait(driver, css: str, timeout: float = 20):
     )
 
 
+def rows(driver, *attrs: str) -> list[list[str]]:
+    """`attrs` of every row of the runs table, read in one script: the page redraws the table on
+    each poll, so rows found one call earlier may be gone (stale) by the next."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#runs tbody tr')]"
+        ".map((tr) => arguments[0].map((a) => tr.getAttribute(a)))",
+        list(attrs),
+    )
+
+
 def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -108,10 +118,7 @@ def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
     # Runs page: every entry listed with its status; the filter narrows the table.
     driver.get(url + "/")
     wait(driver, '#runs tr[data-id="lora-run"]')
-    statuses = {
-        tr.get_attribute("data-id"): tr.get_attribute("data-status")
-        for tr in driver.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-    }
+    statuses = dict(rows(driver, "data-id", "data-status"))
     assert statuses["lora-run"] == statuses["bitfit-run"] == "finished"
     assert (statuses["running"], statuses["bad-yaml"]) == ("running", "bad")
     shot("runs")
@@ -121,13 +128,11 @@ def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
         f.write('\n{"step": 19, "epoch": 1, "loss": 0.125}\n')
     live = '#runs tr[data-id="running"] .progress'
     WebDriverWait(driver, 10).until(
-        lambda d: "step 19" in d.find_element(By.CSS_SELECTOR, live).text
+        lambda d: "step 19"
+        in d.execute_script(f"return document.querySelector('{live}')?.textContent ?? ''")
     )
     driver.find_element(By.ID, "filter").send_keys("bitfit")
-    assert [
-        tr.get_attribute("data-id")
-        for tr in driver.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-    ] == ["bitfit-run"]
+    assert rows(driver, "data-id") == [["bitfit-run"]]
 
     # Run page: Plotly draws the curves (an svg inside the graph div) and the confusion matrix.
     driver.get(url + "/run?id=lora-run")
