@@ -33,13 +33,11 @@ RESULTS = ROOT / "bench" / "results" / "ui_load.json"
 ROWS = "return document.querySelectorAll('#runs tbody tr').length"
 
 
-def tiny_run(where: Path) -> Path:
-    """A finished classification run of a random 2-layer, 32-wide BERT (seconds on a CPU)."""
+def tiny_bert(where: Path) -> Path:
+    """A random 2-layer, 32-wide BERT with MiniLM's tokenizer, saved as safetensors in `where`."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lmadapt.api import train
-    from lmadapt.config import build_run_config
     from lmadapt.models import resolve_model
 
     torch.manual_seed(0)
@@ -51,8 +49,17 @@ def tiny_run(where: Path) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    BertModel(cfg).save_pretrained(where / "bert", safe_serialization=True)
-    AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(where / "bert")
+    BertModel(cfg).save_pretrained(where, safe_serialization=True)
+    AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(where)
+    return where
+
+
+def tiny_run(where: Path) -> Path:
+    """A finished classification run of a random 2-layer, 32-wide BERT (seconds on a CPU)."""
+    from lmadapt.api import train
+    from lmadapt.config import build_run_config
+
+    tiny_bert(where / "bert")
     rows = ["text,label"] + [
         f"the film was {w},{lab}" for w, lab in [("good", "pos"), ("bad", "neg")] * 32
     ]

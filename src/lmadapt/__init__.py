@@ -27,6 +27,7 @@ _HOME = {
     "resume": "lmadapt.api",
     "evaluate": "lmadapt.api",
     "predict": "lmadapt.api",
+    "predictions": "lmadapt.api",
     "load_run": "lmadapt.api",
     "methods": "lmadapt.api",
     "models": "lmadapt.api",

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import platform
 import shutil
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
@@ -580,6 +580,36 @@ def input_examples(
     return task.examples_from_texts(list(texts))
 
 
+PREDICT_CHUNK = 4096
+"""Examples of a file read, encoded and predicted at a time: memory stays flat in its size."""
+
+
+def predictions(
+    run_dir: str | Path | LoadedRun,
+    texts: list[str] | None = None,
+    file: str | Path | None = None,
+    fmt: str = "auto",
+    device: str = "auto",
+) -> Iterator[dict[str, Any]]:
+    """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file,
+    each as soon as it is made; `device` applies when the run is loaded here.
+
+    A file is read through once first, so a bad row anywhere refuses it before any prediction
+    is out; then again, `PREDICT_CHUNK` examples at a time (where the task streams its files:
+    only NER, QA and chat files are held in memory whole)."""
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
+    if file is None:
+        examples = input_examples(run.task, texts, None, fmt, "predict")
+        yield from run.task.predict_model(run.model, run.encoded(examples))
+        return
+    bad = BadRows(str(file))
+    examples = run.task.stream(str(file), fmt, bad, labelled=False)
+    read_through(examples)
+    bad.finish()
+    for chunk in cache.chunked(examples, PREDICT_CHUNK):
+        yield from run.task.predict_model(run.model, run.encoded(chunk))
+
+
 def predict(
     run_dir: str | Path | LoadedRun,
     texts: list[str] | None = None,
@@ -587,11 +617,8 @@ def predict(
     fmt: str = "auto",
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Predictions (label + probabilities, or the task's equivalent) for raw texts or a file;
-    `device` applies when the run is loaded here."""
-    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
-    examples = input_examples(run.task, texts, file, fmt, "predict")
-    return run.task.predict_model(run.model, run.encoded(examples))
+    """`predictions`, all of them."""
+    return list(predictions(run_dir, texts, file, fmt, device))
 
 
 def methods(model: str | None = "minilm") -> list[dict[str, Any]]:

@@ -78,7 +78,7 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-@command("predict", "predict labels for texts or a file with a finished run", api="predict")
+@command("predict", "predict labels for texts or a file with a finished run", api="predictions")
 def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument(
@@ -95,11 +95,11 @@ def _predict(p: argparse.ArgumentParser) -> None:
     _device_arg(p)
 
     def run(a: argparse.Namespace) -> None:
-        from lmadapt.api import predict
+        from lmadapt.api import predictions
 
         if not a.texts and not a.file:
             raise LmadaptError("predict needs TEXT arguments or --file")
-        for row in predict(a.run_dir, a.texts, a.file, a.format, a.device):
+        for row in predictions(a.run_dir, a.texts, a.file, a.format, a.device):
             print(json.dumps(row, ensure_ascii=False))
 
     p.set_defaults(run=run)

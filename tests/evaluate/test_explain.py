@@ -161,9 +161,10 @@ def test_integrated_gradients_is_complete(run):
 
 
 def test_integrated_gradients_through_a_lora_adapter(tmp_path, tiny_bert):
-    """peft's wrapper hands captum the base model's embedding layer."""
+    """peft's wrapper hands captum the base model's embedding layer. The adapter learns the task
+    (lr 1e-2 sometimes collapsed to one class), so completeness is not checked on flat outputs."""
     run_dir = _train(
-        tmp_path, tiny_bert, {"name": "lora", "target_modules": ["all-linear"]}, 1e-2, 6
+        tmp_path, tiny_bert, {"name": "lora", "target_modules": ["all-linear"]}, 3e-3, 20
     )
     run = load_run(run_dir, "cpu")
     assert type(run.model).__name__.startswith("Peft")

@@ -70,14 +70,16 @@ class Generations(Hook):
 
 def test_lora_trains_saves_reloads_and_merges_to_the_same_generations(tmp_path, tiny_seq2seq):
     cfg = gen_config(tmp_path, tiny_seq2seq, eval_generate_max_samples=2)
-    cfg["train"].update(epochs=3, lr=1e-2)
+    # 4 epochs: a tiny random model's greedy answers are a lottery; with these settings they are
+    # not empty, so the comparisons below compare something
+    cfg["train"].update(epochs=4, lr=1e-2)
     seen = Generations()
     metrics = train(build_run_config(cfg), hooks=[seen])
     run = tmp_path / "run"
     assert (run / "model" / "adapter_config.json").is_file()  # peft format
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     dev = [r["dev"]["loss"] for r in log if "dev" in r]
-    assert len(dev) == 3 and dev[-1] < dev[0]  # it learns
+    assert len(dev) == 4 and dev[-1] < dev[0]  # it learns
     assert metrics["test"]["generated"] == 2 and "rougeL" in metrics["test"]
     assert seen.texts and any(seen.texts)
     reloaded = generate(str(run), PROMPTS)

@@ -22,6 +22,16 @@ def test_length_grouped_batches_cover_every_index_once():
     assert waste < 0.25 * sum(lengths)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_longest_batch_comes_first(seed):
+    # the memory peak at step 1, whatever the order: one longest example anywhere in the data
+    lengths = [((i * 37) % 50) + 1 for i in range(203)]
+    lengths[(seed * 41) % 203] = 99
+    batches = length_grouped_batches(lengths, 8, seed=seed, bucket_batches=4)
+    assert max(lengths[i] for i in batches[0]) == 99
+    assert sorted(i for b in batches for i in b) == list(range(203))
+
+
 def test_same_seed_same_result(run_config, tmp_path):
     a = train(build_run_config(run_config(output_dir=str(tmp_path / "a"))))
     b = train(build_run_config(run_config(output_dir=str(tmp_path / "b"))))

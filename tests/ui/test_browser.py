@@ -128,8 +128,10 @@ def test_runs_run_compare_and_playground_in_chromium(browser, ui_root):
         f.write('\n{"step": 19, "epoch": 1, "loss": 0.125}\n')
     live = '#runs tr[data-id="running"] .progress'
     WebDriverWait(driver, 10).until(
-        lambda d: "step 19"
-        in d.execute_script(f"return document.querySelector('{live}')?.textContent ?? ''")
+        lambda d: (
+            "step 19"
+            in d.execute_script(f"return document.querySelector('{live}')?.textContent ?? ''")
+        )
     )
     driver.find_element(By.ID, "filter").send_keys("bitfit")
     assert rows(driver, "data-id") == [["bitfit-run"]]

@@ -50,11 +50,15 @@ def _order(n: int, rng: random.Random) -> np.ndarray:
 def length_grouped_batches(
     lengths: Sequence[int] | np.ndarray, batch_size: int, seed: int, bucket_batches: int = 50
 ) -> Batches:
-    """Shuffle, sort by length inside mega-buckets of `bucket_batches` batches, shuffle batches.
+    """Shuffle, sort by length inside mega-buckets of `bucket_batches` batches, shuffle batches,
+    then move the batch holding the longest example to the front.
 
     Batches hold similar lengths (little padding) while their order stays random, the scheme of
-    HF's LengthGroupedSampler; deterministic for a given seed. Reads only `lengths` (a stored
-    feature cache's memory-mapped array serves), one mega-bucket at a time.
+    HF's LengthGroupedSampler; deterministic for a given seed. The longest batch goes first, as
+    HF's does, so that a run's memory peaks at step 1: a run that would run out of memory fails
+    there rather than hours in, and the peak does not depend on when a long batch comes up.
+    Reads only `lengths` (a stored feature cache's memory-mapped array serves), one mega-bucket
+    at a time.
     """
     rng = random.Random(seed)
     lengths = np.asarray(lengths)
@@ -67,9 +71,15 @@ def length_grouped_batches(
         chunk[:] = chunk[np.argsort(-lengths[chunk], kind="stable")]
         starts.append(np.arange(start, start + len(chunk), batch_size))
     bounds = np.append(np.concatenate(starts) if starts else np.zeros(0, np.int64), len(order))
-    sequence = array("q", range(len(bounds) - 1))
-    rng.shuffle(sequence)
-    return Batches(order, bounds, np.frombuffer(sequence, dtype=np.int64))
+    shuffled = array("q", range(len(bounds) - 1))
+    rng.shuffle(shuffled)
+    sequence = np.frombuffer(shuffled, dtype=np.int64)  # shares (and may swap) its memory
+    if len(order):
+        position = int(np.flatnonzero(order == int(np.argmax(lengths)))[0])
+        longest = int(np.searchsorted(bounds, position, side="right")) - 1
+        first = int(np.flatnonzero(sequence == longest)[0])
+        sequence[[0, first]] = sequence[[first, 0]]
+    return Batches(order, bounds, sequence)
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int) -> Batches:

@@ -73,11 +73,12 @@ class Task(Protocol):
         the file is refused; without `bad`, every bad row is raised in one DataError.
         """
 
-    def stream(self, path: str, fmt: str, bad: BadRows) -> Iterable[Any]:
-        """The labelled examples of a training file, as `read` gives them, to be iterated once
-        or more (validated and fitted, then encoded into the feature cache). A task that can
-        reads them lazily, as a `lmadapt.data.streams.Reread`, so that no example is held in
-        memory; the others return `read`'s list. Bad rows go to `bad` on the first pass."""
+    def stream(self, path: str, fmt: str, bad: BadRows, labelled: bool = True) -> Iterable[Any]:
+        """The examples of a file, as `read` gives them, to be iterated once or more (a training
+        file: validated and fitted, then encoded into the feature cache; a file to predict:
+        checked, then predicted a chunk at a time). A task that can reads them lazily, as a
+        `lmadapt.data.streams.Reread`, so that no example is held in memory; the others return
+        `read`'s list. Bad rows go to `bad` on the first pass."""
 
     def fit(self, train: Iterable[Any]) -> None:
         """Learn what the task needs from the training examples (e.g. the label set): a list,
@@ -254,9 +255,9 @@ class LogitsTask(ABC):
     ) -> dict[str, Any]:
         return {}
 
-    def stream(self, path: str, fmt: str, bad: BadRows) -> Iterable[Any]:
+    def stream(self, path: str, fmt: str, bad: BadRows, labelled: bool = True) -> Iterable[Any]:
         """`read`'s list: examples are held in memory unless the task streams them."""
-        return self.read(path, fmt, bad=bad)
+        return self.read(path, fmt, labelled, bad=bad)
 
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits

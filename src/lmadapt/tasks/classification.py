@@ -127,9 +127,11 @@ class ClassificationTask(LogitsTask):
         with collect(path, bad) as bad:
             return list(self._examples(read_records(path, fmt, bad), labelled, bad))
 
-    def stream(self, path: str, fmt: str, bad: BadRows) -> Reread:
-        """The training file's examples read lazily, each pass reading the file again."""
-        return Reread(lambda into: self._examples(iter_records(path, fmt, into), True, into), bad)
+    def stream(self, path: str, fmt: str, bad: BadRows, labelled: bool = True) -> Reread:
+        """The file's examples read lazily, each pass reading the file again."""
+        return Reread(
+            lambda into: self._examples(iter_records(path, fmt, into), labelled, into), bad
+        )
 
     def _examples(
         self, records: Iterable[Record], labelled: bool, bad: BadRows

@@ -197,9 +197,11 @@ class GenerationTask:
             convs = read_conversations(path, fmt, self.cfg.data_format, labelled, bad)
             return self.check(convs, bad)
 
-    def stream(self, path: str, fmt: str, bad: BadRows) -> list[Conversation]:
+    def stream(
+        self, path: str, fmt: str, bad: BadRows, labelled: bool = True
+    ) -> list[Conversation]:
         """`read`'s list: conversations are held in memory."""
-        return self.read(path, fmt, bad=bad)
+        return self.read(path, fmt, labelled, bad=bad)
 
     def fit(self, train: Iterable[Conversation]) -> None:
         self.check(list(train))

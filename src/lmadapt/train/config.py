@@ -28,7 +28,11 @@ class TrainConfig:
     max_steps: int | None = None
     """If set, overrides epochs: stop after this many optimizer steps."""
     batch_size: int = 32
-    eval_batch_size: int = 128
+    eval_batch_size: int = 0
+    """Rows a batch in evaluation and prediction; 0 takes batch_size. Larger batches save no time
+    on a CPU (MiniLM LoRA on SST-2 dev, 2 cores: 235 rows/s at 32, 243 at 64, 215 at 128) and
+    their activations can peak above training's (at 128: +250 MB over the training steps), so by
+    default evaluation needs no more memory than a training step."""
     lr: float | None = None
     """Peak learning rate; None takes the method's default (e.g. 5e-4 for LoRA, 5e-5 for full)."""
     weight_decay: float = 0.01
@@ -80,6 +84,8 @@ class TrainConfig:
     only. batch_size stays the global batch, split across the processes."""
 
     def __post_init__(self) -> None:
+        if self.eval_batch_size == 0:
+            self.eval_batch_size = self.batch_size
         for name in (
             "batch_size",
             "eval_batch_size",
