@@ -51,6 +51,8 @@ SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train
 DEV = SST2.with_name("dev.tsv")
 STEPS = 20
 BATCH = 32
+MAX_LENGTH = int(os.environ.get("BENCH_MAX_LENGTH", "128"))
+"""Tokens an example is cut to (both sides' default, 128, unless --max-length)."""
 
 
 def generate(n: int, path: Path, seed: int = 0) -> Path:
@@ -155,7 +157,7 @@ def child_lmadapt(file: Path, probe: Probe) -> None:
 
     config = {
         "model": "minilm",
-        "task": {"type": "classification", "text_column": "sentence"},
+        "task": {"type": "classification", "text_column": "sentence", "max_length": MAX_LENGTH},
         "method": {"name": "lora", "r": 16, "alpha": 32, "target_modules": ["all-linear"]},
         "data": {"train": str(file), "dev": str(DEV)},
         "train": {
@@ -204,7 +206,7 @@ def child_hf(file: Path, probe: Probe) -> None:
             split="train",
         )
         return ds.map(
-            lambda b: tok(b["sentence"], truncation=True, max_length=128),
+            lambda b: tok(b["sentence"], truncation=True, max_length=MAX_LENGTH),
             batched=True,
             remove_columns=["sentence"],
         ).rename_column("label", "labels")
@@ -349,12 +351,17 @@ def cache_bytes(cache: Path) -> int:
 PHASES = ("prepare", "model", "train", "finish")
 
 
+def side(r: dict) -> str:
+    """A row's side as the tables name it: the max_length where it is not the default."""
+    return r["impl"] + (f", max_length {r['max_length']}" if r["max_length"] != 128 else "")
+
+
 def markdown(rows: list[dict], predicted: list[dict]) -> str:
     """The runs table (peak growth against each side's smallest file), phase peaks, predict."""
-    smallest = {}
-    for r in rows:
-        if "error" not in r["cold"] and r["impl"] not in smallest:
-            smallest[r["impl"]] = r
+    smallest: dict[tuple[str, int], dict] = {}
+    for r in sorted(rows, key=lambda r: r["rows"]):
+        if "error" not in r["cold"]:
+            smallest.setdefault((r["impl"], r["max_length"]), r)
     out = [
         "| rows | side | whole-run peak RSS cold MB | warm MB | growth over "
         "the smallest file cold / warm MB | longest row (tokens) | prepare cold s | prepare warm "
@@ -364,15 +371,15 @@ def markdown(rows: list[dict], predicted: list[dict]) -> str:
     for r in rows:
         c, w = r["cold"], r["warm"]
         if "error" in c or "error" in w:
-            out.append(f"| {r['rows']:,} | {r['impl']} | {c.get('error') or w.get('error')} |")
+            out.append(f"| {r['rows']:,} | {side(r)} | {c.get('error') or w.get('error')} |")
             continue
-        base = smallest[r["impl"]]
+        base = smallest[r["impl"], r["max_length"]]
         grow = (
             f"{c['peak_rss_mb'] - base['cold']['peak_rss_mb']:+.0f} / "
             f"{w['peak_rss_mb'] - base['warm']['peak_rss_mb']:+.0f}"
         )
         out.append(
-            f"| {r['rows']:,} | {r['impl']} | {c['peak_rss_mb']:.0f} | {w['peak_rss_mb']:.0f} | "
+            f"| {r['rows']:,} | {side(r)} | {c['peak_rss_mb']:.0f} | {w['peak_rss_mb']:.0f} | "
             f"{grow} | {c.get('longest', '-')} | {c['prepare_s']} | {w['prepare_s']} | "
             f"{c['first_step_s']} | {w['first_step_s']} | {c['wall_s']} | {w['wall_s']} | "
             f"{r['cache_mb']} |"
@@ -389,7 +396,7 @@ def markdown(rows: list[dict], predicted: list[dict]) -> str:
         if "error" in c or "error" in w:
             continue
         cells = [f"{c['phases'].get(p, 0):.0f} / {w['phases'].get(p, 0):.0f}" for p in PHASES]
-        out.append(f"| {r['rows']:,} | {r['impl']} | " + " | ".join(cells) + " |")
+        out.append(f"| {r['rows']:,} | {side(r)} | " + " | ".join(cells) + " |")
     if predicted:
         out += [
             "",
@@ -417,6 +424,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[4000, 10**5, 10**6, 5 * 10**6])
     ap.add_argument("--impl", nargs="+", default=["lmadapt", "hf"], choices=["lmadapt", "hf"])
     ap.add_argument("--predict", type=int, nargs="*", default=[4000, 5 * 10**6])
+    ap.add_argument("--max-length", type=int, default=128, help="task.max_length, both sides")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lmadapt-data-scale"))
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -431,11 +439,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results_file = RESULTS / "data_scale.json"
     old = json.loads(results_file.read_text()) if results_file.exists() else {}
-    runs = {(r["rows"], r["impl"]): r for r in old.get("runs", []) if "phases" in r["cold"]}
+    runs = {(r["rows"], r["impl"], r["max_length"]): r for r in old.get("runs", [])}
     predicted = {p["rows"]: p for p in old.get("predict", [])}
 
     def save() -> None:
-        ordered = sorted(runs.values(), key=lambda r: (r["rows"], r["impl"] != "lmadapt"))
+        ordered = sorted(
+            runs.values(), key=lambda r: (r["max_length"], r["impl"] != "lmadapt", r["rows"])
+        )
         by_rows = [predicted[n] for n in sorted(predicted)]
         result = {
             "command": "python -m bench.data_scale " + " ".join(sys.argv[1:]),
@@ -449,24 +459,26 @@ def main() -> None:
         results_file.write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / "data_scale.md").write_text(markdown(ordered, by_rows))
 
+    length = {"BENCH_MAX_LENGTH": str(args.max_length)}
     for n in args.rows:
         file = generate(n, args.work / f"sst2_{n}.tsv")
         for impl in args.impl:
-            cache = args.work / f"cache-{impl}-{n}"
+            cache = args.work / f"cache-{impl}-{n}-{args.max_length}"
             shutil.rmtree(cache, ignore_errors=True)
             cache.mkdir()
-            cold = run(impl, file, cache, args.timeout)
+            cold = run(impl, file, cache, args.timeout, length)
             size = cache_bytes(cache)
-            warm = run(impl, file, cache, args.timeout)
+            warm = run(impl, file, cache, args.timeout, length)
             row = {
                 "rows": n,
                 "impl": impl,
+                "max_length": args.max_length,
                 "file_mb": round(file.stat().st_size / 2**20, 1),
                 "cache_mb": round(size / 2**20, 1),
                 "cold": cold,
                 "warm": warm,
             }
-            runs[n, impl] = row
+            runs[n, impl, args.max_length] = row
             print(json.dumps(row), flush=True)
             shutil.rmtree(cache, ignore_errors=True)
             save()
