@@ -7,17 +7,17 @@ import dataclasses
 import json
 import platform
 import shutil
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
 from lmadapt.config import RunConfig, build_run_config, check_dev_needs, load_config
 from lmadapt.data import cache
 from lmadapt.data.batching import feature_lengths
-from lmadapt.data.streams import Reread, limited, read_through
+from lmadapt.data.streams import Examples, Reread, limited, read_through
 from lmadapt.data.validation import BadRow, BadRows, text_problem
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate.report import (
@@ -65,11 +65,6 @@ from lmadapt.train.loop import (
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
-
-
-class Examples(Sized, Iterable[Any], Protocol):
-    """The training examples: a list, or (for a task that streams its file) a sized
-    `lmadapt.data.streams.Reread` that reads the file again when iterated."""
 
 
 class Features(TypedDict):
@@ -603,10 +598,10 @@ def predictions(
         yield from run.task.predict_model(run.model, run.encoded(examples))
         return
     bad = BadRows(str(file))
-    examples = run.task.stream(str(file), fmt, bad, labelled=False)
-    read_through(examples)
+    rows = run.task.stream(str(file), fmt, bad, labelled=False)
+    read_through(rows)
     bad.finish()
-    for chunk in cache.chunked(examples, PREDICT_CHUNK):
+    for chunk in cache.chunked(rows, PREDICT_CHUNK):
         yield from run.task.predict_model(run.model, run.encoded(chunk))
 
 

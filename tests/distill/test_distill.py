@@ -137,6 +137,29 @@ def test_unlabelled_rows_and_no_gold_labels_with_lora(
     assert load_run(tmp_path / "student").config.method.name == "lora"
 
 
+def test_rows_stream_through_the_teacher_a_chunk_at_a_time(
+    tmp_path, tiny_bert, teacher_run, sentiment_files, monkeypatch, feature_cache
+):
+    """#34: no training row is held in memory: the teacher scores a chunk at a time into a
+    feature store of the run's own, removed when the run ends; the student learns the same."""
+    extra = write_csv(tmp_path / "extra.csv", [(t, "") for t, _ in sentiment_rows(16, seed=9)])
+    cfg = {"method": {"name": "lora", "r": 2}, "student_layers": None, "unlabeled": str(extra)}
+    whole = run_distill(
+        _distill_cfg(tmp_path / "a", tiny_bert, teacher_run, sentiment_files, **cfg)
+    )
+    calls = _counting(monkeypatch)
+    monkeypatch.setattr(distill_runner, "TEACHER_CHUNK", 24)
+    read = []
+    real = distill_runner.stream_split
+    monkeypatch.setattr(distill_runner, "stream_split", lambda *a: read.append(a[1]) or real(*a))
+    m = run_distill(_distill_cfg(tmp_path / "b", tiny_bert, teacher_run, sentiment_files, **cfg))
+    assert read == [str(sentiment_files["train"]), str(extra)]  # the two files not held
+    assert calls == [24, 24, 24, 8, 24]  # 64 training rows, then 16 unlabelled; then dev
+    assert m["train_samples"] == 64 and m["unlabeled_samples"] == 16
+    assert m["dev"] == pytest.approx(whole["dev"], abs=1e-4)
+    assert not list((feature_cache / "features").glob("scratch-*"))
+
+
 def test_config_errors(tmp_path, tiny_bert, teacher_run, sentiment_files):
     with pytest.raises(ConfigError, match="'alpha'"):
         _distill_cfg(tmp_path, tiny_bert, teacher_run, sentiment_files, alpha=1.5)

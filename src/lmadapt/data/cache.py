@@ -374,6 +374,18 @@ def features_once(
     return store
 
 
+@contextlib.contextmanager
+def scratch(chunks: Iterable[list[dict[str, Any]]]) -> Iterator[FeatureStore]:
+    """A store of the caller's own, built from `chunks` and removed on leaving: for features no
+    other run could reuse safely (a teacher's outputs, which no file digest describes), held on
+    disk rather than in memory all the same."""
+    store = build(f"scratch-{uuid.uuid4().hex}", chunks, dict)
+    try:
+        yield store
+    finally:
+        shutil.rmtree(store.path, ignore_errors=True)
+
+
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     for item in items:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any, Protocol
 
 from lmadapt.data.validation import BadRows
 from lmadapt.errors import LmadaptError
+
+
+class Examples(Sized, Iterable[Any], Protocol):
+    """Examples of a file: a list, or (for a task that streams its files) a sized `Reread`
+    that reads the file again when iterated."""
 
 
 class Reread:

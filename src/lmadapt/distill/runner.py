@@ -6,6 +6,8 @@ The output directory is also a normal run directory of the student (`lmadapt eva
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,6 +18,10 @@ import numpy as np
 import torch
 
 from lmadapt.config import RunConfig, build_run_config, check_dev_needs, read_config
+from lmadapt.data import cache
+from lmadapt.data.cache import FeatureStore
+from lmadapt.data.streams import Examples
+from lmadapt.data.validation import BadRow
 from lmadapt.distill.loss import DistillationTask
 from lmadapt.distill.student import keep_first_layers
 from lmadapt.distill.teachers import TEACHERS, Teacher, build_teacher
@@ -29,7 +35,7 @@ from lmadapt.evaluate.report import (
 from lmadapt.inference import batched_logits, model_inputs
 from lmadapt.io import write_json, write_yaml
 from lmadapt.methods import build_method, count_parameters
-from lmadapt.models import load_tokenizer, resolve_model
+from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
 from lmadapt.pipeline import Fitted, finish, fit, save_artifact
 from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.schema import from_dict, parse_section, resolve_data_paths, to_dict
@@ -44,7 +50,7 @@ from lmadapt.session import (
     start,
 )
 from lmadapt.tasks import build_task
-from lmadapt.tasks.base import Task, read_split
+from lmadapt.tasks.base import Task, read_split, stream_split
 from lmadapt.train.distributed import Distributed
 from lmadapt.train.loop import Hook
 
@@ -166,9 +172,26 @@ def run_distill(
     data = _read(run, opt, teacher)
     spec = resolve_model(run.model)
     tokenizer = load_tokenizer(spec, run.trust_remote_code)
-    feats = _teacher_features(data, teacher, tokenizer)
-    seed_everything(run.train.seed)
-    model = data.task.build_model(spec, run.trust_remote_code)
+    with _teacher_features(data, teacher, tokenizer) as feats:
+        seed_everything(run.train.seed)
+        model = data.task.build_model(spec, run.trust_remote_code)
+        return _distil(config, out, data, teacher, tokenizer, feats, spec, model, hooks, device)
+
+
+def _distil(
+    config: DistillConfig,
+    out: Path,
+    data: DistillData,
+    teacher: Teacher,
+    tokenizer: Any,
+    feats: FeatureStore,
+    spec: ModelSpec,
+    model: torch.nn.Module,
+    hooks: list[Hook] | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train the student on the teacher's features in the run directory, save it, report."""
+    run, opt = config.student, config.options
     # no resume: a failure keeps only a finished run
     with run_directory(out, "distill", keep=lambda: RunDir(out).metrics.is_file()):
         if opt.student_layers:
@@ -220,10 +243,12 @@ class DistillData:
     """The student's task (with the teacher's label set) and its examples, read and checked."""
 
     task: StudentTask
-    train: list[Any]
+    train: Examples
+    """Read lazily where the task streams its files (`lmadapt.tasks.base.stream_split`), so
+    is `extra`; both sized."""
     dev: list[Any]
     test: list[Any]
-    extra: list[Any]
+    extra: Examples
     """Unlabelled rows: the teacher's distributions are their only targets."""
     bad_rows: dict[str, int]
 
@@ -237,39 +262,53 @@ def _read(run: RunConfig, opt: _Options, teacher: Teacher) -> DistillData:
     d = run.data
     if not d.train or not d.dev:
         raise ConfigError("data.dev" if d.train else "data.train", "is required")
+    # the training and unlabelled files may not fit in memory: read as the teacher scores them
+    streamed = {"train": (opt.use_gold_labels, d.max_train_samples), "unlabeled": (False, None)}
     splits = {"train": d.train, "dev": d.dev, "test": d.test, "unlabeled": opt.unlabeled}
-    read, bad_rows = {}, {}
+    read: dict[str, Any] = {}
+    bad_rows = {}
+    bad: list[BadRow]
     for split, path in splits.items():
-        labelled = split in ("dev", "test") or (split == "train" and opt.use_gold_labels)
-        read[split], bad = (
-            read_split(task, path, d.format, d.bad_rows, d.max_bad_fraction, labelled)
-            if path
-            else ([], [])
-        )
+        if not path:
+            read[split], bad = [], []
+        elif split in streamed:
+            labelled, limit = streamed[split]
+            read[split], bad = stream_split(
+                task, path, d.format, d.bad_rows, d.max_bad_fraction, labelled, limit
+            )
+        else:
+            read[split], bad = read_split(task, path, d.format, d.bad_rows, d.max_bad_fraction)
+            read[split] = read[split][: d.max_eval_samples]
         bad_rows[split] = len(bad)
-    return DistillData(
-        task,
-        read["train"][: d.max_train_samples],
-        read["dev"][: d.max_eval_samples],
-        read["test"][: d.max_eval_samples],
-        read["unlabeled"],
-        bad_rows,
-    )
+    return DistillData(task, read["train"], read["dev"], read["test"], read["unlabeled"], bad_rows)
 
 
-def _teacher_features(data: DistillData, teacher: Teacher, tokenizer: Any) -> list[dict]:
-    """The training rows encoded with the teacher's log-probabilities beside them: the teacher
-    is asked once, whatever the number of epochs."""
-    rows = data.train + data.extra
-    probs = teacher.label_distribution(rows)
-    if probs.shape != (len(rows), len(teacher.labels)):
-        raise RuntimeError(f"teacher returned shape {probs.shape} for {len(rows)} examples")
-    feats = data.task.encode(rows, tokenizer)
-    log_probs = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)  # softmax(log p / T) = p_T
-    for f, lp in zip(feats, log_probs):
-        f.setdefault("labels", -100)
-        f["teacher_logits"] = lp.tolist()
-    return feats
+def _teacher_features(
+    data: DistillData, teacher: Teacher, tokenizer: Any
+) -> contextlib.AbstractContextManager[FeatureStore]:
+    """The training rows (then the unlabelled ones) encoded with the teacher's log-probabilities
+    beside them, in a feature store of the run's own: the teacher is asked once, whatever the
+    number of epochs, a chunk of rows at a time, and no row is held in memory for training."""
+
+    def encode(rows: list[Any]) -> list[dict[str, Any]]:
+        probs = teacher.label_distribution(rows)
+        if probs.shape != (len(rows), len(teacher.labels)):
+            raise RuntimeError(f"teacher returned shape {probs.shape} for {len(rows)} examples")
+        feats = data.task.encode(rows, tokenizer)
+        # softmax(log p / T) = p_T
+        log_probs = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)
+        for f, lp in zip(feats, log_probs):
+            f.setdefault("labels", -100)
+            f["teacher_logits"] = lp.tolist()
+        return feats
+
+    rows = itertools.chain(data.train, data.extra)
+    chunk = max(1, len(data.train) + len(data.extra)) if teacher.whole_set else TEACHER_CHUNK
+    return cache.scratch(cache.encoded(rows, encode, chunk=chunk))
+
+
+TEACHER_CHUNK = 4096
+"""Rows the teacher scores (and the student's tokenizer encodes) at a time."""
 
 
 def _teacher_vs_student(

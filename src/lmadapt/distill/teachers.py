@@ -23,6 +23,9 @@ class Teacher(Protocol):
     """Label names, in the order of the distribution's columns."""
     num_parameters: int
     name: str
+    whole_set: bool
+    """Its distributions depend on every row it is asked about at once (a prior estimated over
+    them): it is asked once for all of them, rather than a chunk of rows at a time."""
 
     def label_distribution(self, examples: list[Any]) -> np.ndarray:
         """(N, C) probabilities over `labels`, one row per example."""
@@ -60,6 +63,7 @@ class RunTeacher:
                 "distillation needs a single-label classification teacher",
             )
         self.labels = list(task.labels)
+        self.whole_set = False
         self.num_parameters = count_parameters(self.run.model)[1]
         self.name = f"run {cfg.run_dir} ({self.run.spec.name}, {self.run.config.method.name})"
 
@@ -67,9 +71,9 @@ class RunTeacher:
         from lmadapt.inference import batched_logits
 
         task, tok = self.run.task, self.run.tokenizer
-        logits, _ = batched_logits(
-            self.run.model, task.encode(examples, tok), task.collator(tok), self.cfg.batch_size
-        )
+        # inputs only: rows with and without gold labels (an unlabelled file) batch together
+        feats = [{k: v for k, v in f.items() if k != "labels"} for f in task.encode(examples, tok)]
+        logits, _ = batched_logits(self.run.model, feats, task.collator(tok), self.cfg.batch_size)
         return softmax(np.stack(logits).astype(np.float64), axis=-1)  # (N, C)
 
 
@@ -99,6 +103,7 @@ class PromptTeacher:
         pcfg = load_prompt_config(cfg.config, cfg.overrides)
         self.scorer = LabelScorer(pcfg)
         self.labels = self.scorer.labels
+        self.whole_set = pcfg.calibration == "domain"  # one prior over all the rows scored
         self.num_parameters = count_parameters(load_lm(pcfg.model, pcfg.device)[0])[1]
         shots = f"{pcfg.k}-shot {pcfg.selection}" if pcfg.k else "zero-shot"
         calibrated = f", calibrated ({pcfg.calibration})" if pcfg.calibration != "none" else ""

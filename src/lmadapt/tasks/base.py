@@ -9,7 +9,7 @@ not here but in `lmadapt.tasks.capabilities`, checked with `isinstance`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 import numpy as np
 import torch
 
+from lmadapt.data.streams import Examples, Reread, limited, read_through
 from lmadapt.data.validation import BadRow, BadRows, collect
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.metrics import Evaluation
@@ -181,6 +182,45 @@ def read_split(
         examples = task.check(examples, bad)
     bad.finish()
     return examples, bad.rows
+
+
+def stream_split(
+    task: Task,
+    path: str,
+    fmt: str,
+    policy: Literal["error", "skip"],
+    max_bad_fraction: float,
+    labelled: bool = True,
+    limit: int | None = None,
+) -> tuple[Examples, list[BadRow]]:
+    """`read_split` for a file that may not fit in memory: the task's `stream` (a `Reread` where
+    the task streams its files, else `read`'s list), each example checked as it is read, the
+    first `limit` kept. The file is read through once here, so that its bad rows are known (and
+    refused under `policy`) before anything uses the examples."""
+    bad = BadRows(path, policy, max_bad_fraction)
+    examples = task.stream(path, fmt, bad, labelled)
+    if isinstance(examples, Reread):
+        examples = Reread(_checked(task, examples.read, labelled), bad)
+    elif labelled:
+        examples = task.check(list(examples), bad)
+    kept = limited(examples, limit)
+    read_through(kept)
+    bad.finish()
+    assert isinstance(kept, Sized), type(kept)  # a list, or a Reread that counted its rows
+    return kept, bad.rows
+
+
+def _checked(
+    task: Task, read: Callable[[BadRows], Iterable[Any]], labelled: bool
+) -> Callable[[BadRows], Iterator[Any]]:
+    """`read` with each labelled example passed through `task.check` (e.g. a label the task
+    does not know is a bad row), one at a time."""
+
+    def checked(into: BadRows) -> Iterator[Any]:
+        for example in read(into):
+            yield from task.check([example], into) if labelled else (example,)
+
+    return checked
 
 
 class FromFile(Protocol):
