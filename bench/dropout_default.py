@@ -111,12 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in sorted(set(a.seeds) | set(a.few_shot_seeds)):
-            for name, cfg in scenarios(Path(tmp), seed).items():
+            for i, (name, cfg) in enumerate(scenarios(Path(tmp), seed).items()):
                 few_shot = name.startswith("few-shot")
                 if seed not in (a.few_shot_seeds if few_shot else a.seeds):
                     continue
                 for dropout in (None, 0.0):
-                    out = Path(tmp) / f"run_{len(results)}_{seed}_{dropout}"
+                    out = Path(tmp) / f"run_{i}_{seed}_{dropout}"  # one per scenario, seed, dropout
                     row = results.setdefault(name, {}).setdefault(str(dropout), [])
                     row.append(measure(name, cfg, seed, dropout, out))
                     print(name, seed, dropout, row[-1], flush=True)
