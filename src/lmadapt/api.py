@@ -50,7 +50,7 @@ from lmadapt.session import (
     start,
 )
 from lmadapt.tasks import TASKS, Evaluation, build_task
-from lmadapt.tasks.base import check_model_suits
+from lmadapt.tasks.base import check_model_suits, stream_split
 from lmadapt.tasks.capabilities import (
     CalibratableTask,
     ExplainableTask,
@@ -597,10 +597,7 @@ def predictions(
         examples = input_examples(run.task, texts, None, fmt, "predict")
         yield from run.task.predict_model(run.model, run.encoded(examples))
         return
-    bad = BadRows(str(file))
-    rows = run.task.stream(str(file), fmt, bad, labelled=False)
-    read_through(rows)
-    bad.finish()
+    rows, _ = stream_split(run.task, str(file), fmt, "error", 0.0, labelled=False)
     for chunk in cache.chunked(rows, PREDICT_CHUNK):
         yield from run.task.predict_model(run.model, run.encoded(chunk))
 
