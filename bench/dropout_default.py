@@ -1,13 +1,17 @@
-"""Evidence for `train.dropout`'s default: the model's own dropout vs none, on data the defaults
-were not tuned on (SUBJ), from a user's minimal config (model, task, method, files).
+"""Evidence for the dropout default: the model's own dropout (lmadapt's old default) vs none, on
+data the defaults were not tuned on, from a user's minimal config (model, task, method, files).
 
-    .venv/bin/python -m bench.dropout_default [--seeds 0 1] [--few-shot-seeds 0 1 2]
+    .venv/bin/python -m bench.dropout_default [--seeds 0 1 2] [--scenarios lora ner]
 
-Scenarios: classification with MiniLM (LoRA and full, 2,000 training rows sampled from SUBJ
-train, dev = 1,000 SUBJ test rows, test = the other 1,000), and few-shot prompt-based
-fine-tuning of SmolLM2 (LoRA, 16 per class, dev scored once after the last epoch). Each pair
-differs only in `train.dropout` (unset vs 0). NER and instruction tuning are measured in
-bench/ner_side_by_side.py and bench/__main__.py. Writes bench/results/dropout_default.{json,md}.
+Scenarios: classification with MiniLM (LoRA, BitFit and full, 2,000 training rows sampled from
+SUBJ train, dev = 1,000 SUBJ test rows, test = the other 1,000); few-shot prompt-based
+fine-tuning of SmolLM2 (LoRA, 16 per class, dev scored once after the last epoch); NER with
+MiniLM LoRA (2,000 CoNLL-2003 training sentences, dev = 1,000 validation sentences, test = 1,000
+test sentences); instruction tuning of SmolLM2 with LoRA (256 GSM8K training problems, one
+epoch; dev = 100 test problems, test = the next 200, scored by response loss). The training
+sample depends on the seed. Each pair differs only in dropout: `train.dropout: model` with
+LoRA's old default of 0.1 on the adapter's input, against `train.dropout: 0`. Runs already in
+bench/results/dropout_default.json for a (scenario, seed) are replaced, others kept.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from lmadapt.api import train
 from lmadapt.config import build_run_config
 from lmadapt.io import write_json, write_text
 
-SUBJ = Path(__file__).resolve().parents[2] / "shared" / "data" / "subj"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SUBJ, CONLL, GSM8K = DATA / "subj", DATA / "conll2003", DATA / "instruct"
 RESULTS = Path(__file__).parent / "results"
 FEW_SHOT_TASK = {
     "type": "prompt_classification",
@@ -51,6 +56,22 @@ def write(rows: list[dict], path: Path) -> str:
     return str(path)
 
 
+def conll_sentences(path: Path) -> list[str]:
+    """CoNLL blocks (token lines), -DOCSTART- markers left out."""
+    blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
+    return [b for b in blocks if b and not b.startswith("-DOCSTART-")]
+
+
+def write_conll(blocks: list[str], path: Path) -> str:
+    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def write_instruct(rows: list[dict], path: Path) -> str:
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
 def scenarios(tmp: Path, seed: int) -> dict[str, dict]:
     """name -> the user's minimal config for one seed (training rows depend on the seed)."""
     rng = random.Random(seed)
@@ -62,6 +83,20 @@ def scenarios(tmp: Path, seed: int) -> dict[str, dict]:
         r for label in "01" for r in rng.sample([x for x in train_rows if x["label"] == label], 16)
     ]
     few = write(few, tmp / f"train16_{seed}.tsv")
+    ner = {
+        "train": write_conll(
+            rng.sample(conll_sentences(CONLL / "train.txt"), 2000), tmp / f"ner_{seed}.txt"
+        ),
+        "dev": write_conll(conll_sentences(CONLL / "valid.txt")[:1000], tmp / "ner_dev.txt"),
+        "test": write_conll(conll_sentences(CONLL / "test.txt")[:1000], tmp / "ner_test.txt"),
+    }
+    gsm_train = json.loads((GSM8K / "gsm8k_train.json").read_text(encoding="utf-8"))
+    gsm_test = json.loads((GSM8K / "gsm8k_test.json").read_text(encoding="utf-8"))
+    gen = {
+        "train": write_instruct(rng.sample(gsm_train, 256), tmp / f"gsm_{seed}.json"),
+        "dev": write_instruct(gsm_test[:100], tmp / "gsm_dev.json"),
+        "test": write_instruct(gsm_test[100:300], tmp / "gsm_test.json"),
+    }
     head = {"model": "minilm", "task": {"type": "classification"}}
     data = {"train": sample, "dev": dev, "test": test}
     return {
@@ -75,6 +110,11 @@ def scenarios(tmp: Path, seed: int) -> dict[str, dict]:
             "method": {"name": "full"},
             "data": data,
         },
+        "classification, MiniLM bitfit, 2000 rows": {
+            **head,
+            "method": {"name": "bitfit"},
+            "data": data,
+        },
         "few-shot prompt FT, SmolLM2 lora, 16/class": {
             "model": "smollm2-135m-instruct",
             "task": FEW_SHOT_TASK,
@@ -83,21 +123,46 @@ def scenarios(tmp: Path, seed: int) -> dict[str, dict]:
             # dev scored once, after the last epoch: choosing epochs on dev is not few-shot
             "train": {"epochs": 10, "batch_size": 8, "eval_every": 10**9},
         },
+        "NER, MiniLM lora, 2000 sentences": {
+            "model": "minilm",
+            "task": {"type": "token_classification", "scheme": "iob2"},
+            "method": {"name": "lora"},
+            "data": ner,
+        },
+        "instruction tuning, SmolLM2 lora, 256 GSM8K": {
+            "model": "smollm2-135m-instruct",
+            # response loss only: greedy generation of 200 answers would take longer than training
+            "task": {"type": "generation", "eval_generate_max_samples": 0},
+            "method": {"name": "lora"},
+            "data": gen,
+            "train": {"epochs": 1},
+        },
     }
 
 
-def measure(name: str, cfg: dict, seed: int, dropout: float | None, out: Path) -> dict:
-    """One run of scenario `name` (its config from `scenarios`): train.dropout unset if None."""
-    t = {**cfg.get("train", {}), "seed": seed}
-    if dropout is not None:
-        t["dropout"] = dropout
-    run = build_run_config({**cfg, "train": t, "output_dir": str(out)})
+ARMS: dict[str, dict] = {
+    # lmadapt's default before session 13: the model's dropout, 0.1 on LoRA's input
+    "model": {"train": {"dropout": "model"}, "lora": {"dropout": 0.1}},
+    "0.0": {"train": {"dropout": 0.0}, "lora": {}},
+}
+METRIC = {"token_classification": "f1", "generation": "loss"}  # else accuracy
+SUFFIXES = ("accuracy", "f1", "loss")
+
+
+def measure(name: str, cfg: dict, seed: int, arm: str, out: Path) -> dict:
+    """One run of scenario `name` (its config from `scenarios`) in dropout arm `arm`."""
+    t = {**cfg.get("train", {}), "seed": seed, **ARMS[arm]["train"]}
+    method = dict(cfg["method"])
+    if method["name"] == "lora":
+        method.update(ARMS[arm]["lora"])
+    run = build_run_config({**cfg, "method": method, "train": t, "output_dir": str(out)})
     start = time.perf_counter()
     m = train(run)
     split = "dev" if name.startswith("few-shot") else "test"
+    metric = METRIC.get(cfg["task"]["type"], "accuracy")
     return {
         "seed": seed,
-        f"{split}_accuracy": m[split]["accuracy"],
+        f"{split}_{metric}": m[split][metric],
         "train_seconds": m["train_seconds"],
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
@@ -105,39 +170,47 @@ def measure(name: str, cfg: dict, seed: int, dropout: float | None, out: Path) -
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--few-shot-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--scenarios", nargs="*", help="run only scenarios whose name holds one")
     a = ap.parse_args(argv)
-    results: dict[str, dict] = {}
+    path = RESULTS / "dropout_default.json"
+    results: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in sorted(set(a.seeds) | set(a.few_shot_seeds)):
+        for seed in a.seeds:
             for i, (name, cfg) in enumerate(scenarios(Path(tmp), seed).items()):
-                few_shot = name.startswith("few-shot")
-                if seed not in (a.few_shot_seeds if few_shot else a.seeds):
+                if a.scenarios and not any(part in name for part in a.scenarios):
                     continue
-                for dropout in (None, 0.0):
-                    out = Path(tmp) / f"run_{i}_{seed}_{dropout}"  # one per scenario, seed, dropout
-                    row = results.setdefault(name, {}).setdefault(str(dropout), [])
-                    row.append(measure(name, cfg, seed, dropout, out))
-                    print(name, seed, dropout, row[-1], flush=True)
-                    write_json(RESULTS / "dropout_default.json", results)
+                for arm in ARMS:
+                    out = Path(tmp) / f"run_{i}_{seed}_{arm}"  # one per scenario, seed, arm
+                    runs = results.setdefault(name, {}).setdefault(arm, [])
+                    runs[:] = [r for r in runs if r["seed"] != seed]
+                    runs.append(measure(name, cfg, seed, arm, out))
+                    runs.sort(key=lambda r: r["seed"])
+                    print(name, seed, arm, runs[-1], flush=True)
+                    write_json(path, results)
     write_text(RESULTS / "dropout_default.md", markdown(results))
     return results
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "| scenario | metric | model's dropout | dropout 0 | train s (model's / 0) | seeds |",
-        "|---|---|---|---|---|---|",
+        "| scenario | metric | model's dropout | dropout 0 | per-seed difference (0 - model's) "
+        "| train s (model's / 0) | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, by in results.items():
-        keep, zero = by["None"], by["0.0"]
-        metric = next(k for k in keep[0] if k.endswith("accuracy"))
-        acc = [mean(r[metric] for r in rs) for rs in (keep, zero)]
+        keep, zero = by["model"], by["0.0"]
+        metric = next(k for k in keep[0] if k.endswith(SUFFIXES))
+        seeds = sorted({r["seed"] for r in keep} & {r["seed"] for r in zero})
+        pairs = [
+            [next(r[metric] for r in rs if r["seed"] == s) for rs in (keep, zero)] for s in seeds
+        ]
+        diffs = ", ".join(f"{z - k:+.4f}" for k, z in pairs)
+        acc = [mean(p[i] for p in pairs) for i in (0, 1)]
         secs = [mean(r["train_seconds"] for r in rs) for rs in (keep, zero)]
         lines.append(
-            f"| {name} | {metric} (mean) | {acc[0]:.4f} | {acc[1]:.4f} | "
-            f"{secs[0]:.0f} / {secs[1]:.0f} | {len(keep)} |"
+            f"| {name} | {metric} (mean) | {acc[0]:.4f} | {acc[1]:.4f} | {diffs} | "
+            f"{secs[0]:.0f} / {secs[1]:.0f} | {len(seeds)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -271,7 +271,7 @@ def _run(
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
     base = task.build_model(spec, config.trust_remote_code)
     set_attention(base, config.attention, spec.kind)
-    model = apply_method(base, method, task, config.train.gradient_checkpointing)
+    model = apply_method(base, method, task, config.train)
 
     dist.barrier()  # every process has checked `out` before process 0 replaces it
     if dist.is_main:

@@ -24,10 +24,13 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.models import ModelSpec, Quantized, as_safetensors, shapes_only
 from lmadapt.rundir import RunDir, create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
+from lmadapt.train.config import TrainConfig
+from lmadapt.train.loop import set_dropout
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from transformers import PreTrainedModel
 
+    from lmadapt.methods.base import Method
     from lmadapt.tasks.base import Task
 
 
@@ -174,17 +177,22 @@ def _embeddings_frozen(model: torch.nn.Module) -> bool:
 
 
 def apply_method(
-    base: torch.nn.Module, method: Any, task: Task, gradient_checkpointing: bool
+    base: torch.nn.Module, method: Method, task: Task, train: TrainConfig
 ) -> torch.nn.Module:
     """`method` applied to `base`, checkpointing set on the base first when asked: every command
-    that trains builds its model here, so each gets the same memory settings. A PEFT method
-    freezes the embeddings, so their output is made to require grads (checkpointed blocks then
-    always have an input to send gradients through)."""
-    if gradient_checkpointing:
+    that trains builds its model here, so each gets the same memory and dropout settings. The
+    method's base dropout (none in a frozen base) is set before the method adds its own layers,
+    whose dropout is the method's setting; `train.dropout` or the task's choice, when given,
+    replaces every dropout in the loop instead. A PEFT method freezes the embeddings, so their
+    output is made to require grads (checkpointed blocks then always have an input to send
+    gradients through)."""
+    if train.gradient_checkpointing:
         enable_gradient_checkpointing(base)
+    if train.dropout is None and task.train_dropout is None and method.base_dropout is not None:
+        set_dropout(base, method.base_dropout)
     model = method.apply(base, task)
     if (
-        gradient_checkpointing
+        train.gradient_checkpointing
         and _embeddings_frozen(base)
         and not getattr(base, "_require_grads_hooks", None)  # transformers may have done it
     ):

@@ -204,7 +204,7 @@ def _distil(
             spec = resolve_model(run.model)
         method = build_method(run.method)
         set_attention(model, run.attention, spec.kind)
-        model = apply_method(model, method, data.task, run.train.gradient_checkpointing)
+        model = apply_method(model, method, data.task, run.train)
         write_yaml(RunDir(out).config, run.to_dict())
         write_yaml(out / "distill.yaml", {"options": to_dict(opt), "student": run.to_dict()})
         write_json(RunDir(out).run_info, run_info(run.method.name, spec, data.task))

@@ -161,6 +161,7 @@ class Adapter(NoHooks):
     mergeable = False  # the adapter is non-linear, so it cannot be folded into the weights
     quantized_base = False
     saves_whole_model = False
+    base_dropout: float | None = 0.0  # the base is frozen (see Method.base_dropout)
 
     def __init__(self, cfg: AdapterConfig):
         self.cfg = cfg

@@ -36,6 +36,11 @@ class Method(Protocol):
     quantized_base: bool
     """Whether it can train over a 4/8-bit base (QLoRA): it adds weights beside the base's
     linear layers and trains none of the base's own."""
+    base_dropout: float | None
+    """The base model's dropout while this method trains, unless `train.dropout` or the task
+    says: 0 where the base's weights are frozen (3 seeds of 3 scenarios: accuracy within noise,
+    LoRA 1.5x faster; bench/results/dropout_default.md), None (the model's own) where they train.
+    The method's own dropout (LoRA's `dropout`) is its setting, not this."""
 
     def apply(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
         """Freeze / wrap `model` so that only this method's parameters train."""
@@ -94,6 +99,7 @@ class WholeModelMethod(NoHooks):
     mergeable = False
     quantized_base = False
     saves_whole_model = True
+    base_dropout: float | None = None
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -117,6 +123,7 @@ class PeftMethod(NoHooks, Generic[C]):
     mergeable = False
     saves_whole_model = False
     quantized_base = False
+    base_dropout: float | None = 0.0
     mixed_batches = False
     """Whether one forward pass can run rows through different adapters of this method loaded
     in one PeftModel (peft's `adapter_names`), as a server batching several runs does."""

@@ -50,7 +50,9 @@ class LowRankShape:
 
     alpha: float = 16.0
     """Scale: the update is multiplied by alpha / rank."""
-    dropout: float = 0.1
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft's default, 0): with the base frozen, dropout cost
+    a third of a step and bought no accuracy (bench/results/dropout_default.md)."""
     target_modules: list[str] | None = None
     """Module names to adapt; None = peft's default for the architecture (query/value for BERT,
     q_proj/v_proj for Llama); ["all-linear"] adapts every linear layer but the head."""

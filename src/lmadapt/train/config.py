@@ -54,10 +54,11 @@ class TrainConfig:
     elsewhere. Needs bf16 autocast (precision auto or bf16); dev evaluation during training
     then runs under autocast too. The fp32 weights come back when training ends, so the saved
     artifact and the final evaluation are those of the fp32 model."""
-    dropout: float | None = None
-    """Override every dropout probability in the model (LoRA's too); None keeps the model's (or
-    the task's choice: preference trains without dropout).
-    0 is the fast choice on CPU, where random masks cost a quarter of a MiniLM step."""
+    dropout: float | Literal["model"] | None = None
+    """Every dropout probability in the model, LoRA's too. None = the run's choice: the task's
+    (preference trains without dropout), else the method's (`Method.base_dropout`: none in a
+    frozen base, the model's own where the base's weights train); "model" = the model's own
+    dropout and the method's setting. On a CPU random masks cost a quarter of a MiniLM step."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less memory for about a third more compute. Non-reentrant (correct with frozen inputs,
@@ -101,7 +102,7 @@ class TrainConfig:
             raise ConfigError("train.max_steps", f"must be >= 1, got {self.max_steps}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, float) and not 0 <= self.dropout < 1:
             raise ConfigError("train.dropout", f"must be in [0, 1), got {self.dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")

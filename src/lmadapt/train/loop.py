@@ -304,8 +304,9 @@ class Trainer:
         self.best_path = RunDir(self.run_dir).checkpoints / "best.safetensors"
         self.lengths = feature_lengths(train_features)  # a feature store's, read from disk
         self._loss_sum = torch.zeros((), dtype=torch.float64)  # set on the device by `fit`
+        # the method's default (none in a frozen base) was set as the model was built
         dropout = cfg.dropout if cfg.dropout is not None else task.train_dropout
-        if dropout is not None:
+        if isinstance(dropout, float):
             set_dropout(model, dropout)
 
     # ------------------------------------------------------------------ schedule

@@ -24,6 +24,7 @@ class AdaptersConfig(LowRankShape, StrategyConfig):
     name: str = "adapters"
     lr: float = 5e-4
     r: int = 8
+    dropout: float = 0.1  # not measured against 0 for continual learning: kept as it was
 
     def __post_init__(self) -> None:
         super().__post_init__()
