@@ -27,8 +27,9 @@ BACKWARD_FACTOR = {"full": 6, "bitfit": 4, "lora": 4}
 
 def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict]:
     """Peer runs (HF Trainer, random and length-grouped batches), lmadapt's defaults, and
-    lmadapt with dropout off; then one-feature-off ablations of LoRA; then instruction tuning
-    of SmolLM2 with LoRA (peer: padding collator, fp32 and bf16)."""
+    lmadapt with the other dropout (LoRA: the model's, BitFit and full: none); then
+    one-feature-off ablations of LoRA; then instruction tuning of SmolLM2 with LoRA (peer:
+    padding collator, fp32 and bf16)."""
 
     def row(
         name: str,
@@ -38,6 +39,7 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
         n: int = rows,
         task: str = "sst2",
         batch: int | None = None,
+        method_opts: dict | None = None,
     ) -> dict:
         return {
             "name": name,
@@ -47,6 +49,7 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
             "opts": opts or {},
             "task": task,
             "batch": batch,
+            "method_opts": method_opts or {},
         }
 
     out = []
@@ -55,8 +58,14 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
             row(f"{m}/hf", "hf", m),
             row(f"{m}/hf+group_by_length", "hf", m, {"group_by_length": True}),
             row(f"{m}/lmadapt", "lmadapt", m),
-            row(f"{m}/lmadapt dropout=0", "lmadapt", m, {"dropout": 0.0}),
         ]
+        if m == "lora":  # the defaults train a frozen base without dropout: the old default
+            old = {"dropout": "model"}
+            out.append(
+                row("lora/lmadapt model's dropout", "lmadapt", m, old, method_opts={"dropout": 0.1})
+            )
+        else:
+            out.append(row(f"{m}/lmadapt dropout=0", "lmadapt", m, {"dropout": 0.0}))
     out += [
         row(
             "lora/lmadapt dropout=0 fp32", "lmadapt", "lora", {"dropout": 0.0, "precision": "fp32"}
@@ -133,6 +142,8 @@ def command(s: dict) -> list[str]:
         str(s["rows"]),
         "--train-opts",
         json.dumps(s["opts"]),
+        "--method-opts",
+        json.dumps(s.get("method_opts", {})),
     ]
     if s["batch"]:
         cmd += ["--batch-size", str(s["batch"])]
@@ -191,14 +202,14 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=4000, help="SST-2 train rows for the slice runs")
     p.add_argument("--full", action="store_true", help="also LoRA on all 67,349 SST-2 rows")
     p.add_argument("--instruct-rows", type=int, default=128, help="GSM8K rows, SmolLM2 runs")
-    p.add_argument("--only", default="", help="comma-separated substrings of run names")
+    p.add_argument("--only", default="", help="comma-separated starts of run names")
     args = p.parse_args()
     machine = machine_info()
     print(f"machine: {machine}", flush=True)
     chosen = [
         s
         for s in scenarios(args.rows, 67349 if args.full else None, args.instruct_rows)
-        if not args.only or any(k in s["name"] for k in args.only.split(","))
+        if not args.only or any(s["name"].startswith(k) for k in args.only.split(","))
     ]
     fresh = {}
     for s in chosen:

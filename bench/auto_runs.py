@@ -126,14 +126,15 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", default="10m")
     p.add_argument("--only", nargs="*")
     p.add_argument("--work", type=Path, default=Path("/tmp/lmadapt-auto-runs"))
-    args = p.parse_args()
+    p.add_argument("--results", type=Path, default=RESULTS, help="where auto_runs.json goes")
+    args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / "auto_runs.json"
+    out_json = args.results / "auto_runs.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {"runs": {}}
     results["machine"] = machine_info()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "LMADAPT_TENSORBOARD": "0"}
@@ -167,7 +168,7 @@ def main() -> None:
         }
         print(name, board["winner"], board["test_metrics"], round(wall, 1), flush=True)
         out_json.write_text(json.dumps(results, indent=2) + "\n")
-        (RESULTS / "auto_runs.md").write_text(markdown(results))
+        (args.results / "auto_runs.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":

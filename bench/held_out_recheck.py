@@ -39,14 +39,14 @@ def dropout_checks() -> list[Check]:
 
     def check(name: str, short: str) -> Check:
         def stored(js: dict) -> dict[str, float]:
-            row = next(r for r in js[name]["None"] if r["seed"] == 0)
+            row = next(r for r in js[name]["model"] if r["seed"] == 0)
             return {k: v for k, v in row.items() if k.endswith("accuracy")}
 
         def measure(tmp: Path) -> dict[str, float]:
-            row = dd.measure(name, dd.scenarios(tmp, 0)[name], 0, None, tmp / "run")
+            row = dd.measure(name, dd.scenarios(tmp, 0)[name], 0, "model", tmp / "run")
             return {k: v for k, v in row.items() if k.endswith("accuracy")}
 
-        cmd = "python -m bench.dropout_default --seeds 0 --few-shot-seeds 0"
+        cmd = "python -m bench.dropout_default --seeds 0"
         return Check(f"dropout_default: {short}", "dropout_default.json", cmd, stored, measure)
 
     return [
@@ -101,6 +101,61 @@ def ner_checks() -> list[Check]:
     return [Check(f"ner_side_by_side: {name}", "ner_side_by_side.json", cmd, stored, measure)]
 
 
+def zero_shot_checks() -> list[Check]:
+    from bench import zero_shot as zs
+
+    def check(name: str, n: int) -> Check:
+        def stored(js: dict) -> dict[str, float]:
+            return dict(js["sets"][name]["accuracy"])
+
+        def measure(tmp: Path) -> dict[str, float]:
+            return dict(zs.measure(name, n)["accuracy"])
+
+        cmd = f"python -m bench.zero_shot --n {n} --sets {name}"
+        return Check(f"zero_shot: {name}", "zero_shot.json", cmd, stored, measure)
+
+    return [check("subj", 2000)]
+
+
+def prompt_ft_checks() -> list[Check]:
+    """The first seed at 16 per class, both tasks (each figure stored is a mean of 3 seeds;
+    its runs are kept, seed 0 first)."""
+    from bench import prompt_ft_vs_head as pf
+
+    def stored(js: dict) -> dict[str, float]:
+        return {f"{t}_16 seed 0": js[f"{t}_16"]["runs"][0] for t in pf.TASKS}
+
+    def measure(tmp: Path) -> dict[str, float]:
+        res = pf.main(["--per-class", "16", "--seeds", "0", "--out", str(tmp)])
+        return {f"{t}_16 seed 0": res[f"{t}_16"]["runs"][0] for t in pf.TASKS}
+
+    cmd = "python -m bench.prompt_ft_vs_head --per-class 16 64 --seeds 0 1 2 --method lora"
+    return [
+        Check("prompt_ft_vs_head: 16 per class", "prompt_ft_vs_head.json", cmd, stored, measure)
+    ]
+
+
+def auto_checks() -> list[Check]:
+    """`lmadapt auto` on 16 SST-2 examples per class: each route's dev figure and the winner's
+    test accuracy (the routes' step counts are fixed by the plan, not by the budget)."""
+    from bench import auto_runs
+
+    def figures(run: dict) -> dict[str, float]:
+        out = {f"{r['route']} dev": r["dev_metric"] for r in run["rows"] if "dev_metric" in r}
+        out[f"winner ({run['winner']}) test"] = run["test_metrics"][run["metric"]]
+        return out
+
+    def stored(js: dict) -> dict[str, float]:
+        return figures(js["runs"]["sst2_16"])
+
+    def measure(tmp: Path) -> dict[str, float]:
+        auto_runs.main(["--only", "sst2_16", "--work", str(tmp), "--results", str(tmp)])
+        return figures(json.loads((tmp / "auto_runs.json").read_text())["runs"]["sst2_16"])
+
+    cmd = "python -m bench.auto_runs --only sst2_16"
+    return [Check("auto_runs: sst2_16", "auto_runs.json", cmd, stored, measure)]
+
+
 def markdown(doc: dict) -> str:
     lines = [
         f"Re-measured {doc['measured_at']} with `{doc['command']}` ({doc['note']}).",
@@ -130,7 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     checks = [
         c
-        for c in dropout_checks() + train_speed_checks() + ner_checks()
+        for c in dropout_checks()
+        + train_speed_checks()
+        + ner_checks()
+        + zero_shot_checks()
+        + prompt_ft_checks()
+        + auto_checks()
         if not a.only or any(k in c.name for k in a.only.split(","))
     ]
     out_json = RESULTS / "held_out_recheck.json"

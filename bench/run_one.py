@@ -323,6 +323,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--train-opts", default="{}", help="JSON: extra train.* settings / HF flags")
     p.add_argument("--method-opts", default="{}", help="JSON: method.* settings (lmadapt)")
+    p.add_argument("--breakdown", action="store_true", help="time each phase (step_breakdown)")
     args = p.parse_args()
     args.batch_size = args.batch_size or (8 if args.task == "instruct" else 32)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -335,7 +336,16 @@ def main() -> None:
         ("instruct", "lmadapt"): run_lmadapt_instruct,
         ("instruct", "hf"): run_hf_instruct,
     }
+    timers = None
+    if args.breakdown:
+        from bench.step_breakdown import Timers
+
+        timers = Timers()
+        timers.install()
     result = runners[args.task, args.impl](args)
+    if timers is not None:
+        result["step_ms"] = timers.per_step_ms(result["train_seconds"])
+        result["optimizer_steps"] = timers.steps
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result.update(
         impl=args.impl,
