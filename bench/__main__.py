@@ -27,7 +27,7 @@ BACKWARD_FACTOR = {"full": 6, "bitfit": 4, "lora": 4}
 
 def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict]:
     """Peer runs (HF Trainer, random and length-grouped batches), lmadapt's defaults, and
-    lmadapt with the other dropout (LoRA: the model's, BitFit and full: none); then
+    lmadapt with the other dropout (LoRA and BitFit: the model's, full: none); then
     one-feature-off ablations of LoRA; then instruction tuning of SmolLM2 with LoRA (peer:
     padding collator, fp32 and bf16)."""
 
@@ -59,13 +59,12 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
             row(f"{m}/hf+group_by_length", "hf", m, {"group_by_length": True}),
             row(f"{m}/lmadapt", "lmadapt", m),
         ]
-        if m == "lora":  # the defaults train a frozen base without dropout: the old default
-            old = {"dropout": "model"}
-            out.append(
-                row("lora/lmadapt model's dropout", "lmadapt", m, old, method_opts={"dropout": 0.1})
-            )
-        else:
+        if m == "full":
             out.append(row(f"{m}/lmadapt dropout=0", "lmadapt", m, {"dropout": 0.0}))
+        else:  # the defaults train a frozen base without dropout; the old default beside them
+            lora = {"dropout": 0.1} if m == "lora" else {}
+            old = {"dropout": "model"}
+            out.append(row(f"{m}/lmadapt model's dropout", "lmadapt", m, old, method_opts=lora))
     out += [
         row(
             "lora/lmadapt dropout=0 fp32", "lmadapt", "lora", {"dropout": 0.0, "precision": "fp32"}
