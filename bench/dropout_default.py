@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [
+        "`python -m bench.dropout_default --seeds 0 1 2` (runs kept by scenario and seed), one run "
+        "at a time on an idle machine. Model's dropout = lmadapt's default until 2026-12-07 "
+        "(`train.dropout: model`, LoRA's own 0.1); dropout 0 = `train.dropout: 0`, what a frozen "
+        "base trains with by default now. Accuracy and F1: higher is better; loss: lower.",
+        "",
         "| scenario | metric | model's dropout | dropout 0 | per-seed difference (0 - model's) "
         "| train s (model's / 0) | seeds |",
         "|---|---|---|---|---|---|---|",

@@ -25,7 +25,7 @@ def bf16_step(cfg: dict, bf16_base: bool) -> tuple[float, torch.Tensor, set]:
     data = prepare(config)
     seed_everything(0)
     base = data.task.build_model(data.spec)
-    model = apply_method(base, build_method(config.method), data.task, False)
+    model = apply_method(base, build_method(config.method), data.task, config.train)
     set_dropout(model, 0.0)
     restore = frozen_in_bf16(model) if bf16_base else None
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}

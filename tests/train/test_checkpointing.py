@@ -4,6 +4,8 @@ for a causal LM and an encoder, under LoRA (frozen base) and full fine-tuning.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,7 +33,8 @@ def one_step(cfg: dict, checkpointing: bool) -> tuple[float, dict[str, torch.Ten
     data = prepare(config)
     seed_everything(0)
     base = data.task.build_model(data.spec)
-    model = apply_method(base, build_method(config.method), data.task, checkpointing)
+    train = dataclasses.replace(config.train, gradient_checkpointing=checkpointing)
+    model = apply_method(base, build_method(config.method), data.task, train)
     set_dropout(model, 0.0)
     calls = []
     _block(model).register_forward_pre_hook(lambda *a: calls.append(1))
