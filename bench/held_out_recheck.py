@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -156,23 +157,32 @@ def auto_checks() -> list[Check]:
     return [Check("auto_runs: sst2_16", "auto_runs.json", cmd, stored, measure)]
 
 
+def _commit() -> str:
+    """The checkout's commit (what code measured), "" outside git."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def markdown(doc: dict) -> str:
     lines = [
-        f"Re-measured {doc['measured_at']} with `{doc['command']}` ({doc['note']}).",
+        f"Last run {doc['measured_at']}: `{doc['command']}` ({doc['note']}); each row says when "
+        "and at which commit it was measured.",
         "",
-        "| figure | metric | stored | re-measured | difference | original command |",
-        "|---|---|---|---|---|---|",
+        "| figure | metric | stored | re-measured | difference | measured | original command |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         if "error" in r:
-            lines.append(f"| {r['check']} | | | error: {r['error']} | | `{r['command']}` |")
+            lines.append(f"| {r['check']} | | | error: {r['error']} | | | `{r['command']}` |")
             continue
         for metric, stored in r["stored"].items():
             new = r["measured"].get(metric)
             got = "missing" if new is None else f"{new:.4f}"
             diff = "" if new is None else f"{new - stored:+.4f}"
+            when = f"{r.get('measured_at', '')} {r.get('commit', '')}".strip()
             lines.append(
-                f"| {r['check']} | {metric} | {stored:.4f} | {got} | {diff} | `{r['command']}` |"
+                f"| {r['check']} | {metric} | {stored:.4f} | {got} | {diff} | {when} | "
+                f"`{r['command']}` |"
             )
     return "\n".join(lines) + "\n"
 
@@ -212,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                 row["error"] = f"{type(e).__name__}: {e}"
                 measured = {}
         row.update(
+            measured_at=time.strftime("%Y-%m-%d %H:%M"),
+            commit=_commit(),
             stored=stored,
             measured=measured,
             difference={k: measured[k] - v for k, v in stored.items() if k in measured},
