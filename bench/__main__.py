@@ -170,28 +170,35 @@ def add_mfu(r: dict, machine: dict) -> None:
     r["mfu"] = round(flops / peak, 4)
 
 
+def _same_run(r: dict) -> tuple[str, str, str]:
+    """Rows compared with a peer: same task and method, measured the same day (one run of the
+    bench: a partial re-run keeps older rows, which a later day's peer must not divide)."""
+    return r["task"], r["method"], r.get("measured_at", "")[:10]
+
+
 def table(results: list[dict]) -> str:
-    best: dict[tuple[str, str], float] = {}
+    best: dict[tuple[str, str, str], float] = {}
     for r in results:
         if r.get("impl") == "hf" and "error" not in r:
-            key = r["task"], r["method"]
+            key = _same_run(r)
             best[key] = max(best.get(key, 0), r["samples_per_second"])
     head = (
         "| run | rows | samples/s | tokens/s | x peer best | dev metric | trainable | "
-        "peak RSS MB | MFU |"
+        "peak RSS MB | MFU | measured |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 7)
+            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 8)
             continue
-        peer = best.get((r["task"], r["method"]))
-        ratio = r["samples_per_second"] / peer if peer else float("nan")
+        peer = best.get(_same_run(r))
+        ratio = f"{r['samples_per_second'] / peer:.2f}" if peer else "-"  # no peer that day
         dev = f"acc {r['dev_accuracy']:.4f}" if "dev_accuracy" in r else f"loss {r['dev_loss']:.4f}"
         lines.append(
             f"| {r['name']} | {r['rows']} | {r['samples_per_second']:.1f} | "
-            f"{r['tokens_per_second']:.0f} | {ratio:.2f} | {dev} | "
-            f"{r['trainable_params']:,} | {r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% |"
+            f"{r['tokens_per_second']:.0f} | {ratio} | {dev} | "
+            f"{r['trainable_params']:,} | {r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% | "
+            f"{r.get('measured_at', '')} |"
         )
     return "\n".join(lines)
 
