@@ -64,3 +64,11 @@ def test_train_dropout_sets_every_dropout(run_config):
 def test_a_bad_train_dropout_names_the_field(run_config, value):
     with pytest.raises(ConfigError, match=r"train\.dropout"):
         build_run_config(run_config(train={"dropout": value}))
+
+
+def test_a_train_config_built_in_code_checks_its_dropout():
+    from lmadapt.train.config import TrainConfig
+
+    assert TrainConfig(dropout=0).dropout == 0  # an int, as code may write it, is a probability
+    with pytest.raises(ConfigError, match=r"train\.dropout"):
+        TrainConfig(dropout="none")  # type: ignore[arg-type]

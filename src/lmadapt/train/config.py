@@ -102,8 +102,10 @@ class TrainConfig:
             raise ConfigError("train.max_steps", f"must be >= 1, got {self.max_steps}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
-        if isinstance(self.dropout, float) and not 0 <= self.dropout < 1:
-            raise ConfigError("train.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.dropout not in (None, "model") and not (
+            isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1
+        ):
+            raise ConfigError("train.dropout", f"must be in [0, 1) or model, got {self.dropout!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         for name in ("eval_every", "checkpoint_every"):

@@ -306,8 +306,8 @@ class Trainer:
         self._loss_sum = torch.zeros((), dtype=torch.float64)  # set on the device by `fit`
         # the method's default (none in a frozen base) was set as the model was built
         dropout = cfg.dropout if cfg.dropout is not None else task.train_dropout
-        if isinstance(dropout, float):
-            set_dropout(model, dropout)
+        if dropout is not None and dropout != "model":
+            set_dropout(model, float(dropout))
 
     # ------------------------------------------------------------------ schedule
     def batches_for_epoch(self, epoch: int) -> Batches:
