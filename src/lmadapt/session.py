@@ -25,7 +25,7 @@ from lmadapt.models import ModelSpec, Quantized, as_safetensors, shapes_only
 from lmadapt.rundir import RunDir, create_output_dir
 from lmadapt.train.checkpoint import latest_checkpoint
 from lmadapt.train.config import TrainConfig
-from lmadapt.train.loop import set_dropout
+from lmadapt.train.loop import chosen_dropout, set_dropout
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from transformers import PreTrainedModel
@@ -188,7 +188,7 @@ def apply_method(
     gradients through)."""
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(base)
-    if train.dropout is None and task.train_dropout is None and method.base_dropout is not None:
+    if chosen_dropout(train, task) is None and method.base_dropout is not None:
         set_dropout(base, method.base_dropout)
     model = method.apply(base, task)
     if (

@@ -166,6 +166,12 @@ class DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def chosen_dropout(cfg: TrainConfig, task: Task) -> float | str | None:
+    """The dropout the run says (`train.dropout`, else the task's choice): a probability for
+    every dropout, "model" to keep the model's, or None to leave it to the method."""
+    return cfg.dropout if cfg.dropout is not None else task.train_dropout
+
+
 def set_dropout(model: torch.nn.Module, p: float) -> None:
     """Every dropout probability in the model (its adapters' too) set to `p`."""
     for module in model.modules():
@@ -305,7 +311,7 @@ class Trainer:
         self.lengths = feature_lengths(train_features)  # a feature store's, read from disk
         self._loss_sum = torch.zeros((), dtype=torch.float64)  # set on the device by `fit`
         # the method's default (none in a frozen base) was set as the model was built
-        dropout = cfg.dropout if cfg.dropout is not None else task.train_dropout
+        dropout = chosen_dropout(cfg, task)
         if dropout is not None and dropout != "model":
             set_dropout(model, float(dropout))
 
