@@ -135,7 +135,7 @@ def scenarios(tmp: Path, seed: int) -> dict[str, dict]:
             "task": {"type": "generation", "eval_generate_max_samples": 0},
             "method": {"name": "lora"},
             "data": gen,
-            # batch 8: at the default 32 the memory check asks for 28.7 GiB and refuses the run
+            # batch 8: at the default 32 a step holds about 19 GB (bench/results/memory_estimate.md)
             "train": {"epochs": 1, "batch_size": 8},
         },
     }

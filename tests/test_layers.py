@@ -119,8 +119,8 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("inference", ["inference"]),
     ("evaluate", ["evaluate"]),
     ("tasks and methods", ["tasks", "methods"]),
-    ("loop", ["train", "memory"]),
-    ("pipeline", ["pipeline", "session", "config"]),
+    ("loop", ["train", "activations"]),
+    ("pipeline", ["pipeline", "session", "config", "memory"]),
     (
         "recipes",
         ["api", "distill", "continual", "hpo", "compare", "auto", "export", "generate"]

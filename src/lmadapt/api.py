@@ -16,7 +16,7 @@ import torch
 
 from lmadapt.config import RunConfig, build_run_config, check_dev_needs, load_config
 from lmadapt.data import cache
-from lmadapt.data.batching import feature_lengths
+from lmadapt.data.batching import largest_batch
 from lmadapt.data.streams import Examples, Reread, limited, read_through
 from lmadapt.data.validation import BadRow, BadRows, text_problem
 from lmadapt.errors import ConfigError, DataError, LmadaptError
@@ -266,8 +266,10 @@ def _run(
     method = build_method(config.method)
     check_quantize(config.quantize, method)
     spec = base_spec(config, spec, task, dist.device)
-    longest = int(max(feature_lengths(data.features["train"]), default=1))
-    check_fits(config, spec, task, method, longest, dist.device, report=dist.is_main)
+    largest = largest_batch(
+        data.features["train"], task.collator(data.tokenizer), config.train.batch_size
+    )
+    check_fits(config, spec, task, method, largest, dist.device, report=dist.is_main)
     seed_everything(config.train.seed)  # head init does not depend on how much data was read
     base = task.build_model(spec, config.trust_remote_code)
     set_attention(base, config.attention, spec.kind)

@@ -9,23 +9,26 @@ estimate = weights + trainable state + activations, where
   a 7B model is sized without a byte of it allocated;
 - trainable state: each trainable parameter as an fp32 weight, its gradient and AdamW's two
   moments (16 bytes);
-- activations: what the backward pass keeps, per transformer layer, after Korthikanti et al.
-  2022, "Reducing Activation Recomputation in Large Transformer Models" (arXiv:2205.05198), §4.1:
-  s·b·h·(34 + 5·a·s/h) bytes with 16-bit activations (s tokens, b rows, h width, a heads; the
-  5·a·s/h part is the attention score matrices, kept only by eager attention). Activations are
-  taken as fp32 (twice that), the conservative case. Gradient checkpointing keeps only each
-  layer's input (s·b·h·4 bytes) plus one layer's full set during its recompute. A language-model
-  head adds its fp32 logits, their log-softmax and both gradients (4·s·b·vocab·4 bytes).
+- activations: what the backward pass keeps, traced: the run's largest batch goes through the
+  task's own step on that meta-device model (`lmadapt.activations`), which counts every tensor
+  autograd saves, plus the backward's working set. Where the trace cannot run (an op with no meta
+  kernel in some remote code), they are modelled after Korthikanti et al. 2022, "Reducing
+  Activation Recomputation in Large Transformer Models" (arXiv:2205.05198), §4.1:
+  s·b·h·(34 + 5·a·s/h) bytes per layer with 16-bit activations (s tokens, b rows, h width, a
+  heads; the 5·a·s/h part is the attention score matrices, kept only by eager attention), taken
+  as fp32; gradient checkpointing keeps each layer's input plus one layer's full set, and a
+  language-model head adds its fp32 logits, their log-softmax and both gradients.
   A task whose example is several rows (`PairedTask`: a preference pair's two replies) has b
   count rows, and a frozen reference copy of the model counts among the weights.
 
-Rough by design: it is there to refuse, before loading, what clearly cannot fit. Against
-bench/checkpointing_rss.py (SmolLM2-135M LoRA, batch 4 x 512, fp32, CPU): weights + one step
-measured 4.8 GB, estimated 4.6 GB; with gradient checkpointing 2.9 GB, estimated 2.4 GB.
+On the CPU the printed peak adds what the process already holds. Against measured peak RSS over
+tasks, methods, checkpointing and quantisation: bench/results/memory_estimate.md
+(`python -m bench.memory_estimate`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -35,11 +38,15 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 
+from lmadapt.activations import Saved, trace_step
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.inference import autocast_bf16, bf16_castable, bf16_frozen_base
 from lmadapt.methods import METHODS, build_method, count_parameters
 from lmadapt.models import ModelSpec, Quantized, shapes_only
 from lmadapt.schema import parse_section
+from lmadapt.session import apply_method, set_attention
+from lmadapt.train.config import TrainConfig
+from lmadapt.train.loop import BatchPreparingTask
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from transformers import PreTrainedModel
@@ -78,6 +85,21 @@ class Shape:
     """Width of the language-model head's logits; 0 when the task's model has none."""
     rows_per_example: int = 1
     """Batch rows per training example (2 for a preference pair)."""
+    saved: Saved | None = None
+    """What the run's largest batch keeps for backward, traced (`lmadapt.activations`); None
+    where no batch was given or the trace failed: the activations are then modelled."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """The training step to trace: its largest batch (on the host) and the run's settings."""
+
+    batch: dict[str, torch.Tensor]
+    train: TrainConfig
+    attention: str
+    bf16: bool
+    host: bool = False
+    """The step runs on the CPU (its allocator's retention counts)."""
 
 
 @dataclass(frozen=True)
@@ -120,11 +142,17 @@ class Estimate:
 
 
 def model_shape(
-    spec: ModelSpec, task: Task, method: Any, trust_remote_code: bool, bf16_base: bool = False
+    spec: ModelSpec,
+    task: Task,
+    method: Any,
+    trust_remote_code: bool,
+    bf16_base: bool = False,
+    step: Step | None = None,
 ) -> Shape:
     """Parameter counts and layer sizes of the task's model under `method`, built on the meta
     device from the config (no weights read, nothing allocated); `bf16_base`: the frozen weights
-    train.base_dtype casts count 2 bytes each."""
+    train.base_dtype casts count 2 bytes each. With a `step`, the model is set up as the run
+    sets it up (attention kernel, dropout) and the step traced on it."""
     with shapes_only(), torch.device("meta"):
         base = task.build_model(spec, trust_remote_code)
         cfg = base.config
@@ -133,10 +161,16 @@ def model_shape(
             if hasattr(base, "get_output_embeddings")
             else None
         )
-        model = method.apply(base, task)
+        if step is None:
+            model = method.apply(base, task)
+        else:  # checkpointing is counted from the untouched trace (`Saved.kept`)
+            set_attention(base, step.attention, spec.kind)
+            train = dataclasses.replace(step.train, gradient_checkpointing=False)
+            model = apply_method(base, method, task, train)
     trainable, total = count_parameters(model)
     paired = task if isinstance(task, PairedTask) else None
     in_bf16 = {id(p) for p in bf16_castable(model)} if bf16_base else set()
+    saved = _trace(model, task, step, in_bf16) if step is not None else None
     packed = quantized_bytes(base, spec.quantized) if spec.quantized else {}
     seen: set[int] = set()
     frozen_bytes = 0
@@ -156,7 +190,25 @@ def model_shape(
         heads=int(getattr(cfg, "num_attention_heads", 0) or 0),
         vocab=int(getattr(cfg, "vocab_size", 0) or 0) if head is not None else 0,
         rows_per_example=paired.rows_per_example if paired is not None else 1,
+        saved=saved,
     )
+
+
+def _trace(model: torch.nn.Module, task: Task, step: Step, in_bf16: set[int]) -> Saved | None:
+    """`step` traced on the meta `model` with the frozen weights in the dtype they train in; on
+    a copy of the task, so that what its step caches (preference's frozen reference model)
+    stays out of the real run, and in the meta context, so that a model the step builds is
+    shapes only too. None where the trace cannot run: the formula stands in."""
+    for p in model.parameters():
+        if id(p) in in_bf16:
+            p.data = p.data.to(torch.bfloat16)
+    probe = copy.copy(task)
+    prepare = probe.prepare_batch if isinstance(probe, BatchPreparingTask) else None
+    try:
+        with shapes_only(), torch.device("meta"):
+            return trace_step(model, probe, step.batch, step.bf16, prepare, step.host)
+    except Exception:  # an op with no meta kernel (some remote code)
+        return None
 
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -181,7 +233,10 @@ def quantized_bytes(base: torch.nn.Module, q: Quantized) -> dict[int, float]:
 def activation_bytes(
     shape: Shape, batch: int, length: int, checkpointing: bool, eager_attention: bool
 ) -> int:
-    """Activations the backward pass keeps (the module docstring gives the formula's source)."""
+    """Activations the backward pass keeps: traced where the shape has its step's trace, else
+    modelled (the module docstring gives the formula's source)."""
+    if shape.saved is not None:
+        return shape.saved.kept(batch * shape.rows_per_example, checkpointing)
     tokens = batch * shape.rows_per_example * length
     scores = 5 * shape.heads * length / shape.hidden if eager_attention and shape.hidden else 0
     per_layer = tokens * shape.hidden * (34 + scores) * ACT_BYTES / 2
@@ -266,7 +321,7 @@ def check_fits(
     spec: ModelSpec,
     task: Task,
     method: Any,
-    longest: int,
+    batch: dict[str, torch.Tensor],
     device: torch.device,
     report: bool = True,
 ) -> Estimate | None:
@@ -276,11 +331,12 @@ def check_fits(
     check is a guard, not a gate, so the run goes on unchecked and says so."""
     eager = config.attention == "eager" or (config.attention == "auto" and spec.kind == "encoder")
     t = config.train
-    bf16_base = bf16_frozen_base(
-        t.base_dtype, autocast_bf16(t.precision, device), device, t.distributed
-    )
+    bf16 = autocast_bf16(t.precision, device)
+    bf16_base = bf16_frozen_base(t.base_dtype, bf16, device, t.distributed)
+    step = Step(batch, t, config.attention, bf16, host=device.type == "cpu")
+    longest = int(batch["input_ids"].shape[1])
     try:
-        shape = model_shape(spec, task, method, config.trust_remote_code, bf16_base)
+        shape = model_shape(spec, task, method, config.trust_remote_code, bf16_base, step)
     except LmadaptError:
         raise
     except Exception as e:  # any failure of the meta build only skips the check
@@ -318,7 +374,7 @@ def check_fits(
     peft = None
     if shape.trainable > shape.total // 10:  # (nearly) every weight trains: full fine-tuning
         lora = build_method(parse_section(METHODS, "name", "lora", "method"))
-        peft = model_shape(spec, task, lora, config.trust_remote_code, bf16_base)
+        peft = model_shape(spec, task, lora, config.trust_remote_code, bf16_base, step)
     options = what_fits(need, peft, free, config.train.grad_accum, eager)
     if options:
         hint = "would fit: " + "; or ".join(options)

@@ -96,6 +96,12 @@ def feature_lengths(features: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.fromiter((len(f["input_ids"]) for f in features), np.int32, len(features))
 
 
+def largest_batch(features: Sequence[dict[str, Any]], collate: Any, rows: int) -> Any:
+    """The `rows` longest features, collated: the training batch that needs the most memory."""
+    order = np.argsort(feature_lengths(features), kind="stable")[::-1][:rows]
+    return collate([features[int(j)] for j in order])
+
+
 def sequential_batches(
     lengths: Sequence[int], batch_size: int, sort: bool = True
 ) -> list[list[int]]:
