@@ -113,12 +113,12 @@ def words(n: int, rng: random.Random) -> str:
     )
 
 
-def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_bert):
-    """One real step, alone in its process, whose activations are most of its memory (1,024
-    rows of 120 tokens, eager attention): the printed peak RSS against ru_maxrss."""
+def activation_heavy(tmp_path: Path, tiny_bert: str) -> dict:
+    """One step whose activations are most of its memory: tiny BERT, full fine-tuning, 1,024
+    rows of 120 tokens, eager attention."""
     rng = random.Random(0)
     rows = [(words(120, rng), rng.choice(["pos", "neg"])) for _ in range(1024)]
-    cfg = {
+    return {
         "model": tiny_bert,
         "task": {"type": "classification", "max_length": 128},
         "method": {"name": "full"},
@@ -132,6 +132,11 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_b
         },
         "output_dir": str(tmp_path / "run"),
     }
+
+
+def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_bert):
+    """The step alone in its process: the printed peak RSS against ru_maxrss."""
+    cfg = activation_heavy(tmp_path, tiny_bert)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     code = (
         "import resource, sys, json\n"
@@ -152,3 +157,25 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_b
         result["peak"] / 2**30,
     )
     assert Path(cfg["output_dir"], "metrics.json").is_file()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_estimate_is_within_20_percent_of_the_gpu_peak(tmp_path, tiny_bert, monkeypatch):
+    """On a GPU the estimate (no host retention there) against the allocator's peak."""
+    import lmadapt.api
+    from lmadapt.api import train
+    from lmadapt.memory import check_fits
+
+    estimates = []
+
+    def kept(*args, **kwargs):
+        estimates.append(check_fits(*args, **kwargs))
+        return estimates[-1]
+
+    monkeypatch.setattr(lmadapt.api, "check_fits", kept)
+    torch.cuda.reset_peak_memory_stats()
+    train(build_run_config({**activation_heavy(tmp_path, tiny_bert), "device": "cuda"}))
+    peak = torch.cuda.max_memory_allocated()
+    assert estimates[0] is not None and estimates[0].total > 0.4 * 2**30
+    assert estimates[0].total == pytest.approx(peak, rel=0.2), (estimates[0].total, peak)
