@@ -163,7 +163,7 @@ def evaluate_base(
     on `device` (refused before the data is read when the machine lacks it).
     """
     where = resolve_device(device)
-    from lmadapt.api import load_run, prepare
+    from lmadapt.api import base_spec, load_run, prepare
     from lmadapt.config import load_config
 
     cfg = load_config(config, overrides)
@@ -173,7 +173,10 @@ def evaluate_base(
     start(cfg.train.threads, cfg.train.seed)
     t0 = time.perf_counter()
     data = prepare(cfg)
-    net = load_run(run_dir, device).model if run_dir else data.task.build_model(data.spec)
+    if run_dir:
+        net = load_run(run_dir, device).model
+    else:  # the base as a run of this config starts from it (quantised under `quantize`)
+        net = data.task.build_model(base_spec(cfg, data.spec, data.task, where))
     net.to(where)
     result: dict[str, Any] = {"model": str(run_dir or data.spec.name), "config": str(config)}
     splits = data.eval_splits(data.task.collator(data.tokenizer), cfg.train.eval_batch_size)

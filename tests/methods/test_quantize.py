@@ -187,3 +187,30 @@ def test_dpo_trains_over_a_4bit_base_against_the_same_base(tiny_llama, tmp_path)
     test = m["test"]
     assert test["base_reward_accuracy"] == 0.5 and test["base_reward_margin"] == 0.0
     assert m["steps"] == 2 and 0 < test["loss"] < 10
+
+
+def test_evaluate_model_scores_the_quantised_base_a_run_would_start_from(
+    run_config, tmp_path, monkeypatch
+):
+    """`lmadapt evaluate-model` on a config with `quantize` scores the base as that run loads it,
+    not the full-precision one."""
+    import yaml
+
+    import lmadapt.api
+    from lmadapt.generate import evaluate_base
+
+    built = []
+    original = lmadapt.api.base_spec
+
+    def watched(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(lmadapt.api, "base_spec", watched)
+    cfg = _config(run_config, tmp_path, "nf4", "unused")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    quantised = evaluate_base(path, device="cpu")
+    full = evaluate_base(path, ["quantize=none"], device="cpu")
+    assert built and built[0].quantized is not None and built[0].quantized.bits == "nf4"
+    assert quantised["dev"]["loss"] != pytest.approx(full["dev"]["loss"], abs=1e-6)
