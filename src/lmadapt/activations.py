@@ -16,7 +16,7 @@ memory profiler and `torch.cuda.max_memory_allocated` need the real step on a re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -25,6 +25,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lmadapt.inference import model_inputs
+
+if TYPE_CHECKING:  # the protocol only: tasks sit above this module
+    from lmadapt.tasks.base import Task
 
 BF16_FUNCTIONS = {
     F.linear,
@@ -231,7 +234,7 @@ def _meta_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[
 
 def trace_step(
     model: torch.nn.Module,
-    task: Any,
+    task: Task,
     batch: dict[str, torch.Tensor],
     bf16: bool,
     prepare_batch: Any = None,
