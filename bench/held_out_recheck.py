@@ -115,30 +115,33 @@ def zero_shot_checks() -> list[Check]:
         cmd = f"python -m bench.zero_shot --n {n} --sets {name}"
         return Check(f"zero_shot: {name}", "zero_shot.json", cmd, stored, measure)
 
-    return [check("subj", 2000)]
+    return [check("subj", 2000), check("sst2", 872)]
 
 
 def prompt_ft_checks() -> list[Check]:
-    """The first seed at 16 per class, both tasks (each figure stored is a mean of 3 seeds;
-    its runs are kept, seed 0 first)."""
+    """The first seed at 16 and at 64 per class, both tasks (each figure stored is a mean of 3
+    seeds; its runs are kept, seed 0 first)."""
     from bench import prompt_ft_vs_head as pf
 
-    def stored(js: dict) -> dict[str, float]:
-        return {f"{t}_16 seed 0": js[f"{t}_16"]["runs"][0] for t in pf.TASKS}
+    def check(per_class: int) -> Check:
+        def stored(js: dict) -> dict[str, float]:
+            return {f"{t}_{per_class} seed 0": js[f"{t}_{per_class}"]["runs"][0] for t in pf.TASKS}
 
-    def measure(tmp: Path) -> dict[str, float]:
-        res = pf.main(["--per-class", "16", "--seeds", "0", "--out", str(tmp)])
-        return {f"{t}_16 seed 0": res[f"{t}_16"]["runs"][0] for t in pf.TASKS}
+        def measure(tmp: Path) -> dict[str, float]:
+            res = pf.main(["--per-class", str(per_class), "--seeds", "0", "--out", str(tmp)])
+            return {f"{t}_{per_class} seed 0": res[f"{t}_{per_class}"]["runs"][0] for t in pf.TASKS}
 
-    cmd = "python -m bench.prompt_ft_vs_head --per-class 16 64 --seeds 0 1 2 --method lora"
-    return [
-        Check("prompt_ft_vs_head: 16 per class", "prompt_ft_vs_head.json", cmd, stored, measure)
-    ]
+        cmd = "python -m bench.prompt_ft_vs_head --per-class 16 64 --seeds 0 1 2 --method lora"
+        name = f"prompt_ft_vs_head: {per_class} per class"
+        return Check(name, "prompt_ft_vs_head.json", cmd, stored, measure)
+
+    return [check(16), check(64)]
 
 
 def auto_checks() -> list[Check]:
-    """`lmadapt auto` on 16 SST-2 examples per class: each route's dev figure and the winner's
-    test accuracy (the routes' step counts are fixed by the plan, not by the budget)."""
+    """`lmadapt auto` on each stored data set: each route's dev figure and the winner's test
+    figure. sst2_16's step counts are fixed by the plan; the others are bound by the budget, so
+    they hold only on an idle machine like the one that stored them."""
     from bench import auto_runs
 
     def figures(run: dict) -> dict[str, float]:
@@ -146,21 +149,25 @@ def auto_checks() -> list[Check]:
         out[f"winner ({run['winner']}) test"] = run["test_metrics"][run["metric"]]
         return out
 
-    def stored(js: dict) -> dict[str, float]:
-        return figures(js["runs"]["sst2_16"])
+    def check(name: str) -> Check:
+        def stored(js: dict) -> dict[str, float]:
+            return figures(js["runs"][name])
 
-    def measure(tmp: Path) -> dict[str, float]:
-        auto_runs.main(["--only", "sst2_16", "--work", str(tmp), "--results", str(tmp)])
-        return figures(json.loads((tmp / "auto_runs.json").read_text())["runs"]["sst2_16"])
+        def measure(tmp: Path) -> dict[str, float]:
+            auto_runs.main(["--only", name, "--work", str(tmp), "--results", str(tmp)])
+            return figures(json.loads((tmp / "auto_runs.json").read_text())["runs"][name])
 
-    cmd = "python -m bench.auto_runs --only sst2_16"
-    return [Check("auto_runs: sst2_16", "auto_runs.json", cmd, stored, measure)]
+        cmd = f"python -m bench.auto_runs --only {name}"
+        return Check(f"auto_runs: {name}", "auto_runs.json", cmd, stored, measure)
+
+    return [check(n) for n in ("sst2_16", "sst2_2000", "sst2_all", "conll")]
 
 
 def _commit() -> str:
-    """The checkout's commit (what code measured), "" outside git."""
+    """The checkout's commit (what code measured); BENCH_COMMIT names it for a snapshot copy
+    outside git (a long run must not pick up edits made to the checkout while it runs)."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip()
+    return out.stdout.strip() or os.environ.get("BENCH_COMMIT", "")
 
 
 def markdown(doc: dict) -> str:

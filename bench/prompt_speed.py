@@ -18,14 +18,7 @@ from lmadapt.io import write_json, write_text
 from lmadapt.prompting.config import load_prompt_config
 from lmadapt.prompting.modes.classify import score_seed
 from lmadapt.prompting.modes.generate import greedy_generate
-from lmadapt.prompting.sources import (
-    fields_of,
-    load_lm,
-    read_labelled,
-    resolve_verbalizer,
-    select_demos,
-)
-from lmadapt.prompting.templates import Renderer, load_template
+from lmadapt.prompting.sources import load_lm, prompt_tasks, read_labelled, select_demos
 
 DATA = Path("../shared/data/sst2")
 
@@ -63,9 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     model, tok = load_lm(cfg.model)
     load_s = time.perf_counter() - t0
-    template = load_template(cfg.template)
-    verbalizer = resolve_verbalizer(cfg)
-    dev, train = read_labelled(cfg, verbalizer.labels)
+    task = prompt_tasks(cfg)[0]
+    verbalizer = task.verbalizer
+    dev, train = read_labelled(cfg, task)
     gold = np.array([verbalizer.labels.index(ex.label) for ex in dev])
     rows = []
     for name, reuse in (
@@ -73,13 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
         ("verbalizer scoring, no reuse", False),
     ):
         cfg.prefix_reuse = reuse
-        s = score_seed(cfg, template, verbalizer, dev, train, 0)
+        s = score_seed(cfg, task, dev, train, 0)
         acc = float((s.probs.argmax(-1) == gold).mean())
         rows.append({"method": name, "seconds": s.seconds, "accuracy": acc})
-    renderer = Renderer(template, tok)
+    renderer = task.renderer(tok)
     pool, sel = select_demos(cfg, train, dev, 0)
-    demos = [renderer.demo(fields_of(pool[j]), verbalizer.words[pool[j].label][0]) for j in sel[0]]
-    prompts = ["".join(renderer.render(demos, fields_of(ex))) for ex in dev]
+    demos = [task.demo(renderer, pool[j]) for j in sel[0]]
+    prompts = ["".join(renderer.render(demos, task.fields(ex, tok))) for ex in dev]
     t0 = time.perf_counter()
     texts = greedy_generate(model, tok, prompts, 3, a.batch_size, not renderer.chat)
     seconds = time.perf_counter() - t0

@@ -24,9 +24,7 @@ from lmadapt.prompting.calibration import calibrate, domain_prior, log_mean
 from lmadapt.prompting.config import load_prompt_config
 from lmadapt.prompting.embedding import zero_shot_scores
 from lmadapt.prompting.modes.classify import score_seed
-from lmadapt.prompting.sources import load_embedder, read_labelled, resolve_verbalizer
-from lmadapt.prompting.templates import load_template
-from lmadapt.prompting.verbalizers import Verbalizer
+from lmadapt.prompting.sources import load_embedder, prompt_tasks, read_labelled
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "prompts"
 SETS = {
@@ -49,16 +47,16 @@ def measure(name: str, n: int) -> dict:
     prompt_yaml, embed_yaml = (CONFIGS / f for f in SETS[name])
     over = [f"data.max_eval_samples={n}", "calibration=contextual"]
     cfg = load_prompt_config(prompt_yaml, over)
-    verbalizer = resolve_verbalizer(cfg)
-    dev, _ = read_labelled(cfg, verbalizer.labels)
-    gold = np.array([verbalizer.labels.index(ex.label) for ex in dev])
-    templates = [load_template(t) for t in cfg.templates]
+    tasks = prompt_tasks(cfg)
+    dev, _ = read_labelled(cfg, tasks[0])
+    gold = np.array([tasks[0].labels.index(ex.label) for ex in dev])
     members, seconds = [], []
-    for t in templates:
-        s = score_seed(cfg, t, verbalizer, dev, [], 0)  # raw + contextual (content-free)
+    for t in tasks:
+        s = score_seed(cfg, t, dev, [], 0)  # raw + contextual (content-free)
         members.append(s)
         seconds.append(round(s.seconds, 1))
-    words = score_seed(cfg, templates[0], Verbalizer.from_config(WORDS[name]), dev, [], 0)
+    cfg.template = cfg.templates[0]
+    words = score_seed(cfg, prompt_tasks(cfg, WORDS[name])[0], dev, [], 0)
     raw = [m.probs for m in members]
     contextual = [m.calibrated for m in members]
     domain = [calibrate(p, domain_prior(p)) for p in raw]
@@ -77,7 +75,7 @@ def measure(name: str, n: int) -> dict:
         options[f"template {i + 1} alone, raw"] = raw[i]
         options[f"template {i + 1} alone, domain"] = domain[i]
     ecfg = load_prompt_config(embed_yaml, [f"data.max_eval_samples={n}"])
-    described = Verbalizer.from_config(ecfg.label_descriptions, "label_descriptions")
+    described = prompt_tasks(ecfg, ecfg.label_descriptions, "label_descriptions")[0].verbalizer
     t0 = time.perf_counter()
     sims = zero_shot_scores(
         load_embedder(ecfg.embedder, ecfg.device),

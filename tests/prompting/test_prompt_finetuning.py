@@ -75,3 +75,46 @@ def test_prompt_based_classifier_is_served_at_classify(tiny_llama, sst_files, tm
     assert [s["label"] for s in served] == [e["label"] for e in expected]
     for s, e in zip(served, expected):
         assert s["probabilities"] == pytest.approx(e["probabilities"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {},  # single-token words: one row per example
+        {  # several tokens per word with the test tokenizer: one row per verbalizer word
+            "template": {"output": "Sentiment:{label}"},
+            "verbalizer": {"0": "negative", "1": "positive"},
+        },
+    ],
+)
+def test_the_prompt_command_scores_as_the_untrained_task_does(
+    tiny_llama, sst_files, tmp_path, task
+):
+    """One prompt-classification stack: zero-shot `lmadapt prompt` (KV-prefix scorer) and the
+    trainable task before any step (its collator and the model's forward) give each dev example
+    the same label probabilities."""
+    from lmadapt.inference import Encoded
+    from lmadapt.models import load_tokenizer, resolve_model
+    from lmadapt.prompting.runner import run_prompt
+    from lmadapt.tasks import build_task
+    from lmadapt.tasks.prompt_classification import PromptClassificationConfig
+
+    prompt = {
+        "model": tiny_llama,
+        "data": {"dev": str(sst_files["dev"])},
+        "output_dir": str(tmp_path / "prompt"),
+        **task,
+    }
+    run_prompt(prompt)
+    lines = (tmp_path / "prompt" / "predictions.jsonl").read_text().splitlines()
+    scored = [json.loads(x)["probabilities_uncalibrated"] for x in lines]
+
+    t = build_task(PromptClassificationConfig(**{"template": "sentiment", **task}))
+    spec = resolve_model(tiny_llama)
+    tok, model = load_tokenizer(spec), t.build_model(spec).eval()
+    examples = t.read(str(sst_files["dev"]))
+    data = Encoded(t.encode(examples, tok), examples, t.collator(tok), 4)
+    trained_path = t.predict_model(model, data)
+    assert len(trained_path) == len(scored) == 16
+    for a, b in zip(trained_path, scored):
+        assert a["probabilities"] == pytest.approx(b, abs=1e-5)

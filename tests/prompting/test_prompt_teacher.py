@@ -51,9 +51,9 @@ def test_prompt_teacher_gives_the_prompt_runs_calibrated_distribution(
 
     teacher = build_teacher(_distill(tmp_path, "minilm", sst_files, path).options.teacher)
     from lmadapt.prompting.config import load_prompt_config
-    from lmadapt.prompting.sources import read_labelled_file
+    from lmadapt.prompting.sources import prompt_tasks
 
-    dev = read_labelled_file(load_prompt_config(path), str(sst_files["dev"]), ["0", "1"])
+    dev = prompt_tasks(load_prompt_config(path))[0].read(str(sst_files["dev"]))
     got = teacher.label_distribution(dev)
     assert teacher.labels == ["0", "1"] and got.shape == (16, 2)
     np.testing.assert_allclose(got, expected, atol=1e-5)  # predictions are rounded to 6 places

@@ -12,8 +12,7 @@ from lmadapt.prompting.calibration import calibrate, domain_prior, log_mean
 from lmadapt.prompting.config import load_prompt_config
 from lmadapt.prompting.modes.classify import score_ensemble, score_seed
 from lmadapt.prompting.runner import run_prompt
-from lmadapt.prompting.sources import read_labelled, resolve_verbalizer
-from lmadapt.prompting.templates import load_template
+from lmadapt.prompting.sources import prompt_tasks, read_labelled
 from tests.prompting.conftest import prompt_config as _cfg
 
 QUESTION = {"instruction": "Is it positive?", "input": "{text}", "output": "Answer: {label}"}
@@ -69,11 +68,11 @@ def test_ensemble_averages_each_templates_calibrated_log_probs(
     tiny_llama, sst_files, tmp_path, calibration
 ):
     cfg = load_prompt_config(_cfg(tiny_llama, sst_files, tmp_path, k=0, calibration=calibration))
-    verbalizer = resolve_verbalizer(cfg)
-    dev, _ = read_labelled(cfg, verbalizer.labels)
-    templates = [load_template("sentiment"), load_template(QUESTION)]
-    one = [score_seed(cfg, t, verbalizer, dev, [], 0) for t in templates]
-    both = score_ensemble(cfg, templates, verbalizer, dev, [], 0)
+    cfg.template = ["sentiment", QUESTION]
+    tasks = prompt_tasks(cfg)
+    dev, _ = read_labelled(cfg, tasks[0])
+    one = [score_seed(cfg, t, dev, [], 0) for t in tasks]
+    both = score_ensemble(cfg, tasks, dev, [], 0)
     np.testing.assert_allclose(both.probs, log_mean([s.probs for s in one]))
     np.testing.assert_allclose(both.calibrated, log_mean([s.calibrated for s in one]))
     if calibration == "domain":  # each member divides out its own mean distribution

@@ -1,10 +1,11 @@
-"""What prompting runs read: the frozen models (loaded once per process), labelled examples
-through the classification task's reader, the verbalizer, and each seed's demonstrations."""
+"""What prompting runs read: the frozen models (loaded once per process), the prompt-
+classification task of each template (its reader, renderer and verbalizer), and each seed's
+demonstrations."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +16,10 @@ from lmadapt.prompting.demos import SELECTORS, sample_pool
 from lmadapt.prompting.templates import template_verbalizer
 from lmadapt.prompting.verbalizers import Verbalizer
 from lmadapt.session import resolve_device
+
+if TYPE_CHECKING:
+    from lmadapt.tasks.classification import Example
+    from lmadapt.tasks.prompt_classification import PromptClassificationTask
 
 
 @functools.cache
@@ -53,38 +58,47 @@ class CachedEmbed:
         return np.stack([self.cache[t] for t in texts])
 
 
-def fields_of(ex: Any) -> dict[str, Any]:
-    return {"text": ex.text, "text_pair": ex.text_pair}
+def prompt_tasks(
+    cfg: PromptConfig, verbalizer: dict[str, Any] | None = None, where: str = "verbalizer"
+) -> list[PromptClassificationTask]:
+    """The prompt-classification task of each template (one, or an ensemble's members): the
+    `prompt` command reads, renders, scores and evaluates through the task a training run uses.
+    `verbalizer` (the config field `where`) replaces the config's: embedding mode's label
+    descriptions, a bench's words."""
+    from lmadapt.tasks.prompt_classification import (
+        PromptClassificationConfig,
+        PromptClassificationTask,
+    )
 
-
-def resolve_verbalizer(cfg: PromptConfig) -> Verbalizer:
-    raw = cfg.verbalizer
+    raw = verbalizer or cfg.verbalizer
     if raw is None and isinstance(cfg.templates[0], str):  # an ensemble shares its first's
         raw = template_verbalizer(cfg.templates[0])
     if raw is None:
         raise ConfigError("verbalizer", "is required (the template suggests none)")
-    return Verbalizer.from_config(raw)
-
-
-def read_labelled_file(cfg: PromptConfig, path: str, labels: list[str]) -> list[Any]:
-    """Examples through the classification task's reader; every label must have a verbalizer."""
-    from lmadapt.tasks.classification import ClassificationConfig, ClassificationTask
-    from lmadapt.tasks.prompt_classification import check_verbalized
-
-    task = ClassificationTask(
-        ClassificationConfig(
-            text_column=cfg.data.text_column,
-            text_pair_column=cfg.data.text_pair_column,
-            label_column=cfg.data.label_column,
+    Verbalizer.from_config(raw, where if verbalizer else "verbalizer")  # errors name the field
+    return [
+        PromptClassificationTask(
+            PromptClassificationConfig(
+                template=template,
+                verbalizer=raw,
+                text_column=cfg.data.text_column,
+                text_pair_column=cfg.data.text_pair_column,
+                label_column=cfg.data.label_column,
+                max_length=None,
+                length_normalize=cfg.length_normalize,
+            )
         )
-    )
-    return check_verbalized(task.read(path, cfg.data.format), labels, cfg.data.label_column)
+        for template in cfg.templates
+    ]
 
 
-def read_labelled(cfg: PromptConfig, labels: list[str]) -> tuple[list[Any], list[Any]]:
-    """(dev, train) Examples; train only when demonstrations are drawn from it."""
-    dev = read_labelled_file(cfg, cfg.data.dev, labels)[: cfg.data.max_eval_samples]
-    train = read_labelled_file(cfg, cfg.data.train, labels) if cfg.data.train and cfg.k else []
+def read_labelled(
+    cfg: PromptConfig, task: PromptClassificationTask
+) -> tuple[list[Example], list[Example]]:
+    """(dev, train) examples, every label checked against the verbalizer; train only when
+    demonstrations are drawn from it."""
+    dev = task.read(cfg.data.dev, cfg.data.format)[: cfg.data.max_eval_samples]
+    train = task.read(cfg.data.train, cfg.data.format) if cfg.data.train and cfg.k else []
     return dev, train
 
 

@@ -3,15 +3,13 @@ distillation teacher)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from lmadapt.errors import ConfigError
 from lmadapt.prompting.config import PromptConfig
 from lmadapt.prompting.modes.classify import score_ensemble
-from lmadapt.prompting.sources import read_labelled_file, resolve_verbalizer
-from lmadapt.prompting.templates import load_template
+from lmadapt.prompting.sources import prompt_tasks
+from lmadapt.tasks.classification import Example
 
 
 class LabelScorer:
@@ -25,16 +23,13 @@ class LabelScorer:
         if cfg.mode != "verbalizer":
             raise ConfigError("mode", f"must be 'verbalizer' for label scores, not {cfg.mode!r}")
         self.cfg = cfg
-        self.templates = [load_template(t) for t in cfg.templates]
-        self.verbalizer = resolve_verbalizer(cfg)
-        self.labels = self.verbalizer.labels
+        self.tasks = prompt_tasks(cfg)
+        self.labels = self.tasks[0].labels
         self.train = (
-            read_labelled_file(cfg, cfg.data.train, self.labels) if cfg.data.train and cfg.k else []
+            self.tasks[0].read(cfg.data.train, cfg.data.format) if cfg.data.train and cfg.k else []
         )
 
-    def __call__(self, examples: list[Any]) -> np.ndarray:
+    def __call__(self, examples: list[Example]) -> np.ndarray:
         """(N, C) probabilities over `labels`; example labels are not looked at."""
-        s = score_ensemble(
-            self.cfg, self.templates, self.verbalizer, examples, self.train, self.cfg.seeds[0]
-        )
+        s = score_ensemble(self.cfg, self.tasks, examples, self.train, self.cfg.seeds[0])
         return s.calibrated if s.calibrated is not None else s.probs

@@ -4,10 +4,15 @@ verbalizer as zero-shot prompting. No new head: the loss is cross-entropy over t
 log p(verbalizer | prompt), so training starts from the zero-shot classifier instead of a random
 head, which is what makes it strong with few examples. Any registered method (lora, prompt tuning,
 full, ...) trains it through the one training loop.
+
+It is also the one prompt-classification stack: the `prompt` command (zero/few-shot, no
+training) reads, renders, scores and evaluates through this task, adding only what needs no
+training (demonstrations, calibration, template ensembles, KV-prefix reuse).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.robustness import Perturbation, View
-from lmadapt.prompting.templates import Renderer, load_template, template_verbalizer
+from lmadapt.prompting.templates import Demo, Renderer, load_template, template_verbalizer
 from lmadapt.prompting.verbalizers import Continuations, Verbalizer
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
@@ -41,28 +46,19 @@ class PromptClassificationConfig:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str = "label"
-    max_length: int = 128
-    """Input texts are cut to this many tokens before being put into the template."""
+    max_length: int | None = 128
+    """Input texts are cut to this many tokens before being put into the template; None keeps
+    them whole (the `prompt` command's zero/few-shot scoring, which has no batch to bound)."""
     length_normalize: bool = False
+    """Divide each verbalizer's log-prob by its token count."""
 
     def __post_init__(self) -> None:
-        if self.max_length < 8:
+        if self.max_length is not None and self.max_length < 8:
             raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
         if self.verbalizer is None and not (
             isinstance(self.template, str) and template_verbalizer(self.template)
         ):
             raise ConfigError("task.verbalizer", "is required (the template suggests none)")
-
-
-def check_verbalized(
-    examples: list[Example], labels: list[str], label_column: str, bad: BadRows | None = None
-) -> list[Example]:
-    """The examples whose label has a verbalizer entry; the others are bad rows (all of them
-    listed in one error when there is no collector). The prompt-classification task and the
-    `prompt` command's verbalizer mode read their examples through this one check."""
-    return known_labels(
-        examples, labels, _label_names, label_column, bad, unknown="has no verbalizer entry"
-    )
 
 
 def _label_names(label: Any) -> list[str]:
@@ -142,7 +138,16 @@ class PromptClassificationTask(LogitsTask):
         self.check(train)
 
     def check(self, examples: list[Example], bad: BadRows | None = None) -> list[Example]:
-        return check_verbalized(examples, self.labels, self.cfg.label_column, bad)
+        """The examples whose label has a verbalizer entry; the others are bad rows (all of them
+        listed in one error when there is no collector)."""
+        return known_labels(
+            examples,
+            self.labels,
+            _label_names,
+            self.cfg.label_column,
+            bad,
+            unknown="has no verbalizer entry",
+        )
 
     def state(self) -> dict[str, Any]:
         return {
@@ -161,39 +166,58 @@ class PromptClassificationTask(LogitsTask):
             raise RuntimeError("prompt_classification scores labels only after encode or collator")
         return self.conts
 
-    def _prepare(self, tokenizer: Any) -> Renderer:
+    def renderer(self, tokenizer: Any) -> Renderer:
+        """The template's renderer for `tokenizer`; the verbalizer's token ids are known after."""
         if self.conts is None:
             self.conts = self.verbalizer.tokenize(tokenizer, self.template.answer)
         return Renderer(self.template, tokenizer)
 
     def _cut(self, text: str | None, tokenizer: Any) -> str | None:
-        if text is None:
-            return None
+        if text is None or self.cfg.max_length is None:
+            return text
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= self.cfg.max_length:
             return text
         return tokenizer.decode(ids[: self.cfg.max_length])
 
+    def fields(self, example: Example, tokenizer: Any) -> dict[str, str | None]:
+        """The template's slots for one example, each text cut to `max_length` tokens."""
+        return {
+            "text": self._cut(example.text, tokenizer),
+            "text_pair": self._cut(example.text_pair, tokenizer),
+        }
+
+    def demo(self, renderer: Renderer, example: Example) -> Demo:
+        """A labelled example as a demonstration, answered with its label's first word."""
+        word = self.verbalizer.words[example.label][0]
+        return renderer.demo(self.fields(example, renderer.tokenizer), word)
+
+    def prompt_ids(
+        self, renderer: Renderer, fields: dict[str, str | None], demos: Sequence[Demo] = ()
+    ) -> tuple[list[int], list[int]]:
+        """(prefix, suffix) token ids of one query: the prefix (instruction, demonstrations)
+        does not depend on the query, so a scorer may encode it once and reuse its KV cache."""
+        prefix, suffix = renderer.render(list(demos), fields)
+        tok = renderer.tokenizer
+        return (
+            tok(prefix, add_special_tokens=not renderer.chat)["input_ids"],
+            tok(suffix, add_special_tokens=False)["input_ids"],
+        )
+
     def encode(self, examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
-        renderer = self._prepare(tokenizer)
+        renderer = self.renderer(tokenizer)
         index = {n: i for i, n in enumerate(self.labels)}
         feats = []
         for ex in examples:
-            fields = {
-                "text": self._cut(ex.text, tokenizer),
-                "text_pair": self._cut(ex.text_pair, tokenizer),
-            }
-            prefix, suffix = renderer.render([], fields)
-            ids = tokenizer(prefix, add_special_tokens=not renderer.chat)["input_ids"]
-            ids = ids + tokenizer(suffix, add_special_tokens=False)["input_ids"]
-            f: dict[str, Any] = {"input_ids": ids}
+            prefix, suffix = self.prompt_ids(renderer, self.fields(ex, tokenizer))
+            f: dict[str, Any] = {"input_ids": prefix + suffix}
             if ex.label is not None:
                 f["labels"] = index[ex.label]
             feats.append(f)
         return feats
 
     def collator(self, tokenizer: Any) -> PromptCollator:
-        self._prepare(tokenizer)
+        self.renderer(tokenizer)
         return PromptCollator(tokenizer.pad_token_id, self.continuations)
 
     # ------------------------------------------------------------------ model
@@ -227,7 +251,11 @@ class PromptClassificationTask(LogitsTask):
                 ],
                 dim=1,
             )
-        return conts.label_scores(per_cont, self.cfg.length_normalize)
+        return self.continuation_scores(per_cont)
+
+    def continuation_scores(self, per_cont: torch.Tensor) -> torch.Tensor:
+        """(B, J) summed log-probs of each verbalizer continuation -> (B, C) label log-scores."""
+        return self.continuations.label_scores(per_cont, self.cfg.length_normalize)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.outputs_loss(self.label_scores(logits), batch)
@@ -244,6 +272,8 @@ class PromptClassificationTask(LogitsTask):
         return softmax(np.stack(scores), axis=-1)
 
     def evaluate(self, logits: list[np.ndarray], examples: list[Example]) -> Evaluation:
+        """Metrics of per-example label scores (log-scores or probabilities: only the argmax
+        counts)."""
         index = {n: i for i, n in enumerate(self.labels)}
         gold = np.array([index[ex.label] for ex in examples])
         return M.single_label_metrics(self._probs(logits).argmax(-1), gold, self.labels)

@@ -1,6 +1,8 @@
 """Classification by prompting: verbalizer scoring (LM log-probs of each label's words, with
 KV-prefix reuse, contextual or domain calibration, template ensembles) and embedding similarity;
-metrics per seed."""
+metrics per seed. Reading, rendering, label scores, metrics and the report come from the
+prompt-classification task (the one stack a training run uses too); what is here needs no
+training."""
 
 from __future__ import annotations
 
@@ -14,9 +16,7 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from lmadapt.evaluate import plots
-from lmadapt.evaluate.metrics import Evaluation, single_label_metrics
-from lmadapt.evaluate.report import classification_report_markdown
+from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.prompting.calibration import (
     CONTENT_FREE,
     calibrate,
@@ -28,15 +28,15 @@ from lmadapt.prompting.config import PromptConfig
 from lmadapt.prompting.modes import MODES, Outcome, mean_sd, plus_minus
 from lmadapt.prompting.scoring import Group, PrefixScorer, without_reuse
 from lmadapt.prompting.sources import (
-    fields_of,
     load_embedder,
     load_lm,
+    prompt_tasks,
     read_labelled,
-    resolve_verbalizer,
     select_demos,
 )
-from lmadapt.prompting.templates import Demo, Renderer, TemplateConfig, load_template
-from lmadapt.prompting.verbalizers import Verbalizer
+from lmadapt.prompting.templates import Demo
+from lmadapt.tasks.classification import Example
+from lmadapt.tasks.prompt_classification import PromptClassificationTask
 
 
 @dataclass
@@ -52,53 +52,47 @@ class SeedScores:
 
 def score_seed(
     cfg: PromptConfig,
-    template: TemplateConfig,
-    verbalizer: Verbalizer,
-    dev: list[Any],
-    train: list[Any],
+    task: PromptClassificationTask,
+    dev: list[Example],
+    train: list[Example],
     seed: int,
 ) -> SeedScores:
     """Label probabilities of every dev example under one seed's demonstrations."""
     model, tok = load_lm(cfg.model, cfg.device)
-    renderer = Renderer(template, tok)
-    conts = verbalizer.tokenize(tok, template.answer)
+    renderer = task.renderer(tok)
     pool, selection = select_demos(cfg, train, dev, seed)
 
     @functools.cache
     def demo(j: int) -> Demo:
-        ex = pool[j]
-        return renderer.demo(fields_of(ex), verbalizer.words[ex.label][0])
-
-    def encode(text: str, special: bool) -> list[int]:
-        return tok(text, add_special_tokens=special)["input_ids"]
+        return task.demo(renderer, pool[j])
 
     pair = dev[0].text_pair is not None
-    groups: dict[str, Group] = {}
-    owners: dict[str, list[int]] = {}  # per group: dev index of each query, -1 = content-free
+    groups: dict[tuple[int, ...], Group] = {}
+    owners: dict[tuple[int, ...], list[int]] = {}  # per group: dev index of each query, -1 = CF
     first_prompt = ""
     for i, ex in enumerate(dev):
         demos = [demo(j) for j in (selection[0] if len(selection) == 1 else selection[i])]
-        prefix, suffix = renderer.render(demos, fields_of(ex))
-        first_prompt = first_prompt or prefix + suffix
-        if prefix not in groups:
-            groups[prefix] = Group(encode(prefix, not renderer.chat), [])
-            owners[prefix] = []
+        fields = task.fields(ex, tok)
+        first_prompt = first_prompt or "".join(renderer.render(demos, fields))
+        prefix, suffix = task.prompt_ids(renderer, fields, demos)
+        key = tuple(prefix)
+        if key not in groups:
+            groups[key] = Group(prefix, [])
+            owners[key] = []
             if cfg.calibration == "contextual":
                 for cf in CONTENT_FREE:
-                    _, cf_suffix = renderer.render(
-                        demos, {"text": cf, "text_pair": cf if pair else None}
-                    )
-                    groups[prefix].queries.append(encode(cf_suffix, False))
-                    owners[prefix].append(-1)
-        groups[prefix].queries.append(encode(suffix, False))
-        owners[prefix].append(i)
+                    cf_fields = {"text": cf, "text_pair": cf if pair else None}
+                    groups[key].queries.append(task.prompt_ids(renderer, cf_fields, demos)[1])
+                    owners[key].append(-1)
+        groups[key].queries.append(suffix)
+        owners[key].append(i)
     scorer = PrefixScorer(model, tok.pad_token_id, cfg.batch_size)
     glist = list(groups.values())
     t0 = time.perf_counter()
-    raw = scorer.score(glist if cfg.prefix_reuse else without_reuse(glist), conts.ids)
+    raw = scorer.score(glist if cfg.prefix_reuse else without_reuse(glist), task.continuations.ids)
     seconds = time.perf_counter() - t0
-    scores = conts.label_scores(torch.from_numpy(raw), cfg.length_normalize).numpy()
-    probs = np.zeros((len(dev), len(verbalizer.labels)))
+    scores = task.continuation_scores(torch.from_numpy(raw)).numpy()
+    probs = np.zeros((len(dev), len(task.labels)))
     cal = np.zeros_like(probs) if cfg.calibration == "contextual" else None
     row = 0
     for key in groups:
@@ -116,15 +110,14 @@ def score_seed(
 
 def score_ensemble(
     cfg: PromptConfig,
-    templates: list[TemplateConfig],
-    verbalizer: Verbalizer,
-    dev: list[Any],
-    train: list[Any],
+    tasks: list[PromptClassificationTask],
+    dev: list[Example],
+    train: list[Example],
     seed: int,
 ) -> SeedScores:
     """One seed scored under every template, each calibrated on its own (its bias is its own),
     then combined by the mean of the label log-probabilities."""
-    members = [score_seed(cfg, t, verbalizer, dev, train, seed) for t in templates]
+    members = [score_seed(cfg, t, dev, train, seed) for t in tasks]
     if len(members) == 1:
         return members[0]
     cal = None
@@ -135,12 +128,20 @@ def score_ensemble(
     return SeedScores(seed, log_mean([m.probs for m in members]), cal, seconds, prompt)
 
 
+def _log(p: np.ndarray) -> list[np.ndarray]:
+    """Probabilities as the task's label log-scores (a zero probability stays the lowest)."""
+    with np.errstate(divide="ignore"):
+        return list(np.log(p))
+
+
 def classification_outcome(
-    cfg: PromptConfig, labels: list[str], dev: list[Any], seeds: list[SeedScores], out_dir: Path
+    cfg: PromptConfig,
+    task: PromptClassificationTask,
+    dev: list[Example],
+    seeds: list[SeedScores],
+    out_dir: Path,
 ) -> Outcome:
     """Metrics per seed and mean ± sd, uncalibrated and calibrated side by side."""
-    index = {n: i for i, n in enumerate(labels)}
-    gold = np.array([index[ex.label] for ex in dev])
     variants = {"uncalibrated": lambda s: s.probs}
     if cfg.calibration != "none":
         variants["calibrated"] = lambda s: s.calibrated
@@ -152,19 +153,23 @@ def classification_outcome(
             "seconds": round(s.seconds, 3),
             "sentences_per_second": round(len(dev) / max(s.seconds, 1e-9), 2),
         }
-        preds = {}
+        decoded = {}
         for name, get in variants.items():
-            ev = single_label_metrics(get(s).argmax(-1), gold, labels)
+            ev = task.evaluate(_log(get(s)), dev)
             entry[name] = ev.metrics
             evals.setdefault(name, ev)  # the first seed's details go into the report
-            preds[name] = get(s)
+            decoded[name] = task.decode(_log(get(s)), dev)
         per_seed.append(entry)
         for i, ex in enumerate(dev):
-            r = {"seed": s.seed, **{k: v for k, v in fields_of(ex).items() if v is not None}}
+            r = {
+                "seed": s.seed,
+                "text": ex.text,
+                **({"text_pair": ex.text_pair} if ex.text_pair is not None else {}),
+            }
             r["gold"] = ex.label
-            for name, p in preds.items():
-                r[f"pred_{name}"] = labels[int(p[i].argmax())]
-                r[f"probabilities_{name}"] = {n: round(float(v), 6) for n, v in zip(labels, p[i])}
+            for name, d in decoded.items():
+                r[f"pred_{name}"] = d[i]["label"]
+                r[f"probabilities_{name}"] = d[i]["probabilities"]
             rows.append(r)
     summary = {
         name: {m: mean_sd([e[name][m] for e in per_seed]) for m in per_seed[0][name]}
@@ -184,31 +189,11 @@ def classification_outcome(
         "sentences_per_second": speed,
         "per_seed": per_seed,
     }
-    names = list(variants)
-    table = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for m in per_seed[0][names[0]]:
-        table.append(f"| {m} | " + " | ".join(plus_minus(summary[n][m]) for n in names) + " |")
-    head = (
-        f"## Results (mean ± sd over {len(seeds)} seed{'s' * (len(seeds) > 1)})\n\n"
-        + "\n".join(table)
-        + f"\n\nSpeed: {plus_minus(speed)} sentences/s"
-    )
-    seed_rows = [
-        "| seed | " + " | ".join(f"{n} accuracy" for n in names) + " | sentences/s |",
-        "|---|" + "---|" * (len(names) + 1),
-    ]
-    for e in per_seed:
-        accs = " | ".join(f"{e[n]['accuracy']:.4f}" for n in names)
-        seed_rows.append(f"| {e['seed']} | {accs} | {e['sentences_per_second']} |")
-    sections = [head, "## Per seed\n\n" + "\n".join(seed_rows)]
+    sections = _summary_sections(summary, per_seed, speed, len(seeds))
     images = []
     for name, ev in evals.items():
-        sections.append(
-            f"## {name.capitalize()}, seed {seeds[0].seed}\n\n" + classification_report_markdown(ev)
-        )
-        path = out_dir / "plots" / f"{name}_confusion_matrix.png"
-        plots.confusion_matrix(np.array(ev.details["confusion_matrix"]), labels, path, title=name)
-        images.append(path)
+        sections.append(f"## {name.capitalize()}, seed {seeds[0].seed}\n\n" + task.report(ev))
+        images += task.plots(ev, out_dir / "plots", f"{name}_")
     if seeds[0].prompt:
         sections.append(
             f"## Prompt (first query, seed {seeds[0].seed})\n\n```\n{seeds[0].prompt}\n```"
@@ -216,29 +201,50 @@ def classification_outcome(
     return Outcome(metrics, rows, sections, images)
 
 
+def _summary_sections(
+    summary: dict[str, Any], per_seed: list[dict[str, Any]], speed: dict[str, float], n: int
+) -> list[str]:
+    """The mean ± sd table and the per-seed table of report.md."""
+    names = list(summary)
+    table = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in per_seed[0][names[0]]:
+        table.append(f"| {m} | " + " | ".join(plus_minus(summary[k][m]) for k in names) + " |")
+    head = (
+        f"## Results (mean ± sd over {n} seed{'s' * (n > 1)})\n\n"
+        + "\n".join(table)
+        + f"\n\nSpeed: {plus_minus(speed)} sentences/s"
+    )
+    seed_rows = [
+        "| seed | " + " | ".join(f"{k} accuracy" for k in names) + " | sentences/s |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for e in per_seed:
+        accs = " | ".join(f"{e[k]['accuracy']:.4f}" for k in names)
+        seed_rows.append(f"| {e['seed']} | {accs} | {e['sentences_per_second']} |")
+    return [head, "## Per seed\n\n" + "\n".join(seed_rows)]
+
+
 @MODES.register("verbalizer", summary="score each label by the LM log-prob of its verbalizer")
 def verbalizer_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
-    templates = [load_template(t) for t in cfg.templates]
-    verbalizer = resolve_verbalizer(cfg)
-    dev, train = read_labelled(cfg, verbalizer.labels)
+    tasks = prompt_tasks(cfg)
+    dev, train = read_labelled(cfg, tasks[0])
     seeds = cfg.seeds if cfg.stochastic else cfg.seeds[:1]
-    results = [score_ensemble(cfg, templates, verbalizer, dev, train, s) for s in seeds]
-    return classification_outcome(cfg, verbalizer.labels, dev, results, out_dir)
+    results = [score_ensemble(cfg, tasks, dev, train, s) for s in seeds]
+    return classification_outcome(cfg, tasks[0], dev, results, out_dir)
 
 
 @MODES.register("embedding", summary="cosine similarity of text and label descriptions (encoder)")
 def embedding_mode(cfg: PromptConfig, out_dir: Path) -> Outcome:
     from lmadapt.prompting.embedding import zero_shot_scores
 
-    raw = cfg.label_descriptions or resolve_verbalizer(cfg).words
-    described = Verbalizer.from_config(raw, "label_descriptions")
-    dev, _ = read_labelled(cfg, described.labels)
+    task = prompt_tasks(cfg, cfg.label_descriptions, "label_descriptions")[0]  # words: descriptions
+    dev, _ = read_labelled(cfg, task)
     texts = [ex.text if ex.text_pair is None else f"{ex.text}\n{ex.text_pair}" for ex in dev]
     embedder = load_embedder(cfg.embedder, cfg.device)
     t0 = time.perf_counter()
-    sims = zero_shot_scores(embedder, texts, [described.words[n] for n in described.labels])
+    sims = zero_shot_scores(embedder, texts, [task.verbalizer.words[n] for n in task.labels])
     seconds = time.perf_counter() - t0
     probs = softmax(sims * 100.0, axis=-1)
     cal = calibrate(probs, domain_prior(probs)) if cfg.calibration == "domain" else None
     scores = SeedScores(cfg.seeds[0], probs, cal, seconds, "")
-    return classification_outcome(cfg, described.labels, dev, [scores], out_dir)
+    return classification_outcome(cfg, task, dev, [scores], out_dir)
