@@ -164,3 +164,19 @@ def test_layers_point_down():
 def test_the_checker_sees_a_climb():
     graph = {"lmadapt.data.readers": {"lmadapt.train.loop"}, "lmadapt.train.loop": set()}
     assert _upward(graph) == ["lmadapt.data.readers (data) -> lmadapt.train.loop (loop)"]
+
+
+def _long_functions(limit: int) -> list[str]:
+    out = []
+    for path in (SRC / "lmadapt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > limit:
+                    out.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    return sorted(out)
+
+
+def test_no_function_reads_longer_than_a_screen():
+    """#30: a function over 80 lines does several jobs; split it where they part."""
+    assert _long_functions(80) == []

@@ -746,7 +746,11 @@ def _auto(p: argparse.ArgumentParser) -> None:
         "included: 90s, 10m, 1h, 1h30 (10m)",
     )
     p.add_argument("--out", default="runs/auto", help="output directory (runs/auto)")
-    p.add_argument("--test", help="test file, scored for the winner only (never for selection)")
+    p.add_argument(
+        "--test",
+        dest="test_file",
+        help="test file, scored for the winner only (never for selection)",
+    )
     p.add_argument(
         "--task",
         help="classification, preference or token_classification (default: inferred)",
@@ -768,10 +772,23 @@ def _auto(p: argparse.ArgumentParser) -> None:
         metavar="ROUTE=MODEL",
         help="replace a route's model (repeatable)",
     )
-    p.add_argument("--format", default="auto")
+    p.add_argument("--format", dest="fmt", default="auto")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _device_arg(p)
+    passed = [
+        "budget",
+        "out",
+        "test_file",
+        "task",
+        "prefer",
+        "template",
+        "fmt",
+        "seed",
+        "device",
+        "overwrite",
+        "started",
+    ]
 
     def pairs(text: str, option: str) -> dict[str, str]:
         out = {}
@@ -788,19 +805,9 @@ def _auto(p: argparse.ArgumentParser) -> None:
         result = auto(
             a.train,
             a.dev,
-            budget=a.budget,
-            out=a.out,
-            test_file=a.test,
-            task=a.task,
-            prefer=a.prefer,
-            template=a.template,
             verbalizer=pairs(a.verbalizer, "--verbalizer") if a.verbalizer else None,
             models=pairs(",".join(a.model), "--model"),
-            fmt=a.format,
-            seed=a.seed,
-            device=a.device,
-            overwrite=a.overwrite,
-            started=a.started,
+            **{name: getattr(a, name) for name in passed},
         )
         _show(RunDir(a.out).report, f"winner: {result['winner_dir']}")
 

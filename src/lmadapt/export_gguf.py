@@ -676,6 +676,19 @@ class Reference:
     sequences: list[list[int]]
     logits: list[torch.Tensor]
 
+    def greedy_summary(self, tokenizer: Any) -> dict[str, Any]:
+        """The greedy check for result.json: every prompt matched (or the export failed)."""
+        samples = [
+            {"prompt": p, "continuation": tokenizer.decode(c)}
+            for p, c in zip(PROMPTS, self.continuations)
+        ]
+        return {
+            "prompts": len(PROMPTS),
+            "new_tokens": NEW_TOKENS,
+            "matched": len(PROMPTS),
+            "samples": samples,
+        }
+
 
 def _merge(
     run: LoadedRun, method: Any, run_dir: str | Path, device: str
@@ -792,6 +805,26 @@ def _stops(chat: ChatConversion, template: Any, settings: Any, tokenizer: Any) -
 # ---------------------------------------------------------------------- export
 
 
+def _check_outputs(gguf_model: Any, tokenizer: Any, ref: Reference) -> float:
+    """The largest logit difference between the file read back and the merged model; raises
+    when it exceeds `TOLERANCE` or a greedy continuation differs."""
+    diff = max(max_abs_diff(_logits(gguf_model, s), r) for s, r in zip(ref.sequences, ref.logits))
+    if not diff <= TOLERANCE:
+        raise LmadaptError(
+            f"the GGUF file's logits (read back by transformers) differ from the merged "
+            f"model's by {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written"
+        )
+    for prompt, ids, want in zip(PROMPTS, ref.prompt_ids, ref.continuations):
+        got = greedy(gguf_model, ids)
+        if got != want:
+            raise LmadaptError(
+                f"the GGUF file's greedy continuation of {prompt!r} differs from the merged "
+                f"model's ({tokenizer.decode(got)!r} vs {tokenizer.decode(want)!r}); nothing "
+                "was written"
+            )
+    return diff
+
+
 def export_gguf(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -838,22 +871,7 @@ def export_gguf(
         gc.collect()
         gguf_model, gguf_tok = _read_back(tmp)
         texts = _check_tokenizer(tokenizer, gguf_tok, ref)
-        diff = max(
-            max_abs_diff(_logits(gguf_model, s), r) for s, r in zip(ref.sequences, ref.logits)
-        )
-        if not diff <= TOLERANCE:
-            raise LmadaptError(
-                f"the GGUF file's logits (read back by transformers) differ from the merged "
-                f"model's by {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written"
-            )
-        for prompt, ids, want in zip(PROMPTS, ref.prompt_ids, ref.continuations):
-            got = greedy(gguf_model, ids)
-            if got != want:
-                raise LmadaptError(
-                    f"the GGUF file's greedy continuation of {prompt!r} differs from the merged "
-                    f"model's ({tokenizer.decode(got)!r} vs {tokenizer.decode(want)!r}); nothing "
-                    "was written"
-                )
+        diff = _check_outputs(gguf_model, tokenizer, ref)
         stops = _stops(chat, template, settings, tokenizer)
         write_text(tmp / MODELFILE, modelfile(chat, stops, settings, about))
         prompts_as_lmadapt = sum(
@@ -874,15 +892,7 @@ def export_gguf(
             "tolerance": TOLERANCE,
             "max_abs_diff_merged": diff_merged,
             "merge_tolerance": merge_bound,
-            "greedy": {
-                "prompts": len(PROMPTS),
-                "new_tokens": NEW_TOKENS,
-                "matched": len(PROMPTS),
-                "samples": [
-                    {"prompt": p, "continuation": tokenizer.decode(c)}
-                    for p, c in zip(PROMPTS, ref.continuations)
-                ],
-            },
+            "greedy": ref.greedy_summary(tokenizer),
             "probe_sequences": len(ref.sequences),
             "tokenizer": {
                 **vocab.summary(),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.config import build_run_config
+from lmadapt.data.streams import Reread
 from lmadapt.distill import run_distill
 from lmadapt.distill import runner as distill_runner
 from lmadapt.distill.loss import DistillationTask, soft_kl
@@ -149,11 +150,13 @@ def test_rows_stream_through_the_teacher_a_chunk_at_a_time(
     )
     calls = _counting(monkeypatch)
     monkeypatch.setattr(distill_runner, "TEACHER_CHUNK", 24)
-    read = []
-    real = distill_runner.stream_split
-    monkeypatch.setattr(distill_runner, "stream_split", lambda *a: read.append(a[1]) or real(*a))
+    held: list = []
+    real = distill_runner._read
+    monkeypatch.setattr(distill_runner, "_read", lambda *a: held.append(real(*a)) or held[-1])
     m = run_distill(_distill_cfg(tmp_path / "b", tiny_bert, teacher_run, sentiment_files, **cfg))
-    assert read == [str(sentiment_files["train"]), str(extra)]  # the two files not held
+    data = held[0]
+    assert isinstance(data.train, Reread) and isinstance(data.extra, Reread)  # not held
+    assert isinstance(data.dev, list)
     assert calls == [24, 24, 24, 8, 24]  # 64 training rows, then 16 unlabelled; then dev
     assert m["train_samples"] == 64 and m["unlabeled_samples"] == 16
     assert m["dev"] == pytest.approx(whole["dev"], abs=1e-4)

@@ -38,7 +38,7 @@ from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.schema import to_dict
 from lmadapt.session import peak_rss_mb, run_directory, seed_everything, start
 from lmadapt.tasks import Evaluation, build_task
-from lmadapt.tasks.base import Task, check_model_suits, read_split
+from lmadapt.tasks.base import Task, check_model_suits, stream_split
 from lmadapt.train.loop import TrainResult
 
 
@@ -84,9 +84,9 @@ def _read(
     entry: StreamEntry, task: Task, path: str, bad_rows: dict[str, int], check: bool = True
 ) -> list[Any]:
     d = entry.data
-    examples, bad = read_split(task, path, d.format, d.bad_rows, d.max_bad_fraction, check=check)
+    examples, bad = stream_split(task, path, d.format, d.bad_rows, d.max_bad_fraction, check=check)
     bad_rows[f"{entry.name}: {path}"] = len(bad)
-    return examples
+    return list(examples)
 
 
 @dataclass

@@ -50,7 +50,7 @@ from lmadapt.session import (
     start,
 )
 from lmadapt.tasks import build_task
-from lmadapt.tasks.base import Task, read_split, stream_split
+from lmadapt.tasks.base import Task, stream_split
 from lmadapt.train.distributed import Distributed
 from lmadapt.train.loop import Hook
 
@@ -263,7 +263,13 @@ def _read(run: RunConfig, opt: _Options, teacher: Teacher) -> DistillData:
     if not d.train or not d.dev:
         raise ConfigError("data.dev" if d.train else "data.train", "is required")
     # the training and unlabelled files may not fit in memory: read as the teacher scores them
-    streamed = {"train": (opt.use_gold_labels, d.max_train_samples), "unlabeled": (False, None)}
+    # (labelled, limit) per split; dev and test are held as lists
+    how = {
+        "train": (opt.use_gold_labels, d.max_train_samples),
+        "dev": (True, d.max_eval_samples),
+        "test": (True, d.max_eval_samples),
+        "unlabeled": (False, None),
+    }
     splits = {"train": d.train, "dev": d.dev, "test": d.test, "unlabeled": opt.unlabeled}
     read: dict[str, Any] = {}
     bad_rows = {}
@@ -271,16 +277,14 @@ def _read(run: RunConfig, opt: _Options, teacher: Teacher) -> DistillData:
     for split, path in splits.items():
         if not path:
             read[split], bad = [], []
-        elif split in streamed:
-            labelled, limit = streamed[split]
+        else:
+            labelled, limit = how[split]
             read[split], bad = stream_split(
                 task, path, d.format, d.bad_rows, d.max_bad_fraction, labelled, limit
             )
-        else:
-            read[split], bad = read_split(task, path, d.format, d.bad_rows, d.max_bad_fraction)
-            read[split] = read[split][: d.max_eval_samples]
         bad_rows[split] = len(bad)
-    return DistillData(task, read["train"], read["dev"], read["test"], read["unlabeled"], bad_rows)
+    dev, test = list(read["dev"]), list(read["test"])
+    return DistillData(task, read["train"], dev, test, read["unlabeled"], bad_rows)
 
 
 def _teacher_features(

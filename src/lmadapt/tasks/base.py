@@ -164,26 +164,6 @@ class DataProfile:
         }
 
 
-def read_split(
-    task: Task,
-    path: str,
-    fmt: str,
-    policy: Literal["error", "skip"],
-    max_bad_fraction: float,
-    labelled: bool = True,
-    check: bool = True,
-) -> tuple[list[Any], list[BadRow]]:
-    """One data file read and validated under `data.bad_rows` (`policy`): refused with every bad
-    row listed, or the bad rows left out and returned beside the examples. `check` validates
-    them against what the task has learned (a dev/test file's labels against train's)."""
-    bad = BadRows(path, policy, max_bad_fraction)
-    examples = task.read(path, fmt, labelled=labelled, bad=bad)
-    if check and labelled:
-        examples = task.check(examples, bad)
-    bad.finish()
-    return examples, bad.rows
-
-
 def stream_split(
     task: Task,
     path: str,
@@ -192,16 +172,20 @@ def stream_split(
     max_bad_fraction: float,
     labelled: bool = True,
     limit: int | None = None,
+    check: bool = True,
 ) -> tuple[Examples, list[BadRow]]:
-    """`read_split` for a file that may not fit in memory: the task's `stream` (a `Reread` where
-    the task streams its files, else `read`'s list), each example checked as it is read, the
-    first `limit` kept. The file is read through once here, so that its bad rows are known (and
-    refused under `policy`) before anything uses the examples."""
+    """One data file read and validated under `data.bad_rows` (`policy`): refused with every bad
+    row listed, or the bad rows left out and returned beside the examples. The examples are the
+    task's `stream` (a `Reread` where the task streams its files, so a file need not fit in
+    memory; else `read`'s list), the first `limit` kept; `check` validates each labelled one
+    against what the task has learned (a dev/test file's labels against train's). The file is
+    read through once here, so that its bad rows are known (and refused under `policy`) before
+    anything uses the examples."""
     bad = BadRows(path, policy, max_bad_fraction)
     examples = task.stream(path, fmt, bad, labelled)
     if isinstance(examples, Reread):
-        examples = Reread(_checked(task, examples.read, labelled), bad)
-    elif labelled:
+        examples = Reread(_checked(task, examples.read, labelled and check), bad)
+    elif labelled and check:
         examples = task.check(list(examples), bad)
     kept = limited(examples, limit)
     read_through(kept)
