@@ -20,13 +20,14 @@ from lmadapt.data.batching import largest_batch
 from lmadapt.data.streams import Examples, Reread, limited, read_through
 from lmadapt.data.validation import BadRow, BadRows, text_problem
 from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.evaluate.perturbations import select
 from lmadapt.evaluate.report import (
     bad_rows_metrics,
     bad_rows_section,
     evaluation_section,
     training_curves,
 )
-from lmadapt.evaluate.robustness import RobustnessResult, check_perturbable, select
+from lmadapt.evaluate.robustness import RobustnessResult, check_perturbable
 from lmadapt.evaluate.robustness import robustness as perturbed_evaluation
 from lmadapt.inference import Encoded, autocast_bf16
 from lmadapt.io import clean_orphans, write_json, write_yaml

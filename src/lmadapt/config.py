@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from lmadapt.errors import ConfigError
-from lmadapt.evaluate.robustness import PERTURBATIONS
+from lmadapt.evaluate.perturbations import PERTURBATIONS
 from lmadapt.methods import METHODS, MethodConfig
 from lmadapt.schema import (
     apply_overrides,

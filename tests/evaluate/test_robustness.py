@@ -11,13 +11,8 @@ from lmadapt.cli import main
 from lmadapt.config import build_run_config
 from lmadapt.data.tagged import Example
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.evaluate.robustness import (
-    PERTURBATIONS,
-    TYPO_RATES,
-    WORD_DROP_RATE,
-    check_perturbable,
-    select,
-)
+from lmadapt.evaluate.perturbations import PERTURBATIONS, TYPO_RATES, WORD_DROP_RATE, select
+from lmadapt.evaluate.robustness import check_perturbable
 from lmadapt.evaluate.sequence import entities
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task

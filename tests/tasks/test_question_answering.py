@@ -17,7 +17,7 @@ from lmadapt.config import build_run_config
 from lmadapt.data.squad import Answer, QAExample
 from lmadapt.data.validation import BadRows
 from lmadapt.errors import DataError
-from lmadapt.evaluate.robustness import PERTURBATIONS
+from lmadapt.evaluate.perturbations import PERTURBATIONS
 from lmadapt.evaluate.text import squad_exact, squad_f1, squad_normalize
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.schema import parse_section

@@ -16,8 +16,9 @@ from lmadapt.data.streams import Reread
 from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluate.explain import Explainable, Target
+from lmadapt.evaluate.perturbations import Perturbation
 from lmadapt.evaluate.report import classification_report_markdown
-from lmadapt.evaluate.robustness import Perturbation, View
+from lmadapt.evaluate.robustness import View
 from lmadapt.inference import Encoded
 from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask

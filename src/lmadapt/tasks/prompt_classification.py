@@ -26,8 +26,9 @@ from lmadapt.data.validation import BadRows, collect
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.perturbations import Perturbation
 from lmadapt.evaluate.report import classification_report_markdown
-from lmadapt.evaluate.robustness import Perturbation, View
+from lmadapt.evaluate.robustness import View
 from lmadapt.prompting.templates import Demo, Renderer, load_template, template_verbalizer
 from lmadapt.prompting.verbalizers import Continuations, Verbalizer
 from lmadapt.tasks import TASKS

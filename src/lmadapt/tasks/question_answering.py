@@ -30,8 +30,9 @@ from lmadapt.data.squad import Answer, QAExample, read_qa
 from lmadapt.data.validation import BadRows, collect, text_problem
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.perturbations import Perturbation
 from lmadapt.evaluate.report import cell, markdown_table
-from lmadapt.evaluate.robustness import Perturbation, View
+from lmadapt.evaluate.robustness import View
 from lmadapt.evaluate.text import squad_exact, squad_f1
 from lmadapt.inference import Encoded
 from lmadapt.tasks import TASKS

@@ -27,8 +27,9 @@ from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.explain import Explainable, Target
+from lmadapt.evaluate.perturbations import Perturbation
 from lmadapt.evaluate.report import markdown_table
-from lmadapt.evaluate.robustness import Perturbation, View
+from lmadapt.evaluate.robustness import View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.inference import Encoded
 from lmadapt.tasks import TASKS
