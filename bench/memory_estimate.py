@@ -63,7 +63,13 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         ["train.gradient_checkpointing=true"],
     ),
     "generation/smollm2/qlora-nf4": ("configs/gsm8k_lora.yaml", ["quantize=nf4"]),
+    # `method=full`: a method given by name replaces the config's whole method section
+    "generation/smollm2/full": ("configs/gsm8k_lora.yaml", ["method=full"]),
     "preference/smollm2/lora": ("configs/preference_dpo.yaml", ["train.batch_size=4"]),
+    "preference/smollm2/full": (  # a frozen copy of the base is the reference model
+        "configs/preference_dpo.yaml",
+        ["method=full", "train.batch_size=4"],
+    ),
     "classification/smollm2/lora": (
         "configs/sst2_lora.yaml",
         ["model=smollm2-135m-instruct", "method.target_modules=[q_proj,v_proj]"],

@@ -161,11 +161,9 @@ def classification_outcome(
             decoded[name] = task.decode(_log(get(s)), dev)
         per_seed.append(entry)
         for i, ex in enumerate(dev):
-            r = {
-                "seed": s.seed,
-                "text": ex.text,
-                **({"text_pair": ex.text_pair} if ex.text_pair is not None else {}),
-            }
+            r = {"seed": s.seed, "text": ex.text}
+            if ex.text_pair is not None:
+                r["text_pair"] = ex.text_pair
             r["gold"] = ex.label
             for name, d in decoded.items():
                 r[f"pred_{name}"] = d[i]["label"]
