@@ -250,6 +250,16 @@ def _meta_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool, **kw: A
         return auto_cls.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def _drop_gguf_marker(model: Any) -> None:
+    """A model read from GGUF holds dequantised fp32 weights, but transformers keeps its GGUF
+    "quantizer" on it, which refuses `save_pretrained` (a full fine-tuning run of the embedded
+    SmolLM2 failed at its first checkpoint) and dtype changes: dropped, so the model is a plain
+    transformers model."""
+    model.is_quantized, model.hf_quantizer = False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def as_safetensors(spec: ModelSpec) -> ModelSpec:
     """`spec` read from safetensors. A GGUF file is dequantised once (by transformers' GGUF
     reader) into the cache, `<cache>/models/<file>-<digest>/`, and read from there after:
@@ -268,11 +278,7 @@ def as_safetensors(spec: ModelSpec) -> ModelSpec:
         from transformers import AutoModelForCausalLM  # a GGUF file holds a causal LM
 
         model: Any = AutoModelForCausalLM.from_pretrained(spec.path, **spec.load_kwargs())
-        # the weights are dequantised fp32, but transformers keeps its GGUF "quantizer", which
-        # refuses to save: drop it, so the directory is a plain transformers model
-        model.is_quantized, model.hf_quantizer = False, None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        _drop_gguf_marker(model)  # a plain transformers model, so that it saves
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(spec).save_pretrained(tmp)
@@ -290,6 +296,8 @@ def load_model(spec: ModelSpec, auto_cls: Any, trust_remote_code: bool = False, 
         )
     except OSError as e:  # missing or unreadable files, or no safetensors weights on the hub
         raise LmadaptError(f"model '{spec.name}' could not be loaded: {e}") from None
+    if spec.gguf_file:
+        _drop_gguf_marker(model)
     if q is None:
         return model
     if q.dequantize:

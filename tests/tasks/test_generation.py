@@ -568,3 +568,21 @@ def test_smollm2_lora_end_to_end(tmp_path):
 
     run = load_run(tmp_path / "run")  # adapter reloads onto the GGUF base
     assert run.task.template_name == "chat"
+
+
+@pytest.mark.slow
+def test_smollm2_full_fine_tuning_saves_and_reloads(tmp_path):
+    """The embedded SmolLM2 is read from GGUF; transformers' GGUF marker refused to save the
+    whole model, so `method: full` died at its first checkpoint (found by bench.memory_estimate).
+    """
+    from lmadapt.api import load_run, train
+
+    cfg = gen_config(tmp_path, "smollm2-135m-instruct", max_new_tokens=2, max_length=64)
+    cfg["method"] = {"name": "full"}
+    cfg["train"].update({"max_steps": 2, "checkpoint_every": 1, "threads": None})
+    cfg["data"]["max_train_samples"] = 4
+    cfg["data"]["max_eval_samples"] = 2
+    metrics = train(build_run_config(cfg))
+    assert math.isfinite(metrics["test"]["loss"])
+    run = load_run(tmp_path / "run")  # the whole fine-tuned model, from safetensors
+    assert not getattr(run.model, "hf_quantizer", None)
