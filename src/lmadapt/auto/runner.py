@@ -375,6 +375,8 @@ def _run_routes(
             first = (str(e).splitlines() or [""])[0]
             row.update(status="failed", reason=f"{type(e).__name__}: {first}")
             write_text(out / "routes" / f"{name}.error.txt", traceback.format_exc())
+        if "status" in row:  # said where the run is watched, not only in the report
+            print(f"[auto] {name}: {row['status']}: {row['reason']}", file=sys.stderr, flush=True)
         if row.get("status") == "failed" and RunDir(run_dir).metrics.is_file():
             continue  # it finished, then did not reload: kept for a look, not ranked
         if row.get("status") in ("skipped", "failed"):
