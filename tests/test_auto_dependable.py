@@ -346,28 +346,3 @@ def test_a_datasets_directory_is_accepted_and_carved_into_one(
     assert len(dev) == json.loads((out / "leaderboard.json").read_text())["carved"]["dev"]
     assert (out / "winner" / "metrics.json").is_file()
     assert Path(data, "dataset_info.json").is_file()  # the input untouched
-
-
-def test_dev_is_not_sampled_where_an_example_is_several_windows():
-    """CoNLL's auto run lost its LoRA route (IndexError): dev was sampled by feature index and
-    the same indices applied to the examples, but a long NER sentence is several windows."""
-    from types import SimpleNamespace
-
-    from lmadapt.auto.routes import Deadline
-
-    class SlowTask:
-        def evaluate_model(self, model, data):
-            time.sleep(0.05)
-
-    cfg = SimpleNamespace(eval_batch_size=1, seed=0)
-    trainer = SimpleNamespace(task=SlowTask(), model=None, collator=None, cfg=cfg)
-    now = time.monotonic()
-    feats, examples = [{"w": i} for i in range(30)], ["a", "b", "c"]  # 30 windows, 3 sentences
-    deadline = Deadline(now + 0.5, end=now + 1.0, started=now)
-    deadline._fit_dev(trainer, feats, examples)
-    assert len(feats) == 30 and examples == ["a", "b", "c"] and deadline.dev_rows is None
-    assert deadline.at < now + 0.5  # training gives way to scoring the whole dev set
-    one_each = [{"w": i} for i in range(30)]  # one feature per example: sampled down
-    deadline = Deadline(now + 0.5, end=time.monotonic() + 1.0)
-    deadline._fit_dev(trainer, one_each, list(range(30)))
-    assert deadline.dev_rows is not None and len(one_each) < 30

@@ -125,9 +125,7 @@ class Deadline(Hook):
         trains = self.at > now
         evals = EVALS_AFTER if trains else EVALS_AFTER - 1
         fits = int(spare * (EVAL_SHARE if trains else 1 - EVAL_SHARE) / (evals * per_row))
-        # only where each example is one feature: a task that cuts an example into several
-        # windows (NER, QA) has its dev scored whole, and `at` leaves the time for it
-        if fits < len(feats) and len(feats) == len(examples):
+        if fits < len(feats):
             keep = sorted(random.Random(trainer.cfg.seed).sample(range(len(feats)), max(1, fits)))
             self.dev_rows = (len(keep), len(feats))
             feats[:] = [feats[i] for i in keep]
