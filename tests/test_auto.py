@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -296,6 +297,60 @@ def test_deadline_anneals_the_rate_into_the_time_left(monkeypatch):
         hook.on_step_end(trainer)
     assert hook.rescheduled_to == 30 and trainer.state.step == 30 and hook.fired
     assert [f(20) for f in trainer.scheduler.lr_lambdas] == [pytest.approx(1 / 3)] * 2
+
+
+def test_deadline_samples_dev_by_example_keeping_every_window(monkeypatch, tiny_bert):
+    """NER sentences longer than max_length are several windows: sampling dev to fit the time
+    keeps or drops a sentence with all of its windows, so the task still scores what is kept."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lmadapt.config import TrainConfig
+    from lmadapt.data.tagged import Example
+    from lmadapt.tasks.token_classification import IGNORE
+    from lmadapt.train.loop import TrainState
+    from tests.tasks.test_token_classification import make_task
+
+    task = make_task(max_length=16, stride=4)
+    sents = ner_sentences(30, seed=4)
+    examples = [
+        Example(w * (1 + i % 3), " ".join(w * (1 + i % 3)), [], t * (1 + i % 3))
+        for i, (w, t) in enumerate(sents)
+    ]
+    task.fit(examples)
+    feats = task.encode(examples, AutoTokenizer.from_pretrained(tiny_bert))
+    assert len(feats) > len(examples)  # some sentences are several windows
+    clock, scored = [100.0], []
+
+    def oracle(model, data):  # a second per window; logits that give the gold tags
+        clock[0] += len(data.features)
+        logits = []
+        for f in data.features:
+            lab = np.array(f["labels"])
+            arr = np.zeros((len(lab), len(task.labels)), dtype=np.float32)
+            arr[lab != IGNORE, lab[lab != IGNORE]] = 5.0
+            logits.append(arr)
+        scored.append(task.evaluate(logits, data.examples).metrics)
+
+    monkeypatch.setattr(routes_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(task, "evaluate_model", oracle)
+
+    class Trainer:  # what the hook reads of the loop
+        state, cfg, model, collator = TrainState(), TrainConfig(eval_batch_size=4), None, None
+        dev_features, dev_examples = list(feats), list(examples)
+
+    trainer = Trainer()
+    trainer.task = task
+    hook = routes_mod.Deadline(math.inf, end=400.0, started=100.0)
+    hook.on_train_start(trainer)
+    kept, total = hook.dev_rows
+    assert total == len(examples) and 0 < kept < total == len(set(map(id, examples)))
+    assert len(trainer.dev_examples) == kept and set(map(id, trainer.dev_examples)) <= set(
+        map(id, examples)
+    )
+    assert len(trainer.dev_features) == sum(task.feature_counts(trainer.dev_examples))
+    oracle(None, routes_mod.Encoded(trainer.dev_features, trainer.dev_examples, None, 4))
+    assert scored[0]["f1"] == scored[-1]["f1"] == 1.0  # the probe and the kept part both align
 
 
 @pytest.mark.parametrize(

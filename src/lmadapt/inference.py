@@ -152,7 +152,8 @@ class Encoded:
     the tasks, so that the loop and evaluation, which tasks build on, can make one."""
 
     features: list[dict[str, Any]]
-    """What `Task.encode` made of `examples`, one per example, in the same order."""
+    """What `Task.encode` made of `examples`, in the same order: one per example, or several
+    where the task cuts an input into windows (`Task.feature_counts`)."""
     examples: list[Any]
     """The examples themselves: what scoring and decoding read besides the model's outputs
     (gold labels, references, words, contexts)."""

@@ -7,6 +7,7 @@ route that hangs or fails slowly)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import signal
@@ -94,7 +95,7 @@ class Deadline(Hook):
         self.rescheduled_to: int | None = None
         """The step the learning rate now decays to, when the deadline shortened the run."""
         self.dev_rows: tuple[int, int] | None = None
-        """(rows scored, rows in dev) when dev was sampled down to fit the time."""
+        """(examples scored, examples in dev) when dev was sampled down to fit the time."""
         self._start = (0.0, 0)
 
     def _check(self, trainer: Trainer) -> None:
@@ -112,25 +113,34 @@ class Deadline(Hook):
 
     def _fit_dev(self, trainer: Trainer, feats: list[dict[str, Any]], examples: list[Any]) -> None:
         """Sample dev (the trainer's `feats` and `examples`) down to what its scorings can take
-        of the time, in place: the loop and the run's report read the same lists."""
+        of the time, in place: the loop and the run's report read the same lists. Whole
+        examples are kept or dropped, with all their features (an NER sentence or a SQuAD
+        context may be several windows)."""
+        counts = trainer.task.feature_counts(examples)
+        starts = [0, *itertools.accumulate(counts)]
         t0 = time.monotonic()
-        k = min(len(feats), trainer.cfg.eval_batch_size)
-        sample = Encoded(feats[:k], examples[:k], trainer.collator, trainer.cfg.eval_batch_size)
-        trainer.task.evaluate_model(trainer.model, sample)
+        batch = trainer.cfg.eval_batch_size  # the probe: the first examples that fill a batch
+        first = next((i for i, s in enumerate(starts) if s >= batch), len(examples))
+        probe = Encoded(
+            feats[: starts[first]], examples[:first], trainer.collator, trainer.cfg.eval_batch_size
+        )
+        trainer.task.evaluate_model(trainer.model, probe)
         now = time.monotonic()
-        per_row = max(now - t0, 1e-6) / k
+        per_feature = max(now - t0, 1e-6) / starts[first]
         # kept for after the run: reloading it (about what loading took) and `after`
         after = (t0 - self.started) + self.after
         spare = self.end - now - after
         trains = self.at > now
         evals = EVALS_AFTER if trains else EVALS_AFTER - 1
-        fits = int(spare * (EVAL_SHARE if trains else 1 - EVAL_SHARE) / (evals * per_row))
+        fits = int(spare * (EVAL_SHARE if trains else 1 - EVAL_SHARE) / (evals * per_feature))
         if fits < len(feats):
-            keep = sorted(random.Random(trainer.cfg.seed).sample(range(len(feats)), max(1, fits)))
-            self.dev_rows = (len(keep), len(feats))
-            feats[:] = [feats[i] for i in keep]
+            order = random.Random(trainer.cfg.seed).sample(range(len(examples)), len(examples))
+            room = itertools.accumulate(counts[i] for i in order)
+            keep = sorted(i for i, used in zip(order, room) if used <= fits) or [order[0]]
+            self.dev_rows = (len(keep), len(examples))
+            feats[:] = [f for i in keep for f in feats[starts[i] : starts[i + 1]]]
             examples[:] = [examples[i] for i in keep]
-        self.at = min(self.at, self.end - after - evals * per_row * len(feats))
+        self.at = min(self.at, self.end - after - evals * per_feature * len(feats))
 
     def on_step_end(self, trainer: Trainer) -> None:
         self._check(trainer)

@@ -51,10 +51,10 @@ class Task(Protocol):
     groups_by_length: bool
     """Whether training batches are length-grouped unless `train.group_by_length` says."""
     head_lr_floor: float | None
-    train_dropout: float | None
-    """The dropout its training sets unless `train.dropout` says (None: the model's own)."""
     """The least learning rate of the parameters of `head_modules` unless `train.head_lr` says
     (None: they train at the run's rate like the rest)."""
+    train_dropout: float | None
+    """The dropout its training sets unless `train.dropout` says (None: the model's own)."""
     labels: list[str]
     """The label set its predictions name (empty where predictions are free text)."""
     description: str
@@ -97,6 +97,11 @@ class Task(Protocol):
         """JSON-serialisable state saved with the run (labels, problem type)."""
 
     def encode(self, examples: list[Any], tokenizer: Any) -> list[dict[str, Any]]: ...
+
+    def feature_counts(self, examples: list[Any]) -> list[int]:
+        """How many features `encode` made of each of these (encoded) examples, in order: one,
+        or the windows a task cuts a long input into. A subset of a split keeps whole examples
+        with all their features."""
 
     def collator(self, tokenizer: Any) -> Any: ...
 
@@ -282,6 +287,10 @@ class LogitsTask(ABC):
     def stream(self, path: str, fmt: str, bad: BadRows, labelled: bool = True) -> Iterable[Any]:
         """`read`'s list: examples are held in memory unless the task streams them."""
         return self.read(path, fmt, labelled, bad=bad)
+
+    def feature_counts(self, examples: list[Any]) -> list[int]:
+        """One feature per example unless the task cuts inputs into windows."""
+        return [1] * len(examples)
 
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits

@@ -372,6 +372,10 @@ class GenerationTask:
             rows.append((ids, train))
         return rows
 
+    def feature_counts(self, examples: list[Any]) -> list[int]:
+        """One feature per conversation (per pair, for preference)."""
+        return [1] * len(examples)
+
     def collator(self, tokenizer: Any) -> Collator | PackingCollator | Seq2SeqCollator:
         self.tokenizer = tokenizer
         return self.layout.collator(tokenizer)

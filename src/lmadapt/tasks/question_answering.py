@@ -285,6 +285,10 @@ class QuestionAnsweringTask(LogitsTask):
             feats.append(feat)
         return feats
 
+    def feature_counts(self, examples: list[QAExample]) -> list[int]:
+        """Each example's windows (as `encode` recorded them on it)."""
+        return [len(ex.windows) for ex in examples]
+
     def collator(self, tokenizer: Any) -> Collator:
         return Collator(tokenizer.pad_token_id)
 

@@ -275,6 +275,10 @@ class TokenClassificationTask(LogitsTask):
             feat["labels"] = labels
         return feat
 
+    def feature_counts(self, examples: list[Example]) -> list[int]:
+        """Each example's windows (as `encode` recorded them on it)."""
+        return [len(ex.windows) for ex in examples]
+
     def collator(self, tokenizer: Any) -> Collator:
         return Collator(tokenizer.pad_token_id, {"labels": IGNORE})
 
