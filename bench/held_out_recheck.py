@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     doc = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M"),
         "command": shlex.join(["python", "-m", "bench.held_out_recheck", *(argv or sys.argv[1:])]),
-        "note": "shared, loaded machine: wall times are not speed figures",
+        "note": "accuracy checks: wall times are not speed figures (budget-bound sets run alone)",
         "wall_seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
