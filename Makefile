@@ -31,7 +31,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/lmadapt train configs/demo.yaml output_dir=runs/demo overwrite=true
 	HF_HUB_OFFLINE=1 $(BIN)/lmadapt predict runs/demo "The soundtrack was wonderful." "I thought the ending was painfully slow."
 
-# Chromium for the dashboard's browser tests (tests/ui), where apt can install it; without it
+# Chromium for the dashboard's browser test (tests/ui/test_browser.py, slow tier), where apt can install it; without it
 # those tests are skipped, never failed.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -39,8 +39,9 @@ browser:
 	    echo "no chromium: browser tests will be skipped"
 
 # the fast tier (about 5 min on 2 idle cores); `test-slow` runs what it leaves out (real
-# processes killed and resumed, multi-process training, end-to-end runs on the embedded models)
-test: setup browser
+# processes killed and resumed, multi-process training, end-to-end runs on the embedded models,
+# the dashboard in a real browser)
+test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 test-slow: setup browser

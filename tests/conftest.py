@@ -241,3 +241,19 @@ def tiny_seq2seq(request, tmp_path_factory) -> str:
 def tiny_llama_no_template(tmp_path_factory) -> str:
     """The same tiny Llama whose tokenizer has no chat template (named templates apply)."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-plain"), chat_template=None)
+
+
+@pytest.fixture(scope="session")
+def onnx_runs(tmp_path_factory, tiny_bert) -> dict[str, str]:
+    """One tiny run per task (tests/onnx_runs.py), shared by the ONNX export and serving tests."""
+    from tests.onnx_runs import build_runs
+
+    return build_runs(tmp_path_factory.mktemp("onnx-runs"), tiny_bert)
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(onnx_runs, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """Each of `onnx_runs` exported in fp32: (what export_onnx returned, the directory)."""
+    from tests.onnx_runs import export_each
+
+    return export_each(onnx_runs, tmp_path_factory.mktemp("onnx-fp32"))

@@ -134,6 +134,7 @@ def activation_heavy(tmp_path: Path, tiny_bert: str) -> dict:
     }
 
 
+@pytest.mark.slow  # trains in a child process to measure its peak RSS
 def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_bert):
     """The step alone in its process: the printed peak RSS against ru_maxrss."""
     cfg = activation_heavy(tmp_path, tiny_bert)

@@ -4,6 +4,7 @@ the run's own logits (fp32) or what int8 costs against them (on the dev set), el
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,92 +12,13 @@ import pytest
 import torch
 
 from lmadapt import export_onnx
-from lmadapt.api import input_examples, load_run, predict, train
+from lmadapt.api import input_examples, load_run, predict
 from lmadapt.cli import main
-from lmadapt.config import build_run_config
 from lmadapt.export_onnx import ONNX_TOLERANCE, OnnxModel
 from lmadapt.inference import Encoded
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
-from tests.conftest import sentiment_rows, write_csv
-from tests.tasks.test_question_answering import QUESTION, qa_rows
-from tests.tasks.test_token_classification import ner_sentences, write_jsonl
-
-TEXTS = {
-    "classification": ["the film was good", "the plot was awful", "a lovely cast, a dull end"],
-    "token_classification": ["Alice Smith flew to New York today .", "Bob flew to Lima ."],
-    "question_answering": [
-        json.dumps({"question": QUESTION, "context": "The code is red. It rained all day."}),
-        json.dumps({"question": QUESTION, "context": "People walked. The code is blue."}),
-    ],
-}
-TRAIN = {"max_steps": 8, "batch_size": 8, "lr": 1e-2, "precision": "fp32", "threads": 1}
-
-
-def _train(root: Path, cfg: dict) -> str:
-    """A run trained under `root`, with its own feature cache and no tensorboard."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMADAPT_CACHE", str(root / "cache"))
-        mp.setenv("LMADAPT_TENSORBOARD", "0")
-        return train(build_run_config({**cfg, "output_dir": str(root / "run")}))["run_dir"]
-
-
-def _cls_config(
-    root: Path, model: str, method: str = "lora", dev_rows: int = 24, **train: object
-) -> dict:
-    return {
-        "model": model,
-        "task": {"type": "classification"},
-        "method": {"name": method},
-        "data": {
-            "train": str(write_csv(root / "train.csv", sentiment_rows(64, seed=1))),
-            "dev": str(write_csv(root / "dev.csv", sentiment_rows(dev_rows, seed=2))),
-        },
-        "train": {**TRAIN, **train},
-    }
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_bert) -> dict[str, str]:
-    """One tiny run per task: classification with LoRA (merged on export), token classification
-    with LoRA and no dev set, question answering fully fine-tuned (exported as it is)."""
-    root = tmp_path_factory.mktemp("onnx-runs")
-    (root / "cls").mkdir()
-    cls = _train(root / "cls", _cls_config(root / "cls", tiny_bert, eval_every=8))
-    ner = root / "ner"
-    ner.mkdir()
-    train_rows = [{"tokens": w, "tags": t} for w, t in ner_sentences(48, seed=1)]
-    ner_run = _train(
-        ner,
-        {
-            "model": tiny_bert,
-            "task": {"type": "token_classification", "max_length": 16, "stride": 4},
-            "method": {"name": "lora"},
-            "data": {"train": str(write_jsonl(ner / "train.jsonl", train_rows))},
-            "train": TRAIN,
-        },
-    )
-    qa = root / "qa"
-    qa.mkdir()
-    qa_run = _train(
-        qa,
-        {
-            "model": tiny_bert,
-            "task": {
-                "type": "question_answering",
-                "max_length": 48,
-                "doc_stride": 8,
-                "max_question_length": 8,
-            },
-            "method": {"name": "full"},
-            "data": {
-                "train": str(write_jsonl(qa / "train.jsonl", qa_rows(64, 1))),
-                "dev": str(write_jsonl(qa / "dev.jsonl", qa_rows(24, 2))),
-            },
-            "train": {**TRAIN, "lr": 2e-3, "eval_every": 8},
-        },
-    )
-    return {"classification": cls, "token_classification": ner_run, "question_answering": qa_run}
+from tests.onnx_runs import TEXTS, cls_config, train_run
 
 
 def _predicts(row: dict) -> object:
@@ -117,20 +39,11 @@ def _onnx_predict(out: Path, texts: list[str]) -> list[dict]:
     return task.predict_model(OnnxModel(out / "model.onnx"), data)
 
 
-@pytest.fixture(scope="module")
-def fp32(runs, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
-    """Each run exported in fp32: (what export_onnx returned, the directory)."""
-    root = tmp_path_factory.mktemp("onnx-fp32")
-    return {
-        kind: (export_onnx.export_onnx(run, root / kind), root / kind) for kind, run in runs.items()
-    }
-
-
 @pytest.mark.parametrize("kind", list(TEXTS))
-def test_fp32_export_gives_the_runs_logits_and_predictions(kind, runs, fp32):
+def test_fp32_export_gives_the_runs_logits_and_predictions(kind, onnx_runs, onnx_fp32):
     import onnxruntime
 
-    result, out = fp32[kind]
+    result, out = onnx_fp32[kind]
     info = json.loads((out / "lmadapt_export.json").read_text())
     print(f"{kind}: ONNX Runtime vs PyTorch max abs logit diff {info['max_abs_diff']:.2e}")
     assert info["max_abs_diff"] <= ONNX_TOLERANCE == info["tolerance"]
@@ -147,34 +60,34 @@ def test_fp32_export_gives_the_runs_logits_and_predictions(kind, runs, fp32):
     assert all(i.shape == ["batch", "sequence"] for i in session.get_inputs())
     onnx_rows = _onnx_predict(out, TEXTS[kind])
     assert [_predicts(r) for r in onnx_rows] == [
-        _predicts(r) for r in predict(runs[kind], TEXTS[kind])
+        _predicts(r) for r in predict(onnx_runs[kind], TEXTS[kind])
     ]
 
 
-def test_onnx_runtime_alone_reproduces_the_classifier(runs, fp32):
+def test_onnx_runtime_alone_reproduces_the_classifier(onnx_runs, onnx_fp32):
     """No lmadapt at inference: the saved tokenizer, a session, the saved labels."""
     import onnxruntime
     from transformers import AutoTokenizer
 
-    out = fp32["classification"][1]
+    out = onnx_fp32["classification"][1]
     tok = AutoTokenizer.from_pretrained(out)
     session = onnxruntime.InferenceSession(str(out / "model.onnx"))
     enc = tok(TEXTS["classification"], padding=True, return_tensors="np")
     (logits,) = session.run(["logits"], {i.name: enc[i.name] for i in session.get_inputs()})
-    run = load_run(runs["classification"], "cpu")
+    run = load_run(onnx_runs["classification"], "cpu")
     with torch.no_grad():
         expected = run.model(**tok(TEXTS["classification"], padding=True, return_tensors="pt"))
     np.testing.assert_allclose(logits, expected.logits.numpy(), atol=ONNX_TOLERANCE, rtol=0)
     labels = json.loads((out / "lmadapt_task.json").read_text())["labels"]
     assert [labels[i] for i in logits.argmax(-1)] == [
-        r["label"] for r in predict(runs["classification"], TEXTS["classification"])
+        r["label"] for r in predict(onnx_runs["classification"], TEXTS["classification"])
     ]
 
 
-def test_int8_is_scored_on_the_dev_set_against_fp32(runs, tmp_path):
+def test_int8_is_scored_on_the_dev_set_against_fp32(onnx_runs, tmp_path):
     out = tmp_path / "int8"
     result = export_onnx.export_onnx(
-        runs["classification"], out, quantize="int8", max_metric_drop=100
+        onnx_runs["classification"], out, quantize="int8", max_metric_drop=100
     )
     q = result["int8"]
     assert q["int8_bytes"] < q["fp32_bytes"]
@@ -193,15 +106,15 @@ def test_int8_is_scored_on_the_dev_set_against_fp32(runs, tmp_path):
     assert [_predicts(r) for r in _onnx_predict(out, TEXTS["classification"])]  # it runs
 
 
-def test_int8_without_a_dev_set_says_so(runs, tmp_path):
+def test_int8_without_a_dev_set_says_so(onnx_runs, tmp_path):
     out = tmp_path / "int8"
-    q = export_onnx.export_onnx(runs["token_classification"], out, quantize="int8")["int8"]
+    q = export_onnx.export_onnx(onnx_runs["token_classification"], out, quantize="int8")["int8"]
     assert q["dev"] is None and "no dev set" in q["note"]
     assert q["probe_agreement"]["compared"] > len(export_onnx.PROBE_TEXTS)  # one per word
     assert "no dev set" in (out / "report.md").read_text()
 
 
-def test_int8_losing_more_than_allowed_is_refused(runs, tmp_path, monkeypatch, capsys):
+def test_int8_losing_more_than_allowed_is_refused(onnx_runs, tmp_path, monkeypatch, capsys):
     """A dev metric dropping past --max-metric-drop writes nothing (here 50 points, faked)."""
     real = export_onnx._score
 
@@ -213,7 +126,7 @@ def test_int8_losing_more_than_allowed_is_refused(runs, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(export_onnx, "_score", worse)
     out = tmp_path / "int8"
-    args = ["export", runs["classification"], "--format", "onnx", "--quantize", "int8"]
+    args = ["export", onnx_runs["classification"], "--format", "onnx", "--quantize", "int8"]
     assert main([*args, "--out", str(out), "--max-metric-drop", "1.5"]) == 2
     err = capsys.readouterr().err
     assert "--max-metric-drop 1.5" in err and "nothing was written" in err
@@ -221,17 +134,18 @@ def test_int8_losing_more_than_allowed_is_refused(runs, tmp_path, monkeypatch, c
 
 
 def test_methods_that_cannot_merge_are_refused_before_loading(tmp_path, tiny_bert, capsys):
-    run = _train(tmp_path, _cls_config(tmp_path, tiny_bert, "prompt_tuning", max_steps=2))
+    run = train_run(tmp_path, cls_config(tmp_path, tiny_bert, "prompt_tuning", max_steps=2))
     out = tmp_path / "onnx"
     assert main(["export", run, "--format", "onnx", "--out", str(out)]) == 2
     assert "method 'prompt_tuning' cannot be exported to ONNX" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".onnx*"))
 
 
-def test_the_command_and_its_output_directory(runs, fp32, tmp_path, capsys):
+def test_the_command_and_its_output_directory(onnx_runs, onnx_fp32, tmp_path, capsys):
     """The CLI path, over an earlier export (replaced only with --overwrite) and over a
     directory of the user's (never replaced)."""
-    run, out, mine = runs["classification"], fp32["classification"][1], tmp_path / "mine"
+    run, mine = onnx_runs["classification"], tmp_path / "mine"
+    out = Path(shutil.copytree(onnx_fp32["classification"][1], tmp_path / "export"))  # shared
     assert main(["export", run, "--format", "onnx", "--out", str(out)]) == 2
     assert "pass --overwrite to replace it" in capsys.readouterr().err
     assert main(["export", run, "--format", "onnx", "--out", str(out), "--overwrite"]) == 0
@@ -255,8 +169,8 @@ def test_the_command_and_its_output_directory(runs, fp32, tmp_path, capsys):
 def test_minilm_exports_within_tolerance_and_int8_is_scored(tmp_path, capsys):
     """The real embedded encoder: fp32 within ONNX_TOLERANCE, int8 scored on a 200-example dev
     set (the figures the README quotes)."""
-    cfg = _cls_config(tmp_path, "minilm", dev_rows=200, max_steps=16, eval_every=16, lr=5e-4)
-    run = _train(tmp_path, {**cfg, "train": {**cfg["train"], "threads": 2}})
+    cfg = cls_config(tmp_path, "minilm", dev_rows=200, max_steps=16, eval_every=16, lr=5e-4)
+    run = train_run(tmp_path, {**cfg, "train": {**cfg["train"], "threads": 2}})
     assert main(["export", run, "--format", "onnx", "--out", str(tmp_path / "fp32")]) == 0
     fp32 = json.loads((tmp_path / "fp32" / "lmadapt_export.json").read_text())
     assert fp32["max_abs_diff"] <= ONNX_TOLERANCE

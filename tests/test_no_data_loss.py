@@ -422,8 +422,6 @@ COMMANDS = {
         ),
     ]
 }
-HEAVY = {"continual", "compare", "hpo", "auto"}
-"""Several training runs per invocation: their random-interrupt tests are marked slow."""
 
 
 # ---------------------------------------------------------------------- the user's files
@@ -592,7 +590,9 @@ def test_ctrl_c_just_after_a_final_file_loses_nothing(name, user, tmp_path, monk
     assert _interrupted(name, user, tmp_path, out, interrupter, f"{name}: after a final file")
 
 
-def _ctrl_c_at_random(name: str, user: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.slow  # several runs per command, each interrupted and checked
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_ctrl_c_at_a_random_moment_loses_nothing(name, user, tmp_path, monkeypatch, capsys):
     command = COMMANDS[name]
     command.setup(monkeypatch)
     # the first run also imports modules and fills the feature cache: count a second one
@@ -612,17 +612,6 @@ def _ctrl_c_at_random(name: str, user: Path, tmp_path: Path, monkeypatch, capsys
         for at in sorted(rng.sample(range(1, counter.count + 1), EXAMPLES))
     ]
     assert any(fired), f"{name}: no interrupt fired"
-
-
-@pytest.mark.parametrize("name", [n for n in COMMANDS if n not in HEAVY])
-def test_ctrl_c_at_a_random_moment_loses_nothing(name, user, tmp_path, monkeypatch, capsys):
-    _ctrl_c_at_random(name, user, tmp_path, monkeypatch, capsys)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(HEAVY))
-def test_ctrl_c_at_a_random_moment_loses_nothing_heavy(name, user, tmp_path, monkeypatch, capsys):
-    _ctrl_c_at_random(name, user, tmp_path, monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------------- C. a late error

@@ -621,6 +621,7 @@ def test_cli_existing_output_dir_is_kept(tmp_path, tiny_bert, capsys):
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow  # a real process: the interpreter and the CLI start cold
 def test_cli_subprocess_prints_no_traceback(tmp_path, tiny_bert):
     """The real process: exit status 2, one error line, no traceback, nothing written."""
     cfg = _cli_case(tmp_path, tiny_bert, {}, {"train.csv": TRAIN_CSV.encode() + b"\xff,pos\n"})

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lmadapt.export_onnx import ONNX_TOLERANCE  # noqa: E402
 from lmadapt.serve.app import create_app  # noqa: E402
 from lmadapt.serve.settings import ServeSettings  # noqa: E402
-from tests.test_export_onnx import TEXTS, fp32, runs  # noqa: E402, F401  (module fixtures)
+from tests.onnx_runs import TEXTS  # noqa: E402
 
 ENDPOINTS = {"classification": "classify", "token_classification": "ner"}
 
@@ -45,13 +45,13 @@ def _close(a: object, b: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(runs, fp32, tmp_path_factory) -> dict[str, str]:  # noqa: F811
+def served(onnx_runs, onnx_fp32, tmp_path_factory) -> dict[str, str]:
     """Every run beside its export, under names that tell them apart."""
     root = tmp_path_factory.mktemp("served")
     names = {}
-    for kind, run in runs.items():
+    for kind, run in onnx_runs.items():
         names[f"{kind}-run"] = shutil.copytree(run, root / f"{kind}-run")
-        names[f"{kind}-onnx"] = shutil.copytree(fp32[kind][1], root / f"{kind}-onnx")
+        names[f"{kind}-onnx"] = shutil.copytree(onnx_fp32[kind][1], root / f"{kind}-onnx")
     return {k: str(v) for k, v in names.items()}
 
 

@@ -522,6 +522,7 @@ def test_decode_offsets_slice_the_entity_text(tokenizer):
     assert all(0.9 < e["score"] <= 1 for e in row["entities"])
 
 
+@pytest.mark.slow  # the real embedded encoder, end to end
 def test_minilm_end_to_end_and_cli(tmp_path, ner_files, capsys):
     rows = [{"tokens": w, "tags": t} for w, t in ner_sentences(20, seed=4)]
     files = {"train": write_jsonl(tmp_path / "small.jsonl", rows), "dev": ner_files["dev"]}

@@ -15,11 +15,14 @@ import pytest
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (BROWSER and DRIVER),
-    reason="needs Chromium and chromedriver on PATH (Debian: apt-get install chromium "
-    "chromium-driver; `make test` installs them where it can)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (BROWSER and DRIVER),
+        reason="needs Chromium and chromedriver on PATH (Debian: apt-get install chromium "
+        "chromium-driver; `make test-slow` installs them where it can)",
+    ),
+]
 
 
 def free_port() -> int:
