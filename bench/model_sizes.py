@@ -81,7 +81,9 @@ NOTE = (
     "memory-mapped weight files transformers reads); peak anon: the largest RssAnon sampled every "
     "50 ms, the memory the run allocated itself. estimated peak: the peak RSS "
     "lmadapt printed before loading the model (what the process held then, plus weights, "
-    "trainable state and activations)."
+    "trainable state and activations). fp32 GFLOP/s: bench.machine's matmul figure at the start "
+    "of the run that measured the row (this machine's speed varies; blank: not recorded then); "
+    "each row's lmadapt and peer ran one after the other, in the same run."
 )
 ESTIMATE = re.compile(r"lmadapt: memory: .*peak RSS about ([\d.]+) GiB")
 
@@ -353,9 +355,9 @@ def table(results: list[dict]) -> str:
     head = (
         "| shape | params | variant | ckpt | steps x seq | lmadapt peak MB | peer peak MB | "
         "x peer peak | lmadapt tok/s | peer tok/s | x peer tok/s | estimated peak GiB | "
-        "est / peak | lmadapt peak anon MB | peer peak anon MB |"
+        "est / peak | lmadapt peak anon MB | peer peak anon MB | fp32 GFLOP/s |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for key in dict.fromkeys(r["name"].rsplit("/", 1)[0] for r in results):
         a, b = by.get(key + "/lmadapt", {}), by.get(key + "/hf", {})
         r = a or b
@@ -375,6 +377,7 @@ def table(results: list[dict]) -> str:
             _cell(a, "estimate_over_peak", ".2f"),
             _cell(a, "peak_anon_mb"),
             _cell(b, "peak_anon_mb"),
+            _cell(r, "fp32_gflops", ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -425,6 +428,7 @@ def main() -> None:
         else:
             r = json.loads(line[len("RESULT ") :])
         r["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
+        r["fp32_gflops"] = machine["fp32_gflops"]  # this machine's speed varies from day to day
         results[row["name"]] = r
         print(json.dumps(r), flush=True)
         ordered = sorted(results.values(), key=lambda r: order.index(r["name"]))
