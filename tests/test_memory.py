@@ -168,3 +168,17 @@ def test_a_model_the_meta_build_cannot_make_is_trained_unchecked(monkeypatch, ru
     monkeypatch.setattr(lmadapt.memory, "model_shape", fail)
     assert train(build_run_config(run_config(train={"max_steps": 1})))["steps"] == 1
     assert "lmadapt: memory: no estimate (RuntimeError" in capsys.readouterr().err
+
+
+def test_a_run_reports_its_own_peak_not_its_parents():
+    """Linux's ru_maxrss keeps the parent's RSS across fork and exec; a run started by a big
+    process (pytest after the SmolLM2 tests, an `auto` or `hpo` driver) must report its own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(2**28)  # 2 GiB held by this process, every page touched
+    code = "from lmadapt.session import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 1024 < held.nbytes / 2**20  # MB: the child's imports only

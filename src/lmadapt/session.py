@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import os
 import random
+import re
 import resource
 import shutil
 from collections.abc import Callable, Iterator
@@ -85,7 +86,14 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak RSS: Linux's VmHWM where there is one, since ru_maxrss keeps the
+    parent's RSS at fork and exec (a run started by a 4 GB process reported 4 GB)."""
+    with contextlib.suppress(OSError):
+        status = Path("/proc/self/status").read_text()
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+        if match:
+            return int(match.group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def set_attention(model: torch.nn.Module, choice: str, kind: str) -> None:
