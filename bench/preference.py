@@ -349,7 +349,8 @@ def compare_tokens(trl_ds: Any, path: Path, args: argparse.Namespace) -> dict[st
     text of the data: the decoded token is kept only when it is whitespace or a special token)."""
     from lmadapt.data.preference import read_pairs
     from lmadapt.models import load_tokenizer, resolve_model
-    from lmadapt.tasks.preference import PreferenceConfig, PreferenceTask
+    from lmadapt.tasks.configs import PreferenceConfig
+    from lmadapt.tasks.preference import PreferenceTask
 
     spec = resolve_model(MODEL)
     tok = load_tokenizer(spec)
@@ -418,7 +419,8 @@ def evaluate_adapter(args: argparse.Namespace, work: Path, adapter: str) -> dict
     from lmadapt.data.preference import read_pairs
     from lmadapt.inference import Encoded
     from lmadapt.models import load_tokenizer, resolve_model
-    from lmadapt.tasks.preference import PreferenceConfig, PreferenceTask
+    from lmadapt.tasks.configs import PreferenceConfig
+    from lmadapt.tasks.preference import PreferenceTask
 
     spec = resolve_model(MODEL)
     tok = load_tokenizer(spec)

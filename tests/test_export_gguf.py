@@ -15,8 +15,8 @@ import torch
 from lmadapt import export_gguf as eg
 from lmadapt.config import build_run_config
 from lmadapt.data.templates import build_template
+from lmadapt.decoding import GenerationSettings
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.inference import GenerationSettings
 from tests.conftest import CHATML_TEMPLATE, tiny_tokenizer
 from tests.tasks.test_generation import gen_config
 

@@ -20,6 +20,7 @@ from lmadapt.data.batching import largest_batch
 from lmadapt.data.streams import Examples, Reread, limited, read_through
 from lmadapt.data.validation import BadRow, BadRows, text_problem
 from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.evaluate.perturbations import select
 from lmadapt.evaluate.report import (
     bad_rows_metrics,
@@ -32,7 +33,8 @@ from lmadapt.evaluate.robustness import robustness as perturbed_evaluation
 from lmadapt.inference import Encoded, autocast_bf16
 from lmadapt.io import clean_orphans, write_json, write_yaml
 from lmadapt.memory import check_fits
-from lmadapt.methods import Method, build_method, count_parameters
+from lmadapt.methods import build_method
+from lmadapt.methods.base import Method, count_parameters
 from lmadapt.models import ModelSpec, check_weights, load_tokenizer, resolve_model
 from lmadapt.pipeline import Fitted, finish, fit, save_artifact
 from lmadapt.rundir import CONFIG, MODEL, RUN_INFO, RunDir, check_output_dir
@@ -50,7 +52,7 @@ from lmadapt.session import (
     set_threads,
     start,
 )
-from lmadapt.tasks import TASKS, Evaluation, build_task
+from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import check_model_suits, stream_split
 from lmadapt.tasks.capabilities import (
     CalibratableTask,

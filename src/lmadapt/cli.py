@@ -43,14 +43,19 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
 
     def run(a: argparse.Namespace) -> None:
-        from lmadapt.api import resume, train
-
         if a.resume:
             if a.config or a.overrides:
                 raise LmadaptError("--resume takes the run directory only (its config is reused)")
+            from lmadapt.api import resume
+
             metrics = resume(a.resume)
         elif a.config:
-            metrics = train(a.config, a.overrides)
+            from lmadapt.config import load_config
+
+            config = load_config(a.config, a.overrides)  # a bad config is told before torch loads
+            from lmadapt.api import train
+
+            metrics = train(config)
         else:
             raise LmadaptError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
         if int(os.environ.get("RANK", "0")) != 0:
@@ -545,8 +550,8 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
 
 def _decoding_settings(a: argparse.Namespace) -> dict:
     """Decoding flags as overrides of a run's settings, checked before any model loads."""
+    from lmadapt.decoding import GenerationSettings
     from lmadapt.errors import ConfigError
-    from lmadapt.inference import GenerationSettings
 
     flags = {
         "max_new_tokens": a.max_new_tokens,

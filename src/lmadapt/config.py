@@ -14,7 +14,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate.perturbations import PERTURBATIONS
-from lmadapt.methods import METHODS, MethodConfig
+from lmadapt.methods import METHODS
+from lmadapt.methods.configs import MethodConfig
 from lmadapt.schema import (
     apply_overrides,
     check_device_name,

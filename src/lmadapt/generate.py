@@ -16,13 +16,14 @@ from typing import Any, TextIO
 import torch
 
 from lmadapt.data.chat import Conversation
+from lmadapt.decoding import GenerationSettings
 from lmadapt.errors import LmadaptError
-from lmadapt.inference import GenerationSettings
 from lmadapt.io import write_text
 from lmadapt.rundir import RunDir
 from lmadapt.session import peak_rss_mb, resolve_device, set_threads, start
 from lmadapt.tasks.base import check_model_suits
-from lmadapt.tasks.generation import GenerationConfig, GenerationTask
+from lmadapt.tasks.configs import GenerationConfig
+from lmadapt.tasks.generation import GenerationTask
 
 
 @dataclass

@@ -41,7 +41,8 @@ import torch
 from lmadapt.activations import Saved, trace_step
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.inference import autocast_bf16, bf16_castable, bf16_frozen_base
-from lmadapt.methods import METHODS, build_method, count_parameters
+from lmadapt.methods import METHODS, build_method
+from lmadapt.methods.base import count_parameters
 from lmadapt.models import ModelSpec, Quantized, shapes_only
 from lmadapt.schema import parse_section
 from lmadapt.session import apply_method, set_attention

@@ -1,24 +1,42 @@
 """A name -> (config class, implementation) registry, shared by methods, tasks and models.
 
-Adding a method or task is one file plus one `@REGISTRY.register(...)` line; nothing branches on
-names anywhere else.
+Adding a method or task is one file plus one registration line; nothing branches on names
+anywhere else. Tasks and methods register their implementation by its dotted path (`lazy`), next
+to a light config class, so that reading and checking a run config imports neither torch nor the
+implementations (peft's layout: a config beside each tuner, the model code loaded when used).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
 class Entry(Generic[T]):
-    name: str
-    config_cls: type | None
-    impl: T
-    summary: str
+    """One registered name: its config class, and its implementation (imported on first use
+    when it was registered by path)."""
+
+    def __init__(self, name: str, config_cls: type | None, impl: T | str, summary: str = ""):
+        self.name, self.config_cls = name, config_cls
+        self._impl, self._summary = impl, summary
+
+    @property
+    def impl(self) -> T:
+        if isinstance(self._impl, str):  # "package.module:attribute"
+            module, _, attr = self._impl.partition(":")
+            self._impl = getattr(importlib.import_module(module), attr)
+        return cast(T, self._impl)
+
+    @property
+    def summary(self) -> str:
+        """The given summary, else the first line of the implementation's docstring."""
+        if self._summary:
+            return self._summary
+        doc = (getattr(self.impl, "__doc__", None) or "").strip().splitlines()
+        return doc[0] if doc else ""
 
 
 class Registry(Generic[T]):
@@ -26,18 +44,25 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
+    def _add(self, entry: Entry[T]) -> None:
+        if entry.name in self._entries:
+            raise ValueError(f"{self.kind} '{entry.name}' registered twice")
+        self._entries[entry.name] = entry
+
     def register(
         self, name: str, config_cls: type | None = None, summary: str = ""
     ) -> Callable[[T], T]:
+        """A decorator registering the implementation it decorates."""
+
         def deco(impl: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} '{name}' registered twice")
-            doc = summary or (getattr(impl, "__doc__", None) or "").strip().splitlines()[0:1]
-            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            self._entries[name] = Entry(name, config_cls, impl, text)
+            self._add(Entry(name, config_cls, impl, summary))
             return impl
 
         return deco
+
+    def lazy(self, name: str, config_cls: type | None, impl: str, summary: str = "") -> None:
+        """Register `impl` ("package.module:attribute") without importing it."""
+        self._add(Entry(name, config_cls, impl, summary))
 
     def get(self, name: str) -> Entry[T]:
         try:

@@ -20,8 +20,7 @@ from lmadapt.evaluate.explain import explain as attribute
 from lmadapt.evaluate.explain import html_page
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.tasks import build_task
-from lmadapt.tasks.classification import ClassificationConfig
-from lmadapt.tasks.generation import GenerationConfig
+from lmadapt.tasks.configs import ClassificationConfig, GenerationConfig
 from tests.conftest import NEG, NOUNS, POS, write_csv
 from tests.tasks.test_token_classification import ner_sentences, write_jsonl
 

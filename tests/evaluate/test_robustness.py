@@ -129,7 +129,8 @@ def test_ner_perturbations_keep_entities_and_tags_aligned(name):
 
 
 def test_classification_perturbs_both_texts_never_the_label():
-    from lmadapt.tasks.classification import ClassificationConfig, Example
+    from lmadapt.tasks.classification import Example
+    from lmadapt.tasks.configs import ClassificationConfig
 
     for kind in ("classification", "prompt_classification"):
         task = build_task(parse_section(TASKS, "type", kind, "task"))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmadapt.errors import ConfigError
-from lmadapt.methods import METHODS, build_method, count_parameters
+from lmadapt.methods import METHODS, build_method
+from lmadapt.methods.base import count_parameters
 from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task

@@ -97,7 +97,7 @@ def test_the_prompt_command_scores_as_the_untrained_task_does(
     from lmadapt.models import load_tokenizer, resolve_model
     from lmadapt.prompting.runner import run_prompt
     from lmadapt.tasks import build_task
-    from lmadapt.tasks.prompt_classification import PromptClassificationConfig
+    from lmadapt.tasks.configs import PromptClassificationConfig
 
     prompt = {
         "model": tiny_llama,

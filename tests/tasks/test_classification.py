@@ -7,7 +7,8 @@ from lmadapt.api import evaluate, load_run, predict, train
 from lmadapt.config import build_run_config
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.tasks import build_task
-from lmadapt.tasks.classification import ClassificationConfig, Example
+from lmadapt.tasks.classification import Example
+from lmadapt.tasks.configs import ClassificationConfig
 from tests.conftest import write_csv
 
 

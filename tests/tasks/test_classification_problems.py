@@ -3,8 +3,8 @@ import typing
 import pytest
 
 from lmadapt.tasks import build_task
-from lmadapt.tasks.classification import ClassificationConfig
 from lmadapt.tasks.classification_problems import PROBLEMS, Problem
+from lmadapt.tasks.configs import ClassificationConfig
 
 PROBLEM_NAMES = typing.get_args(typing.get_type_hints(ClassificationConfig)["problem"])
 

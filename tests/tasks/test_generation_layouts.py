@@ -7,7 +7,8 @@ import typing
 
 import pytest
 
-from lmadapt.tasks.generation import GenerationConfig, GenerationTask
+from lmadapt.tasks.configs import GenerationConfig
+from lmadapt.tasks.generation import GenerationTask
 from lmadapt.tasks.generation_layouts import CausalLayout, Layout, Seq2SeqLayout
 
 MEMBERS = [n for n in dir(Layout) if not n.startswith("_")] + list(typing.get_type_hints(Layout))

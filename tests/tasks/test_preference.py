@@ -24,6 +24,7 @@ from lmadapt.models import load_tokenizer, resolve_model
 from lmadapt.schema import parse_section
 from lmadapt.tasks import TASKS, build_task
 from lmadapt.tasks.base import check_model_suits
+from lmadapt.tasks.configs import DEFAULT_BETA
 from lmadapt.tasks.generation_layouts import IGNORE
 from lmadapt.tasks.preference import (
     LOSSES,
@@ -656,7 +657,7 @@ def test_trains_reports_and_reloads(tmp_path, tiny_llama, spec, tok, method, los
     assert math.isclose(test["base_chosen_logp"], float(chosen.mean()), abs_tol=1e-4)
     assert math.isclose(test["base_rejected_logp"], float(rejected.mean()), abs_tol=1e-4)
     assert test["chosen_logp"] != test["base_chosen_logp"]  # trained: another model
-    beta = LOSSES[loss].default_beta
+    beta = DEFAULT_BETA[loss]
     if loss == "dpo":  # the base against itself: every pair a tie
         assert test["base_reward_accuracy"] == 0.5
         assert test["base_reward_margin"] == 0 and test["base_chosen_reward"] == 0

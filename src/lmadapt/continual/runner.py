@@ -29,6 +29,7 @@ from lmadapt.continual.strategies import Strategy, build_strategy
 from lmadapt.data import cache
 from lmadapt.errors import ConfigError
 from lmadapt.evaluate import plots
+from lmadapt.evaluate.metrics import Evaluation
 from lmadapt.evaluate.report import markdown_table
 from lmadapt.inference import Encoded
 from lmadapt.io import write_json, write_text, write_yaml
@@ -37,7 +38,7 @@ from lmadapt.pipeline import fit
 from lmadapt.rundir import RunDir, check_output_dir
 from lmadapt.schema import to_dict
 from lmadapt.session import peak_rss_mb, run_directory, seed_everything, start
-from lmadapt.tasks import Evaluation, build_task
+from lmadapt.tasks import build_task
 from lmadapt.tasks.base import Task, check_model_suits, stream_split
 from lmadapt.train.loop import TrainResult
 

@@ -34,7 +34,8 @@ from lmadapt.evaluate.report import (
 )
 from lmadapt.inference import batched_logits, model_inputs
 from lmadapt.io import write_json, write_yaml
-from lmadapt.methods import build_method, count_parameters
+from lmadapt.methods import build_method
+from lmadapt.methods.base import count_parameters
 from lmadapt.models import ModelSpec, load_tokenizer, resolve_model
 from lmadapt.pipeline import Fitted, finish, fit, save_artifact
 from lmadapt.rundir import RunDir, check_output_dir

@@ -51,7 +51,7 @@ class RunTeacher:
 
     def __init__(self, cfg: RunTeacherConfig):
         from lmadapt.api import load_run
-        from lmadapt.methods import count_parameters
+        from lmadapt.methods.base import count_parameters
 
         self.cfg = cfg
         self.run = load_run(cfg.run_dir)
@@ -95,7 +95,7 @@ class PromptTeacher:
     """A prompted LLM: its verbalizer label distribution (calibrated if the config says so)."""
 
     def __init__(self, cfg: PromptTeacherConfig):
-        from lmadapt.methods import count_parameters
+        from lmadapt.methods.base import count_parameters
         from lmadapt.prompting.config import load_prompt_config
         from lmadapt.prompting.sources import load_lm
         from lmadapt.prompting.teacher import LabelScorer

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from lmadapt.errors import ConfigError
 from lmadapt.hooks import Hook
-from lmadapt.methods import METHODS
-from lmadapt.methods.base import MethodConfig, PeftMethod
-from lmadapt.methods.lora import LowRankShape
+from lmadapt.methods.base import PeftMethod
+from lmadapt.methods.configs import AdaLoraMethodConfig
 from lmadapt.models import ModelSpec
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
@@ -31,56 +28,6 @@ if TYPE_CHECKING:  # the protocol only: tasks sit above this module
 ADAPTER = "default"
 
 
-@dataclass
-class AdaLoraMethodConfig(LowRankShape, MethodConfig):
-    name: str = "adalora"
-    lr: float = 1e-3
-    """The paper uses 5e-4 to 1e-3 on GLUE; the singular values start at zero, as LoRA's B."""
-    init_r: int = 12
-    """Starting rank of every adapted matrix (the budget to prune from)."""
-    target_r: int = 8
-    """Average rank left after pruning; the total budget is target_r x number of matrices."""
-    tinit_ratio: float = 0.1
-    """Share of the training steps before pruning starts (the paper's t_i)."""
-    tfinal_ratio: float = 0.3
-    """Share of the training steps at the end with the final ranks frozen (the paper's t_f)."""
-    delta_t: int = 1
-    """Re-allocate the budget every this many steps during the pruning phase."""
-    beta1: float = 0.85
-    """EMA factor of the importance (sensitivity) score."""
-    beta2: float = 0.85
-    """EMA factor of the importance uncertainty."""
-    orth_reg_weight: float = 0.1
-    """Weight of the orthogonality penalty ||PᵀP - I||_F + ||QQᵀ - I||_F (the paper's γ = 0.1)."""
-
-    def __post_init__(self) -> None:
-        if self.target_r < 1:
-            raise ConfigError("method.target_r", f"must be >= 1, got {self.target_r}")
-        if self.init_r < self.target_r:
-            raise ConfigError(
-                "method.init_r", f"must be >= target_r ({self.target_r}), got {self.init_r}"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("method.dropout", f"must be in [0, 1), got {self.dropout}")
-        for name in ("tinit_ratio", "tfinal_ratio"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"method.{name}", f"must be in [0, 1), got {getattr(self, name)}")
-        if self.tinit_ratio + self.tfinal_ratio >= 1:
-            raise ConfigError(
-                "method.tfinal_ratio",
-                f"tinit_ratio + tfinal_ratio must be < 1 (leaving steps to prune in), got "
-                f"{self.tinit_ratio} + {self.tfinal_ratio}",
-            )
-        if self.delta_t < 1:
-            raise ConfigError("method.delta_t", f"must be >= 1, got {self.delta_t}")
-        for name in ("beta1", "beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ConfigError(f"method.{name}", f"must be in (0, 1), got {getattr(self, name)}")
-        if self.orth_reg_weight < 0:
-            raise ConfigError("method.orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight}")
-
-
-@METHODS.register("adalora", AdaLoraMethodConfig)
 class AdaLora(PeftMethod[AdaLoraMethodConfig]):
     """AdaLoRA via peft: LoRA whose per-matrix rank is pruned to a budget by importance."""
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.methods import METHODS
-from lmadapt.methods.base import MethodConfig, NoHooks, unfreeze_modules
+from lmadapt.methods.base import NoHooks, unfreeze_modules
+from lmadapt.methods.configs import AdapterConfig
 from lmadapt.models import ModelSpec
 from lmadapt.schema import from_dict
 
@@ -47,46 +47,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
 }
-
-
-@dataclass
-class AdapterConfig(MethodConfig):
-    name: str = "adapter"
-    lr: float = 1e-3
-    """Houlsby et al. sweep 1e-4 to 1e-3; the zero-initialised up-projections need the upper end."""
-    variant: Literal["houlsby", "pfeiffer"] = "houlsby"
-    """houlsby: adapters after attention and after the FFN; pfeiffer: after the FFN only (half the
-    parameters, about the same accuracy in Pfeiffer et al.)."""
-    reduction_factor: int = 16
-    """Bottleneck width = hidden size // reduction_factor (24 for MiniLM's 384)."""
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    residual: bool = True
-    """Add the adapter's input to its output. Without it the adapter replaces the sub-layer output
-    and the model no longer starts as the pretrained one."""
-    init_std: float = 1e-2
-    """Std of the down-projection init; the up-projection starts at zero, so every adapter starts as
-    the identity (near-identity init, as in Houlsby et al.)."""
-    attn_modules: str | None = None
-    """Regex of the attention output projections; None = per-architecture default (BERT-like:
-    `attention.output.dense`, Llama-like: `self_attn.o_proj`)."""
-    ffn_modules: str | None = None
-    """Regex of the feed-forward output projections; None = per-architecture default (BERT-like:
-    `layer.N.output.dense`, Llama-like: `mlp.down_proj`)."""
-
-    def __post_init__(self) -> None:
-        if self.reduction_factor < 1:
-            raise ConfigError(
-                "method.reduction_factor", f"must be >= 1, got {self.reduction_factor}"
-            )
-        if self.init_std < 0:
-            raise ConfigError("method.init_std", f"must be >= 0, got {self.init_std}")
-        for name in ("attn_modules", "ffn_modules"):
-            pattern = getattr(self, name)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ConfigError(f"method.{name}", f"not a valid regex: {e}") from None
 
 
 class Bottleneck(nn.Module):
@@ -154,7 +114,6 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     return sites
 
 
-@METHODS.register("adapter", AdapterConfig)
 class Adapter(NoHooks):
     """Bottleneck adapters (Houlsby / Pfeiffer) after attention and FFN; the head trains."""
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
 
 from lmadapt.hooks import Hook
+from lmadapt.methods.configs import MethodConfig
 from lmadapt.models import ModelSpec, refuse_pickled
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
@@ -16,13 +16,6 @@ if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from transformers import PreTrainedModel
 
     from lmadapt.tasks.base import Task
-
-
-@dataclass
-class MethodConfig:
-    name: str
-    lr: float = 5e-5
-    """Default peak learning rate for this method (train.lr overrides it)."""
 
 
 C = TypeVar("C", bound=MethodConfig)

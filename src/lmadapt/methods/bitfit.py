@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lmadapt.errors import ConfigError
-from lmadapt.methods import METHODS
-from lmadapt.methods.base import MethodConfig, WholeModelMethod, unfreeze_modules
+from lmadapt.methods.base import WholeModelMethod, unfreeze_modules
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
 
 
-@dataclass
-class BitFitConfig(MethodConfig):
-    name: str = "bitfit"
-    lr: float = 1e-3
-    """Biases need a much larger step than full fine-tuning (the paper uses 1e-4 to 1e-3)."""
-
-
-@METHODS.register("bitfit", BitFitConfig)
 class BitFit(WholeModelMethod):
     """BitFit: bias terms and the task head train; everything else is frozen."""
 

@@ -8,21 +8,18 @@ applied by the training loop's optimizer through `lr_rules`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lmadapt.errors import ConfigError
 from lmadapt.io import atomic_path, write_text
-from lmadapt.methods import METHODS
-from lmadapt.methods.base import MethodConfig, PeftMethod
+from lmadapt.methods.base import PeftMethod
+from lmadapt.methods.configs import LoraMethodConfig
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
 
-LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
 INIT_LORA_WEIGHTS: dict[str, bool | Literal["gaussian", "pissa", "olora"]] = {
     "default": True,
     "gaussian": "gaussian",
@@ -32,72 +29,6 @@ INIT_LORA_WEIGHTS: dict[str, bool | Literal["gaussian", "pissa", "olora"]] = {
 """`init` -> peft's `init_lora_weights` (loftq is refused, see `LoraMethodConfig.__post_init__`)."""
 MUTATES_BASE = ("pissa", "olora")
 """Inits that move the top of W into B·A and train over the residual base W - s·B0·A0."""
-
-
-def check_lora_shape(section: str, r: int, dropout: float) -> None:
-    """LoRA's rank and dropout checks, shared with the continual `adapters` strategy."""
-    if r < 1:
-        raise ConfigError(f"{section}.r", f"must be >= 1, got {r}")
-    if not 0 <= dropout < 1:
-        raise ConfigError(f"{section}.dropout", f"must be in [0, 1), got {dropout}")
-
-
-@dataclass(kw_only=True)
-class LowRankShape:
-    """What every LoRA-style adapter shares (lora, adalora, continual's `adapters` strategy): the
-    scale, the dropout on the adapter's input and which modules are adapted. Keyword-only, so it
-    mixes into configs whose `name` has no default."""
-
-    alpha: float = 16.0
-    """Scale: the update is multiplied by alpha / rank."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input (peft's default, 0): with the base frozen, dropout cost
-    a third of a step and bought no accuracy (bench/results/dropout_default.md)."""
-    target_modules: list[str] | None = None
-    """Module names to adapt; None = peft's default for the architecture (query/value for BERT,
-    q_proj/v_proj for Llama); ["all-linear"] adapts every linear layer but the head."""
-
-
-@dataclass
-class LoraMethodConfig(LowRankShape, MethodConfig):
-    name: str = "lora"
-    lr: float = 5e-4
-    r: int = 8
-    use_dora: bool = False
-    """DoRA (Liu et al., 2024, arXiv:2402.09353): each weight split into a trained magnitude
-    (one per output row) and a direction that LoRA updates; closer to full fine-tuning at the
-    same rank, about twice LoRA's step time."""
-    use_rslora: bool = False
-    """Rank-stabilised LoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale alpha / sqrt(r)
-    instead of alpha / r, so that higher ranks keep learning; changes the effective scale."""
-    init: LoraInit = "default"
-    """How A and B start. default: A Kaiming-uniform, B zero (the update starts at 0).
-    gaussian: A ~ N(0, 1/r), B zero. pissa (Meng et al., 2024, arXiv:2404.02948): A, B from the
-    top r singular vectors of W by a full SVD (exact and deterministic, so a resumed run rebuilds
-    the same start; slower than peft's randomised `pissa_niter_16` on large layers), and the base
-    keeps the residual. olora (Büyükakyüz, 2024, arXiv:2406.01775): A, B from a QR of W, the base
-    keeps the residual. pissa and olora adapters are saved converted to plain LoRA of rank 2r
-    (B·A - B0·A0) that loads onto the original base. loftq: refused (see the error)."""
-    loraplus_ratio: float | None = None
-    """LoRA+ (Hayou et al., 2024, arXiv:2402.12354): the B matrices train at lr x ratio (the
-    paper suggests 16); None = one rate. Biases and DoRA magnitudes keep the run's rate, and
-    the head keeps its own (train.head_lr), whatever the ratio."""
-
-    def __post_init__(self) -> None:
-        check_lora_shape("method", self.r, self.dropout)
-        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
-            raise ConfigError(
-                "method.loraplus_ratio",
-                f"must be > 0 (the paper uses 16), got {self.loraplus_ratio}",
-            )
-        if self.init == "loftq":
-            raise ConfigError(
-                "method.init",
-                "loftq is not supported: peft 0.21.2 computes LoftQ's quantisation on a CUDA/XPU "
-                "device only (hard-coded in peft.utils.loftq_utils), and its adapter reproduces "
-                "the run only over the nf4-quantised base it was fitted to, which lmadapt does "
-                "not save; use pissa for a data-free SVD start",
-            )
 
 
 def linear_heads(model: torch.nn.Module, heads: list[str]) -> list[str]:
@@ -123,7 +54,6 @@ def linear_heads(model: torch.nn.Module, heads: list[str]) -> list[str]:
     return out
 
 
-@METHODS.register("lora", LoraMethodConfig)
 class Lora(PeftMethod[LoraMethodConfig]):
     """LoRA via peft; options use_dora, use_rslora, init (pissa, olora...), loraplus_ratio.
 

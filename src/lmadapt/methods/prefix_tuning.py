@@ -4,39 +4,18 @@ prepended in every attention layer, so each layer attends to learned virtual tok
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmadapt.errors import ConfigError
-from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
-from lmadapt.methods.prompt_common import EncodedTokensConfig
+from lmadapt.methods.configs import PrefixTuningMethodConfig
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from lmadapt.tasks.base import Task
 
 
-@dataclass
-class PrefixTuningMethodConfig(EncodedTokensConfig):
-    name: str = "prefix_tuning"
-    lr: float = 1e-2
-    """The paper uses 5e-5 to 8e-5 with a reparameterising MLP; direct prefixes on small encoders
-    with few steps need far larger steps (MiniLM / SST-2: 0.71 dev accuracy after 40 steps)."""
-    prefix_projection: bool = False
-    """Reparameterise the prefixes through a 2-layer MLP (the paper's stabiliser); costs a large
-    MLP during training but is saved the same way."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.encoder_hidden_size is not None and not self.prefix_projection:
-            raise ConfigError(
-                "method.encoder_hidden_size", "is only used with method.prefix_projection=true"
-            )
-
-
-@METHODS.register("prefix_tuning", PrefixTuningMethodConfig)
 class PrefixTuning(PeftMethod[PrefixTuningMethodConfig]):
     """Prefix tuning via peft: learned key/value prefixes in every layer; the head trains."""
 

@@ -3,16 +3,13 @@ virtual token embeddings prepended to the input; the model itself stays frozen."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from lmadapt.errors import ConfigError
 from lmadapt.hooks import Hook
-from lmadapt.methods import METHODS
 from lmadapt.methods.base import PeftMethod
-from lmadapt.methods.prompt_common import VirtualTokensConfig
+from lmadapt.methods.configs import PromptTuningMethodConfig
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
     from peft import PeftModel, PromptEmbedding
@@ -24,33 +21,6 @@ ADAPTER = "default"
 PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}
 
 
-@dataclass
-class PromptTuningMethodConfig(VirtualTokensConfig):
-    name: str = "prompt_tuning"
-    lr: float = 3e-3
-    """The paper uses 0.3 (Adafactor, T5-XXL) for the prompt alone, but here the task head trains at
-    the same rate: on MiniLM / SST-2, 1e-2 and above blew up the head (loss 1.1 after 5 steps,
-    then stuck at chance), 3e-3 learnt steadily."""
-    init: Literal["vocab", "random", "text"] = "vocab"
-    """vocab: embeddings of randomly sampled vocabulary tokens (better than random in the paper);
-    random: peft's random init; text: the embeddings of init_text, repeated to fill the prompt."""
-    init_text: str | None = None
-    """Prompt text for init=text, e.g. "Is the sentiment of this review positive or negative?"."""
-    l2_penalty: float = 0.0
-    """λ of an extra loss term λ·||P||² on the prompt embeddings P, keeping them near the scale of
-    real token embeddings; 0 disables it."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.init == "text" and not (self.init_text or "").strip():
-            raise ConfigError("method.init_text", "is required when method.init is 'text'")
-        if self.init != "text" and self.init_text is not None:
-            raise ConfigError("method.init_text", "is only used with method.init=text")
-        if self.l2_penalty < 0:
-            raise ConfigError("method.l2_penalty", f"must be >= 0, got {self.l2_penalty}")
-
-
-@METHODS.register("prompt_tuning", PromptTuningMethodConfig)
 class PromptTuning(PeftMethod[PromptTuningMethodConfig]):
     """Prompt tuning via peft: a learned soft prompt of virtual tokens; the head trains."""
 

@@ -44,8 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmadapt.data.chat import Conversation
+from lmadapt.decoding import GenerationSettings
 from lmadapt.errors import LmadaptError
-from lmadapt.inference import GenerationSettings
 from lmadapt.serve.batching import QueueFullError
 from lmadapt.serve.catalog import Catalog, Entry, MemoryBudgetFull, UnknownRun
 from lmadapt.serve.guards import (

@@ -31,9 +31,10 @@ from peft.utils import ModulesToSaveWrapper
 
 from lmadapt import api
 from lmadapt.config import RunConfig
+from lmadapt.decoding import GenerationSettings
 from lmadapt.errors import LmadaptError
 from lmadapt.export_onnx import OnnxModel, is_onnx_export, read_export
-from lmadapt.inference import Encoded, GenerationSettings
+from lmadapt.inference import Encoded
 from lmadapt.methods.base import PeftMethod, WholeModelMethod
 from lmadapt.models import ModelSpec
 from lmadapt.rundir import RunDir

@@ -1,22 +1,40 @@
-"""Tasks: what the model predicts (head, loss, metrics, decoding); one file each."""
+"""Tasks: what the model predicts (head, loss, metrics, decoding); one file each, and its config
+class in `configs`, registered below by one line each. Registering by path keeps
+`import lmadapt.tasks` (and so reading a run config) free of torch; a task's module is imported
+when a run builds it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from lmadapt.registry import Registry
+from lmadapt.tasks import configs as c
+
+if TYPE_CHECKING:
+    from lmadapt.tasks.base import Task
 
 TASKS: Registry = Registry("task")
+for name, config, impl in [
+    ("classification", c.ClassificationConfig, "classification:ClassificationTask"),
+    ("generation", c.GenerationConfig, "generation:GenerationTask"),
+    ("preference", c.PreferenceConfig, "preference:PreferenceTask"),
+    (
+        "prompt_classification",
+        c.PromptClassificationConfig,
+        "prompt_classification:PromptClassificationTask",
+    ),
+    ("question_answering", c.QAConfig, "question_answering:QuestionAnsweringTask"),
+    (
+        "token_classification",
+        c.TokenClassificationConfig,
+        "token_classification:TokenClassificationTask",
+    ),
+]:
+    TASKS.lazy(name, config, f"lmadapt.tasks.{impl}")
 
-from lmadapt.tasks import (  # noqa: E402,F401  (each registers itself)
-    classification,
-    generation,
-    preference,
-    prompt_classification,
-    question_answering,
-    token_classification,
-)
-from lmadapt.tasks.base import Evaluation, Task  # noqa: E402
-
-__all__ = ["TASKS", "Evaluation", "Task", "build_task"]
+__all__ = ["TASKS", "build_task"]
 
 
-def build_task(config, state: dict | None = None) -> Task:
+def build_task(config: Any, state: dict | None = None) -> Task:
     """Instantiate the task named by `config.type`; `state` restores a saved label set."""
     return TASKS.get(config.type).impl(config, state)

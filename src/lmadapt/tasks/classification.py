@@ -5,60 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from lmadapt.data import Collator
+from lmadapt.data.batching import Collator
 from lmadapt.data.readers import Record, get_text, iter_records, read_records
 from lmadapt.data.streams import Reread
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.errors import LmadaptError
 from lmadapt.evaluate.explain import Explainable, Target
 from lmadapt.evaluate.perturbations import Perturbation
 from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.robustness import View
 from lmadapt.inference import Encoded
-from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask
 from lmadapt.tasks.classification_problems import PROBLEMS, Problem
+from lmadapt.tasks.configs import ClassificationConfig
 
 TEXT_DEFAULTS = ("text", "sentence", "sentence1", "question")
 PAIR_DEFAULTS = {"sentence1": "sentence2", "question": "passage", "premise": "hypothesis"}
-
-
-@dataclass
-class ClassificationConfig:
-    type: str = "classification"
-    problem: Literal["single_label", "multi_label", "regression"] = "single_label"
-    text_column: str | None = None
-    """Input text column; None takes the first present of text, sentence, sentence1, question."""
-    text_pair_column: str | None = None
-    """Second text for pair tasks; None takes sentence2 when text_column is sentence1."""
-    label_column: str = "label"
-    label_delimiter: str = ","
-    """Multi-label: separator between label names in one cell (JSONL may give a list)."""
-    threshold: float = 0.5
-    """Multi-label: a label is predicted when its sigmoid probability reaches this."""
-    max_length: int = 128
-    """Longer inputs are truncated (tokens)."""
-    calibrate: bool = False
-    """Single-label: predict and serve give temperature-scaled probabilities, softmax(logits / T)
-    with the T fitted on the dev set after training (Guo et al. 2017); labels are unchanged.
-    Needs a dev set. Off by default, so probabilities stay the model's own unless asked."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.threshold < 1:
-            raise ConfigError("task.threshold", f"must be in (0, 1), got {self.threshold}")
-        if self.max_length < 8:
-            raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
-        if not self.label_delimiter:
-            raise ConfigError("task.label_delimiter", "must not be empty")
-        if self.calibrate and self.problem != "single_label":
-            raise ConfigError(
-                "task.calibrate", f"applies to single_label problems, not {self.problem}"
-            )
 
 
 @dataclass
@@ -71,7 +38,6 @@ class Example:
     line: int = 0
 
 
-@TASKS.register("classification", ClassificationConfig)
 class ClassificationTask(LogitsTask):
     """Sequence classification with a linear head on the pooled representation; what differs
     between single-label, multi-label and regression is its `problem`'s (see

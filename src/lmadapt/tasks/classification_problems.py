@@ -31,7 +31,8 @@ from lmadapt.evaluate.robustness import View
 from lmadapt.tasks.base import keep_valid
 
 if TYPE_CHECKING:
-    from lmadapt.tasks.classification import ClassificationConfig, Example
+    from lmadapt.tasks.classification import Example
+    from lmadapt.tasks.configs import ClassificationConfig
 
 
 class Problem(Protocol):

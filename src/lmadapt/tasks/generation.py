@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmadapt.data import Collator
-from lmadapt.data.batching import PackingCollator, Seq2SeqCollator, token_budget_batches
-from lmadapt.data.chat import CHAT_FORMATS, Conversation, read_conversations
+from lmadapt.data.batching import Collator, PackingCollator, Seq2SeqCollator, token_budget_batches
+from lmadapt.data.chat import Conversation, read_conversations
 from lmadapt.data.tagged import split_words
-from lmadapt.data.templates import TEMPLATES, MarkupTemplate, Segment, build_template
+from lmadapt.data.templates import MarkupTemplate, Segment, build_template
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.errors import DataError, LmadaptError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.explain import Explainable, Target
@@ -44,9 +42,9 @@ from lmadapt.inference import (
     model_inputs,
     on_model_device,
 )
-from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Endpoint, Evaluation, keep_valid
 from lmadapt.tasks.capabilities import cannot_explain
+from lmadapt.tasks.configs import GenerationConfig
 from lmadapt.tasks.generation_layouts import Layout, layout_for, layout_from_state
 
 EVAL_TOKENS_PER_BATCH = 4096
@@ -55,110 +53,6 @@ vocabulary are 200 KB per token in fp32."""
 NO_LABEL = "(none)"
 
 
-@dataclass
-class GenerationConfig:
-    type: str = "generation"
-    data_format: str = "auto"
-    """auto (by fields), alpaca (instruction/input/output), sharegpt (conversations),
-    messages (OpenAI-style), text (raw text for continued pre-training)."""
-    template: str = "auto"
-    """auto = the tokenizer's chat template if it has one, else alpaca; or chat, alpaca, chatml,
-    plain."""
-    max_length: int = 1024
-    """Longer examples are cut at the end (tokens); an example left without response is an error."""
-    lm_loss_weight: float = 0.0
-    """β: prompt tokens (everything but responses) train with weight β, responses with 1, in one
-    token mean: Σ_resp ce + β·Σ_prompt ce over N_resp + β·N_prompt. 0 = response-only loss."""
-    align_weight: float | None = None
-    """α of the instruction-tuning objective L = L_LM + α·L_align: L_LM is the mean next-token
-    cross-entropy over every token of the sequence (prompt and response), L_align the mean over
-    response tokens only; each a mean over the batch's tokens. Per token that is weight 1/N_all
-    on prompt tokens and 1/N_all + α/N_resp on response tokens, i.e. lm_loss_weight
-    β = 1 / (1 + α·N_all/N_resp), which changes with each batch's mix; α -> ∞ gives α times the
-    response-only loss (lm_loss_weight 0), α = 0 plain language modelling. None = not used
-    (lm_loss_weight decides). Dev loss stays the response-only loss, comparable across runs."""
-    packing: bool = False
-    """Pack each batch's examples into rows of up to max_length tokens, attention kept within
-    each example (positions restart per example). For methods that keep the input as it is
-    (full, LoRA family, IA3, BitFit, adapters), not for prompt-learning methods."""
-    loss_positions_only: bool = True
-    """Compute the LM head's logits only where the loss reads them (not on prompt tokens when
-    lm_loss_weight is 0): less time and memory, same loss. For transformers causal LMs."""
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    """Greedy decoding by default; sampling uses temperature and top_p."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    """Beam search with this many beams (1 = greedy or sampling)."""
-    stop: list[str] = field(default_factory=list)
-    """Extra stop strings (the template's end-of-turn marker always stops)."""
-    answer_pattern: str | None = None
-    """Regex whose first group (or whole match) is the answer for exact match, e.g. GSM8K's
-    '####\\s*(-?[\\d,.]+)'; None compares whole responses."""
-    labels: list[str] | None = None
-    """Label-aware evaluation: a generation maps to the first label it mentions."""
-    eval_generate_max_samples: int | None = None
-    """Decode at most this many examples per evaluation (loss uses all); 0 = loss only,
-    None = all. Generation dominates evaluation time on a CPU."""
-    generate_batch_size: int = 16
-    seed: int = 0
-    """Sampling seed."""
-    report_samples: int = 5
-    """Generations shown in report.md."""
-
-    def settings(self, **overrides: Any) -> GenerationSettings:
-        """These decoding settings with `overrides` (None = keep), checked."""
-        values: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop),
-            "seed": self.seed,
-            "num_beams": self.num_beams,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return GenerationSettings(**values)
-
-    def __post_init__(self) -> None:
-        if self.data_format not in ("auto", *CHAT_FORMATS):
-            known = ", ".join(["auto", *CHAT_FORMATS])
-            raise ConfigError("task.data_format", f"one of {known}; got {self.data_format!r}")
-        if self.template not in ("auto", *TEMPLATES.names()):
-            known = ", ".join(["auto", *TEMPLATES.names()])
-            raise ConfigError("task.template", f"one of {known}; got {self.template!r}")
-        for name, low in (("max_length", 8), ("generate_batch_size", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"task.{name}", f"must be >= {low}, got {getattr(self, name)}")
-        if self.lm_loss_weight < 0:
-            raise ConfigError("task.lm_loss_weight", f"must be >= 0, got {self.lm_loss_weight}")
-        if self.align_weight is not None:
-            if self.align_weight < 0:
-                raise ConfigError("task.align_weight", f"must be >= 0, got {self.align_weight}")
-            if self.lm_loss_weight:
-                raise ConfigError(
-                    "task.align_weight",
-                    "replaces lm_loss_weight (L_LM already trains prompt tokens); set one of them",
-                )
-        try:
-            self.settings()  # the decoding values, checked where every caller's are
-        except ConfigError as e:
-            raise ConfigError(f"task.{e.field}", e.message) from None
-        if self.eval_generate_max_samples is not None and self.eval_generate_max_samples < 0:
-            raise ConfigError("task.eval_generate_max_samples", "must be >= 0")
-        if self.answer_pattern is not None:
-            try:
-                pattern = re.compile(self.answer_pattern)
-            except re.error as e:
-                raise ConfigError("task.answer_pattern", f"not a valid regex: {e}") from None
-            if pattern.groups > 1:
-                raise ConfigError("task.answer_pattern", "must have at most one group")
-        if self.labels is not None and len(set(self.labels)) < 2:
-            raise ConfigError("task.labels", f"needs at least 2 distinct labels, got {self.labels}")
-
-
-@TASKS.register("generation", GenerationConfig)
 class GenerationTask:
     """Generation with the model's own LM head: chat/instruction tuning or continued
     pre-training of a causal LM, or prompt -> response with an encoder-decoder (T5, BART), whose

@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from lmadapt.data import Collator
-from lmadapt.data.batching import PackingCollator, Seq2SeqCollator
+from lmadapt.data.batching import Collator, PackingCollator, Seq2SeqCollator
 from lmadapt.data.chat import Conversation
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 
 if TYPE_CHECKING:
     from lmadapt.models import ModelSpec
-    from lmadapt.tasks.generation import GenerationConfig
+    from lmadapt.tasks.configs import GenerationConfig
 
 IGNORE = -100
 

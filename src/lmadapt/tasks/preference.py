@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,74 +35,15 @@ from lmadapt.data.batching import Collator, token_budget_batches
 from lmadapt.data.preference import PreferencePair, looks_like_pairs, read_pairs
 from lmadapt.data.readers import iter_records
 from lmadapt.data.validation import BadRows
-from lmadapt.errors import ConfigError, DataError
+from lmadapt.errors import DataError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.report import cell, markdown_table
 from lmadapt.inference import Encoded, eval_mode, model_inputs, on_model_device
 from lmadapt.models import ModelSpec
-from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation
-from lmadapt.tasks.generation import EVAL_TOKENS_PER_BATCH, GenerationConfig, GenerationTask
+from lmadapt.tasks.configs import PreferenceConfig
+from lmadapt.tasks.generation import EVAL_TOKENS_PER_BATCH, GenerationTask
 from lmadapt.tasks.generation_layouts import IGNORE, align_virtual, loss_positions
-
-LossName = Literal["dpo", "simpo", "orpo"]
-
-
-@dataclass
-class PreferenceConfig:
-    type: str = "preference"
-    loss: LossName = "dpo"
-    """dpo (against the reference model), simpo or orpo (reference-free)."""
-    beta: float | None = None
-    """β: DPO's and SimPO's inverse temperature, ORPO's weight of the odds-ratio term; None =
-    the loss's usual value (dpo 0.1, simpo 2.0, orpo 0.1)."""
-    label_smoothing: float = 0.0
-    """ε of conservative DPO / SimPO: the share of pairs taken to be mislabelled (0 = none)."""
-    simpo_gamma: float = 1.0
-    """γ, SimPO's target reward margin (γ/β = 0.5 at the default β)."""
-    template: str = "auto"
-    """The chat template (as for generation): the tokenizer's own if it has one."""
-    max_length: int = 1024
-    """Prompt + reply tokens per row; a longer row loses the start of its prompt (the reply,
-    what the loss scores, is kept whole where it fits)."""
-    loss_positions_only: bool = True
-    """Compute the LM head's logits only at reply positions (less time and memory)."""
-    max_new_tokens: int = 128
-    """Length of the sample replies in the report."""
-    report_samples: int = 3
-    """Prompts answered in the report by the trained and by the base model (0 = none)."""
-    generate_batch_size: int = 8
-
-    @property
-    def strength(self) -> float:
-        """β as set, else the loss's usual value."""
-        return self.beta if self.beta is not None else LOSSES[self.loss].default_beta
-
-    def generation(self) -> GenerationConfig:
-        """The generation settings this task answers prompts with (template, lengths)."""
-        return GenerationConfig(
-            template=self.template,
-            max_length=self.max_length,
-            loss_positions_only=self.loss_positions_only,
-            max_new_tokens=self.max_new_tokens,
-            generate_batch_size=self.generate_batch_size,
-            report_samples=self.report_samples,
-        )
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ConfigError("task.loss", f"one of {', '.join(LOSSES)}; got {self.loss!r}")
-        if self.beta is not None and not self.beta > 0:
-            raise ConfigError("task.beta", f"must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(
-                "task.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"
-            )
-        if self.loss == "orpo" and self.label_smoothing:
-            raise ConfigError("task.label_smoothing", "applies to dpo and simpo, not orpo")
-        if self.report_samples < 0:
-            raise ConfigError("task.report_samples", "must be >= 0")
-        self.generation()  # template, lengths: checked, errors naming task.<field>
 
 
 @dataclass
@@ -167,13 +108,12 @@ def orpo(policy: Logps, reference: Logps | None, cfg: PreferenceConfig) -> PairL
 class LossSpec:
     fn: Callable[[Logps, Logps | None, PreferenceConfig], PairLoss]
     needs_reference: bool
-    default_beta: float
 
 
 LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo, needs_reference=True, default_beta=0.1),
-    "simpo": LossSpec(simpo, needs_reference=False, default_beta=2.0),
-    "orpo": LossSpec(orpo, needs_reference=False, default_beta=0.1),
+    "dpo": LossSpec(dpo, needs_reference=True),
+    "simpo": LossSpec(simpo, needs_reference=False),
+    "orpo": LossSpec(orpo, needs_reference=False),
 }
 
 
@@ -216,7 +156,6 @@ class PairCollator:
         return self.inner(rows)
 
 
-@TASKS.register("preference", PreferenceConfig)
 class PreferenceTask(GenerationTask):
     """Preference alignment (DPO, SimPO, ORPO) of a causal LM with its own LM head; it answers
     prompts (predict, serve, chat) as a generation run does."""
@@ -530,4 +469,4 @@ def _pair_metrics(per_pair: dict[str, np.ndarray], prefix: str) -> dict[str, flo
     }
 
 
-__all__ = ["LOSSES", "PairCollator", "PreferenceConfig", "PreferenceTask"]
+__all__ = ["LOSSES", "PairCollator", "PreferenceTask"]

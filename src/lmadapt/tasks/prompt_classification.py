@@ -13,7 +13,6 @@ training (demonstrations, calibration, template ensembles, KV-prefix reuse).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 from scipy.special import softmax
 
 from lmadapt.data.validation import BadRows, collect
-from lmadapt.errors import ConfigError
 from lmadapt.evaluate import metrics as M
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.perturbations import Perturbation
@@ -31,35 +29,10 @@ from lmadapt.evaluate.report import classification_report_markdown
 from lmadapt.evaluate.robustness import View
 from lmadapt.prompting.templates import Demo, Renderer, load_template, template_verbalizer
 from lmadapt.prompting.verbalizers import Continuations, Verbalizer
-from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask
-from lmadapt.tasks.classification import ClassificationConfig, ClassificationTask, Example
+from lmadapt.tasks.classification import ClassificationTask, Example
 from lmadapt.tasks.classification_problems import known_labels
-
-
-@dataclass
-class PromptClassificationConfig:
-    type: str = "prompt_classification"
-    template: Any = "sentiment"
-    """A named prompt template, a YAML path or an inline mapping (see lmadapt.prompting)."""
-    verbalizer: dict[str, Any] | None = None
-    """label -> word(s); None takes the named template's."""
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    max_length: int | None = 128
-    """Input texts are cut to this many tokens before being put into the template; None keeps
-    them whole (the `prompt` command's zero/few-shot scoring, which has no batch to bound)."""
-    length_normalize: bool = False
-    """Divide each verbalizer's log-prob by its token count."""
-
-    def __post_init__(self) -> None:
-        if self.max_length is not None and self.max_length < 8:
-            raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
-        if self.verbalizer is None and not (
-            isinstance(self.template, str) and template_verbalizer(self.template)
-        ):
-            raise ConfigError("task.verbalizer", "is required (the template suggests none)")
+from lmadapt.tasks.configs import ClassificationConfig, PromptClassificationConfig
 
 
 def _label_names(label: Any) -> list[str]:
@@ -96,7 +69,6 @@ class PromptCollator:
         return batch
 
 
-@TASKS.register("prompt_classification", PromptClassificationConfig)
 class PromptClassificationTask(LogitsTask):
     """Classification through the LM head: CE over verbalizer log-probabilities (PET / LM-BFF)."""
 

@@ -18,66 +18,30 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.special import softmax
 
-from lmadapt.data import Collator
+from lmadapt.data.batching import Collator
 from lmadapt.data.squad import Answer, QAExample, read_qa
 from lmadapt.data.validation import BadRows, collect, text_problem
-from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.errors import DataError, LmadaptError
 from lmadapt.evaluate import plots
 from lmadapt.evaluate.perturbations import Perturbation
 from lmadapt.evaluate.report import cell, markdown_table
 from lmadapt.evaluate.robustness import View
 from lmadapt.evaluate.text import squad_exact, squad_f1
 from lmadapt.inference import Encoded
-from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import Evaluation, LogitsTask, keep_valid
+from lmadapt.tasks.configs import QAConfig
 
 QUESTION_TYPES = ("what", "who", "when", "where", "why", "how", "which")
 """Report slices: a question's type is its first wh-word ('In what year...' is a what)."""
 WORST = 10
 """Confident wrong answers the report lists."""
-
-
-@dataclass
-class QAConfig:
-    type: str = "question_answering"
-    version: Literal["auto", "v1", "v2"] = "auto"
-    """v2 (SQuAD 2.0) allows unanswerable questions: the model may answer nothing. auto: v2 when
-    the training data has an unanswerable question (one with no answers), else v1."""
-    max_length: int = 384
-    """Tokens per window (question, context part and special tokens)."""
-    doc_stride: int = 128
-    """Tokens of overlap between consecutive windows of a long context."""
-    max_question_length: int = 64
-    """Longer questions are cut to this many tokens."""
-    max_answer_length: int = 30
-    """Longest answer span decoding considers, in tokens."""
-    n_best: int = 20
-    """Best starts and ends per window whose pairs decoding scores."""
-    null_score_diff_threshold: float = 0.0
-    """v2: no answer when the null score exceeds the best span's by more than this; replaced
-    after training by the value that maximises dev F1 (saved with the run)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_answer_length", "n_best", "max_question_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"task.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.doc_stride < 0:
-            raise ConfigError("task.doc_stride", f"must be >= 0, got {self.doc_stride}")
-        # Room for the stride in every window: question, 3-4 special tokens, and context.
-        room = self.max_length - self.max_question_length - 4
-        if self.doc_stride >= room:
-            raise ConfigError(
-                "task.doc_stride",
-                f"must be below max_length - max_question_length - 4 = {room} (a window needs "
-                f"context beyond its overlap), got {self.doc_stride}",
-            )
 
 
 @dataclass
@@ -128,7 +92,6 @@ def question_type(question: str) -> str:
     return next((w for w in words if w in QUESTION_TYPES), "other")
 
 
-@TASKS.register("question_answering", QAConfig)
 class QuestionAnsweringTask(LogitsTask):
     """Extractive QA: start/end logits per token; answers are context spans (SQuAD EM/F1)."""
 

@@ -10,20 +10,19 @@ Reading tagged sentences lives in `lmadapt.data.tagged`, the metrics in `lmadapt
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.special import softmax
 
-from lmadapt.data import Collator
+from lmadapt.data.batching import Collator
 from lmadapt.data.conll import is_conll
 from lmadapt.data.tagged import Example, TaggedLayout, Window, read_tagged, split_words
 from lmadapt.data.validation import BadRows
-from lmadapt.errors import ConfigError, DataError, LmadaptError
+from lmadapt.errors import DataError, LmadaptError
 from lmadapt.evaluate import calibration, plots
 from lmadapt.evaluate.errors import examples_markdown, length_slices, ranked, slices_markdown
 from lmadapt.evaluate.explain import Explainable, Target
@@ -32,53 +31,11 @@ from lmadapt.evaluate.report import markdown_table
 from lmadapt.evaluate.robustness import View
 from lmadapt.evaluate.sequence import entities, sequence_metrics
 from lmadapt.inference import Encoded
-from lmadapt.tasks import TASKS
 from lmadapt.tasks.base import DataProfile, Evaluation, LogitsTask, keep_valid
+from lmadapt.tasks.configs import TokenClassificationConfig
 
 IGNORE = -100
 """Label of positions the loss skips (special tokens, non-first subwords, padding)."""
-
-
-@dataclass
-class TokenClassificationConfig:
-    type: str = "token_classification"
-    scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"
-    """Tag scheme of the data files, converted to IOB2 on reading. auto: bioes when E-/S- tags
-    occur, iob1 when some entity starts with I-, else iob2 (where I-X after O is an error)."""
-    strict: bool = False
-    """Entity metrics in seqeval's strict IOB2 mode (an I-X that does not continue a B-X entity
-    opens none); default is conlleval's lenient counting."""
-    label_all_subwords: bool = False
-    """Train on every subword (continuations of B-X get I-X) instead of the first one only."""
-    max_length: int = 128
-    """Subword tokens per window, special tokens included; longer sentences are split."""
-    stride: int = 32
-    """Subword tokens of overlap between consecutive windows of one long sentence."""
-    token_column: int = 0
-    """CoNLL: column of the token (0-based; negative counts from the end)."""
-    tag_column: int = -1
-    """CoNLL: column of the tag; the last one by default."""
-    tokens_field: str = "tokens"
-    """JSONL: list of words (pre-tokenised input) ..."""
-    tags_field: str = "tags"
-    """... and its list of tags, one per word."""
-    text_field: str = "text"
-    """JSONL: raw text (split into words by the task) ..."""
-    spans_field: str = "spans"
-    """... and its entities as [{start, end, label}] character offsets (end exclusive)."""
-    calibrate: bool = False
-    """Entity scores in predict and serve come from temperature-scaled word probabilities,
-    softmax(logits / T) with the T fitted on the dev words after training (Guo et al. 2017);
-    tags are unchanged. Needs a dev set. Off by default: scores stay the model's own."""
-
-    def __post_init__(self) -> None:
-        if self.max_length < 8:
-            raise ConfigError("task.max_length", f"must be >= 8, got {self.max_length}")
-        if not 0 <= self.stride <= self.max_length // 2:
-            raise ConfigError(
-                "task.stride",
-                f"must be in [0, max_length / 2 = {self.max_length // 2}], got {self.stride}",
-            )
 
 
 def word_windows(counts: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
@@ -105,7 +62,6 @@ def word_windows(counts: list[int], budget: int, stride: int) -> list[tuple[int,
         start = nxt
 
 
-@TASKS.register("token_classification", TokenClassificationConfig)
 class TokenClassificationTask(LogitsTask):
     """Per-word tagging (NER) with a linear head on every token; entity-level F1."""
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmadapt.continual.strategies import STRATEGIES
 from lmadapt.continual.strategies.base import Strategy, StrategyConfig
-from lmadapt.methods.lora import LowRankShape, check_lora_shape
+from lmadapt.methods.configs import LowRankShape, check_lora_shape
 
 if TYPE_CHECKING:
     from lmadapt.continual.runner import Learner, TaskSlot

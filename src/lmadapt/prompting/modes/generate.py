@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from lmadapt.data.readers import read_records
+from lmadapt.decoding import GenerationSettings
 from lmadapt.evaluate.text import exact_match
-from lmadapt.inference import GenerationSettings, generate_ids
+from lmadapt.inference import generate_ids
 from lmadapt.prompting.config import PromptConfig
 from lmadapt.prompting.modes import MODES, Outcome, mean_sd, plus_minus
 from lmadapt.prompting.sources import load_lm, select_demos
