@@ -82,8 +82,9 @@ NOTE = (
     "50 ms, the memory the run allocated itself. estimated peak: the peak RSS "
     "lmadapt printed before loading the model (what the process held then, plus weights, "
     "trainable state and activations). fp32 GFLOP/s: bench.machine's matmul figure at the start "
-    "of the run that measured the row (this machine's speed varies; blank: not recorded then); "
-    "each row's lmadapt and peer ran one after the other, in the same run."
+    "of the run that measured the row (this machine's speed varies; blank: not recorded then; "
+    "two figures: lmadapt's and the peer's rows came from different runs, so their ratios "
+    "mix machine speeds); otherwise a row's lmadapt and peer ran one after the other."
 )
 ESTIMATE = re.compile(r"lmadapt: memory: .*peak RSS about ([\d.]+) GiB")
 
@@ -377,7 +378,7 @@ def table(results: list[dict]) -> str:
             _cell(a, "estimate_over_peak", ".2f"),
             _cell(a, "peak_anon_mb"),
             _cell(b, "peak_anon_mb"),
-            _cell(r, "fp32_gflops", ".0f"),
+            " / ".join(dict.fromkeys(_cell(d, "fp32_gflops") for d in (a, b) if d)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
