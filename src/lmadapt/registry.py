@@ -60,9 +60,11 @@ class Registry(Generic[T]):
 
         return deco
 
-    def lazy(self, name: str, config_cls: type | None, impl: str, summary: str = "") -> None:
-        """Register `impl` ("package.module:attribute") without importing it."""
-        self._add(Entry(name, config_cls, impl, summary))
+    def lazy(self, package: str, rows: list[tuple[str, type, str]]) -> None:
+        """Register each (name, config class, "module:attribute" in `package`) without
+        importing the implementation."""
+        for name, config_cls, impl in rows:
+            self._add(Entry(name, config_cls, f"{package}.{impl}"))
 
     def get(self, name: str) -> Entry[T]:
         try:

@@ -16,18 +16,20 @@ if TYPE_CHECKING:
     from lmadapt.methods.base import Method
 
 METHODS: Registry = Registry("method")
-for name, config, impl in [
-    ("adalora", c.AdaLoraMethodConfig, "adalora:AdaLora"),
-    ("adapter", c.AdapterConfig, "adapter:Adapter"),
-    ("bitfit", c.BitFitConfig, "bitfit:BitFit"),
-    ("full", c.FullConfig, "full:Full"),
-    ("ia3", c.IA3MethodConfig, "ia3:IA3"),
-    ("lora", c.LoraMethodConfig, "lora:Lora"),
-    ("p_tuning", c.PTuningMethodConfig, "p_tuning:PTuning"),
-    ("prefix_tuning", c.PrefixTuningMethodConfig, "prefix_tuning:PrefixTuning"),
-    ("prompt_tuning", c.PromptTuningMethodConfig, "prompt_tuning:PromptTuning"),
-]:
-    METHODS.lazy(name, config, f"lmadapt.methods.{impl}")
+METHODS.lazy(
+    "lmadapt.methods",
+    [
+        ("adalora", c.AdaLoraMethodConfig, "adalora:AdaLora"),
+        ("adapter", c.AdapterConfig, "adapter:Adapter"),
+        ("bitfit", c.BitFitConfig, "bitfit:BitFit"),
+        ("full", c.FullConfig, "full:Full"),
+        ("ia3", c.IA3MethodConfig, "ia3:IA3"),
+        ("lora", c.LoraMethodConfig, "lora:Lora"),
+        ("p_tuning", c.PTuningMethodConfig, "p_tuning:PTuning"),
+        ("prefix_tuning", c.PrefixTuningMethodConfig, "prefix_tuning:PrefixTuning"),
+        ("prompt_tuning", c.PromptTuningMethodConfig, "prompt_tuning:PromptTuning"),
+    ],
+)
 
 __all__ = ["METHODS", "build_method"]
 

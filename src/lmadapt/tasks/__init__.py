@@ -14,23 +14,25 @@ if TYPE_CHECKING:
     from lmadapt.tasks.base import Task
 
 TASKS: Registry = Registry("task")
-for name, config, impl in [
-    ("classification", c.ClassificationConfig, "classification:ClassificationTask"),
-    ("generation", c.GenerationConfig, "generation:GenerationTask"),
-    ("preference", c.PreferenceConfig, "preference:PreferenceTask"),
-    (
-        "prompt_classification",
-        c.PromptClassificationConfig,
-        "prompt_classification:PromptClassificationTask",
-    ),
-    ("question_answering", c.QAConfig, "question_answering:QuestionAnsweringTask"),
-    (
-        "token_classification",
-        c.TokenClassificationConfig,
-        "token_classification:TokenClassificationTask",
-    ),
-]:
-    TASKS.lazy(name, config, f"lmadapt.tasks.{impl}")
+TASKS.lazy(
+    "lmadapt.tasks",
+    [
+        ("classification", c.ClassificationConfig, "classification:ClassificationTask"),
+        ("generation", c.GenerationConfig, "generation:GenerationTask"),
+        ("preference", c.PreferenceConfig, "preference:PreferenceTask"),
+        (
+            "prompt_classification",
+            c.PromptClassificationConfig,
+            "prompt_classification:PromptClassificationTask",
+        ),
+        ("question_answering", c.QAConfig, "question_answering:QuestionAnsweringTask"),
+        (
+            "token_classification",
+            c.TokenClassificationConfig,
+            "token_classification:TokenClassificationTask",
+        ),
+    ],
+)
 
 __all__ = ["TASKS", "build_task"]
 

@@ -256,6 +256,9 @@ class LogitsTask(ABC):
     groups_by_length = True
     head_lr_floor: float | None = None
     train_dropout: float | None = None
+    windowed = False
+    """Whether `encode` cuts a long input into several windows (features), recording them on the
+    example as `windows`."""
 
     @abstractmethod
     def read(
@@ -289,8 +292,9 @@ class LogitsTask(ABC):
         return self.read(path, fmt, labelled, bad=bad)
 
     def feature_counts(self, examples: list[Any]) -> list[int]:
-        """One feature per example unless the task cuts inputs into windows."""
-        return [1] * len(examples)
+        """One feature per example, or for a windowed task the windows `encode` recorded on
+        each (`example.windows`)."""
+        return [len(ex.windows) for ex in examples] if self.windowed else [1] * len(examples)
 
     def logits(self, output: Any) -> torch.Tensor:
         return output.logits

@@ -230,6 +230,11 @@ class GenerationConfig:
 
 
 LossName = Literal["dpo", "simpo", "orpo"]
+GENERATION_FIELDS = (
+    "template", "max_length", "loss_positions_only", "max_new_tokens", "generate_batch_size",
+    "report_samples",
+)  # fmt: skip
+"""What a preference task sets of the generation settings it answers prompts with."""
 DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
 """Each preference loss's usual β (the papers' and TRL's defaults)."""
 
@@ -265,15 +270,9 @@ class PreferenceConfig:
         return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
 
     def generation(self) -> GenerationConfig:
-        """The generation settings this task answers prompts with (template, lengths)."""
-        return GenerationConfig(
-            template=self.template,
-            max_length=self.max_length,
-            loss_positions_only=self.loss_positions_only,
-            max_new_tokens=self.max_new_tokens,
-            generate_batch_size=self.generate_batch_size,
-            report_samples=self.report_samples,
-        )
+        """The generation settings this task answers prompts with: its fields of the same
+        names (template, lengths, batch, samples), the rest generation's defaults."""
+        return GenerationConfig(**{name: getattr(self, name) for name in GENERATION_FIELDS})
 
     def __post_init__(self) -> None:
         if self.loss not in DEFAULT_BETA:

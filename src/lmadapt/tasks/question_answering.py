@@ -99,6 +99,7 @@ class QuestionAnsweringTask(LogitsTask):
     peft_task_type = "QUESTION_ANS"
     model_kinds = ("encoder",)
     endpoint = "qa"
+    windowed = True
     per_token = True
     shares_backbone = False
     default_metric = "f1"
@@ -247,10 +248,6 @@ class QuestionAnsweringTask(LogitsTask):
                 feat["labels"] = window.target(ex.answers[0] if ex.answers else None)
             feats.append(feat)
         return feats
-
-    def feature_counts(self, examples: list[QAExample]) -> list[int]:
-        """Each example's windows (as `encode` recorded them on it)."""
-        return [len(ex.windows) for ex in examples]
 
     def collator(self, tokenizer: Any) -> Collator:
         return Collator(tokenizer.pad_token_id)

@@ -69,6 +69,7 @@ class TokenClassificationTask(LogitsTask):
     peft_task_type = "TOKEN_CLS"
     model_kinds = ("encoder",)
     endpoint = "ner"
+    windowed = True
     description = "token_classification"
     per_token = True
     groups_by_length = False
@@ -230,10 +231,6 @@ class TokenClassificationTask(LogitsTask):
         if ex.tags is not None:
             feat["labels"] = labels
         return feat
-
-    def feature_counts(self, examples: list[Example]) -> list[int]:
-        """Each example's windows (as `encode` recorded them on it)."""
-        return [len(ex.windows) for ex in examples]
 
     def collator(self, tokenizer: Any) -> Collator:
         return Collator(tokenizer.pad_token_id, {"labels": IGNORE})
