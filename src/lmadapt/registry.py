@@ -61,10 +61,10 @@ class Registry(Generic[T]):
         return deco
 
     def lazy(self, package: str, rows: list[tuple[str, type, str]]) -> None:
-        """Register each (name, config class, "module:attribute" in `package`) without
-        importing the implementation."""
+        """Register each (name, config class, implementation) without importing it: the
+        implementation is that attribute of the module `package.name`."""
         for name, config_cls, impl in rows:
-            self._add(Entry(name, config_cls, f"{package}.{impl}"))
+            self._add(Entry(name, config_cls, f"{package}.{name}:{impl}"))
 
     def get(self, name: str) -> Entry[T]:
         try:

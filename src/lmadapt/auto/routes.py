@@ -121,9 +121,7 @@ class Deadline(Hook):
         t0 = time.monotonic()
         batch = trainer.cfg.eval_batch_size  # the probe: the first examples that fill a batch
         first = next((i for i, s in enumerate(starts) if s >= batch), len(examples))
-        probe = Encoded(
-            feats[: starts[first]], examples[:first], trainer.collator, trainer.cfg.eval_batch_size
-        )
+        probe = Encoded(feats[: starts[first]], examples[:first], trainer.collator, batch)
         trainer.task.evaluate_model(trainer.model, probe)
         now = time.monotonic()
         per_feature = max(now - t0, 1e-6) / starts[first]

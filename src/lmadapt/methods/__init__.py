@@ -19,15 +19,15 @@ METHODS: Registry = Registry("method")
 METHODS.lazy(
     "lmadapt.methods",
     [
-        ("adalora", c.AdaLoraMethodConfig, "adalora:AdaLora"),
-        ("adapter", c.AdapterConfig, "adapter:Adapter"),
-        ("bitfit", c.BitFitConfig, "bitfit:BitFit"),
-        ("full", c.FullConfig, "full:Full"),
-        ("ia3", c.IA3MethodConfig, "ia3:IA3"),
-        ("lora", c.LoraMethodConfig, "lora:Lora"),
-        ("p_tuning", c.PTuningMethodConfig, "p_tuning:PTuning"),
-        ("prefix_tuning", c.PrefixTuningMethodConfig, "prefix_tuning:PrefixTuning"),
-        ("prompt_tuning", c.PromptTuningMethodConfig, "prompt_tuning:PromptTuning"),
+        ("adalora", c.AdaLoraMethodConfig, "AdaLora"),
+        ("adapter", c.AdapterConfig, "Adapter"),
+        ("bitfit", c.BitFitConfig, "BitFit"),
+        ("full", c.FullConfig, "Full"),
+        ("ia3", c.IA3MethodConfig, "IA3"),
+        ("lora", c.LoraMethodConfig, "Lora"),
+        ("p_tuning", c.PTuningMethodConfig, "PTuning"),
+        ("prefix_tuning", c.PrefixTuningMethodConfig, "PrefixTuning"),
+        ("prompt_tuning", c.PromptTuningMethodConfig, "PromptTuning"),
     ],
 )
 

@@ -17,20 +17,12 @@ TASKS: Registry = Registry("task")
 TASKS.lazy(
     "lmadapt.tasks",
     [
-        ("classification", c.ClassificationConfig, "classification:ClassificationTask"),
-        ("generation", c.GenerationConfig, "generation:GenerationTask"),
-        ("preference", c.PreferenceConfig, "preference:PreferenceTask"),
-        (
-            "prompt_classification",
-            c.PromptClassificationConfig,
-            "prompt_classification:PromptClassificationTask",
-        ),
-        ("question_answering", c.QAConfig, "question_answering:QuestionAnsweringTask"),
-        (
-            "token_classification",
-            c.TokenClassificationConfig,
-            "token_classification:TokenClassificationTask",
-        ),
+        ("classification", c.ClassificationConfig, "ClassificationTask"),
+        ("generation", c.GenerationConfig, "GenerationTask"),
+        ("preference", c.PreferenceConfig, "PreferenceTask"),
+        ("prompt_classification", c.PromptClassificationConfig, "PromptClassificationTask"),
+        ("question_answering", c.QAConfig, "QuestionAnsweringTask"),
+        ("token_classification", c.TokenClassificationConfig, "TokenClassificationTask"),
     ],
 )
 
