@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from bench.machine import machine_info
+from lmadapt.io import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 # matmul parameters each token passes through
@@ -21,6 +22,8 @@ NON_EMBEDDING_PARAMS = {
     "sst2": 10_646_784,  # MiniLM-L6 encoder layers (embeddings, pooler excluded)
     "instruct": 134_553_600,  # SmolLM2-135M: 30 layers 106,168,320 + LM head 576 x 49,152
 }
+INT8_BASE = {"base_dtype": "int8", "precision": "fp32"}
+"""The frozen linears multiply in int8 (fbgemm), the rest in fp32."""
 BACKWARD_FACTOR = {"full": 6, "bitfit": 4, "lora": 4}
 """FLOPs per parameter per token: forward 2 + input-grad 2 (+ weight-grad 2 when weights train)."""
 
@@ -65,6 +68,7 @@ def scenarios(rows: int, full_rows: int | None, instruct_rows: int) -> list[dict
             lora = {"dropout": 0.1} if m == "lora" else {}
             old = {"dropout": "model"}
             out.append(row(f"{m}/lmadapt model's dropout", "lmadapt", m, old, method_opts=lora))
+            out.append(row(f"{m}/lmadapt int8 base", "lmadapt", m, INT8_BASE))
     out += [
         row(
             "lora/lmadapt dropout=0 fp32", "lmadapt", "lora", {"dropout": 0.0, "precision": "fp32"}
@@ -160,47 +164,86 @@ def run(s: dict) -> dict:
     return {"name": s["name"], **json.loads(line[len("RESULT ") :])}
 
 
+def cpu_kind(machine: dict) -> str:
+    return "with bf16 units" if machine.get("bf16_units") else "without bf16 units"
+
+
 def add_mfu(r: dict, machine: dict) -> None:
+    """Model-FLOPs utilisation against the peak of the arithmetic the row's matmuls ran in (bf16
+    under autocast, int8 for an int8 frozen base, else fp32), and against the fp32 peak."""
     if "error" in r:
         return
     params = NON_EMBEDDING_PARAMS[r["task"]]
     flops = BACKWARD_FACTOR[r["method"]] * params * r["tokens"] / r["train_seconds"]
-    peak = machine["bf16_gflops" if r["bf16"] else "fp32_gflops"] * 1e9
+    int8 = r.get("train_opts", {}).get("base_dtype") == "int8"
+    peak = machine["bf16_gflops" if r["bf16"] else "int8_gflops" if int8 else "fp32_gflops"]
     r["model_tflops"] = round(flops / 1e12, 4)
-    r["mfu"] = round(flops / peak, 4)
+    r["mfu"] = round(flops / (peak * 1e9), 4)
+    r["mfu_fp32"] = round(flops / (machine["fp32_gflops"] * 1e9), 4)
 
 
-def _same_run(r: dict) -> tuple[str, str, str]:
-    """Rows compared with a peer: same task and method, measured the same day (one run of the
-    bench: a partial re-run keeps older rows, which a later day's peer must not divide)."""
-    return r["task"], r["method"], r.get("measured_at", "")[:10]
+def _same_run(r: dict) -> tuple[str, str, str, str]:
+    """Rows compared with a peer: same kind of CPU, task and method, measured the same day (one
+    run of the bench: a partial re-run keeps older rows, which a later day's peer must not
+    divide)."""
+    return cpu_kind(r["machine"]), r["task"], r["method"], r.get("measured_at", "")[:10]
+
+
+def _machine(m: dict) -> str:
+    cpu = f"{m['cpu']}, {m['isa']}, " if "cpu" in m else ""
+    flops = ", ".join(
+        f"{k.split('_')[0]} {m[k]:.0f}"
+        for k in ("fp32_gflops", "bf16_gflops", "int8_gflops")
+        if k in m
+    )
+    return f"{cpu}{m.get('threads', '?')} threads, GFLOP/s: {flops or 'not recorded'}"
 
 
 def table(results: list[dict]) -> str:
-    best: dict[tuple[str, str, str], float] = {}
+    """One table per kind of CPU (with or without bf16 units), each row's ratio to the best peer
+    row of its own run."""
+    best: dict[tuple[str, str, str, str], float] = {}
     for r in results:
         if r.get("impl") == "hf" and "error" not in r:
             key = _same_run(r)
             best[key] = max(best.get(key, 0), r["samples_per_second"])
     head = (
         "| run | rows | samples/s | tokens/s | x peer best | dev metric | trainable | "
-        "peak RSS MB | MFU | measured |"
+        "peak RSS MB | MFU | MFU vs fp32 peak | measured |"
     )
-    lines = [head, "|" + "---|" * 10]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 8)
+    out = []
+    for kind in ("without bf16 units", "with bf16 units"):
+        rows = [r for r in results if cpu_kind(r["machine"]) == kind]
+        if not rows:
             continue
-        peer = best.get(_same_run(r))
-        ratio = f"{r['samples_per_second'] / peer:.2f}" if peer else "-"  # no peer that day
-        dev = f"acc {r['dev_accuracy']:.4f}" if "dev_accuracy" in r else f"loss {r['dev_loss']:.4f}"
-        lines.append(
-            f"| {r['name']} | {r['rows']} | {r['samples_per_second']:.1f} | "
-            f"{r['tokens_per_second']:.0f} | {ratio} | {dev} | "
-            f"{r['trainable_params']:,} | {r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% | "
-            f"{r.get('measured_at', '')} |"
-        )
-    return "\n".join(lines)
+        machines = sorted({_machine(r["machine"]) for r in rows})
+        out += [f"### A CPU {kind}", "", *(f"- machine: {m}" for m in machines), ""]
+        out += [head, "|" + "---|" * 11]
+        for r in rows:
+            if "error" in r:
+                out.append(f"| {r['name']} | error: {r['error']} |" + " |" * 9)
+                continue
+            peer = best.get(_same_run(r))
+            ratio = f"{r['samples_per_second'] / peer:.2f}" if peer else "-"  # no peer that day
+            dev = (
+                f"acc {r['dev_accuracy']:.4f}"
+                if "dev_accuracy" in r
+                else f"loss {r['dev_loss']:.4f}"
+            )
+            fp32 = f"{100 * r['mfu_fp32']:.1f}%" if "mfu_fp32" in r else "-"
+            out.append(
+                f"| {r['name']} | {r['rows']} | {r['samples_per_second']:.1f} | "
+                f"{r['tokens_per_second']:.0f} | {ratio} | {dev} | "
+                f"{r['trainable_params']:,} | {r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% | "
+                f"{fp32} | {r.get('measured_at', '')} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _picked(name: str, key: str, names: set[str]) -> bool:
+    """`key` names the run, or, where no run has that name, starts its name."""
+    return name == key if key in names else name.startswith(key)
 
 
 def main() -> None:
@@ -208,34 +251,53 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=4000, help="SST-2 train rows for the slice runs")
     p.add_argument("--full", action="store_true", help="also LoRA on all 67,349 SST-2 rows")
     p.add_argument("--instruct-rows", type=int, default=128, help="GSM8K rows, SmolLM2 runs")
-    p.add_argument("--only", default="", help="comma-separated starts of run names")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated run names (or starts of names, where no run has the name)",
+    )
     args = p.parse_args()
     machine = machine_info()
     print(f"machine: {machine}", flush=True)
+    names = {s["name"] for s in scenarios(args.rows, 67349, args.instruct_rows)}
     chosen = [
         s
         for s in scenarios(args.rows, 67349 if args.full else None, args.instruct_rows)
-        if not args.only or any(s["name"].startswith(k) for k in args.only.split(","))
+        if not args.only or any(_picked(s["name"], k, names) for k in args.only.split(","))
     ]
     fresh = {}
     for s in chosen:
         r = run(s)
-        add_mfu(r, machine)
         r["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
         fresh[r["name"]] = r
         print(json.dumps(r), flush=True)
-    # a partial run (--only) replaces its rows and keeps the others' earlier figures
+    # this host's speed can move by half within a run: the peaks are measured before and after,
+    # and utilisation is taken against the higher reading of each
+    after = machine_info()
+    print(f"machine after: {after}", flush=True)
+    for key in ("fp32_gflops", "bf16_gflops", "int8_gflops"):
+        machine[f"{key}_readings"] = [machine[key], after[key]]
+        machine[key] = max(machine[key], after[key])
+    for r in fresh.values():
+        r["machine"] = machine
+        add_mfu(r, machine)
+    # this kind of CPU's rows are replaced by this run's (all of them, or those of --only); the
+    # other kind's rows are kept: each kind has its own table
     path = RESULTS / "train_speed.json"
-    kept = json.loads(path.read_text())["results"] if args.only and path.exists() else []
-    old = {r["name"]: r for r in kept if r["name"] not in fresh}
+    kept = json.loads(path.read_text())["results"] if path.exists() else []
+    kind = cpu_kind(machine)
+    old = {
+        r["name"]: r
+        for r in kept
+        if cpu_kind(r["machine"]) == kind and args.only and r["name"] not in fresh
+    }
     order = [s["name"] for s in scenarios(args.rows, 67349, args.instruct_rows)]
     results = [r for name in order for r in [fresh.get(name) or old.get(name)] if r]
+    results += [r for r in kept if cpu_kind(r["machine"]) != kind]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_speed.json").write_text(
-        json.dumps({"machine": machine, "results": results}, indent=2) + "\n"
-    )
+    write_json(path, {"results": results})
     md = table(results)
-    (RESULTS / "train_speed.md").write_text(f"machine: {machine}\n\n{md}\n")
+    write_text(RESULTS / "train_speed.md", md + "\n")
     print(md)
 
 

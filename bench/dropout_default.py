@@ -1,7 +1,9 @@
-"""Evidence for the dropout default: the model's own dropout (lmadapt's old default) vs none, on
-data the defaults were not tuned on, from a user's minimal config (model, task, method, files).
+"""Evidence for a default, on data the defaults were not tuned on, from a user's minimal config
+(model, task, method, files): the dropout (the model's own, lmadapt's old default, vs none) and
+the frozen base's dtype on a CPU without bf16 units (fp32 vs int8 matmuls).
 
-    .venv/bin/python -m bench.dropout_default [--seeds 0 1 2] [--scenarios lora ner]
+    .venv/bin/python -m bench.dropout_default [--choice dropout|base_dtype] [--seeds 0 1 2]
+                                              [--scenarios lora ner]
 
 Scenarios: classification with MiniLM (LoRA, BitFit and full, 2,000 training rows sampled from
 SUBJ train, dev = 1,000 SUBJ test rows, test = the other 1,000); few-shot prompt-based
@@ -10,9 +12,11 @@ MiniLM LoRA (2,000 CoNLL-2003 training sentences, dev = 1,000 validation sentenc
 test sentences); instruction tuning of SmolLM2 with LoRA (256 GSM8K training problems, one
 epoch, no dev set (one epoch: nothing to choose); test = GSM8K test problems 100-299, scored by
 response loss). The training
-sample depends on the seed. Each pair differs only in dropout: `train.dropout: model` with
-LoRA's old default of 0.1 on the adapter's input, against `train.dropout: 0`. Runs already in
-bench/results/dropout_default.json for a (scenario, seed) are replaced, others kept.
+sample depends on the seed. Each pair differs only in the choice: for dropout,
+`train.dropout: model` with LoRA's old default of 0.1 on the adapter's input, against
+`train.dropout: 0`; for base_dtype, `train.base_dtype: fp32` against `int8` (both with
+`train.precision: fp32`; PEFT scenarios only: full fine-tuning freezes nothing). Runs already in
+bench/results/<choice's file>.json for a (scenario, seed) are replaced, others kept.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
@@ -141,21 +146,52 @@ def scenarios(tmp: Path, seed: int) -> dict[str, dict]:
     }
 
 
-ARMS: dict[str, dict] = {
-    # lmadapt's default before session 13: the model's dropout, 0.1 on LoRA's input
-    "model": {"train": {"dropout": "model"}, "lora": {"dropout": 0.1}},
-    "0.0": {"train": {"dropout": 0.0}, "lora": {}},
+@dataclass(frozen=True)
+class Choice:
+    """Two settings of one default: `arms` name -> train settings (and LoRA's, for dropout)."""
+
+    file: str
+    arms: dict[str, dict]
+    labels: tuple[str, str]
+    intro: str
+    peft_only: bool = False
+
+
+CHOICES = {
+    "dropout": Choice(
+        "dropout_default",
+        {
+            # lmadapt's default before session 13: the model's dropout, 0.1 on LoRA's input
+            "model": {"train": {"dropout": "model"}, "lora": {"dropout": 0.1}},
+            "0.0": {"train": {"dropout": 0.0}, "lora": {}},
+        },
+        ("model's dropout", "dropout 0"),
+        "Model's dropout = lmadapt's default until 2026-12-07 (`train.dropout: model`, LoRA's own "
+        "0.1); dropout 0 = `train.dropout: 0`, what a frozen base trains with by default now.",
+    ),
+    "base_dtype": Choice(
+        "base_dtype_default",
+        {
+            "fp32": {"train": {"precision": "fp32", "base_dtype": "fp32"}, "lora": {}},
+            "int8": {"train": {"precision": "fp32", "base_dtype": "int8"}, "lora": {}},
+        },
+        ("fp32 base", "int8 base"),
+        "fp32 base = `train.base_dtype: fp32`; int8 base = `train.base_dtype: int8` (the frozen "
+        "linears multiply in int8 while training; dev and test are scored in fp32). Both "
+        "`train.precision: fp32`, as `precision: auto` is on a CPU without bf16 units.",
+        peft_only=True,
+    ),
 }
 METRIC = {"token_classification": "f1", "generation": "loss"}  # else accuracy
 SUFFIXES = ("accuracy", "f1", "loss")
 
 
-def measure(name: str, cfg: dict, seed: int, arm: str, out: Path) -> dict:
-    """One run of scenario `name` (its config from `scenarios`) in dropout arm `arm`."""
-    t = {**cfg.get("train", {}), "seed": seed, **ARMS[arm]["train"]}
+def measure(name: str, cfg: dict, seed: int, arm: dict, out: Path) -> dict:
+    """One run of scenario `name` (its config from `scenarios`) in `arm` (a choice's arm)."""
+    t = {**cfg.get("train", {}), "seed": seed, **arm["train"]}
     method = dict(cfg["method"])
     if method["name"] == "lora":
-        method.update(ARMS[arm]["lora"])
+        method.update(arm["lora"])
     run = build_run_config({**cfg, "method": method, "train": t, "output_dir": str(out)})
     start = time.perf_counter()
     m = train(run)
@@ -173,40 +209,48 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scenarios", nargs="*", help="run only scenarios whose name holds one")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--choice", default="dropout", choices=list(CHOICES))
+    ap.add_argument("--arms", nargs="+", help="run only these arms of the choice")
     a = ap.parse_args(argv)
-    path = RESULTS / "dropout_default.json"
+    choice = CHOICES[a.choice]
+    path = RESULTS / f"{choice.file}.json"
     results: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             for i, (name, cfg) in enumerate(scenarios(Path(tmp), seed).items()):
                 if a.scenarios and not any(part in name for part in a.scenarios):
                     continue
-                for arm in a.arms:
+                if choice.peft_only and cfg["method"]["name"] == "full":
+                    continue
+                for arm in a.arms or list(choice.arms):
                     out = Path(tmp) / f"run_{i}_{seed}_{arm}"  # one per scenario, seed, arm
                     runs = results.setdefault(name, {}).setdefault(arm, [])
                     runs[:] = [r for r in runs if r["seed"] != seed]
-                    runs.append(measure(name, cfg, seed, arm, out))
+                    row = measure(name, cfg, seed, choice.arms[arm], out)
+                    runs.append(row)
                     runs.sort(key=lambda r: r["seed"])
-                    print(name, seed, arm, runs[-1], flush=True)
+                    print(name, seed, arm, row, flush=True)
                     write_json(path, results)
-    write_text(RESULTS / "dropout_default.md", markdown(results))
+    write_text(RESULTS / f"{choice.file}.md", markdown(results, a.choice))
     return results
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, chosen: str) -> str:
+    choice = CHOICES[chosen]
+    first, second = choice.labels
     lines = [
-        "`python -m bench.dropout_default --seeds 0 1 2` (runs kept by scenario and seed), one run "
-        "at a time on an idle machine. Model's dropout = lmadapt's default until 2026-12-07 "
-        "(`train.dropout: model`, LoRA's own 0.1); dropout 0 = `train.dropout: 0`, what a frozen "
-        "base trains with by default now. Accuracy and F1: higher is better; loss: lower.",
+        f"`python -m bench.dropout_default --choice {chosen} --seeds 0 1 2` (runs kept by scenario "
+        f"and seed), one run at a time on an idle machine. {choice.intro} Accuracy and F1: higher "
+        "is better; loss: lower.",
         "",
-        "| scenario | metric | model's dropout | dropout 0 | per-seed difference (0 - model's) "
-        "| train s (model's / 0) | seeds |",
+        f"| scenario | metric | {first} | {second} | per-seed difference (2nd - 1st) "
+        "| train s (1st / 2nd) | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, by in results.items():
-        keep, zero = by["model"], by["0.0"]
+        keep, zero = (by.get(arm, []) for arm in choice.arms)
+        if not keep or not zero:
+            continue
         metric = next(k for k in keep[0] if k.endswith(SUFFIXES))
         seeds = sorted({r["seed"] for r in keep} & {r["seed"] for r in zero})
         pairs = [

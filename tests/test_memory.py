@@ -82,7 +82,7 @@ def test_a_bf16_base_halves_the_frozen_fp32_weights(llama_7b_fp32):
     lora = build_method(parse_section(METHODS, "name", "lora", "method"))
     spec = resolve_model(llama_7b_fp32)
     fp32 = model_shape(spec, t, lora, trust_remote_code=False)
-    bf16 = model_shape(spec, t, lora, trust_remote_code=False, bf16_base=True)
+    bf16 = model_shape(spec, t, lora, trust_remote_code=False, base_dtype="bf16")
     assert fp32.frozen_bytes == 4 * (fp32.total - fp32.trainable)
     assert bf16.frozen_bytes == fp32.frozen_bytes // 2
     assert bf16.trainable == fp32.trainable

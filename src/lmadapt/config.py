@@ -151,7 +151,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
-        if self.quantize != "none" and self.train.base_dtype == "bf16":
+        if self.quantize != "none" and self.train.base_dtype in ("bf16", "int8"):
             raise ConfigError(
                 "train.base_dtype",
                 f"a {self.quantize} base is already stored quantised; leave train.base_dtype "

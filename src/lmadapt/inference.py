@@ -39,20 +39,31 @@ def autocast_bf16(precision: str, device: torch.device) -> bool:
     return use_bf16(precision)
 
 
-def bf16_frozen_base(base_dtype: str, bf16: bool, device: torch.device, strategy: str) -> bool:
-    """Whether a PEFT method's frozen weights train in bf16 (`train.base_dtype`; auto = on CUDA
-    with bf16 autocast)."""
+def frozen_base_dtype(base_dtype: str, bf16: bool, device: torch.device, strategy: str) -> str:
+    """How a PEFT method's frozen weights compute while it trains (`train.base_dtype`): "fp32",
+    "bf16" (auto = on CUDA with bf16 autocast) or "int8" (fbgemm's CPU kernels)."""
+    if base_dtype == "int8":
+        if device.type != "cpu" or torch.backends.quantized.engine not in ("x86", "fbgemm"):
+            raise ConfigError(
+                "train.base_dtype", "int8 frozen weights use fbgemm's kernels, on an x86 CPU"
+            )
+        if bf16:
+            raise ConfigError(
+                "train.base_dtype",
+                "int8 frozen weights take fp32 activations; set train.precision to fp32",
+            )
+        return "int8"
     if base_dtype == "fp32" or not bf16:
         if base_dtype == "bf16":
             raise ConfigError(
                 "train.base_dtype", "bf16 frozen weights need bf16 autocast, which is off here"
             )
-        return False
+        return "fp32"
     if strategy == "fsdp":  # fsdp flattens each block's parameters into one dtype
         if base_dtype == "bf16":
             raise ConfigError("train.base_dtype", "fsdp needs one dtype per block; use fp32")
-        return False
-    return base_dtype == "bf16" or device.type == "cuda"
+        return "fp32"
+    return "bf16" if base_dtype == "bf16" or device.type == "cuda" else "fp32"
 
 
 def bf16_castable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -40,13 +40,14 @@ import torch
 
 from lmadapt.activations import Saved, trace_step
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.inference import autocast_bf16, bf16_castable, bf16_frozen_base
+from lmadapt.inference import autocast_bf16, bf16_castable, frozen_base_dtype
 from lmadapt.methods import METHODS, build_method
 from lmadapt.methods.base import count_parameters
 from lmadapt.models import ModelSpec, Quantized, shapes_only
 from lmadapt.schema import parse_section
 from lmadapt.session import apply_method, set_attention
 from lmadapt.train.config import TrainConfig
+from lmadapt.train.int8_base import int8_linears
 from lmadapt.train.loop import BatchPreparingTask
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above this module
@@ -147,13 +148,15 @@ def model_shape(
     task: Task,
     method: Any,
     trust_remote_code: bool,
-    bf16_base: bool = False,
+    base_dtype: str = "fp32",
     step: Step | None = None,
 ) -> Shape:
     """Parameter counts and layer sizes of the task's model under `method`, built on the meta
-    device from the config (no weights read, nothing allocated); `bf16_base`: the frozen weights
-    train.base_dtype casts count 2 bytes each. With a `step`, the model is set up as the run
-    sets it up (attention kernel, dropout) and the step traced on it."""
+    device from the config (no weights read, nothing allocated). `base_dtype`
+    (`frozen_base_dtype`): the frozen weights a bf16 base casts count 2 bytes each; an int8 base
+    adds 2 bytes a frozen linear weight (its two packed int8 copies) to the fp32 ones it keeps.
+    With a `step`, the model is set up as the run sets it up (attention kernel, dropout) and the
+    step traced on it."""
     with shapes_only(), torch.device("meta"):
         base = task.build_model(spec, trust_remote_code)
         cfg = base.config
@@ -170,7 +173,7 @@ def model_shape(
             model = apply_method(base, method, task, train)
     trainable, total = count_parameters(model)
     paired = task if isinstance(task, PairedTask) else None
-    in_bf16 = {id(p) for p in bf16_castable(model)} if bf16_base else set()
+    in_bf16 = {id(p) for p in bf16_castable(model)} if base_dtype == "bf16" else set()
     saved = _trace(model, task, step, in_bf16) if step is not None else None
     packed = quantized_bytes(base, spec.quantized) if spec.quantized else {}
     seen: set[int] = set()
@@ -180,6 +183,8 @@ def model_shape(
             seen.add(id(p))
             size = p.numel() * (2 if id(p) in in_bf16 else p.element_size())
             frozen_bytes += int(packed.get(id(p), size))
+    if base_dtype == "int8":
+        frozen_bytes += sum(2 * m.weight.numel() for m in int8_linears(model))
     if paired is not None:
         frozen_bytes += paired.reference_bytes(model)
     return Shape(
@@ -333,11 +338,11 @@ def check_fits(
     eager = config.attention == "eager" or (config.attention == "auto" and spec.kind == "encoder")
     t = config.train
     bf16 = autocast_bf16(t.precision, device)
-    bf16_base = bf16_frozen_base(t.base_dtype, bf16, device, t.distributed)
+    base_dtype = frozen_base_dtype(t.base_dtype, bf16, device, t.distributed)
     step = Step(batch, t, config.attention, bf16, host=device.type == "cpu")
     longest = int(batch["input_ids"].shape[1])
     try:
-        shape = model_shape(spec, task, method, config.trust_remote_code, bf16_base, step)
+        shape = model_shape(spec, task, method, config.trust_remote_code, base_dtype, step)
     except LmadaptError:
         raise
     except Exception as e:  # any failure of the meta build only skips the check
@@ -375,7 +380,7 @@ def check_fits(
     peft = None
     if shape.trainable > shape.total // 10:  # (nearly) every weight trains: full fine-tuning
         lora = build_method(parse_section(METHODS, "name", "lora", "method"))
-        peft = model_shape(spec, task, lora, config.trust_remote_code, bf16_base, step)
+        peft = model_shape(spec, task, lora, config.trust_remote_code, base_dtype, step)
     options = what_fits(need, peft, free, config.train.grad_accum, eager)
     if options:
         hint = "would fit: " + "; or ".join(options)

@@ -1,6 +1,6 @@
 """Each speed feature trains to the numbers of the plain path: fused vs foreach AdamW, bf16
 autocast vs fp32, SDPA vs eager attention. (Packing: tests/tasks/test_generation.py; length
-grouping: tests/train/test_loop.py.)"""
+grouping: tests/train/test_loop.py; int8 frozen weights: tests/train/test_int8_base.py.)"""
 
 import json
 from pathlib import Path

@@ -41,12 +41,12 @@ from lmadapt.inference import (
     Encoded,
     autocast,
     autocast_bf16,
-    bf16_castable,
-    bf16_frozen_base,
+    frozen_base_dtype,
     model_inputs,
 )
 from lmadapt.io import write_text
 from lmadapt.rundir import RunDir
+from lmadapt.train.bf16_base import frozen_in_bf16
 from lmadapt.train.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
@@ -57,6 +57,7 @@ from lmadapt.train.checkpoint import (
 )
 from lmadapt.train.config import TrainConfig
 from lmadapt.train.distributed import SINGLE, STRATEGIES, Distributed
+from lmadapt.train.int8_base import frozen_in_int8
 
 if TYPE_CHECKING:  # the protocol only: tasks sit above the loop
     from lmadapt.tasks.base import Task
@@ -237,20 +238,12 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, linear_factor(warmup, total))
 
 
-def frozen_in_bf16(model: torch.nn.Module) -> Any:
-    """Cast the frozen floating-point weights to bf16 (the trained ones stay fp32, as AdamW
-    needs); returns a function that puts the original fp32 tensors back. The originals are kept
-    where they are (on the CPU, before the model moves to a GPU), not copied."""
-    frozen = bf16_castable(model)
-    originals = [p.data for p in frozen]
-    for p in frozen:
-        p.data = p.data.to(torch.bfloat16)
-
-    def restore() -> None:
-        for p, data in zip(frozen, originals):
-            p.data = data
-
-    return restore
+FROZEN_BASE: dict[str, Callable[[torch.nn.Module], Callable[[], None]]] = {
+    "bf16": frozen_in_bf16,
+    "int8": frozen_in_int8,
+}
+"""How each `frozen_base_dtype` other than fp32 sets the frozen weights up for training; each
+returns the function that puts the fp32 ones back."""
 
 
 @dataclass
@@ -268,7 +261,7 @@ class _FitRun:
     bar: Any
     interrupt: DeferredInterrupt
     restore_base: Callable[[], None] | None
-    """Puts the fp32 frozen weights back, where they were cast to bf16."""
+    """Puts the fp32 frozen weights back, where they trained in bf16 or int8."""
 
 
 class Trainer:
@@ -303,7 +296,7 @@ class Trainer:
         self.hooks = hooks or []
         self.state = TrainState()
         self.bf16 = autocast_bf16(cfg.precision, dist.device)
-        self.bf16_base = bf16_frozen_base(cfg.base_dtype, self.bf16, dist.device, dist.strategy)
+        self.base_dtype = frozen_base_dtype(cfg.base_dtype, self.bf16, dist.device, dist.strategy)
         self.metric, self.mode = checkpoint_metric(cfg, task)
         # asked once here, not on every batch (an isinstance on a Protocol reads its members)
         self.prepare_batch = task.prepare_batch if isinstance(task, BatchPreparingTask) else None
@@ -376,7 +369,8 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         plain = self.model
         # before the model moves to its device, so the fp32 originals stay on the host
-        restore_base = frozen_in_bf16(plain) if self.bf16_base else None
+        cast = FROZEN_BASE.get(self.base_dtype)
+        restore_base = cast(plain) if cast else None
         self.model, net = self.strategy.wrap(plain, dist)  # net: what the training step calls
         model = self.model
         total = self.total_steps()
@@ -606,7 +600,7 @@ class Trainer:
                 self.dev_features, self.dev_examples, self.collator, self.cfg.eval_batch_size
             )
             # on the training device (inference.on_model_device); bf16 weights need autocast
-            with autocast(self.bf16_base, self.dist.device.type):
+            with autocast(self.base_dtype == "bf16", self.dist.device.type):
                 ev = self.task.evaluate_model(self.model, dev)
             metrics = dict(ev.metrics)
         metrics = self.dist.broadcast(metrics)  # process 0's numbers decide for every process
