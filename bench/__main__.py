@@ -286,11 +286,8 @@ def main() -> None:
     path = RESULTS / "train_speed.json"
     kept = json.loads(path.read_text())["results"] if path.exists() else []
     kind = cpu_kind(machine)
-    old = {
-        r["name"]: r
-        for r in kept
-        if cpu_kind(r["machine"]) == kind and args.only and r["name"] not in fresh
-    }
+    same_kind = [r for r in kept if cpu_kind(r["machine"]) == kind] if args.only else []
+    old = {r["name"]: r for r in same_kind if r["name"] not in fresh}
     order = [s["name"] for s in scenarios(args.rows, 67349, args.instruct_rows)]
     results = [r for name in order for r in [fresh.get(name) or old.get(name)] if r]
     results += [r for r in kept if cpu_kind(r["machine"]) != kind]

@@ -44,13 +44,8 @@ def dropout_checks() -> list[Check]:
             return {k: v for k, v in row.items() if k.endswith("accuracy")}
 
         def measure(tmp: Path) -> dict[str, float]:
-            row = dd.measure(
-                name,
-                dd.scenarios(tmp, 0)[name],
-                0,
-                dd.CHOICES["dropout"].arms["model"],
-                tmp / "run",
-            )
+            model_dropout = dd.CHOICES["dropout"].arms["model"]
+            row = dd.measure(name, dd.scenarios(tmp, 0)[name], 0, model_dropout, tmp / "run")
             return {k: v for k, v in row.items() if k.endswith("accuracy")}
 
         cmd = "python -m bench.dropout_default --seeds 0"
